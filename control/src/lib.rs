@@ -1,0 +1,18 @@
+//! The CDN cluster and the plumbing every node shares.
+//!
+//! Every role (origin, edge, control, geo) links this crate: it owns what a
+//! *node* of the CDN is, so the other roles do not copy it.
+//!
+//! # Layout
+//! - [`listener`]: the HTTP/1.1 + HTTP/2 accept loop (TCP or TLS) with limits and
+//!   graceful shutdown, used by every HTTP server in the project.
+//! - [`tls`]: certificates — PEM files or a self-signed certificate for development.
+//! - [`admin`]: the per-node admin listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`error`]: this crate's error type.
+
+pub mod admin;
+pub mod error;
+pub mod listener;
+pub mod tls;
+
+pub use error::Error;

@@ -1,0 +1,139 @@
+//! TLS certificates for the HTTPS and QUIC listeners.
+//!
+//! A node either loads a PEM certificate chain and key (`[tls] cert, key`) or, for
+//! development, generates a self-signed certificate (`self_signed = true`) naming its
+//! addresses and `localhost`. Everything uses the ring provider.
+
+use std::{net::IpAddr, path::Path, sync::Arc};
+
+use rustls::crypto::ring as ring_provider;
+use rustls_pki_types::{
+    CertificateDer, PrivateKeyDer,
+    pem::{self, PemObject},
+};
+
+use crate::Error;
+
+/// A certificate chain with its private key, ready for rustls or quinn.
+#[derive(Debug)]
+pub struct CertifiedKey {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for CertifiedKey {
+    fn clone(&self) -> Self {
+        Self { chain: self.chain.clone(), key: self.key.clone_key() }
+    }
+}
+
+impl CertifiedKey {
+    /// Loads a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, Error> {
+        let file_err = |what, path: &Path, e: pem::Error| Error::TlsFile {
+            what,
+            path: path.to_owned(),
+            reason: e.to_string(),
+        };
+        let chain = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| file_err("certificate", cert, e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| file_err("certificate", cert, e))?;
+        if chain.is_empty() {
+            return Err(Error::TlsFile {
+                what: "certificate",
+                path: cert.to_owned(),
+                reason: "no CERTIFICATE block found".into(),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err("private key", key, e))?;
+        Ok(Self { chain, key })
+    }
+
+    /// Generates a self-signed certificate for `localhost`, the given names and addresses.
+    pub fn self_signed(names: &[String], ips: &[IpAddr]) -> Result<Self, Error> {
+        let (cert, key) = self_signed_pem(names, ips)?;
+        let chain = vec![
+            CertificateDer::from_pem_slice(cert.as_bytes()).map_err(|e| Error::Tls(e.to_string()))?,
+        ];
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| Error::Tls(e.to_string()))?;
+        Ok(Self { chain, key })
+    }
+
+    /// SHA-256 of the leaf's SubjectPublicKeyInfo, base64: what Chromium's
+    /// `--ignore-certificate-errors-spki-list` wants.
+    pub fn spki_sha256_base64(&self) -> Result<String, Error> {
+        use base64::Engine as _;
+        use rcgen::PublicKeyData as _;
+        let pair = rcgen::KeyPair::try_from(&self.key).map_err(|e| Error::Tls(e.to_string()))?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, &pair.subject_public_key_info());
+        Ok(base64::engine::general_purpose::STANDARD.encode(digest.as_ref()))
+    }
+
+    /// A rustls server configuration with the given ALPN protocols.
+    pub fn server_config(&self, alpn: &[&[u8]], tls13_only: bool) -> Result<rustls::ServerConfig, Error> {
+        let provider = Arc::new(ring_provider::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider);
+        let builder = if tls13_only {
+            builder.with_protocol_versions(&[&rustls::version::TLS13])
+        } else {
+            builder.with_safe_default_protocol_versions()
+        }
+        .map_err(|e| Error::Tls(e.to_string()))?;
+        let mut config = builder
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(config)
+    }
+}
+
+/// Generates a self-signed certificate for `localhost` plus the given DNS names and
+/// addresses; returns `(certificate PEM, PKCS#8 key PEM)`.
+pub fn self_signed_pem(names: &[String], ips: &[IpAddr]) -> Result<(String, String), Error> {
+    let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    sans.extend(names.iter().cloned());
+    sans.extend(ips.iter().map(IpAddr::to_string));
+    sans.sort();
+    sans.dedup();
+    let generated =
+        rcgen::generate_simple_self_signed(sans).map_err(|e| Error::Tls(e.to_string()))?;
+    Ok((generated.cert.pem(), generated.signing_key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_builds_a_server_config_and_spki_hash() {
+        let key = CertifiedKey::self_signed(&["www.cdn.test".into()], &["127.0.0.11".parse().unwrap()]).unwrap();
+        key.server_config(&[b"h2", b"http/1.1"], false).unwrap();
+        key.server_config(&[b"h3"], true).unwrap();
+        let spki = key.spki_sha256_base64().unwrap();
+        assert_eq!(spki.len(), 44, "base64 of 32 bytes: {spki}");
+        // The same key gives the same hash; another key another.
+        assert_eq!(spki, key.clone().spki_sha256_base64().unwrap());
+        let other = CertifiedKey::self_signed(&[], &[]).unwrap();
+        assert_ne!(spki, other.spki_sha256_base64().unwrap());
+    }
+
+    #[test]
+    fn missing_and_empty_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        let err = CertifiedKey::from_pem_files(&cert, &key).unwrap_err().to_string();
+        assert!(err.contains("certificate") && err.contains("cert.pem"), "{err}");
+        std::fs::write(&cert, "nothing here").unwrap();
+        let err = CertifiedKey::from_pem_files(&cert, &key).unwrap_err().to_string();
+        assert!(err.contains("no CERTIFICATE block"), "{err}");
+        let (c, k) = self_signed_pem(&[], &[]).unwrap();
+        std::fs::write(&cert, c).unwrap();
+        std::fs::write(&key, k).unwrap();
+        CertifiedKey::from_pem_files(&cert, &key).unwrap();
+    }
+}
