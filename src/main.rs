@@ -1,1 +1,223 @@
-fn main() {}
+//! `cdn`: one binary, four roles (and `dev`, all of them at once).
+//!
+//! The binary is thin: it parses arguments, loads and validates the role's config
+//! (before any port is bound), sets up tracing and signals, and calls the role's
+//! `run`. Everything else lives in the role crates.
+
+mod config;
+mod dev;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Overrides;
+
+/// A geo-distributed content delivery network: edge, origin, control and geo roles.
+#[derive(Debug, Parser)]
+#[command(name = "cdn", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr (`RUST_LOG` sets the filter).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CDN_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve a content directory to the edges (files, video, validators, ranges).
+    Origin(OriginArgs),
+    /// Run a caching reverse proxy in front of an origin (HTTP/1.1, HTTP/2, HTTP/3).
+    Edge(EdgeArgs),
+    /// Run a control node: cluster membership, the purge API and routing.
+    Control(RoleArgs),
+    /// Run the geo-DNS: answer with the nearest healthy edges.
+    Geo(RoleArgs),
+    /// Start a whole local CDN on loopback: origin, control, three edges, geo-DNS.
+    Dev(dev::DevArgs),
+}
+
+#[derive(Debug, Args)]
+struct RoleArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct OriginArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Content directory to serve (`root`).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Plain HTTP listen address (`listen.http`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Admin listen address (`listen.admin`).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Enable generated test content under `/_gen/<size>` (`generate`).
+    #[arg(long)]
+    generate: bool,
+}
+
+#[derive(Debug, Args)]
+struct EdgeArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// This node's id (`node_id`).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Origin base URL (`origin.url`).
+    #[arg(long)]
+    origin: Option<String>,
+    /// Plain HTTP listen address (`listen.http`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// HTTPS listen address (`listen.https`).
+    #[arg(long)]
+    https: Option<SocketAddr>,
+    /// Admin listen address (`listen.admin`).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Cache memory bound, e.g. `512MiB` (`cache.memory`).
+    #[arg(long)]
+    cache_memory: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async_main(cli.command))
+}
+
+async fn async_main(command: Command) -> ExitCode {
+    let registry = prometheus::Registry::new();
+    let shutdown = CancellationToken::new();
+    match command {
+        Command::Origin(args) => {
+            let overrides = Overrides::new()
+                .path("root", args.root)
+                .string("listen.http", args.listen)
+                .string("listen.admin", args.admin)
+                .flag("generate", args.generate);
+            let config: cdn_origin::Config =
+                match config::load(args.config.as_deref(), overrides, |c: &cdn_origin::Config| c.validate()) {
+                    Ok(config) => config,
+                    Err(code) => return code,
+                };
+            spawn_signal_handler(shutdown.clone());
+            finish("origin", cdn_origin::run(config, shutdown, registry).await)
+        }
+        Command::Edge(args) => {
+            let overrides = Overrides::new()
+                .string("node_id", args.node_id)
+                .string("origin.url", args.origin)
+                .string("listen.http", args.listen)
+                .string("listen.https", args.https)
+                .string("listen.admin", args.admin)
+                .string("cache.memory", args.cache_memory);
+            let config: cdn_edge::Config =
+                match config::load(args.config.as_deref(), overrides, |c: &cdn_edge::Config| c.validate()) {
+                    Ok(config) => config,
+                    Err(code) => return code,
+                };
+            spawn_signal_handler(shutdown.clone());
+            finish("edge", cdn_edge::run(config, shutdown, registry).await)
+        }
+        Command::Control(_) | Command::Geo(_) => {
+            eprintln!("error: this role is not built yet in this version");
+            ExitCode::from(2)
+        }
+        Command::Dev(args) => {
+            spawn_signal_handler(shutdown.clone());
+            match dev::run(args, shutdown).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    error!("{error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn finish<E: std::fmt::Display>(role: &str, result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => {
+            info!(role, "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            error!(role, %error, "failed");
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,hickory_server=warn,quinn=warn,chitchat=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// SIGINT or SIGTERM cancels `shutdown` (graceful); a second one exits at once.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            wait_for_signal().await;
+            if first {
+                info!("shutting down (send the signal again to exit at once)");
+                shutdown.cancel();
+                first = false;
+            } else {
+                warn!("second signal, exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}

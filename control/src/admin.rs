@@ -122,17 +122,11 @@ mod tests {
         readiness.set("origin", false);
         readiness.set("cache", true);
         assert_eq!(readiness.failing(), vec!["origin"]);
-        assert_eq!(
-            respond(&Method::GET, "/readyz", &registry, &readiness).status(),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
+        assert_eq!(respond(&Method::GET, "/readyz", &registry, &readiness).status(), StatusCode::SERVICE_UNAVAILABLE);
         readiness.set("origin", true);
         assert!(readiness.is_ready());
         assert_eq!(respond(&Method::GET, "/healthz", &registry, &readiness).status(), StatusCode::OK);
         assert_eq!(respond(&Method::GET, "/nope", &registry, &readiness).status(), StatusCode::NOT_FOUND);
-        assert_eq!(
-            respond(&Method::POST, "/metrics", &registry, &readiness).status(),
-            StatusCode::METHOD_NOT_ALLOWED
-        );
+        assert_eq!(respond(&Method::POST, "/metrics", &registry, &readiness).status(), StatusCode::METHOD_NOT_ALLOWED);
     }
 }

@@ -27,3 +27,18 @@ pub enum Error {
     #[error("tls setup failed: {0}")]
     Tls(String),
 }
+
+/// A config file that could not be used: every problem, each naming its key.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", problems.join("\n"))]
+pub struct ConfigError {
+    /// One line per problem, `key: what is wrong`.
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    /// `Ok` when there are no problems.
+    pub fn check(problems: Vec<String>) -> Result<(), Self> {
+        if problems.is_empty() { Ok(()) } else { Err(Self { problems }) }
+    }
+}

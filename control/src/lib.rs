@@ -15,4 +15,4 @@ pub mod error;
 pub mod listener;
 pub mod tls;
 
-pub use error::Error;
+pub use error::{ConfigError, Error};

@@ -79,12 +79,8 @@ pub struct ConnInfo {
 
 /// Binds `addr`, reporting the address in the error.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(|source| Error::Bind { addr, source })?;
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+        .map_err(|source| Error::Bind { addr, source })?;
     socket.set_reuseaddr(true).map_err(|source| Error::Bind { addr, source })?;
     socket.set_nodelay(true).map_err(|source| Error::Bind { addr, source })?;
     socket.bind(addr).map_err(|source| Error::Bind { addr, source })?;

@@ -14,6 +14,44 @@ use rustls_pki_types::{
 
 use crate::Error;
 
+/// The `[tls]` section of a role's config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: Option<std::path::PathBuf>,
+    /// PEM private key.
+    pub key: Option<std::path::PathBuf>,
+    /// Generate a self-signed certificate at start (development only).
+    #[serde(default)]
+    pub self_signed: bool,
+}
+
+impl TlsConfig {
+    /// Problems with this section, each naming its key under `prefix` (e.g. `tls`).
+    pub fn problems(&self, prefix: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        match (&self.cert, &self.key, self.self_signed) {
+            (Some(_), Some(_), false) | (None, None, true) => {}
+            (Some(_), Some(_), true) => {
+                problems.push(format!("{prefix}.self_signed: set either cert and key or self_signed = true, not both"))
+            }
+            (Some(_), None, _) => problems.push(format!("{prefix}.key: required when {prefix}.cert is set")),
+            (None, Some(_), _) => problems.push(format!("{prefix}.cert: required when {prefix}.key is set")),
+            (None, None, false) => problems.push(format!("{prefix}: needs cert and key, or self_signed = true")),
+        }
+        problems
+    }
+
+    /// Loads or generates the certificate; `names`/`ips` go into a self-signed one.
+    pub fn load(&self, names: &[String], ips: &[IpAddr]) -> Result<CertifiedKey, Error> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => CertifiedKey::from_pem_files(cert, key),
+            _ => CertifiedKey::self_signed(names, ips),
+        }
+    }
+}
+
 /// A certificate chain with its private key, ready for rustls or quinn.
 #[derive(Debug)]
 pub struct CertifiedKey {
@@ -32,11 +70,8 @@ impl Clone for CertifiedKey {
 impl CertifiedKey {
     /// Loads a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, Error> {
-        let file_err = |what, path: &Path, e: pem::Error| Error::TlsFile {
-            what,
-            path: path.to_owned(),
-            reason: e.to_string(),
-        };
+        let file_err =
+            |what, path: &Path, e: pem::Error| Error::TlsFile { what, path: path.to_owned(), reason: e.to_string() };
         let chain = CertificateDer::pem_file_iter(cert)
             .map_err(|e| file_err("certificate", cert, e))?
             .collect::<Result<Vec<_>, _>>()
@@ -55,9 +90,7 @@ impl CertifiedKey {
     /// Generates a self-signed certificate for `localhost`, the given names and addresses.
     pub fn self_signed(names: &[String], ips: &[IpAddr]) -> Result<Self, Error> {
         let (cert, key) = self_signed_pem(names, ips)?;
-        let chain = vec![
-            CertificateDer::from_pem_slice(cert.as_bytes()).map_err(|e| Error::Tls(e.to_string()))?,
-        ];
+        let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).map_err(|e| Error::Tls(e.to_string()))?];
         let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| Error::Tls(e.to_string()))?;
         Ok(Self { chain, key })
     }
@@ -99,8 +132,7 @@ pub fn self_signed_pem(names: &[String], ips: &[IpAddr]) -> Result<(String, Stri
     sans.extend(ips.iter().map(IpAddr::to_string));
     sans.sort();
     sans.dedup();
-    let generated =
-        rcgen::generate_simple_self_signed(sans).map_err(|e| Error::Tls(e.to_string()))?;
+    let generated = rcgen::generate_simple_self_signed(sans).map_err(|e| Error::Tls(e.to_string()))?;
     Ok((generated.cert.pem(), generated.signing_key.serialize_pem()))
 }
 

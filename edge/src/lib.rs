@@ -1,1 +1,31 @@
-//! placeholder
+//! The edge: a caching reverse proxy in front of an origin.
+//!
+//! HTTP/1.1 and HTTP/2 over TCP (plain or TLS) feed one protocol-agnostic request
+//! pipeline over one byte-bounded cache. Caching follows RFC 9111; ranges RFC 9110.
+//!
+//! # Layout
+//! - [`config`]: the `cdn edge` configuration.
+//! - [`policy`]: RFC 9111 decisions (Cache-Control, storability, freshness, age) —
+//!   pure functions of their inputs and `now`.
+//! - `store`: the moka cache bounded in bytes, with Vary variants.
+//! - `body`: bodies that are read while they fill (streaming, coalescing).
+//! - `pipeline`: key → lookup → coalesce → fetch → store → respond, for every protocol.
+//! - `upstream`: the pooled origin client.
+//! - `server`: listeners and lifecycle ([`Edge`], [`run`]).
+//! - [`metrics`], [`clock`], [`error`].
+
+mod body;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod metrics;
+mod pipeline;
+pub mod policy;
+mod server;
+mod store;
+mod upstream;
+
+pub use clock::Clock;
+pub use config::Config;
+pub use error::Error;
+pub use server::{Edge, run};

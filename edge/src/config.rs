@@ -1,0 +1,337 @@
+//! The edge's configuration (`cdn edge --config edge.toml`).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use bytesize::ByteSize;
+use cdn_control::{ConfigError, tls::TlsConfig};
+use serde::Deserialize;
+
+/// Everything an edge needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's id, in `X-Served-By`, metrics and the cluster.
+    pub node_id: String,
+    /// The region this edge serves (e.g. `us-east`).
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Where the edge is, for nearest-edge DNS answers.
+    #[serde(default)]
+    pub location: Location,
+    /// The address DNS hands out for this edge (defaults to the HTTPS/HTTP listen address).
+    pub public_addr: Option<IpAddr>,
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: Listen,
+    /// TLS for the HTTPS and HTTP/3 listeners.
+    pub tls: Option<TlsConfig>,
+    /// The origin the edge pulls from.
+    pub origin: Origin,
+    /// The cache.
+    #[serde(default)]
+    pub cache: Cache,
+    /// Client-facing connection limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn default_region() -> String {
+    "default".into()
+}
+
+/// A point on the globe, degrees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Location {
+    /// Latitude, −90..=90.
+    pub lat: f64,
+    /// Longitude, −180..=180.
+    pub lon: f64,
+}
+
+/// `[listen]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Plain HTTP (HTTP/1.1 and h2c).
+    pub http: Option<SocketAddr>,
+    /// HTTPS (HTTP/1.1 and HTTP/2 over TLS).
+    pub https: Option<SocketAddr>,
+    /// HTTP/3 over QUIC (UDP); usually the same port as `https`.
+    pub h3: Option<SocketAddr>,
+    /// Admin: `/metrics`, `/healthz`, `/readyz`.
+    pub admin: Option<SocketAddr>,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            http: Some(SocketAddr::from(([127, 0, 0, 1], 8081))),
+            https: None,
+            h3: None,
+            admin: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+        }
+    }
+}
+
+/// `[origin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    /// Base URL, `http://host:port` or `https://…`; request paths are appended.
+    pub url: String,
+    /// Time to establish a connection.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time to wait for response headers, and the longest pause between body chunks.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Host header sent to the origin; by default the client's.
+    pub host: Option<String>,
+    /// Accept any certificate from an `https` origin (testing only).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    /// Memory bound of the cache (bodies plus headers).
+    #[serde(default = "default_memory")]
+    pub memory: ByteSize,
+    /// Slice size for large objects.
+    #[serde(default = "default_slice")]
+    pub slice: ByteSize,
+    /// Largest object stored whole; larger ones are streamed (or sliced).
+    #[serde(default = "default_max_object")]
+    pub max_object: ByteSize,
+    /// Leave the query string out of the cache key.
+    #[serde(default)]
+    pub ignore_query: bool,
+    /// Store responses that set cookies (off: they are passed through).
+    #[serde(default)]
+    pub store_set_cookie: bool,
+    /// Cap of heuristic freshness (10% of Date − Last-Modified).
+    #[serde(default = "default_heuristic_max", with = "humantime_serde")]
+    pub heuristic_max: Duration,
+}
+
+fn default_memory() -> ByteSize {
+    ByteSize::mib(512)
+}
+
+fn default_slice() -> ByteSize {
+    ByteSize::mib(1)
+}
+
+fn default_max_object() -> ByteSize {
+    ByteSize::mib(64)
+}
+
+fn default_heuristic_max() -> Duration {
+    Duration::from_secs(86_400)
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self {
+            memory: default_memory(),
+            slice: default_slice(),
+            max_object: default_max_object(),
+            ignore_query: false,
+            store_set_cookie: false,
+            heuristic_max: default_heuristic_max(),
+        }
+    }
+}
+
+/// `[limits]`: what one client may use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Time allowed for the TLS handshake and for request headers.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest request head.
+    #[serde(default = "default_max_header")]
+    pub max_header_size: ByteSize,
+    /// Concurrent streams per HTTP/2 or HTTP/3 connection.
+    #[serde(default = "default_streams")]
+    pub max_concurrent_streams: u32,
+    /// Open client connections per listener.
+    #[serde(default = "default_connections")]
+    pub max_connections: usize,
+    /// How long shutdown waits for open requests.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_header() -> ByteSize {
+    ByteSize::kib(64)
+}
+
+fn default_streams() -> u32 {
+    256
+}
+
+fn default_connections() -> usize {
+    10_000
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: default_header_timeout(),
+            max_header_size: default_max_header(),
+            max_concurrent_streams: default_streams(),
+            max_connections: default_connections(),
+            grace: default_grace(),
+        }
+    }
+}
+
+impl Limits {
+    pub(crate) fn listener(&self) -> cdn_control::listener::Limits {
+        cdn_control::listener::Limits {
+            header_read_timeout: self.header_read_timeout,
+            max_header_size: usize::try_from(self.max_header_size.as_u64()).unwrap_or(usize::MAX),
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_connections: self.max_connections,
+            grace: self.grace,
+        }
+    }
+}
+
+impl Config {
+    /// A config for an edge of `node_id` in front of `origin_url`, defaults elsewhere.
+    pub fn new(node_id: impl Into<String>, origin_url: impl Into<String>) -> Self {
+        Self {
+            node_id: node_id.into(),
+            region: default_region(),
+            location: Location::default(),
+            public_addr: None,
+            listen: Listen::default(),
+            tls: None,
+            origin: Origin {
+                url: origin_url.into(),
+                connect_timeout: default_connect_timeout(),
+                timeout: default_timeout(),
+                host: None,
+                insecure: false,
+            },
+            cache: Cache::default(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Checks every value, naming the key of each problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.node_id.is_empty() || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            problems.push("node_id: must be non-empty letters, digits, '-', '_' or '.'".to_string());
+        }
+        if !(-90.0..=90.0).contains(&self.location.lat) {
+            problems.push(format!("location.lat: {} is not within -90..90", self.location.lat));
+        }
+        if !(-180.0..=180.0).contains(&self.location.lon) {
+            problems.push(format!("location.lon: {} is not within -180..180", self.location.lon));
+        }
+        match self.origin.url.parse::<http::Uri>() {
+            Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() => {}
+            _ => problems.push(format!("origin.url: {:?} is not an http:// or https:// URL", self.origin.url)),
+        }
+        if self.origin.timeout.is_zero() {
+            problems.push("origin.timeout: must be more than 0s".into());
+        }
+        if self.origin.connect_timeout.is_zero() {
+            problems.push("origin.connect_timeout: must be more than 0s".into());
+        }
+        if self.listen.http.is_none() && self.listen.https.is_none() {
+            problems.push("listen: set listen.http or listen.https".into());
+        }
+        if self.listen.https.is_some() || self.listen.h3.is_some() {
+            match &self.tls {
+                Some(tls) => problems.extend(tls.problems("tls")),
+                None => problems.push("tls: required when listen.https or listen.h3 is set".into()),
+            }
+        }
+        if self.cache.slice.as_u64() < 64 * 1024 || self.cache.slice.as_u64() > 64 * 1024 * 1024 {
+            problems.push(format!("cache.slice: {} is not within 64KiB..64MiB", self.cache.slice));
+        }
+        if self.cache.max_object.as_u64() > u64::from(u32::MAX) / 2 {
+            problems.push(format!("cache.max_object: {} is over 2GiB", self.cache.max_object));
+        }
+        if self.cache.memory.as_u64() < 1024 * 1024 {
+            problems.push(format!("cache.memory: {} is under 1MiB", self.cache.memory));
+        }
+        if self.limits.max_connections == 0 {
+            problems.push("limits.max_connections: must be at least 1".into());
+        }
+        if self.limits.max_concurrent_streams == 0 {
+            problems.push("limits.max_concurrent_streams: must be at least 1".into());
+        }
+        ConfigError::check(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        let config: Config = toml::from_str(
+            r#"
+            node_id = "us-east-1"
+            region = "us-east"
+            location = { lat = 40.7, lon = -74.0 }
+            [origin]
+            url = "http://127.0.0.1:8080"
+            timeout = "250ms"
+            [cache]
+            memory = "512MiB"
+            slice = "1MiB"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.cache.memory.as_u64(), 512 * 1024 * 1024);
+        assert_eq!(config.origin.timeout, Duration::from_millis(250));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_keys() {
+        let err = toml::from_str::<Config>("node_id = \"a\"\n[origin]\nurl = \"x\"\nbogus = 1\n").unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = toml::from_str::<Config>("node_id = \"a\"\n[origin]\nurl = \"x\"\n[cache]\nmemory = \"lots\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("memory") || err.to_string().contains("line 5"), "{err}");
+        let mut config = Config::new("", "ftp://x");
+        config.location.lat = 100.0;
+        config.listen.https = Some("127.0.0.1:0".parse().unwrap());
+        let problems = config.validate().unwrap_err().problems;
+        for key in ["node_id", "origin.url", "location.lat", "tls"] {
+            assert!(problems.iter().any(|p| p.starts_with(key)), "{key} in {problems:?}");
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! Errors of the edge role.
+
+/// What can stop an edge from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener, certificate or the admin server failed.
+    #[error(transparent)]
+    Node(#[from] cdn_control::Error),
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] cdn_control::ConfigError),
+    /// The upstream client could not be built.
+    #[error("origin client: {0}")]
+    Upstream(String),
+    /// A metric could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Why an origin fetch failed; decides 502 or 504 for the client.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum FetchError {
+    /// No connection or a broken response: 502.
+    #[error("origin unreachable: {0}")]
+    Unreachable(String),
+    /// No answer in time: 504.
+    #[error("origin timed out")]
+    Timeout,
+}

@@ -1,0 +1,116 @@
+//! The edge's Prometheus metrics (names as in DESIGN.md).
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Which protocol a request came over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.0 or HTTP/1.1.
+    H1,
+    /// HTTP/2.
+    H2,
+    /// HTTP/3.
+    H3,
+}
+
+impl Protocol {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::H1 => "h1",
+            Self::H2 => "h2",
+            Self::H3 => "h3",
+        }
+    }
+}
+
+/// What the cache did for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    /// Served from the cache.
+    Hit,
+    /// Fetched from the origin.
+    Miss,
+    /// Served stale (stale-while-revalidate, stale-if-error, max-stale).
+    Stale,
+    /// Validated with the origin (304) and served from the cache.
+    Revalidated,
+    /// Not cacheable: passed to the origin.
+    Bypass,
+}
+
+impl CacheResult {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Stale => "stale",
+            Self::Revalidated => "revalidated",
+            Self::Bypass => "bypass",
+        }
+    }
+
+    /// The `X-Cache` value.
+    pub fn x_cache(self) -> &'static str {
+        match self {
+            Self::Hit => "HIT",
+            Self::Miss => "MISS",
+            Self::Stale => "STALE",
+            Self::Revalidated => "REVALIDATED",
+            Self::Bypass => "BYPASS",
+        }
+    }
+}
+
+/// The metrics of one edge.
+#[derive(Clone)]
+pub(crate) struct Metrics {
+    pub(crate) requests: IntCounterVec,
+    pub(crate) response_bytes: IntCounter,
+    pub(crate) duration: Histogram,
+    pub(crate) origin_requests: IntCounterVec,
+    pub(crate) cache_bytes: IntGauge,
+    pub(crate) cache_objects: IntGauge,
+}
+
+impl Metrics {
+    pub(crate) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new("cdn_requests_total", "Client requests by protocol and cache result"),
+            &["protocol", "cache"],
+        )?;
+        let response_bytes = IntCounter::new("cdn_response_bytes_total", "Response body bytes sent to clients")?;
+        let duration = Histogram::with_opts(
+            HistogramOpts::new("cdn_request_duration_seconds", "Time to response headers")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )?;
+        let origin_requests = IntCounterVec::new(
+            Opts::new("cdn_origin_requests_total", "Requests to the origin by status class (or error)"),
+            &["status"],
+        )?;
+        let cache_bytes = IntGauge::new("cdn_cache_bytes", "Bytes held by the cache")?;
+        let cache_objects = IntGauge::new("cdn_cache_objects", "Entries held by the cache")?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(response_bytes.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(origin_requests.clone()))?;
+        registry.register(Box::new(cache_bytes.clone()))?;
+        registry.register(Box::new(cache_objects.clone()))?;
+        Ok(Self { requests, response_bytes, duration, origin_requests, cache_bytes, cache_objects })
+    }
+
+    pub(crate) fn origin_status(&self, status: u16) {
+        let class = match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.origin_requests.with_label_values(&[class]).inc();
+    }
+
+    pub(crate) fn origin_error(&self, timeout: bool) {
+        self.origin_requests.with_label_values(&[if timeout { "timeout" } else { "error" }]).inc();
+    }
+}

@@ -1,0 +1,191 @@
+//! The edge's listeners and lifecycle: bind everything first, then serve until
+//! shutdown.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use http::{HeaderValue, Request, Version};
+use hyper::body::Incoming;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use cdn_control::{
+    admin::{self, Readiness},
+    listener::{self, ConnInfo},
+};
+
+use crate::{
+    Error,
+    clock::Clock,
+    config::Config,
+    metrics::{Metrics, Protocol},
+    pipeline::{Conn, Pipeline},
+    policy::Settings,
+    store::Store,
+    upstream::Upstream,
+};
+
+/// An edge whose listeners are bound, ready to [`serve`](Self::serve).
+pub struct Edge {
+    config: Config,
+    pipeline: Arc<Pipeline>,
+    http: Option<TcpListener>,
+    https: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+    admin: Option<TcpListener>,
+    registry: Registry,
+    readiness: Readiness,
+    http_addr: Option<SocketAddr>,
+    https_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+}
+
+impl Edge {
+    /// Binds the edge's listeners with the system clock.
+    pub async fn bind(config: Config, registry: &Registry) -> Result<Self, Error> {
+        Self::bind_with_clock(config, registry, Clock::system()).await
+    }
+
+    /// Binds the edge's listeners; the cache reads time from `clock`.
+    pub async fn bind_with_clock(config: Config, registry: &Registry, clock: Clock) -> Result<Self, Error> {
+        config.validate()?;
+        let metrics = Metrics::register(registry)?;
+        let upstream = Upstream::new(&config.origin).map_err(Error::Upstream)?;
+        let store = Store::new(config.cache.memory.as_u64());
+        let settings = Settings {
+            heuristic_max: config.cache.heuristic_max,
+            store_set_cookie: config.cache.store_set_cookie,
+            ..Settings::default()
+        };
+        let mut pipeline = Pipeline::new(
+            config.node_id.clone(),
+            store,
+            upstream,
+            metrics,
+            clock,
+            settings,
+            config.cache.max_object.as_u64(),
+            config.cache.ignore_query,
+        );
+
+        let http = match config.listen.http {
+            Some(addr) => Some(listener::bind(addr).await?),
+            None => None,
+        };
+        let https = match (config.listen.https, &config.tls) {
+            (Some(addr), Some(tls)) => {
+                let ips: Vec<_> = [Some(addr.ip()), config.public_addr].into_iter().flatten().collect();
+                let key = tls.load(&[config.node_id.clone()], &ips)?;
+                let server_config = key.server_config(&[b"h2", b"http/1.1"], false)?;
+                Some((listener::bind(addr).await?, Arc::new(server_config)))
+            }
+            _ => None,
+        };
+        if let Some(h3) = config.listen.h3 {
+            if let Ok(value) = HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", h3.port())) {
+                pipeline.alt_svc = Some(value);
+            }
+        }
+        let admin = match config.listen.admin {
+            Some(addr) => Some(listener::bind(addr).await?),
+            None => None,
+        };
+        let local = |l: Option<&TcpListener>| l.and_then(|l| l.local_addr().ok());
+        Ok(Self {
+            http_addr: local(http.as_ref()),
+            https_addr: local(https.as_ref().map(|(l, _)| l)),
+            admin_addr: local(admin.as_ref()),
+            config,
+            pipeline: Arc::new(pipeline),
+            http,
+            https,
+            admin,
+            registry: registry.clone(),
+            readiness: Readiness::new(),
+        })
+    }
+
+    /// The plain HTTP address, when listening.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// The HTTPS address, when listening.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
+    }
+
+    /// The admin address, when listening.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The readiness conditions of this edge (shared with `/readyz`).
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains within the grace period.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Self { config, pipeline, http, https, admin, registry, readiness, .. } = self;
+        let limits = config.limits.listener();
+        let mut tasks = tokio::task::JoinSet::new();
+        readiness.set("shutdown", true);
+        readiness.set("origin", false);
+
+        let handler = {
+            let pipeline = pipeline.clone();
+            move |request: Request<Incoming>, info: ConnInfo| {
+                let pipeline = pipeline.clone();
+                async move {
+                    let protocol = if request.version() == Version::HTTP_2 { Protocol::H2 } else { Protocol::H1 };
+                    let conn = Conn { protocol, peer: info.peer, tls: info.tls };
+                    pipeline.handle(request, conn).await
+                }
+            }
+        };
+        if let Some(listener) = http {
+            tasks.spawn(listener::serve("http", listener, None, limits.clone(), shutdown.clone(), handler.clone()));
+        }
+        if let Some((listener, tls)) = https {
+            tasks.spawn(listener::serve("https", listener, Some(tls), limits.clone(), shutdown.clone(), handler));
+        }
+        if let Some(listener) = admin {
+            tasks.spawn(admin::serve(listener, registry, readiness.clone(), shutdown.clone()));
+        }
+        tasks.spawn(maintain(pipeline.clone(), readiness.clone(), shutdown.clone()));
+        info!(node_id = %config.node_id, region = %config.region, origin = %config.origin.url, "edge started");
+        shutdown.cancelled().await;
+        readiness.set("shutdown", false);
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+/// Keeps the cache gauges current and checks that the origin answers.
+async fn maintain(pipeline: Arc<Pipeline>, readiness: Readiness, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let bytes = pipeline.store.bytes().await;
+        pipeline.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        pipeline.metrics.cache_objects.set(i64::try_from(pipeline.store.objects()).unwrap_or(i64::MAX));
+        if n % 5 == 0 {
+            let reachable = pipeline.origin_reachable().await;
+            if !reachable {
+                warn!("origin unreachable");
+            }
+            readiness.set("origin", reachable);
+        }
+        n += 1;
+    }
+}
+
+/// Binds and serves an edge until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry) -> Result<(), Error> {
+    Edge::bind(config, &registry).await?.serve(shutdown).await
+}

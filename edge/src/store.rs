@@ -1,0 +1,198 @@
+//! The object store: a moka cache bounded in bytes, with `Vary` variants.
+//!
+//! An object without `Vary` lives under its primary key. An object with `Vary`
+//! leaves a small marker (the varying header names) under the primary key and
+//! lives under `primary ␟ secondary`, where the secondary key is the request's
+//! values of those headers. Every entry's key starts with its primary key, so a
+//! purge of a URL drops every variant (and, later, every slice) with one predicate.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, StatusCode};
+use moka::future::Cache;
+
+use crate::policy::{Directives, Timing};
+
+/// Separates the primary key from the secondary (variant) key.
+pub(crate) const VARIANT_SEPARATOR: char = '\u{1f}';
+
+/// Everything about a stored response but its body.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) status: StatusCode,
+    /// End-to-end headers as received (hop-by-hop and surrogate keys removed).
+    pub(crate) headers: HeaderMap,
+    pub(crate) timing: Timing,
+    pub(crate) directives: Directives,
+    pub(crate) lifetime: Duration,
+    /// Surrogate keys (`Surrogate-Key`, `Cache-Tag`) for purge by tag.
+    pub(crate) tags: Vec<String>,
+    /// The varying request headers and the values they had for this response.
+    pub(crate) vary: Vec<(HeaderName, String)>,
+}
+
+/// A stored response.
+#[derive(Debug, Clone)]
+pub(crate) struct Object {
+    pub(crate) head: Arc<Head>,
+    pub(crate) body: Bytes,
+}
+
+impl Object {
+    fn weight(&self, key: &str) -> u32 {
+        let headers: usize = self.head.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum();
+        let total = self.body.len() + headers + key.len() + 256;
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Object(Object),
+    Vary(Arc<Vec<HeaderName>>),
+}
+
+/// The request's values of the varying headers, normalised (all field lines joined,
+/// whitespace around commas removed).
+pub(crate) fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Vec<(HeaderName, String)> {
+    names
+        .iter()
+        .map(|name| {
+            let joined = request
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .collect::<Vec<_>>()
+                .join(",");
+            (name.clone(), joined)
+        })
+        .collect()
+}
+
+fn secondary_key(values: &[(HeaderName, String)]) -> String {
+    let mut key = String::new();
+    for (name, value) in values {
+        key.push_str(name.as_str());
+        key.push('=');
+        key.push_str(value);
+        key.push('\n');
+    }
+    key
+}
+
+/// The cache.
+#[derive(Clone)]
+pub(crate) struct Store {
+    cache: Cache<String, Entry>,
+}
+
+impl Store {
+    pub(crate) fn new(max_bytes: u64) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|key: &String, entry: &Entry| match entry {
+                Entry::Object(object) => object.weight(key),
+                Entry::Vary(names) => u32::try_from(key.len() + names.len() * 32 + 128).unwrap_or(u32::MAX),
+            })
+            .support_invalidation_closures()
+            .build();
+        Self { cache }
+    }
+
+    /// The stored response for `primary` matching the request's headers.
+    pub(crate) async fn lookup(&self, primary: &str, request: &HeaderMap) -> Option<Object> {
+        match self.cache.get(primary).await? {
+            Entry::Object(object) => object.head.vary.is_empty().then_some(object),
+            Entry::Vary(names) => {
+                let values = vary_values(&names, request);
+                let key = format!("{primary}{VARIANT_SEPARATOR}{}", secondary_key(&values));
+                match self.cache.get(&key).await? {
+                    Entry::Object(object) if object.head.vary == values => Some(object),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    /// Stores `object` under `primary` (and its variant key when it varies).
+    pub(crate) async fn insert(&self, primary: &str, object: Object) {
+        if object.head.vary.is_empty() {
+            self.cache.insert(primary.to_string(), Entry::Object(object)).await;
+            return;
+        }
+        let names: Vec<HeaderName> = object.head.vary.iter().map(|(name, _)| name.clone()).collect();
+        let key = format!("{primary}{VARIANT_SEPARATOR}{}", secondary_key(&object.head.vary));
+        self.cache.insert(key, Entry::Object(object)).await;
+        self.cache.insert(primary.to_string(), Entry::Vary(Arc::new(names))).await;
+    }
+
+    /// Drops `primary` and all its variants.
+    pub(crate) fn invalidate_url(&self, primary: &str) {
+        let primary = primary.to_string();
+        let _ = self.cache.invalidate_entries_if(move |key, _| {
+            key == &primary
+                || key.strip_prefix(primary.as_str()).is_some_and(|rest| rest.starts_with(VARIANT_SEPARATOR))
+        });
+    }
+
+    /// Bytes held (weights), after pending maintenance.
+    pub(crate) async fn bytes(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
+        self.cache.weighted_size()
+    }
+
+    /// Entries held (objects and Vary markers).
+    pub(crate) fn objects(&self) -> u64 {
+        self.cache.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use http::{HeaderValue, header};
+
+    use super::*;
+
+    fn object(vary: Vec<(HeaderName, String)>, body: &'static [u8]) -> Object {
+        let now = SystemTime::now();
+        Object {
+            head: Arc::new(Head {
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
+                timing: Timing { request_time: now, response_time: now, initial_age: Duration::ZERO },
+                directives: Directives::default(),
+                lifetime: Duration::from_secs(60),
+                tags: vec![],
+                vary,
+            }),
+            body: Bytes::from_static(body),
+        }
+    }
+
+    #[tokio::test]
+    async fn variants_are_kept_apart_and_purged_together() {
+        let store = Store::new(1 << 20);
+        let mut gzip = HeaderMap::new();
+        gzip.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+        let mut br = HeaderMap::new();
+        br.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("br"));
+        let names = [header::ACCEPT_ENCODING];
+        store.insert("k", object(vary_values(&names, &gzip), b"g")).await;
+        store.insert("k", object(vary_values(&names, &br), b"b")).await;
+        assert_eq!(store.lookup("k", &gzip).await.unwrap().body, Bytes::from_static(b"g"));
+        assert_eq!(store.lookup("k", &br).await.unwrap().body, Bytes::from_static(b"b"));
+        assert!(store.lookup("k", &HeaderMap::new()).await.is_none());
+        store.insert("kx", object(vec![], b"other")).await;
+        store.invalidate_url("k");
+        store.cache.run_pending_tasks().await;
+        assert!(store.lookup("k", &gzip).await.is_none());
+        assert!(store.lookup("k", &br).await.is_none());
+        assert!(store.lookup("kx", &HeaderMap::new()).await.is_some());
+    }
+}

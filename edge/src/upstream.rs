@@ -1,0 +1,166 @@
+//! The pooled client to the origin (http or https), with timeouts.
+
+use std::{sync::Arc, time::Duration};
+
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, header};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+
+use cdn_control::listener::Body;
+
+use crate::{config, error::FetchError};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "http2-settings"];
+
+/// Removes hop-by-hop headers, including those named in `Connection`.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty())
+        .collect();
+    for name in HOP_BY_HOP.iter().copied().chain(named.iter().map(String::as_str)) {
+        headers.remove(name);
+    }
+}
+
+/// The client to one origin.
+#[derive(Clone)]
+pub(crate) struct Upstream {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
+    base: Uri,
+    base_path: String,
+    pub(crate) host: Option<HeaderValue>,
+    timeout: Duration,
+}
+
+impl Upstream {
+    pub(crate) fn new(config: &config::Origin) -> Result<Self, String> {
+        let base: Uri = config.url.parse().map_err(|e| format!("origin.url: {e}"))?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = if config.insecure {
+            rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(insecure::AcceptAny(provider)))
+                .with_no_client_auth()
+        } else {
+            let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        };
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        let host = match &config.host {
+            Some(host) => Some(HeaderValue::from_str(host).map_err(|e| format!("origin.host: {e}"))?),
+            None => None,
+        };
+        let base_path = base.path().trim_end_matches('/').to_string();
+        Ok(Self { client, base, base_path, host, timeout: config.timeout })
+    }
+
+    /// The origin URI for a client request's path and query.
+    pub(crate) fn uri(&self, path_and_query: &str) -> Result<Uri, FetchError> {
+        let mut parts = self.base.clone().into_parts();
+        let joined = format!("{}{}", self.base_path, path_and_query);
+        parts.path_and_query = Some(joined.parse().map_err(|e| FetchError::Unreachable(format!("bad path: {e}")))?);
+        Uri::from_parts(parts).map_err(|e| FetchError::Unreachable(format!("bad uri: {e}")))
+    }
+
+    /// Sends `request`, waiting at most the configured timeout for the response head.
+    pub(crate) async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, FetchError> {
+        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            Err(_) => Err(FetchError::Timeout),
+            Ok(Err(error)) => {
+                let mut message = error.to_string();
+                let mut source = std::error::Error::source(&error);
+                while let Some(inner) = source {
+                    message = format!("{message}: {inner}");
+                    source = inner.source();
+                }
+                Err(FetchError::Unreachable(message))
+            }
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    /// The longest pause allowed between body chunks.
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+mod insecure {
+    //! A verifier that accepts any certificate, for `origin.insecure = true` (tests).
+    use std::sync::Arc;
+
+    use rustls::{
+        DigitallySignedStruct, SignatureScheme,
+        client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        crypto::CryptoProvider,
+    };
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+    #[derive(Debug)]
+    pub(super) struct AcceptAny(pub(super) Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Starting an edge in-process and talking to it with real clients.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use cdn_edge::{Clock, Config, Edge};
+use http::{HeaderMap, Request, StatusCode, Version};
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestEdge {
+    pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub clock: Clock,
+    pub registry: Registry,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl TestEdge {
+    pub async fn start(origin: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config::new("edge-test-1", origin);
+        config.listen.http = Some("127.0.0.1:0".parse().unwrap());
+        config.listen.admin = Some("127.0.0.1:0".parse().unwrap());
+        tweak(&mut config);
+        let registry = Registry::new();
+        let clock = Clock::system();
+        let edge = Edge::bind_with_clock(config, &registry, clock.clone()).await.expect("edge binds");
+        let (http, https, admin) = (edge.http_addr().unwrap(), edge.https_addr(), edge.admin_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { edge.serve(shutdown).await.expect("edge serves") }
+        });
+        Self { http, https, admin, clock, registry, shutdown, task }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// The value of a metric sample whose labels contain all of `labels`, summed.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut total = 0.0;
+        for family in self.registry.gather() {
+            if family.name() != name {
+                continue;
+            }
+            for m in family.get_metric() {
+                let ok = labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.name() == *k && l.value() == *v));
+                if ok {
+                    total += m.get_counter().get_value() + m.get_gauge().get_value();
+                }
+            }
+        }
+        total
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+    }
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub version: Version,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", |v| v.to_str().unwrap_or(""))
+    }
+
+    pub fn x_cache(&self) -> &str {
+        self.header("x-cache")
+    }
+}
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> Reply {
+    send(client, "GET", url, headers).await
+}
+
+pub async fn send(client: &HttpClient, method: &str, url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut builder = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = client.request(builder.body(Empty::new()).unwrap()).await.expect("request");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply { status: parts.status, headers: parts.headers, body, version: parts.version }
+}
+
+/// An HTTPS client that negotiates h2 by ALPN and accepts any certificate.
+pub fn tls_client() -> Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Empty<Bytes>>
+{
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls_pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls_pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,197 @@
+//! A programmable origin for edge tests: routes with fixed responses, delays,
+//! trickled bodies and ETag revalidation; it counts every request it sees.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One route's behaviour.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    /// Wait before sending the response head.
+    pub delay: Duration,
+    /// Send the body in chunks of this size with this pause between them.
+    pub trickle: Option<(usize, Duration)>,
+    /// Answer `If-None-Match` equal to this route's ETag with 304.
+    pub revalidate: bool,
+}
+
+impl Route {
+    pub fn ok(cache_control: &str, body: impl Into<Bytes>) -> Self {
+        Self {
+            status: 200,
+            headers: vec![("cache-control".into(), cache_control.into())],
+            body: body.into(),
+            delay: Duration::ZERO,
+            trickle: None,
+            revalidate: false,
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
+    }
+
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    pub fn trickle(mut self, chunk: usize, pause: Duration) -> Self {
+        self.trickle = Some((chunk, pause));
+        self
+    }
+
+    pub fn revalidate(mut self) -> Self {
+        self.revalidate = true;
+        self
+    }
+
+    fn etag(&self) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case("etag")).map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    routes: HashMap<String, Route>,
+    hits: HashMap<String, usize>,
+    last_headers: HashMap<String, HeaderMap>,
+}
+
+/// A running mock origin.
+pub struct MockOrigin {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: CancellationToken,
+}
+
+impl MockOrigin {
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = CancellationToken::new();
+        let (task_state, task_stop) = (state.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let stream = tokio::select! {
+                    () = task_stop.cancelled() => break,
+                    accepted = listener.accept() => match accepted { Ok((s, _)) => s, Err(_) => continue },
+                };
+                let state = task_state.clone();
+                let conn_stop = task_stop.clone();
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(respond(&state, req).await) }
+                    });
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        () = conn_stop.cancelled() => {}
+                    }
+                });
+            }
+            connections.abort_all();
+        });
+        Self { addr, state, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn route(&self, path: &str, route: Route) {
+        self.state.lock().unwrap().routes.insert(path.to_string(), route);
+    }
+
+    /// Requests seen for `path_and_query`.
+    pub fn hits(&self, path: &str) -> usize {
+        self.state.lock().unwrap().hits.get(path).copied().unwrap_or(0)
+    }
+
+    pub fn last_headers(&self, path: &str) -> HeaderMap {
+        self.state.lock().unwrap().last_headers.get(path).cloned().unwrap_or_default()
+    }
+
+    /// Stops accepting and drops every open connection.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+async fn respond(state: &Mutex<State>, req: Request<Incoming>) -> Response<BoxBody<Bytes, BoxError>> {
+    let key = req.uri().path_and_query().map_or("/".to_string(), |pq| pq.as_str().to_string());
+    let route = {
+        let mut state = state.lock().unwrap();
+        *state.hits.entry(key.clone()).or_default() += 1;
+        state.last_headers.insert(key.clone(), req.headers().clone());
+        state.routes.get(&key).or_else(|| state.routes.get(req.uri().path())).cloned()
+    };
+    let Some(route) = route else {
+        let mut response = Response::new(full(Bytes::from_static(b"no such route\n")));
+        *response.status_mut() = StatusCode::NOT_FOUND;
+        return response;
+    };
+    if !route.delay.is_zero() {
+        tokio::time::sleep(route.delay).await;
+    }
+    let not_modified = route.revalidate
+        && route.etag().is_some_and(|etag| req.headers().get("if-none-match").is_some_and(|v| v.to_str().unwrap_or("") == etag));
+    let mut builder = Response::builder().status(if not_modified { 304 } else { route.status });
+    for (name, value) in &route.headers {
+        builder = builder.header(name, value);
+    }
+    builder = builder.header("date", httpdate::fmt_http_date(std::time::SystemTime::now()));
+    if not_modified || req.method() == http::Method::HEAD {
+        return builder.body(full(Bytes::new())).unwrap();
+    }
+    builder = builder.header("content-length", route.body.len());
+    match route.trickle {
+        None => builder.body(full(route.body.clone())).unwrap(),
+        Some((chunk, pause)) => {
+            let body = route.body.clone();
+            let chunks: Vec<Bytes> = (0..body.len()).step_by(chunk).map(|i| body.slice(i..(i + chunk).min(body.len()))).collect();
+            let stream = futures_util::stream::unfold(chunks.into_iter(), move |mut chunks| async move {
+                let next = chunks.next()?;
+                tokio::time::sleep(pause).await;
+                Some((Ok::<_, BoxError>(Frame::data(next)), chunks))
+            });
+            builder.body(StreamBody::new(stream).boxed()).unwrap()
+        }
+    }
+}
+
+fn full(bytes: Bytes) -> BoxBody<Bytes, BoxError> {
+    http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed()
+}
