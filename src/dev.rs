@@ -1,9 +1,21 @@
 //! `cdn dev`: the whole CDN on loopback in one process.
+//!
+//! The topology of DESIGN.md: an origin on 127.0.0.1:8080 serving a content folder,
+//! and three edges in three regions on 127.0.0.11, .12 and .13 (HTTP 8080, HTTPS
+//! 8443, admin 9090). A self-signed certificate for all of them is made on first
+//! run and kept in the dev data directory, so a browser told to trust it once keeps
+//! trusting it.
 
-use std::path::PathBuf;
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
+use anyhow::Context as _;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 /// Options of `cdn dev`.
 #[derive(Debug, Args)]
@@ -11,8 +23,147 @@ pub(crate) struct DevArgs {
     /// Content directory the origin serves.
     #[arg(long, default_value = "examples/content")]
     pub(crate) content: PathBuf,
+    /// Where the development certificate is kept.
+    #[arg(long, default_value = ".dev-data")]
+    pub(crate) data_dir: PathBuf,
 }
 
-pub(crate) async fn run(_args: DevArgs, _shutdown: CancellationToken) -> anyhow::Result<()> {
-    anyhow::bail!("cdn dev is not assembled yet")
+/// An edge of the dev topology.
+pub(crate) struct DevEdge {
+    pub(crate) node_id: &'static str,
+    pub(crate) ip: Ipv4Addr,
+    pub(crate) lat: f64,
+    pub(crate) lon: f64,
+}
+
+/// The three edges of `cdn dev`.
+pub(crate) const EDGES: [DevEdge; 3] = [
+    DevEdge { node_id: "us-east", ip: Ipv4Addr::new(127, 0, 0, 11), lat: 40.71, lon: -74.01 },
+    DevEdge { node_id: "eu-west", ip: Ipv4Addr::new(127, 0, 0, 12), lat: 53.35, lon: -6.26 },
+    DevEdge { node_id: "ap-south", ip: Ipv4Addr::new(127, 0, 0, 13), lat: 19.08, lon: 72.88 },
+];
+
+const ORIGIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+
+/// Makes (or reuses) the development certificate; returns the cert and key paths.
+fn dev_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if cert.exists() && key.exists() {
+        return Ok((cert, key));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let names = vec!["cdn.test".to_string(), "www.cdn.test".to_string(), "*.cdn.test".to_string()];
+    let ips: Vec<IpAddr> = EDGES.iter().map(|e| IpAddr::V4(e.ip)).collect();
+    let (cert_pem, key_pem) = cdn_control::tls::self_signed_pem(&names, &ips)?;
+    std::fs::write(&cert, cert_pem).with_context(|| format!("writing {}", cert.display()))?;
+    std::fs::write(&key, key_pem).with_context(|| format!("writing {}", key.display()))?;
+    info!(path = %cert.display(), "created the development certificate");
+    Ok((cert, key))
+}
+
+pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.content.is_dir(),
+        "content directory {} does not exist (run from the repository root or pass --content DIR)",
+        args.content.display()
+    );
+    let (cert, key) = dev_certificate(&args.data_dir)?;
+    let tls = cdn_control::tls::TlsConfig { cert: Some(cert.clone()), key: Some(key.clone()), self_signed: false };
+    let spki = cdn_control::tls::CertifiedKey::from_pem_files(&cert, &key)?.spki_sha256_base64()?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let mut origin = cdn_origin::Config::new(&args.content);
+    origin.listen.http = ORIGIN;
+    origin.listen.admin = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9091)));
+    origin.generate = true;
+    origin.rules = vec![
+        cdn_origin::config::Rule {
+            path_prefix: "/v/".into(),
+            cache_control: Some("public, max-age=86400".into()),
+            surrogate_keys: vec!["video".into()],
+        },
+        cdn_origin::config::Rule {
+            path_prefix: "/index.html".into(),
+            cache_control: Some("public, max-age=10, stale-while-revalidate=30".into()),
+            surrogate_keys: vec!["page".into()],
+        },
+    ];
+    origin.validate()?;
+    let origin = cdn_origin::Origin::bind(origin, &prometheus::Registry::new()).await.context("origin")?;
+    tasks.spawn({
+        let shutdown = shutdown.clone();
+        async move { origin.serve(shutdown).await.map_err(anyhow::Error::from) }
+    });
+
+    for edge in &EDGES {
+        let mut config = cdn_edge::Config::new(edge.node_id, format!("http://{ORIGIN}"));
+        config.region = edge.node_id.to_string();
+        config.location = cdn_edge::config::Location { lat: edge.lat, lon: edge.lon };
+        config.public_addr = Some(IpAddr::V4(edge.ip));
+        config.listen.http = Some(SocketAddr::from((edge.ip, 8080)));
+        config.listen.https = Some(SocketAddr::from((edge.ip, 8443)));
+        config.listen.admin = Some(SocketAddr::from((edge.ip, 9090)));
+        config.tls = Some(tls.clone());
+        config.cache.memory = bytesize::ByteSize::mib(256);
+        let bound = cdn_edge::Edge::bind(config, &prometheus::Registry::new())
+            .await
+            .with_context(|| format!("edge {}", edge.node_id))?;
+        tasks.spawn({
+            let shutdown = shutdown.clone();
+            async move { bound.serve(shutdown).await.map_err(anyhow::Error::from) }
+        });
+    }
+
+    print_banner(&spki);
+
+    // Stop everything when one role fails or on Ctrl-C.
+    let mut result = Ok(());
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        Some(joined) = tasks.join_next() => {
+            result = joined.context("a role panicked").and_then(|r| r);
+            shutdown.cancel();
+        }
+    }
+    let drained = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(Err(error)) = joined {
+                tracing::warn!(%error, "role stopped with an error");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("roles did not stop within 15 s");
+    }
+    result
+}
+
+fn print_banner(spki: &str) {
+    let e = &EDGES;
+    println!(
+        r#"
+  The local CDN is up.  Ctrl-C stops it.
+
+  origin      http://127.0.0.1:8080/             (content, /_gen/<size> test objects)
+  edges       {a}  {b}  {c}   http :8080  https :8443  admin :9090
+
+  Try:
+    curl -si http://{ai}:8080/hello.txt | grep -i -E 'x-cache|x-served-by|age'
+    curl -si http://{bi}:8080/hello.txt | grep -i -E 'x-cache|x-served-by|age'
+    curl -sik --http2 https://{ci}:8443/v/demo.mp4 -r 0-99 -o /dev/null -w '%{{http_version}} %{{http_code}}\n'
+    curl -s http://{ai}:9090/metrics | grep cdn_requests_total
+
+  Demo page (plays video through an edge):
+    https://{ai}:8443/       (self-signed: trust .dev-data/cert.pem, or start Chromium with
+    --ignore-certificate-errors-spki-list={spki})
+"#,
+        a = e[0].node_id,
+        b = e[1].node_id,
+        c = e[2].node_id,
+        ai = e[0].ip,
+        bi = e[1].ip,
+        ci = e[2].ip,
+    );
 }

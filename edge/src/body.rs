@@ -97,12 +97,7 @@ impl Growing {
             progress: self.progress.subscribe(),
             done: false,
         };
-        futures_util::stream::unfold(reader, |mut reader| async move {
-            match reader.next().await {
-                Some(item) => Some((item, reader)),
-                None => None,
-            }
-        })
+        futures_util::stream::unfold(reader, |mut reader| async move { reader.next().await.map(|item| (item, reader)) })
     }
 }
 

@@ -150,10 +150,11 @@ impl Pipeline {
             headers.insert(CACHE_STATUS, value);
         }
         headers.insert(X_SERVED_BY, self.served_by.clone());
-        if conn.tls && conn.protocol != Protocol::H3 {
-            if let Some(alt_svc) = &self.alt_svc {
-                headers.insert(header::ALT_SVC, alt_svc.clone());
-            }
+        if conn.tls
+            && conn.protocol != Protocol::H3
+            && let Some(alt_svc) = &self.alt_svc
+        {
+            headers.insert(header::ALT_SVC, alt_svc.clone());
         }
         self.metrics.requests.with_label_values(&[conn.protocol.as_str(), result.label()]).inc();
         self.metrics.duration.observe(started.elapsed().as_secs_f64());
@@ -174,6 +175,16 @@ impl Pipeline {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        // RFC 9112 §6.3: both framings at once is how requests are smuggled.
+        if request.headers().contains_key(header::TRANSFER_ENCODING)
+            && request.headers().contains_key(header::CONTENT_LENGTH)
+        {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "conflicting content-length and transfer-encoding\n",
+                CacheResult::Bypass,
+            );
+        }
         let Some(host) = request_host(&request) else {
             return error(StatusCode::BAD_REQUEST, "missing or invalid host\n", CacheResult::Bypass);
         };
@@ -476,12 +487,11 @@ impl Pipeline {
         strip_hop_by_hop(&mut headers);
         if let Some(host) = &self.upstream.host {
             headers.insert(header::HOST, host.clone());
-        } else if !headers.contains_key(header::HOST) {
-            if let Some(authority) = parts.uri.authority() {
-                if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-                    headers.insert(header::HOST, value);
-                }
-            }
+        } else if !headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(header::HOST, value);
         }
         let peer = conn.peer.ip().to_string();
         let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -538,19 +548,19 @@ impl Pipeline {
         let response_time = self.clock.now();
         let (mut rp, body) = response.into_parts();
         strip_hop_by_hop(&mut rp.headers);
-        if !rp.headers.contains_key(header::DATE) {
-            if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::now())) {
-                rp.headers.insert(header::DATE, date);
-            }
+        if !rp.headers.contains_key(header::DATE)
+            && let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::now()))
+        {
+            rp.headers.insert(header::DATE, date);
         }
-        if rp.status == StatusCode::NOT_MODIFIED {
-            if let Some(stale) = &job.stale {
-                let updated = refreshed(stale, &rp.headers, request_time, response_time, &self.settings);
-                self.store.insert(&job.key, updated.clone()).await;
-                publish(Outcome::Updated(updated));
-                self.finish_fill(&job);
-                return;
-            }
+        if rp.status == StatusCode::NOT_MODIFIED
+            && let Some(stale) = &job.stale
+        {
+            let updated = refreshed(stale, &rp.headers, request_time, response_time, &self.settings);
+            self.store.insert(&job.key, updated.clone()).await;
+            publish(Outcome::Updated(updated));
+            self.finish_fill(&job);
+            return;
         }
         let directives = Directives::from_headers(&rp.headers);
         let authorization = job.client_headers.contains_key(header::AUTHORIZATION);
@@ -606,10 +616,10 @@ impl Pipeline {
         match result {
             Ok(()) => {
                 growing.finish(Ok(()));
-                if growing.len() <= self.max_object {
-                    if let Some(bytes) = growing.concat() {
-                        self.store.insert(&job.key, Object { head, body: bytes }).await;
-                    }
+                if growing.len() <= self.max_object
+                    && let Some(bytes) = growing.concat()
+                {
+                    self.store.insert(&job.key, Object { head, body: bytes }).await;
                 }
             }
             Err(e) => {

@@ -211,7 +211,7 @@ pub fn storable(
     if authorization && !(response.public || response.must_revalidate || response.s_maxage.is_some()) {
         return Err("authorization");
     }
-    if vary_names(headers).is_err() {
+    if vary_names(headers).is_none() {
         return Err("vary-star");
     }
     if headers.contains_key(header::SET_COOKIE) && !settings.store_set_cookie {
@@ -221,27 +221,27 @@ pub fn storable(
     if explicit || response.public || heuristically_cacheable(status) { Ok(()) } else { Err("no-freshness") }
 }
 
-/// The header names in `Vary`, lowercased; `Err` for `Vary: *`.
-pub fn vary_names(headers: &HeaderMap) -> Result<Vec<header::HeaderName>, ()> {
+/// The header names in `Vary`, lowercased; `None` for `Vary: *` (or an invalid name).
+pub fn vary_names(headers: &HeaderMap) -> Option<Vec<header::HeaderName>> {
     let mut names = Vec::new();
     for value in headers.get_all(header::VARY) {
-        let Ok(text) = value.to_str() else { return Err(()) };
+        let Ok(text) = value.to_str() else { return None };
         for name in text.split(',') {
             let name = name.trim();
             if name.is_empty() {
                 continue;
             }
             if name == "*" {
-                return Err(());
+                return None;
             }
             match header::HeaderName::from_bytes(name.as_bytes()) {
                 Ok(name) if !names.contains(&name) => names.push(name),
                 Ok(_) => {}
-                Err(_) => return Err(()),
+                Err(_) => return None,
             }
         }
     }
-    Ok(names)
+    Some(names)
 }
 
 /// The freshness lifetime of a stored response (RFC 9111 §4.2.1), shared cache.
@@ -265,12 +265,11 @@ pub fn freshness_lifetime(
             .and_then(|expires| expires.duration_since(date).ok())
             .unwrap_or_default();
     }
-    if heuristically_cacheable(status) || response.public {
-        if let Some(modified) = date_header(headers, &header::LAST_MODIFIED) {
-            if let Ok(since) = date.duration_since(modified) {
-                return since.mul_f64(settings.heuristic_fraction).min(settings.heuristic_max);
-            }
-        }
+    if (heuristically_cacheable(status) || response.public)
+        && let Some(modified) = date_header(headers, &header::LAST_MODIFIED)
+        && let Ok(since) = date.duration_since(modified)
+    {
+        return since.mul_f64(settings.heuristic_fraction).min(settings.heuristic_max);
     }
     Duration::ZERO
 }

@@ -75,16 +75,16 @@ impl Edge {
         let https = match (config.listen.https, &config.tls) {
             (Some(addr), Some(tls)) => {
                 let ips: Vec<_> = [Some(addr.ip()), config.public_addr].into_iter().flatten().collect();
-                let key = tls.load(&[config.node_id.clone()], &ips)?;
+                let key = tls.load(std::slice::from_ref(&config.node_id), &ips)?;
                 let server_config = key.server_config(&[b"h2", b"http/1.1"], false)?;
                 Some((listener::bind(addr).await?, Arc::new(server_config)))
             }
             _ => None,
         };
-        if let Some(h3) = config.listen.h3 {
-            if let Ok(value) = HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", h3.port())) {
-                pipeline.alt_svc = Some(value);
-            }
+        if let Some(h3) = config.listen.h3
+            && let Ok(value) = HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", h3.port()))
+        {
+            pipeline.alt_svc = Some(value);
         }
         let admin = match config.listen.admin {
             Some(addr) => Some(listener::bind(addr).await?),
@@ -174,7 +174,7 @@ async fn maintain(pipeline: Arc<Pipeline>, readiness: Readiness, shutdown: Cance
         let bytes = pipeline.store.bytes().await;
         pipeline.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         pipeline.metrics.cache_objects.set(i64::try_from(pipeline.store.objects()).unwrap_or(i64::MAX));
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             let reachable = pipeline.origin_reachable().await;
             if !reachable {
                 warn!("origin unreachable");

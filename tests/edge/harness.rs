@@ -1,4 +1,5 @@
 //! Starting an edge in-process and talking to it with real clients.
+#![allow(dead_code)]
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -10,18 +11,18 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
-pub struct TestEdge {
-    pub http: SocketAddr,
-    pub https: Option<SocketAddr>,
-    pub admin: SocketAddr,
-    pub clock: Clock,
-    pub registry: Registry,
-    pub shutdown: CancellationToken,
-    pub task: tokio::task::JoinHandle<()>,
+pub(crate) struct TestEdge {
+    pub(crate) http: SocketAddr,
+    pub(crate) https: Option<SocketAddr>,
+    pub(crate) admin: SocketAddr,
+    pub(crate) clock: Clock,
+    pub(crate) registry: Registry,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) task: tokio::task::JoinHandle<()>,
 }
 
 impl TestEdge {
-    pub async fn start(origin: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+    pub(crate) async fn start(origin: &str, tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::new("edge-test-1", origin);
         config.listen.http = Some("127.0.0.1:0".parse().unwrap());
         config.listen.admin = Some("127.0.0.1:0".parse().unwrap());
@@ -38,12 +39,12 @@ impl TestEdge {
         Self { http, https, admin, clock, registry, shutdown, task }
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http)
     }
 
     /// The value of a metric sample whose labels contain all of `labels`, summed.
-    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let mut total = 0.0;
         for family in self.registry.gather() {
             if family.name() != name {
@@ -59,41 +60,41 @@ impl TestEdge {
         total
     }
 
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
     }
 }
 
 #[derive(Debug)]
-pub struct Reply {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    pub version: Version,
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) version: Version,
 }
 
 impl Reply {
-    pub fn header(&self, name: &str) -> &str {
+    pub(crate) fn header(&self, name: &str) -> &str {
         self.headers.get(name).map_or("", |v| v.to_str().unwrap_or(""))
     }
 
-    pub fn x_cache(&self) -> &str {
+    pub(crate) fn x_cache(&self) -> &str {
         self.header("x-cache")
     }
 }
 
-pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+pub(crate) type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 
-pub fn client() -> HttpClient {
+pub(crate) fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-pub async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> Reply {
+pub(crate) async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> Reply {
     send(client, "GET", url, headers).await
 }
 
-pub async fn send(client: &HttpClient, method: &str, url: &str, headers: &[(&str, &str)]) -> Reply {
+pub(crate) async fn send(client: &HttpClient, method: &str, url: &str, headers: &[(&str, &str)]) -> Reply {
     let mut builder = Request::builder().method(method).uri(url);
     for (name, value) in headers {
         builder = builder.header(*name, *value);
@@ -105,8 +106,8 @@ pub async fn send(client: &HttpClient, method: &str, url: &str, headers: &[(&str
 }
 
 /// An HTTPS client that negotiates h2 by ALPN and accepts any certificate.
-pub fn tls_client() -> Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Empty<Bytes>>
-{
+pub(crate) fn tls_client()
+-> Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Empty<Bytes>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

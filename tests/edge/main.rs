@@ -72,9 +72,22 @@ async fn miss_then_hit_over_http2_with_tls_and_alpn() {
     assert_eq!(results, ["MISS", "HIT"]);
     assert_eq!(edge.metric("cdn_requests_total", &[("protocol", "h2"), ("cache", "hit")]), 1.0);
     // And a peer client: curl over HTTP/2 with TLS.
-    let out = std::process::Command::new("curl")
-        .args(["-sk", "--http2", "-o", "/dev/null", "-w", "%{http_version} %{http_code}", "-D", "-", &url])
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sk",
+            "--max-time",
+            "10",
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            "-D",
+            "-",
+            &url,
+        ])
         .output()
+        .await
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
     assert!(text.contains("x-cache: hit"), "{text}");
@@ -149,13 +162,20 @@ async fn vary_keeps_variants_apart_and_vary_star_never_hits() {
 #[tokio::test]
 async fn expired_entry_is_revalidated_with_its_etag() {
     let origin = MockOrigin::start().await;
-    origin.route("/r", Route::ok("max-age=10", "revalidate me").header("etag", "\"v1\"").header("x-version", "1").revalidate());
+    origin.route(
+        "/r",
+        Route::ok("max-age=10", "revalidate me").header("etag", "\"v1\"").header("x-version", "1").revalidate(),
+    );
     let edge = TestEdge::start(&origin.url(), |_| {}).await;
+    origin.use_clock(edge.clock.clone());
     let c = client();
     assert_eq!(get(&c, &edge.url("/r"), &[]).await.x_cache(), "MISS");
     edge.clock.advance(Duration::from_secs(30));
     // The origin's 304 carries a changed header, which must be merged.
-    origin.route("/r", Route::ok("max-age=10", "revalidate me").header("etag", "\"v1\"").header("x-version", "2").revalidate());
+    origin.route(
+        "/r",
+        Route::ok("max-age=10", "revalidate me").header("etag", "\"v1\"").header("x-version", "2").revalidate(),
+    );
     let r = get(&c, &edge.url("/r"), &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.x_cache(), "REVALIDATED");
@@ -196,6 +216,7 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
     let origin = MockOrigin::start().await;
     origin.route("/w", Route::ok("max-age=10, stale-while-revalidate=60", "old"));
     let edge = TestEdge::start(&origin.url(), |_| {}).await;
+    origin.use_clock(edge.clock.clone());
     let c = client();
     get(&c, &edge.url("/w"), &[]).await;
     edge.clock.advance(Duration::from_secs(20));
@@ -312,10 +333,17 @@ async fn origin_down_gives_502_fast_and_bad_requests_400() {
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert!(started.elapsed() < Duration::from_secs(2));
     // HTTP/1.1 without Host, and garbage, over a raw socket.
-    for raw in ["GET / HTTP/1.1\r\n\r\n", "GARBAGE\r\n\r\n", "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"] {
+    for raw in ["GET / HTTP/1.1\r\n\r\n", "GARBAGE\r\n\r\n", "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n"] {
         let reply = raw_request(edge.http, raw).await;
         assert!(reply.starts_with("HTTP/1.1 400"), "{raw:?} → {reply:?}");
     }
+    // Both framings at once (RFC 9112 §6.3): Transfer-Encoding wins, Content-Length is
+    // dropped, and the connection is closed after the response so nothing can be
+    // smuggled behind it.
+    let raw = "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let reply = raw_request(edge.http, raw).await.to_ascii_lowercase();
+    assert!(reply.contains("connection: close"), "{reply}");
+    assert_eq!(reply.matches("http/1.1 ").count(), 1, "{reply}");
     edge.stop().await;
 }
 

@@ -1,4 +1,5 @@
 //! A programmable origin for edge tests: routes with fixed responses, delays,
+#![allow(dead_code)]
 //! trickled bodies and ETag revalidation; it counts every request it sees.
 
 use std::{
@@ -21,20 +22,20 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One route's behaviour.
 #[derive(Clone, Debug)]
-pub struct Route {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Bytes,
+pub(crate) struct Route {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Bytes,
     /// Wait before sending the response head.
-    pub delay: Duration,
+    pub(crate) delay: Duration,
     /// Send the body in chunks of this size with this pause between them.
-    pub trickle: Option<(usize, Duration)>,
+    pub(crate) trickle: Option<(usize, Duration)>,
     /// Answer `If-None-Match` equal to this route's ETag with 304.
-    pub revalidate: bool,
+    pub(crate) revalidate: bool,
 }
 
 impl Route {
-    pub fn ok(cache_control: &str, body: impl Into<Bytes>) -> Self {
+    pub(crate) fn ok(cache_control: &str, body: impl Into<Bytes>) -> Self {
         Self {
             status: 200,
             headers: vec![("cache-control".into(), cache_control.into())],
@@ -45,27 +46,27 @@ impl Route {
         }
     }
 
-    pub fn header(mut self, name: &str, value: &str) -> Self {
+    pub(crate) fn header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.into(), value.into()));
         self
     }
 
-    pub fn status(mut self, status: u16) -> Self {
+    pub(crate) fn status(mut self, status: u16) -> Self {
         self.status = status;
         self
     }
 
-    pub fn delay(mut self, delay: Duration) -> Self {
+    pub(crate) fn delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
         self
     }
 
-    pub fn trickle(mut self, chunk: usize, pause: Duration) -> Self {
+    pub(crate) fn trickle(mut self, chunk: usize, pause: Duration) -> Self {
         self.trickle = Some((chunk, pause));
         self
     }
 
-    pub fn revalidate(mut self) -> Self {
+    pub(crate) fn revalidate(mut self) -> Self {
         self.revalidate = true;
         self
     }
@@ -77,24 +78,25 @@ impl Route {
 
 #[derive(Default)]
 struct State {
+    clock: Option<cdn_edge::Clock>,
     routes: HashMap<String, Route>,
     hits: HashMap<String, usize>,
     last_headers: HashMap<String, HeaderMap>,
 }
 
 /// A running mock origin.
-pub struct MockOrigin {
-    pub addr: SocketAddr,
+pub(crate) struct MockOrigin {
+    pub(crate) addr: SocketAddr,
     state: Arc<Mutex<State>>,
     stop: CancellationToken,
 }
 
 impl MockOrigin {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::start_on("127.0.0.1:0".parse().unwrap()).await
     }
 
-    pub async fn start_on(addr: SocketAddr) -> Self {
+    pub(crate) async fn start_on(addr: SocketAddr) -> Self {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
@@ -127,36 +129,42 @@ impl MockOrigin {
         Self { addr, state, stop }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub fn route(&self, path: &str, route: Route) {
+    /// Dates this origin's responses with `clock` (the edge's, in tests that move it).
+    pub(crate) fn use_clock(&self, clock: cdn_edge::Clock) {
+        self.state.lock().unwrap().clock = Some(clock);
+    }
+
+    pub(crate) fn route(&self, path: &str, route: Route) {
         self.state.lock().unwrap().routes.insert(path.to_string(), route);
     }
 
     /// Requests seen for `path_and_query`.
-    pub fn hits(&self, path: &str) -> usize {
+    pub(crate) fn hits(&self, path: &str) -> usize {
         self.state.lock().unwrap().hits.get(path).copied().unwrap_or(0)
     }
 
-    pub fn last_headers(&self, path: &str) -> HeaderMap {
+    pub(crate) fn last_headers(&self, path: &str) -> HeaderMap {
         self.state.lock().unwrap().last_headers.get(path).cloned().unwrap_or_default()
     }
 
     /// Stops accepting and drops every open connection.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.cancel();
     }
 }
 
 async fn respond(state: &Mutex<State>, req: Request<Incoming>) -> Response<BoxBody<Bytes, BoxError>> {
     let key = req.uri().path_and_query().map_or("/".to_string(), |pq| pq.as_str().to_string());
-    let route = {
+    let (route, now) = {
         let mut state = state.lock().unwrap();
+        let now = state.clock.as_ref().map_or_else(std::time::SystemTime::now, |c| c.now());
         *state.hits.entry(key.clone()).or_default() += 1;
         state.last_headers.insert(key.clone(), req.headers().clone());
-        state.routes.get(&key).or_else(|| state.routes.get(req.uri().path())).cloned()
+        (state.routes.get(&key).or_else(|| state.routes.get(req.uri().path())).cloned(), now)
     };
     let Some(route) = route else {
         let mut response = Response::new(full(Bytes::from_static(b"no such route\n")));
@@ -167,12 +175,14 @@ async fn respond(state: &Mutex<State>, req: Request<Incoming>) -> Response<BoxBo
         tokio::time::sleep(route.delay).await;
     }
     let not_modified = route.revalidate
-        && route.etag().is_some_and(|etag| req.headers().get("if-none-match").is_some_and(|v| v.to_str().unwrap_or("") == etag));
+        && route
+            .etag()
+            .is_some_and(|etag| req.headers().get("if-none-match").is_some_and(|v| v.to_str().unwrap_or("") == etag));
     let mut builder = Response::builder().status(if not_modified { 304 } else { route.status });
     for (name, value) in &route.headers {
         builder = builder.header(name, value);
     }
-    builder = builder.header("date", httpdate::fmt_http_date(std::time::SystemTime::now()));
+    builder = builder.header("date", httpdate::fmt_http_date(now));
     if not_modified || req.method() == http::Method::HEAD {
         return builder.body(full(Bytes::new())).unwrap();
     }
@@ -181,7 +191,8 @@ async fn respond(state: &Mutex<State>, req: Request<Incoming>) -> Response<BoxBo
         None => builder.body(full(route.body.clone())).unwrap(),
         Some((chunk, pause)) => {
             let body = route.body.clone();
-            let chunks: Vec<Bytes> = (0..body.len()).step_by(chunk).map(|i| body.slice(i..(i + chunk).min(body.len()))).collect();
+            let chunks: Vec<Bytes> =
+                (0..body.len()).step_by(chunk).map(|i| body.slice(i..(i + chunk).min(body.len()))).collect();
             let stream = futures_util::stream::unfold(chunks.into_iter(), move |mut chunks| async move {
                 let next = chunks.next()?;
                 tokio::time::sleep(pause).await;
