@@ -52,9 +52,10 @@ pub struct Location {
     pub lon: f64,
 }
 
-/// `[listen]`.
+/// `[listen]`. Keys left out keep their defaults (HTTP on 127.0.0.1:8081, admin on
+/// 127.0.0.1:9090, no HTTPS or HTTP/3).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Listen {
     /// Plain HTTP (HTTP/1.1 and h2c).
     pub http: Option<SocketAddr>,

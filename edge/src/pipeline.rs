@@ -3,37 +3,37 @@
 //!
 //! HTTP/1.1, HTTP/2 and HTTP/3 listeners turn their requests into
 //! `http::Request`s and call [`Pipeline::handle`]. Concurrent misses for a key share
-//! one origin fetch ([`Fill`]); the fill runs in its own task, so a client that goes
+//! one origin fetch (`fill::Fill`); the fill runs in its own task, so a client that goes
 //! away does not abort it for the others, and every waiter streams the body as it
 //! arrives.
+
+mod fill;
+mod respond;
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use futures_util::{StreamExt as _, stream};
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header, request::Parts,
-};
-use http_body_util::{BodyExt as _, StreamBody};
-use hyper::body::{Frame, Incoming};
-use tokio::sync::watch;
-use tracing::{debug, warn};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header, request::Parts};
+use http_body_util::BodyExt as _;
+use tracing::debug;
 
 use cdn_control::listener::{Body, BoxError, empty, full};
-use cdn_origin::range;
 
+use self::{
+    fill::{Fill, Outcome},
+    respond::{SlicedSource, Source},
+};
 use crate::{
-    body::Growing,
     clock::Clock,
     error::FetchError,
     metrics::{CacheResult, Metrics, Protocol},
-    policy::{self, Action, Directives, Settings, Timing},
-    store::{Head, Object, Store, vary_values},
+    policy::{self, Action, Directives, Settings},
+    store::{Found, Head, Sliced, Store, vary_values},
     upstream::{Upstream, strip_hop_by_hop},
 };
 
@@ -54,24 +54,6 @@ pub(crate) struct Conn {
     pub(crate) peer: SocketAddr,
     /// Whether the request came over TLS (or QUIC).
     pub(crate) tls: bool,
-}
-
-/// One origin fetch shared by every request that waits for it.
-struct Fill {
-    outcome: watch::Sender<Option<Arc<Outcome>>>,
-}
-
-/// What a fill produced, as soon as the origin's response head is known.
-enum Outcome {
-    /// A storable response, streaming into the cache.
-    Stream { head: Arc<Head>, body: Arc<Growing> },
-    /// A 304 refreshed the stored response.
-    Updated(Object),
-    /// Not shareable: only the request that started the fill may take it; the others
-    /// fetch for themselves.
-    Pass { response: Mutex<Option<Response<Incoming>>>, status: StatusCode, reason: &'static str },
-    /// The origin could not be reached.
-    Failed(FetchError),
 }
 
 /// The request facts the pipeline uses after taking the request apart.
@@ -102,7 +84,10 @@ pub(crate) struct Pipeline {
     clock: Clock,
     settings: Settings,
     max_object: u64,
+    slice_size: u64,
     ignore_query: bool,
+    /// Keys recently found uncacheable: requests for them skip coalescing.
+    pass_marks: moka::sync::Cache<String, ()>,
 }
 
 impl Pipeline {
@@ -115,6 +100,7 @@ impl Pipeline {
         clock: Clock,
         settings: Settings,
         max_object: u64,
+        slice_size: u64,
         ignore_query: bool,
     ) -> Self {
         let served_by = HeaderValue::from_str(&node_id).unwrap_or_else(|_| HeaderValue::from_static("edge"));
@@ -129,7 +115,12 @@ impl Pipeline {
             clock,
             settings,
             max_object,
+            slice_size,
             ignore_query,
+            pass_marks: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(30))
+                .build(),
         }
     }
 
@@ -234,47 +225,34 @@ impl Pipeline {
     }
 
     async fn cached(self: &Arc<Self>, req: Req, conn: Conn) -> Served {
+        if self.pass_marks.contains_key(&req.key) {
+            // Recently uncacheable ("hit-for-pass"): go straight to the origin.
+            let mut served = self.forward(&req.parts, conn, empty(), req.scheme).await;
+            served.result = CacheResult::Bypass;
+            served.status = format!("cdn; fwd=bypass; fwd-status={}", served.response.status().as_u16());
+            return served;
+        }
         let now = self.clock.now();
-        if let Some(object) = self.store.lookup(&req.key, &req.parts.headers).await {
-            let head = &object.head;
+        if let Some(found) = self.store.lookup(&req.key, &req.parts.headers).await {
+            let head = found.head().clone();
             let age = head.timing.current_age(now);
             let action = policy::evaluate(&req.directives, req.pragma_no_cache, &head.directives, head.lifetime, age);
             debug!(key = %req.key, ?action, age = age.as_secs(), "cache lookup");
             let ttl = ttl(head.lifetime, age);
-            match action {
-                Action::Fresh => {
-                    return self.represent(
-                        &req,
-                        head,
-                        Source::Bytes(object.body.clone()),
-                        age,
-                        CacheResult::Hit,
-                        format!("cdn; hit; ttl={ttl}"),
-                    );
-                }
-                Action::StaleAllowed => {
-                    return self.represent(
-                        &req,
-                        head,
-                        Source::Bytes(object.body.clone()),
-                        age,
-                        CacheResult::Stale,
-                        format!("cdn; hit; ttl={ttl}; detail=max-stale"),
-                    );
-                }
+            let (result, status) = match action {
+                Action::Fresh => (CacheResult::Hit, format!("cdn; hit; ttl={ttl}")),
+                Action::StaleAllowed => (CacheResult::Stale, format!("cdn; hit; ttl={ttl}; detail=max-stale")),
                 Action::StaleWhileRevalidate => {
-                    self.revalidate_in_background(&req, conn, object.clone());
-                    return self.represent(
-                        &req,
-                        head,
-                        Source::Bytes(object.body.clone()),
-                        age,
-                        CacheResult::Stale,
-                        format!("cdn; hit; ttl={ttl}; detail=stale-while-revalidate"),
-                    );
+                    self.revalidate_in_background(&req, conn, found.clone());
+                    (CacheResult::Stale, format!("cdn; hit; ttl={ttl}; detail=stale-while-revalidate"))
                 }
-                Action::Revalidate => return self.fill(req, conn, Some(object)).await,
-            }
+                Action::Revalidate if req.directives.only_if_cached => {
+                    return error(StatusCode::GATEWAY_TIMEOUT, "stale and only-if-cached\n", CacheResult::Miss);
+                }
+                Action::Revalidate => return self.fill(req, conn, Some(found)).await,
+            };
+            let source = self.source(&found, &req, conn);
+            return self.represent(&req, &head, source, age, result, status);
         }
         if req.directives.only_if_cached {
             return error(StatusCode::GATEWAY_TIMEOUT, "not cached (only-if-cached)\n", CacheResult::Miss);
@@ -282,22 +260,15 @@ impl Pipeline {
         self.fill(req, conn, None).await
     }
 
-    fn revalidate_in_background(self: &Arc<Self>, req: &Req, conn: Conn, stale: Object) {
-        let busy = self.inflight.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&req.key);
-        if !busy {
-            let _ = self.join_or_start(req, conn, Some(stale));
+    /// How to read a stored representation.
+    fn source(self: &Arc<Self>, found: &Found, req: &Req, conn: Conn) -> Source {
+        match found {
+            Found::Object(object) => Source::Bytes(object.body.clone()),
+            Found::Sliced(sliced) => Source::Sliced(self.sliced_source(sliced, req, conn)),
         }
     }
 
-    /// Joins the fill of `req.key` or starts one; `true` when this request started it.
-    fn join_or_start(self: &Arc<Self>, req: &Req, conn: Conn, stale: Option<Object>) -> (Arc<Fill>, bool) {
-        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(fill) = inflight.get(&req.key) {
-            return (fill.clone(), false);
-        }
-        let fill = Arc::new(Fill { outcome: watch::Sender::new(None) });
-        inflight.insert(req.key.clone(), fill.clone());
-        drop(inflight);
+    fn sliced_source(self: &Arc<Self>, sliced: &Arc<Sliced>, req: &Req, conn: Conn) -> SlicedSource {
         let mut headers = self.origin_headers(&req.parts, conn, req.scheme);
         for name in [
             header::IF_NONE_MATCH,
@@ -309,39 +280,29 @@ impl Pipeline {
         ] {
             headers.remove(name);
         }
-        if let Some(stale) = &stale {
-            if let Some(etag) = stale.head.headers.get(header::ETAG) {
-                headers.insert(header::IF_NONE_MATCH, etag.clone());
-            }
-            if let Some(modified) = stale.head.headers.get(header::LAST_MODIFIED) {
-                headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
-            }
-        }
-        let job = FillJob {
-            fill: fill.clone(),
+        SlicedSource {
+            pipeline: self.clone(),
             key: req.key.clone(),
-            path: path_and_query(&req.parts.uri),
-            origin_headers: headers,
-            client_headers: req.parts.headers.clone(),
-            client_directives: req.directives.clone(),
-            stale,
-        };
-        tokio::spawn(self.clone().run_fill(job));
-        (fill, true)
+            sliced: sliced.clone(),
+            origin: Arc::new((path_and_query(&req.parts.uri), headers)),
+        }
     }
 
-    async fn fill(self: &Arc<Self>, req: Req, conn: Conn, stale: Option<Object>) -> Served {
+    fn revalidate_in_background(self: &Arc<Self>, req: &Req, conn: Conn, stale: Found) {
+        let busy = self.inflight.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&req.key);
+        if !busy {
+            let _ = self.join_or_start(req, conn, Some(stale));
+        }
+    }
+
+    /// Remembers for a while that `key` is not cacheable.
+    pub(crate) fn mark_pass(&self, key: &str) {
+        self.pass_marks.insert(key.to_string(), ());
+    }
+
+    async fn fill(self: &Arc<Self>, req: Req, conn: Conn, stale: Option<Found>) -> Served {
         let (fill, leader) = self.join_or_start(&req, conn, stale.clone());
-        let mut outcome_rx = fill.outcome.subscribe();
-        drop(fill);
-        let outcome = loop {
-            if let Some(outcome) = outcome_rx.borrow_and_update().clone() {
-                break outcome;
-            }
-            if outcome_rx.changed().await.is_err() {
-                break Arc::new(Outcome::Failed(FetchError::Unreachable("fill abandoned".into())));
-            }
-        };
+        let outcome = fill.outcome().await;
         let now = self.clock.now();
         // A stale object may stand in for an origin failure (RFC 5861 stale-if-error).
         let stale_for_error = |status: Option<StatusCode>| {
@@ -349,19 +310,16 @@ impl Pipeline {
             if status.is_some_and(|s| !s.is_server_error()) {
                 return None;
             }
-            let age = stale.head.timing.current_age(now);
-            policy::stale_if_error(&req.directives, &stale.head.directives, stale.head.lifetime, age).then(|| {
-                let ttl = ttl(stale.head.lifetime, age);
-                self.represent(
-                    &req,
-                    &stale.head,
-                    Source::Bytes(stale.body.clone()),
-                    age,
-                    CacheResult::Stale,
-                    format!("cdn; hit; ttl={ttl}; fwd=stale; detail=stale-if-error"),
-                )
+            let head = stale.head();
+            let age = head.timing.current_age(now);
+            policy::stale_if_error(&req.directives, &head.directives, head.lifetime, age).then(|| {
+                let ttl = ttl(head.lifetime, age);
+                let source = self.source(stale, &req, conn);
+                let status = format!("cdn; hit; ttl={ttl}; fwd=stale; detail=stale-if-error");
+                self.represent(&req, head, source, age, CacheResult::Stale, status)
             })
         };
+        let fwd = if stale.is_some() { "stale" } else { "miss" };
         match &*outcome {
             Outcome::Stream { head, body } => {
                 if let Some(served) = stale_for_error(Some(head.status)) {
@@ -370,33 +328,28 @@ impl Pipeline {
                 if !self.vary_matches(head, &req.parts.headers) {
                     return self.forward_get(&req, conn).await;
                 }
-                let fwd = if stale.is_some() { "stale" } else { "miss" };
                 let age = head.timing.current_age(now);
-                self.represent(
-                    &req,
-                    head,
-                    Source::Growing(body.clone()),
-                    age,
-                    CacheResult::Miss,
-                    format!("cdn; fwd={fwd}; fwd-status={}; stored", head.status.as_u16()),
-                )
+                let status = format!("cdn; fwd={fwd}; fwd-status={}; stored", head.status.as_u16());
+                self.represent(&req, head, Source::Growing(body.clone()), age, CacheResult::Miss, status)
             }
-            Outcome::Updated(object) => {
-                if !self.vary_matches(&object.head, &req.parts.headers) {
+            Outcome::Sliced(sliced) => {
+                let age = sliced.head.timing.current_age(now);
+                let status = format!("cdn; fwd={fwd}; fwd-status=206; stored; detail=sliced");
+                let source = Source::Sliced(self.sliced_source(sliced, &req, conn));
+                self.represent(&req, &sliced.head, source, age, CacheResult::Miss, status)
+            }
+            Outcome::Updated(found) => {
+                if !self.vary_matches(found.head(), &req.parts.headers) {
                     return self.forward_get(&req, conn).await;
                 }
-                let age = object.head.timing.current_age(now);
-                let ttl = ttl(object.head.lifetime, age);
-                self.represent(
-                    &req,
-                    &object.head,
-                    Source::Bytes(object.body.clone()),
-                    age,
-                    CacheResult::Revalidated,
-                    format!("cdn; fwd=stale; fwd-status=304; ttl={ttl}"),
-                )
+                let head = found.head();
+                let age = head.timing.current_age(now);
+                let ttl = ttl(head.lifetime, age);
+                let source = self.source(found, &req, conn);
+                let status = format!("cdn; fwd=stale; fwd-status=304; ttl={ttl}");
+                self.represent(&req, head, source, age, CacheResult::Revalidated, status)
             }
-            Outcome::Pass { response, status, reason } => {
+            Outcome::Pass { response, status } => {
                 if let Some(served) = stale_for_error(Some(*status)) {
                     return served;
                 }
@@ -411,12 +364,13 @@ impl Pipeline {
                         Served {
                             response,
                             result: CacheResult::Miss,
-                            status: format!("cdn; fwd=miss; fwd-status={}; detail={reason}", status.as_u16()),
+                            status: format!("cdn; fwd=miss; fwd-status={}", status.as_u16()),
                         }
                     }
                     None => self.forward_get(&req, conn).await,
                 }
             }
+            Outcome::Slice(_) => fetch_failure(&FetchError::Unreachable("unexpected fill outcome".into())),
             Outcome::Failed(fetch_error) => {
                 if let Some(served) = stale_for_error(None) {
                     return served;
@@ -517,307 +471,6 @@ impl Pipeline {
         }
         headers
     }
-
-    async fn run_fill(self: Arc<Self>, job: FillJob) {
-        let publish = |outcome: Outcome| {
-            job.fill.outcome.send_replace(Some(Arc::new(outcome)));
-        };
-        let uri = match self.upstream.uri(&job.path) {
-            Ok(uri) => uri,
-            Err(e) => {
-                publish(Outcome::Failed(e));
-                self.finish_fill(&job);
-                return;
-            }
-        };
-        let mut request = Request::new(empty());
-        *request.uri_mut() = uri;
-        *request.headers_mut() = job.origin_headers.clone();
-        let request_time = self.clock.now();
-        let response = match self.upstream.send(request).await {
-            Ok(response) => response,
-            Err(e) => {
-                warn!(key = %job.key, error = %e, "origin fetch failed");
-                self.metrics.origin_error(matches!(e, FetchError::Timeout));
-                publish(Outcome::Failed(e));
-                self.finish_fill(&job);
-                return;
-            }
-        };
-        self.metrics.origin_status(response.status().as_u16());
-        let response_time = self.clock.now();
-        let (mut rp, body) = response.into_parts();
-        strip_hop_by_hop(&mut rp.headers);
-        if !rp.headers.contains_key(header::DATE)
-            && let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::now()))
-        {
-            rp.headers.insert(header::DATE, date);
-        }
-        if rp.status == StatusCode::NOT_MODIFIED
-            && let Some(stale) = &job.stale
-        {
-            let updated = refreshed(stale, &rp.headers, request_time, response_time, &self.settings);
-            self.store.insert(&job.key, updated.clone()).await;
-            publish(Outcome::Updated(updated));
-            self.finish_fill(&job);
-            return;
-        }
-        let directives = Directives::from_headers(&rp.headers);
-        let authorization = job.client_headers.contains_key(header::AUTHORIZATION);
-        let content_length =
-            rp.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        let storable = policy::storable(
-            &Method::GET,
-            &job.client_directives,
-            authorization,
-            rp.status,
-            &rp.headers,
-            &directives,
-            &self.settings,
-        )
-        .and_then(|()| if content_length.is_some_and(|len| len > self.max_object) { Err("too-large") } else { Ok(()) });
-        if let Err(reason) = storable {
-            debug!(key = %job.key, reason, "not storable");
-            let status = rp.status;
-            publish(Outcome::Pass { response: Mutex::new(Some(Response::from_parts(rp, body))), status, reason });
-            self.finish_fill(&job);
-            return;
-        }
-        let tags = surrogate_keys(&rp.headers);
-        rp.headers.remove(SURROGATE_KEY);
-        rp.headers.remove(CACHE_TAG);
-        let vary = vary_values(&policy::vary_names(&rp.headers).unwrap_or_default(), &job.client_headers);
-        let lifetime = policy::freshness_lifetime(rp.status, &rp.headers, &directives, response_time, &self.settings);
-        let timing = Timing::new(&rp.headers, request_time, response_time);
-        let head = Arc::new(Head { status: rp.status, headers: rp.headers, timing, directives, lifetime, tags, vary });
-        let growing = Growing::new(content_length);
-        publish(Outcome::Stream { head: head.clone(), body: growing.clone() });
-
-        let mut body = body;
-        let idle = self.upstream.idle_timeout();
-        let result = loop {
-            match tokio::time::timeout(idle, body.frame()).await {
-                Err(_) => break Err("origin body timed out".to_string()),
-                Ok(None) => break Ok(()),
-                Ok(Some(Err(e))) => break Err(format!("origin body failed: {e}")),
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        growing.push(data);
-                    }
-                }
-            }
-        };
-        let result = result.and_then(|()| match content_length {
-            Some(expected) if expected != growing.len() => {
-                Err(format!("origin body ended at {} of {expected} bytes", growing.len()))
-            }
-            _ => Ok(()),
-        });
-        match result {
-            Ok(()) => {
-                growing.finish(Ok(()));
-                if growing.len() <= self.max_object
-                    && let Some(bytes) = growing.concat()
-                {
-                    self.store.insert(&job.key, Object { head, body: bytes }).await;
-                }
-            }
-            Err(e) => {
-                warn!(key = %job.key, error = %e, "fill failed; nothing stored");
-                growing.finish(Err(e));
-            }
-        }
-        self.finish_fill(&job);
-    }
-
-    fn finish_fill(&self, job: &FillJob) {
-        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-        if inflight.get(&job.key).is_some_and(|fill| Arc::ptr_eq(fill, &job.fill)) {
-            inflight.remove(&job.key);
-        }
-    }
-
-    /// The response for a stored or filling representation: conditionals, ranges, HEAD.
-    fn represent(
-        &self,
-        req: &Req,
-        head: &Head,
-        source: Source,
-        age: Duration,
-        result: CacheResult,
-        status: String,
-    ) -> Served {
-        let parts = &req.parts;
-        let mut headers = head.headers.clone();
-        headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
-        let ok = head.status == StatusCode::OK;
-        if ok && not_modified(&parts.headers, &headers) {
-            let mut response = Response::new(empty());
-            *response.status_mut() = StatusCode::NOT_MODIFIED;
-            for name in [
-                header::CACHE_CONTROL,
-                header::CONTENT_LOCATION,
-                header::DATE,
-                header::ETAG,
-                header::EXPIRES,
-                header::VARY,
-                header::LAST_MODIFIED,
-                header::AGE,
-            ] {
-                for value in headers.get_all(&name) {
-                    response.headers_mut().append(name.clone(), value.clone());
-                }
-            }
-            return Served { response, result, status };
-        }
-        let len = match &source {
-            Source::Bytes(bytes) => Some(bytes.len() as u64),
-            Source::Growing(growing) => growing.expected,
-        };
-        let head_only = parts.method == Method::HEAD;
-        if let (true, Some(len)) = (ok, len) {
-            headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-            let range_header = parts.headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-            if let Some(specs) =
-                range_header.filter(|_| if_range_holds(&parts.headers, &headers)).and_then(range::parse)
-            {
-                match range::resolve(&specs, len) {
-                    range::Resolved::Full => {}
-                    range::Resolved::Unsatisfiable => {
-                        headers.remove(header::CONTENT_LENGTH);
-                        if let Ok(value) = HeaderValue::from_str(&range::unsatisfied_range(len)) {
-                            headers.insert(header::CONTENT_RANGE, value);
-                        }
-                        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-                        return Served {
-                            response: build(StatusCode::RANGE_NOT_SATISFIABLE, headers, empty()),
-                            result,
-                            status,
-                        };
-                    }
-                    range::Resolved::Partial(ranges) if ranges.len() == 1 => {
-                        let r = ranges[0].clone();
-                        if let Ok(value) = HeaderValue::from_str(&range::content_range(&r, len)) {
-                            headers.insert(header::CONTENT_RANGE, value);
-                        }
-                        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(r.end - r.start));
-                        let body = if head_only { empty() } else { source.range_body(r) };
-                        return Served { response: build(StatusCode::PARTIAL_CONTENT, headers, body), result, status };
-                    }
-                    range::Resolved::Partial(ranges) => {
-                        let part_type =
-                            headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                        let multipart = range::Multipart::new(&ranges, len, part_type.as_deref(), &range::boundary());
-                        headers.remove(header::CONTENT_RANGE);
-                        if let Ok(value) = HeaderValue::from_str(&multipart.content_type) {
-                            headers.insert(header::CONTENT_TYPE, value);
-                        }
-                        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(multipart.content_length));
-                        let body = if head_only { empty() } else { source.multipart_body(&ranges, &multipart) };
-                        return Served { response: build(StatusCode::PARTIAL_CONTENT, headers, body), result, status };
-                    }
-                }
-            }
-        }
-        if let Some(len) = len {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        }
-        let body = if head_only { empty() } else { source.full_body() };
-        Served { response: build(head.status, headers, body), result, status }
-    }
-}
-
-/// Where a representation's bytes come from.
-enum Source {
-    Bytes(Bytes),
-    Growing(Arc<Growing>),
-}
-
-impl Source {
-    fn full_body(self) -> Body {
-        match self {
-            Self::Bytes(bytes) => full(bytes),
-            Self::Growing(growing) => stream_body(growing.reader(None)),
-        }
-    }
-
-    fn range_body(self, range: std::ops::Range<u64>) -> Body {
-        match self {
-            Self::Bytes(bytes) => full(bytes.slice(range.start as usize..range.end as usize)),
-            Self::Growing(growing) => stream_body(growing.reader(Some(range))),
-        }
-    }
-
-    fn multipart_body(self, ranges: &[std::ops::Range<u64>], multipart: &range::Multipart) -> Body {
-        let mut pieces: Vec<futures_util::stream::BoxStream<'static, Result<Bytes, BoxError>>> = Vec::new();
-        for (head, range) in multipart.heads.iter().zip(ranges) {
-            pieces.push(stream::once(std::future::ready(Ok(head.clone()))).boxed());
-            match &self {
-                Self::Bytes(bytes) => {
-                    let part = bytes.slice(range.start as usize..range.end as usize);
-                    pieces.push(stream::once(std::future::ready(Ok(part))).boxed());
-                }
-                Self::Growing(growing) => pieces.push(growing.reader(Some(range.clone())).boxed()),
-            }
-        }
-        pieces.push(stream::once(std::future::ready(Ok(multipart.tail.clone()))).boxed());
-        stream_body(stream::iter(pieces).flatten())
-    }
-}
-
-fn stream_body(stream: impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + 'static) -> Body {
-    StreamBody::new(stream.map(|chunk| chunk.map(Frame::data))).boxed_unsync()
-}
-
-fn build(status: StatusCode, headers: HeaderMap, body: Body) -> Response<Body> {
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    *response.headers_mut() = headers;
-    response
-}
-
-struct FillJob {
-    fill: Arc<Fill>,
-    key: String,
-    path: String,
-    origin_headers: HeaderMap,
-    client_headers: HeaderMap,
-    client_directives: Directives,
-    stale: Option<Object>,
-}
-
-/// A stored response refreshed by a 304 (RFC 9111 §4.3.4).
-fn refreshed(
-    stale: &Object,
-    update: &HeaderMap,
-    request_time: SystemTime,
-    response_time: SystemTime,
-    settings: &Settings,
-) -> Object {
-    let mut headers = stale.head.headers.clone();
-    let mut replaced: Vec<&HeaderName> = Vec::new();
-    for (name, value) in update {
-        if policy::keep_on_update(name) || name == SURROGATE_KEY || name == CACHE_TAG {
-            continue;
-        }
-        if !replaced.contains(&name) {
-            headers.remove(name);
-            replaced.push(name);
-        }
-        headers.append(name.clone(), value.clone());
-    }
-    let directives = Directives::from_headers(&headers);
-    let lifetime = policy::freshness_lifetime(stale.head.status, &headers, &directives, response_time, settings);
-    let timing = Timing::new(&headers, request_time, response_time);
-    let mut tags = stale.head.tags.clone();
-    for tag in surrogate_keys(update) {
-        if !tags.contains(&tag) {
-            tags.push(tag);
-        }
-    }
-    let head =
-        Head { status: stale.head.status, headers, timing, directives, lifetime, tags, vary: stale.head.vary.clone() };
-    Object { head: Arc::new(head), body: stale.body.clone() }
 }
 
 /// Tags from `Surrogate-Key` (space-separated) and `Cache-Tag` (comma-separated).
@@ -893,47 +546,9 @@ pub(crate) fn cache_key(scheme: &str, host: &str, uri: &http::Uri, ignore_query:
     }
 }
 
-/// Evaluates the client's If-None-Match / If-Modified-Since against a stored
-/// response (RFC 9110 §13.1.2, §13.1.3): `true` → answer 304.
-fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
-    if let Some(condition) = request.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
-        let Some(etag) = stored.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
-            return false;
-        };
-        let etag = etag.trim().trim_start_matches("W/");
-        return condition.split(',').map(str::trim).any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag);
-    }
-    let Some(since) = policy::date_header(request, &header::IF_MODIFIED_SINCE) else {
-        return false;
-    };
-    policy::date_header(stored, &header::LAST_MODIFIED).is_some_and(|modified| modified <= since)
-}
-
-/// If-Range (RFC 9110 §13.1.5): the range applies only if the validator matches
-/// strongly; an absent If-Range always holds.
-fn if_range_holds(request: &HeaderMap, stored: &HeaderMap) -> bool {
-    let Some(condition) = request.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) else {
-        return true;
-    };
-    let condition = condition.trim();
-    if condition.starts_with('"') {
-        return stored
-            .get(header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|etag| !etag.starts_with("W/") && etag.trim() == condition);
-    }
-    if condition.starts_with("W/") {
-        return false;
-    }
-    match (httpdate::parse_http_date(condition), policy::date_header(stored, &header::LAST_MODIFIED)) {
-        (Ok(date), Some(modified)) => date == modified,
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{respond::{if_range_holds, not_modified}, *};
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();

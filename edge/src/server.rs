@@ -65,6 +65,7 @@ impl Edge {
             clock,
             settings,
             config.cache.max_object.as_u64(),
+            config.cache.slice.as_u64(),
             config.cache.ignore_query,
         );
 

@@ -47,10 +47,64 @@ impl Object {
     }
 }
 
+/// A large object stored in slices: its head, and where to find the slices.
+#[derive(Debug)]
+pub(crate) struct Sliced {
+    /// The head of the whole representation (status 200, full Content-Length).
+    pub(crate) head: Arc<Head>,
+    /// Length of the whole representation.
+    pub(crate) total: u64,
+    /// Slice size the object was cut with.
+    pub(crate) slice: u64,
+    /// The strong validator every slice must carry (no splicing of two versions).
+    pub(crate) etag: Option<http::HeaderValue>,
+}
+
+impl Sliced {
+    /// The byte range of slice `index`.
+    pub(crate) fn bounds(&self, index: u64) -> std::ops::Range<u64> {
+        let start = index * self.slice;
+        start..(start + self.slice).min(self.total)
+    }
+}
+
+/// One slice of a sliced object.
+#[derive(Debug, Clone)]
+struct Slice {
+    etag: Option<http::HeaderValue>,
+    bytes: Bytes,
+}
+
 #[derive(Debug, Clone)]
 enum Entry {
     Object(Object),
     Vary(Arc<Vec<HeaderName>>),
+    Sliced(Arc<Sliced>),
+    Slice(Slice),
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone)]
+pub(crate) enum Found {
+    /// A whole object.
+    Object(Object),
+    /// The head of a sliced object.
+    Sliced(Arc<Sliced>),
+}
+
+impl Found {
+    /// The head of what was found.
+    pub(crate) fn head(&self) -> &Arc<Head> {
+        match self {
+            Self::Object(object) => &object.head,
+            Self::Sliced(sliced) => &sliced.head,
+        }
+    }
+}
+
+/// The key of slice `index` of `primary`.
+pub(crate) fn slice_key(primary: &str, index: u64) -> String {
+    format!("{primary}{VARIANT_SEPARATOR}slice:{index}")
 }
 
 /// The request's values of the varying headers, normalised (all field lines joined,
@@ -97,6 +151,10 @@ impl Store {
             .weigher(|key: &String, entry: &Entry| match entry {
                 Entry::Object(object) => object.weight(key),
                 Entry::Vary(names) => u32::try_from(key.len() + names.len() * 32 + 128).unwrap_or(u32::MAX),
+                Entry::Sliced(sliced) => {
+                    Object { head: sliced.head.clone(), body: Bytes::new() }.weight(key).saturating_add(64)
+                }
+                Entry::Slice(slice) => u32::try_from(key.len() + slice.bytes.len() + 128).unwrap_or(u32::MAX),
             })
             .support_invalidation_closures()
             .build();
@@ -104,18 +162,38 @@ impl Store {
     }
 
     /// The stored response for `primary` matching the request's headers.
-    pub(crate) async fn lookup(&self, primary: &str, request: &HeaderMap) -> Option<Object> {
+    pub(crate) async fn lookup(&self, primary: &str, request: &HeaderMap) -> Option<Found> {
         match self.cache.get(primary).await? {
-            Entry::Object(object) => object.head.vary.is_empty().then_some(object),
+            Entry::Object(object) => object.head.vary.is_empty().then_some(Found::Object(object)),
+            Entry::Sliced(sliced) => Some(Found::Sliced(sliced)),
+            Entry::Slice(_) => None,
             Entry::Vary(names) => {
                 let values = vary_values(&names, request);
                 let key = format!("{primary}{VARIANT_SEPARATOR}{}", secondary_key(&values));
                 match self.cache.get(&key).await? {
-                    Entry::Object(object) if object.head.vary == values => Some(object),
+                    Entry::Object(object) if object.head.vary == values => Some(Found::Object(object)),
                     _ => None,
                 }
             }
         }
+    }
+
+    /// Stores the head of a sliced object under `primary`.
+    pub(crate) async fn insert_sliced(&self, primary: &str, sliced: Arc<Sliced>) {
+        self.cache.insert(primary.to_string(), Entry::Sliced(sliced)).await;
+    }
+
+    /// Slice `index` of `sliced`, if stored with the same validator.
+    pub(crate) async fn slice(&self, primary: &str, sliced: &Sliced, index: u64) -> Option<Bytes> {
+        match self.cache.get(&slice_key(primary, index)).await? {
+            Entry::Slice(slice) if slice.etag == sliced.etag => Some(slice.bytes),
+            _ => None,
+        }
+    }
+
+    /// Stores slice `index` of `primary` with its validator.
+    pub(crate) async fn insert_slice(&self, primary: &str, index: u64, etag: Option<http::HeaderValue>, bytes: Bytes) {
+        self.cache.insert(slice_key(primary, index), Entry::Slice(Slice { etag, bytes })).await;
     }
 
     /// Stores `object` under `primary` (and its variant key when it varies).
@@ -185,8 +263,12 @@ mod tests {
         let names = [header::ACCEPT_ENCODING];
         store.insert("k", object(vary_values(&names, &gzip), b"g")).await;
         store.insert("k", object(vary_values(&names, &br), b"b")).await;
-        assert_eq!(store.lookup("k", &gzip).await.unwrap().body, Bytes::from_static(b"g"));
-        assert_eq!(store.lookup("k", &br).await.unwrap().body, Bytes::from_static(b"b"));
+        let body = |found: Option<Found>| match found {
+            Some(Found::Object(object)) => object.body,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(body(store.lookup("k", &gzip).await), Bytes::from_static(b"g"));
+        assert_eq!(body(store.lookup("k", &br).await), Bytes::from_static(b"b"));
         assert!(store.lookup("k", &HeaderMap::new()).await.is_none());
         store.insert("kx", object(vec![], b"other")).await;
         store.invalidate_url("k");

@@ -2,6 +2,7 @@
 
 mod harness;
 mod mock_origin;
+mod ranges;
 
 use std::time::{Duration, Instant};
 
@@ -107,7 +108,8 @@ async fn no_store_and_private_are_never_served_from_cache() {
         for _ in 0..3 {
             let r = get(&c, &edge.url(path), &[]).await;
             assert_eq!(r.status, StatusCode::OK);
-            assert_eq!(r.x_cache(), "MISS", "{path}");
+            // MISS the first time; then BYPASS: the edge remembers the key is uncacheable.
+            assert!(matches!(r.x_cache(), "MISS" | "BYPASS"), "{path}: {}", r.x_cache());
         }
         assert_eq!(origin.hits(path), 3, "{path}");
     }
@@ -153,7 +155,7 @@ async fn vary_keeps_variants_apart_and_vary_star_never_hits() {
     assert_eq!(get(&c, &edge.url("/v"), &[("accept-encoding", "br")]).await.x_cache(), "HIT");
     assert_eq!(origin.hits("/v"), 2);
     for _ in 0..3 {
-        assert_eq!(get(&c, &edge.url("/star"), &[]).await.x_cache(), "MISS");
+        assert_ne!(get(&c, &edge.url("/star"), &[]).await.x_cache(), "HIT");
     }
     assert_eq!(origin.hits("/star"), 3);
     edge.stop().await;

@@ -32,6 +32,8 @@ pub(crate) struct Route {
     pub(crate) trickle: Option<(usize, Duration)>,
     /// Answer `If-None-Match` equal to this route's ETag with 304.
     pub(crate) revalidate: bool,
+    /// Answer single `Range` requests with 206.
+    pub(crate) ranges: bool,
 }
 
 impl Route {
@@ -43,6 +45,7 @@ impl Route {
             delay: Duration::ZERO,
             trickle: None,
             revalidate: false,
+            ranges: false,
         }
     }
 
@@ -63,6 +66,11 @@ impl Route {
 
     pub(crate) fn trickle(mut self, chunk: usize, pause: Duration) -> Self {
         self.trickle = Some((chunk, pause));
+        self
+    }
+
+    pub(crate) fn ranges(mut self) -> Self {
+        self.ranges = true;
         self
     }
 
@@ -186,6 +194,17 @@ async fn respond(state: &Mutex<State>, req: Request<Incoming>) -> Response<BoxBo
     if not_modified || req.method() == http::Method::HEAD {
         return builder.body(full(Bytes::new())).unwrap();
     }
+    if route.ranges
+        && let Some(range) = req.headers().get("range").and_then(|v| v.to_str().ok()).and_then(|v| single_range(v, route.body.len()))
+    {
+        let part = route.body.slice(range.clone());
+        return builder
+            .status(206)
+            .header("content-range", format!("bytes {}-{}/{}", range.start, range.end - 1, route.body.len()))
+            .header("content-length", part.len())
+            .body(full(part))
+            .unwrap();
+    }
     builder = builder.header("content-length", route.body.len());
     match route.trickle {
         None => builder.body(full(route.body.clone())).unwrap(),
@@ -205,4 +224,11 @@ async fn respond(state: &Mutex<State>, req: Request<Incoming>) -> Response<BoxBo
 
 fn full(bytes: Bytes) -> BoxBody<Bytes, BoxError> {
     http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn single_range(value: &str, len: usize) -> Option<std::ops::Range<usize>> {
+    let (first, last) = value.strip_prefix("bytes=")?.split_once('-')?;
+    let first: usize = first.parse().ok()?;
+    let last: usize = if last.is_empty() { len - 1 } else { last.parse::<usize>().ok()?.min(len - 1) };
+    (first <= last && first < len).then_some(first..last + 1)
 }
