@@ -103,6 +103,7 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
         config.public_addr = Some(IpAddr::V4(edge.ip));
         config.listen.http = Some(SocketAddr::from((edge.ip, 8080)));
         config.listen.https = Some(SocketAddr::from((edge.ip, 8443)));
+        config.listen.h3 = Some(SocketAddr::from((edge.ip, 8443)));
         config.listen.admin = Some(SocketAddr::from((edge.ip, 9090)));
         config.tls = Some(tls.clone());
         config.cache.memory = bytesize::ByteSize::mib(256);

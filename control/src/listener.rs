@@ -52,6 +52,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long shutdown waits for open connections to finish.
     pub grace: Duration,
+    /// Counts open connections, when set.
+    pub connections: Option<prometheus::IntGauge>,
 }
 
 impl Default for Limits {
@@ -62,6 +64,7 @@ impl Default for Limits {
             max_concurrent_streams: 256,
             max_connections: 10_000,
             grace: Duration::from_secs(10),
+            connections: None,
         }
     }
 }
@@ -156,8 +159,13 @@ pub async fn serve<H, F>(
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
         let handshake_timeout = limits.header_read_timeout;
+        let gauge = limits.connections.clone();
+        if let Some(gauge) = &gauge {
+            gauge.inc();
+        }
         tokio::spawn(async move {
             let _permit = permit;
+            let _open = OpenConnection(gauge);
             let result = match acceptor {
                 None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
                 Some(acceptor) => {
@@ -184,5 +192,16 @@ pub async fn serve<H, F>(
     debug!(listener = name, open = graceful.count(), "draining connections");
     if tokio::time::timeout(limits.grace, graceful.shutdown()).await.is_err() {
         warn!(listener = name, "grace period over, dropping open connections");
+    }
+}
+
+/// Decrements the open-connections gauge when the connection ends.
+struct OpenConnection(Option<prometheus::IntGauge>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if let Some(gauge) = &self.0 {
+            gauge.dec();
+        }
     }
 }

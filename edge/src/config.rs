@@ -36,6 +36,48 @@ pub struct Config {
     /// Client-facing connection limits.
     #[serde(default)]
     pub limits: Limits,
+    /// QUIC transport of the HTTP/3 listener.
+    #[serde(default)]
+    pub quic: Quic,
+}
+
+/// QUIC congestion controllers quinn offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default.
+    Cubic,
+    /// BBR (quinn marks it experimental).
+    Bbr,
+    /// NewReno.
+    #[serde(rename = "newreno")]
+    NewReno,
+}
+
+/// `[quic]`: transport settings of the HTTP/3 listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quic {
+    /// Congestion controller: `cubic`, `bbr` or `newreno`.
+    pub congestion: Congestion,
+    /// A connection with no traffic for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Flow-control window per stream (what a client may have in flight per request).
+    pub stream_window: ByteSize,
+    /// Flow-control window per connection.
+    pub connection_window: ByteSize,
+}
+
+impl Default for Quic {
+    fn default() -> Self {
+        Self {
+            congestion: Congestion::Cubic,
+            idle_timeout: Duration::from_secs(30),
+            stream_window: ByteSize::mib(4),
+            connection_window: ByteSize::mib(16),
+        }
+    }
 }
 
 fn default_region() -> String {
@@ -219,6 +261,7 @@ impl Limits {
             max_concurrent_streams: self.max_concurrent_streams,
             max_connections: self.max_connections,
             grace: self.grace,
+            connections: None,
         }
     }
 }
@@ -242,6 +285,7 @@ impl Config {
             },
             cache: Cache::default(),
             limits: Limits::default(),
+            quic: Quic::default(),
         }
     }
 
@@ -284,6 +328,27 @@ impl Config {
         }
         if self.cache.memory.as_u64() < 1024 * 1024 {
             problems.push(format!("cache.memory: {} is under 1MiB", self.cache.memory));
+        }
+        if self.quic.idle_timeout.is_zero() || self.quic.idle_timeout > Duration::from_secs(3600) {
+            problems.push("quic.idle_timeout: must be within 1ms..1h".into());
+        }
+        for (key, size) in
+            [("quic.stream_window", self.quic.stream_window), ("quic.connection_window", self.quic.connection_window)]
+        {
+            if size.as_u64() < 64 * 1024 || size.as_u64() > u64::from(u32::MAX) {
+                problems.push(format!("{key}: {size} is not within 64KiB..4GiB"));
+            }
+        }
+        if let (Some(h3), Some(https)) = (self.listen.h3, self.listen.https)
+            && h3.port() != https.port()
+            && h3.port() != 0
+            && https.port() != 0
+        {
+            problems.push(format!(
+                "listen.h3: port {} differs from listen.https port {}; Alt-Svc advertises the h3 port",
+                h3.port(),
+                https.port()
+            ));
         }
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections: must be at least 1".into());

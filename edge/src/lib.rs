@@ -10,6 +10,7 @@
 //! - `store`: the moka cache bounded in bytes, with Vary variants.
 //! - `body`: bodies that are read while they fill (streaming, coalescing).
 //! - `pipeline`: key → lookup → coalesce → fetch → store → respond, for every protocol.
+//! - `h3`: the HTTP/3 (QUIC) listener feeding the same pipeline.
 //! - `upstream`: the pooled origin client.
 //! - `server`: listeners and lifecycle ([`Edge`], [`run`]).
 //! - [`metrics`], [`clock`], [`error`].
@@ -18,6 +19,7 @@ mod body;
 pub mod clock;
 pub mod config;
 pub mod error;
+mod h3;
 pub mod metrics;
 mod pipeline;
 pub mod policy;

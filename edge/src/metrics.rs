@@ -1,6 +1,6 @@
 //! The edge's Prometheus metrics (names as in DESIGN.md).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Which protocol a request came over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,7 @@ pub(crate) struct Metrics {
     pub(crate) origin_requests: IntCounterVec,
     pub(crate) cache_bytes: IntGauge,
     pub(crate) cache_objects: IntGauge,
+    pub(crate) connections: IntGaugeVec,
 }
 
 impl Metrics {
@@ -91,13 +92,18 @@ impl Metrics {
         )?;
         let cache_bytes = IntGauge::new("cdn_cache_bytes", "Bytes held by the cache")?;
         let cache_objects = IntGauge::new("cdn_cache_objects", "Entries held by the cache")?;
+        let connections = IntGaugeVec::new(
+            Opts::new("cdn_connections", "Open client connections by transport (tcp carries h1 and h2)"),
+            &["protocol"],
+        )?;
+        registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(response_bytes.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(origin_requests.clone()))?;
         registry.register(Box::new(cache_bytes.clone()))?;
         registry.register(Box::new(cache_objects.clone()))?;
-        Ok(Self { requests, response_bytes, duration, origin_requests, cache_bytes, cache_objects })
+        Ok(Self { requests, response_bytes, duration, origin_requests, cache_bytes, cache_objects, connections })
     }
 
     pub(crate) fn origin_status(&self, status: u16) {

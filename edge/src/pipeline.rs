@@ -18,12 +18,15 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header, request::Parts};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header, request::Parts,
+};
 use http_body_util::BodyExt as _;
 use tracing::debug;
 
 use cdn_control::listener::{Body, BoxError, empty, full};
 
+pub(crate) use self::respond::stream_body;
 use self::{
     fill::{Fill, Outcome},
     respond::{SlicedSource, Source},
@@ -548,7 +551,10 @@ pub(crate) fn cache_key(scheme: &str, host: &str, uri: &http::Uri, ignore_query:
 
 #[cfg(test)]
 mod tests {
-    use super::{respond::{if_range_holds, not_modified}, *};
+    use super::{
+        respond::{if_range_holds, not_modified},
+        *,
+    };
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();

@@ -32,11 +32,13 @@ pub struct Edge {
     pipeline: Arc<Pipeline>,
     http: Option<TcpListener>,
     https: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+    h3: Option<quinn::Endpoint>,
     admin: Option<TcpListener>,
     registry: Registry,
     readiness: Readiness,
     http_addr: Option<SocketAddr>,
     https_addr: Option<SocketAddr>,
+    h3_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
 }
 
@@ -73,17 +75,36 @@ impl Edge {
             Some(addr) => Some(listener::bind(addr).await?),
             None => None,
         };
-        let https = match (config.listen.https, &config.tls) {
-            (Some(addr), Some(tls)) => {
-                let ips: Vec<_> = [Some(addr.ip()), config.public_addr].into_iter().flatten().collect();
-                let key = tls.load(std::slice::from_ref(&config.node_id), &ips)?;
+        // One certificate for HTTPS and HTTP/3.
+        let key = match &config.tls {
+            Some(tls) if config.listen.https.is_some() || config.listen.h3.is_some() => {
+                let ips: Vec<_> =
+                    [config.listen.https.map(|a| a.ip()), config.listen.h3.map(|a| a.ip()), config.public_addr]
+                        .into_iter()
+                        .flatten()
+                        .filter(|ip| !ip.is_unspecified())
+                        .collect();
+                Some(tls.load(std::slice::from_ref(&config.node_id), &ips)?)
+            }
+            _ => None,
+        };
+        let https = match (config.listen.https, &key) {
+            (Some(addr), Some(key)) => {
                 let server_config = key.server_config(&[b"h2", b"http/1.1"], false)?;
                 Some((listener::bind(addr).await?, Arc::new(server_config)))
             }
             _ => None,
         };
-        if let Some(h3) = config.listen.h3
-            && let Ok(value) = HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", h3.port()))
+        let h3 = match (config.listen.h3, &key) {
+            (Some(addr), Some(key)) => {
+                let server_config = crate::h3::server_config(key, &config.quic, config.limits.max_concurrent_streams)?;
+                Some(crate::h3::bind(addr, server_config)?)
+            }
+            _ => None,
+        };
+        let h3_addr = h3.as_ref().and_then(|e| e.local_addr().ok());
+        if let Some(h3_addr) = h3_addr
+            && let Ok(value) = HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", h3_addr.port()))
         {
             pipeline.alt_svc = Some(value);
         }
@@ -96,10 +117,12 @@ impl Edge {
             http_addr: local(http.as_ref()),
             https_addr: local(https.as_ref().map(|(l, _)| l)),
             admin_addr: local(admin.as_ref()),
+            h3_addr,
             config,
             pipeline: Arc::new(pipeline),
             http,
             https,
+            h3,
             admin,
             registry: registry.clone(),
             readiness: Readiness::new(),
@@ -116,6 +139,11 @@ impl Edge {
         self.https_addr
     }
 
+    /// The HTTP/3 (UDP) address, when listening.
+    pub fn h3_addr(&self) -> Option<SocketAddr> {
+        self.h3_addr
+    }
+
     /// The admin address, when listening.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
@@ -128,8 +156,9 @@ impl Edge {
 
     /// Serves until `shutdown` is cancelled, then drains within the grace period.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self { config, pipeline, http, https, admin, registry, readiness, .. } = self;
-        let limits = config.limits.listener();
+        let Self { config, pipeline, http, https, h3, admin, registry, readiness, .. } = self;
+        let mut limits = config.limits.listener();
+        limits.connections = Some(pipeline.metrics.connections.with_label_values(&["tcp"]));
         let mut tasks = tokio::task::JoinSet::new();
         readiness.set("shutdown", true);
         readiness.set("origin", false);
@@ -150,6 +179,9 @@ impl Edge {
         }
         if let Some((listener, tls)) = https {
             tasks.spawn(listener::serve("https", listener, Some(tls), limits.clone(), shutdown.clone(), handler));
+        }
+        if let Some(endpoint) = h3 {
+            tasks.spawn(crate::h3::serve(endpoint, pipeline.clone(), shutdown.clone(), config.limits.grace));
         }
         if let Some(listener) = admin {
             tasks.spawn(admin::serve(listener, registry, readiness.clone(), shutdown.clone()));

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 pub(crate) struct TestEdge {
     pub(crate) http: SocketAddr,
     pub(crate) https: Option<SocketAddr>,
+    pub(crate) h3: Option<SocketAddr>,
     pub(crate) admin: SocketAddr,
     pub(crate) clock: Clock,
     pub(crate) registry: Registry,
@@ -31,12 +32,13 @@ impl TestEdge {
         let clock = Clock::system();
         let edge = Edge::bind_with_clock(config, &registry, clock.clone()).await.expect("edge binds");
         let (http, https, admin) = (edge.http_addr().unwrap(), edge.https_addr(), edge.admin_addr().unwrap());
+        let h3 = edge.h3_addr();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
             async move { edge.serve(shutdown).await.expect("edge serves") }
         });
-        Self { http, https, admin, clock, registry, shutdown, task }
+        Self { http, https, h3, admin, clock, registry, shutdown, task }
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
@@ -64,6 +66,29 @@ impl TestEdge {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
     }
+}
+
+/// A port free on 127.0.0.1 for both TCP and UDP (for HTTPS + HTTP/3 on one port).
+pub(crate) fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// An edge with HTTPS and HTTP/3 on one port (self-signed certificate).
+pub(crate) async fn start_tls_edge(origin: &str, tweak: impl FnOnce(&mut Config)) -> TestEdge {
+    TestEdge::start(origin, |c| {
+        let port = free_port();
+        c.listen.https = Some(([127, 0, 0, 1], port).into());
+        c.listen.h3 = Some(([127, 0, 0, 1], port).into());
+        c.tls = Some(cdn_control::tls::TlsConfig { self_signed: true, ..Default::default() });
+        tweak(c);
+    })
+    .await
 }
 
 #[derive(Debug)]
@@ -113,8 +138,9 @@ pub(crate) fn tls_client()
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_custom_certificate_verifier(Arc::new(AcceptAny::new()))
         .with_no_client_auth();
+    let _ = provider;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(config)
         .https_only()
@@ -125,7 +151,13 @@ pub(crate) fn tls_client()
 }
 
 #[derive(Debug)]
-struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl AcceptAny {
+    pub(crate) fn new() -> Self {
+        Self(Arc::new(rustls::crypto::ring::default_provider()))
+    }
+}
 
 impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     fn verify_server_cert(

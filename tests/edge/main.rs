@@ -1,5 +1,6 @@
 //! The edge cache against a mock origin, with real HTTP/1.1 and HTTP/2 clients.
 
+mod h3;
 mod harness;
 mod mock_origin;
 mod ranges;
@@ -52,8 +53,9 @@ async fn miss_then_hit_over_http2_with_tls_and_alpn() {
     let origin = MockOrigin::start().await;
     origin.route("/b", Route::ok("max-age=60", "over h2"));
     let edge = TestEdge::start(&origin.url(), |c| {
-        c.listen.https = Some("127.0.0.1:0".parse().unwrap());
-        c.listen.h3 = Some("127.0.0.1:8443".parse().unwrap());
+        let port = harness::free_port();
+        c.listen.https = Some(([127, 0, 0, 1], port).into());
+        c.listen.h3 = Some(([127, 0, 0, 1], port).into());
         c.tls = Some(cdn_control::tls::TlsConfig { self_signed: true, ..Default::default() });
     })
     .await;
@@ -64,7 +66,8 @@ async fn miss_then_hit_over_http2_with_tls_and_alpn() {
         let response = c.request(http::Request::get(&url).body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
         assert_eq!(response.version(), Version::HTTP_2, "ALPN negotiated h2");
         let x_cache = response.headers()["x-cache"].to_str().unwrap().to_string();
-        assert_eq!(response.headers()["alt-svc"], "h3=\":8443\"; ma=86400");
+        let alt_svc = format!("h3=\":{}\"; ma=86400", edge.https.unwrap().port());
+        assert_eq!(response.headers()["alt-svc"], alt_svc.as_str());
         assert!(response.headers().contains_key("age"));
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "over h2");

@@ -195,7 +195,8 @@ async fn respond(state: &Mutex<State>, req: Request<Incoming>) -> Response<BoxBo
         return builder.body(full(Bytes::new())).unwrap();
     }
     if route.ranges
-        && let Some(range) = req.headers().get("range").and_then(|v| v.to_str().ok()).and_then(|v| single_range(v, route.body.len()))
+        && let Some(range) =
+            req.headers().get("range").and_then(|v| v.to_str().ok()).and_then(|v| single_range(v, route.body.len()))
     {
         let part = route.body.slice(range.clone());
         return builder

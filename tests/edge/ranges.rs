@@ -215,16 +215,15 @@ async fn an_object_replaced_between_slices_is_never_spliced() {
     origin.route("/movie", Route::ok("max-age=600", new).header("etag", "\"two\"").ranges());
     // Slice 2 comes back with another ETag: the response fails instead of splicing.
     let url = edge.url("/movie");
-    let request = http::Request::get(&url).header("range", "bytes=0-").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let request =
+        http::Request::get(&url).header("range", "bytes=0-").body(http_body_util::Empty::<Bytes>::new()).unwrap();
     let response = c.request(request).await.unwrap();
     let body = http_body_util::BodyExt::collect(response.into_body()).await;
-    match body {
-        Ok(collected) => {
-            let bytes = collected.to_bytes();
-            assert!(bytes.len() < size, "a spliced body must not arrive complete");
-            assert!(bytes.iter().all(|b| *b == b'a'), "no bytes of the new version in the old response");
-        }
-        Err(_) => {}
+    // Either the body fails (the usual case), or it ends short of the whole.
+    if let Ok(collected) = body {
+        let bytes = collected.to_bytes();
+        assert!(bytes.len() < size, "a spliced body must not arrive complete");
+        assert!(bytes.iter().all(|b| *b == b'a'), "no bytes of the new version in the old response");
     }
     // The next request starts over on the new version, whole and consistent.
     tokio::time::sleep(Duration::from_millis(100)).await;

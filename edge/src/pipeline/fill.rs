@@ -103,12 +103,7 @@ const CLIENT_CONDITIONALS: [HeaderName; 6] = [
 
 impl Pipeline {
     /// Joins the fill of `req.key` or starts one; `true` when this request started it.
-    pub(super) fn join_or_start(
-        self: &Arc<Self>,
-        req: &Req,
-        conn: Conn,
-        stale: Option<Found>,
-    ) -> (Arc<Fill>, bool) {
+    pub(super) fn join_or_start(self: &Arc<Self>, req: &Req, conn: Conn, stale: Option<Found>) -> (Arc<Fill>, bool) {
         let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(fill) = inflight.get(&req.key) {
             return (fill.clone(), false);
@@ -158,7 +153,11 @@ impl Pipeline {
         }
     }
 
-    async fn send_fill(&self, job: &FillJob, range: Option<std::ops::Range<u64>>) -> Result<Response<Incoming>, FetchError> {
+    async fn send_fill(
+        &self,
+        job: &FillJob,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Response<Incoming>, FetchError> {
         let uri = self.upstream.uri(&job.path)?;
         let mut request = Request::new(empty());
         *request.uri_mut() = uri;
@@ -264,7 +263,9 @@ impl Pipeline {
         )
         .and_then(|()| if content_length.is_some_and(|len| len > self.max_object) { Err("too-large") } else { Ok(()) })
         // An error never replaces a stored response that may still serve stale.
-        .and_then(|()| if job.stale.is_some() && rp.status.is_server_error() { Err("error-over-stale") } else { Ok(()) });
+        .and_then(|()| {
+            if job.stale.is_some() && rp.status.is_server_error() { Err("error-over-stale") } else { Ok(()) }
+        });
         if let Err(reason) = storable {
             debug!(key = %job.key, reason, "not storable");
             if !matches!(reason, "too-large" | "error-over-stale") {
@@ -369,10 +370,18 @@ impl Pipeline {
         let tags = surrogate_keys(&rp.headers);
         rp.headers.remove(SURROGATE_KEY);
         rp.headers.remove(CACHE_TAG);
-        let lifetime = policy::freshness_lifetime(StatusCode::OK, &rp.headers, &directives, response_time, &self.settings);
+        let lifetime =
+            policy::freshness_lifetime(StatusCode::OK, &rp.headers, &directives, response_time, &self.settings);
         let timing = Timing::new(&rp.headers, request_time, response_time);
-        let head =
-            Arc::new(Head { status: StatusCode::OK, headers: rp.headers, timing, directives, lifetime, tags, vary: vec![] });
+        let head = Arc::new(Head {
+            status: StatusCode::OK,
+            headers: rp.headers,
+            timing,
+            directives,
+            lifetime,
+            tags,
+            vary: vec![],
+        });
         let sliced = Arc::new(Sliced { head, ..sliced_probe });
         self.store.insert_sliced(&job.key, sliced.clone()).await;
 
@@ -500,7 +509,8 @@ impl Pipeline {
                 Found::Object(object)
             }
             Found::Sliced(sliced) => {
-                let sliced = Arc::new(Sliced { head, total: sliced.total, slice: sliced.slice, etag: sliced.etag.clone() });
+                let sliced =
+                    Arc::new(Sliced { head, total: sliced.total, slice: sliced.slice, etag: sliced.etag.clone() });
                 self.store.insert_sliced(key, sliced.clone()).await;
                 Found::Sliced(sliced)
             }

@@ -134,7 +134,7 @@ impl SlicedSource {
     }
 }
 
-pub(super) fn stream_body(stream: impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + 'static) -> Body {
+pub(crate) fn stream_body(stream: impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + 'static) -> Body {
     StreamBody::new(stream.map(|chunk| chunk.map(Frame::data))).boxed_unsync()
 }
 
@@ -184,7 +184,8 @@ impl Pipeline {
         if let (true, Some(len)) = (ok, len) {
             headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
             let range_header = parts.headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-            if let Some(specs) = range_header.filter(|_| if_range_holds(&parts.headers, &headers)).and_then(range::parse)
+            if let Some(specs) =
+                range_header.filter(|_| if_range_holds(&parts.headers, &headers)).and_then(range::parse)
             {
                 match range::resolve(&specs, len) {
                     range::Resolved::Full => {}
