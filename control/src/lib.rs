@@ -7,10 +7,12 @@
 //! - [`listener`]: the HTTP/1.1 + HTTP/2 accept loop (TCP or TLS) with limits and
 //!   graceful shutdown, used by every HTTP server in the project.
 //! - [`tls`]: certificates — PEM files or a self-signed certificate for development.
+//! - [`cluster`]: gossip membership and state (chitchat), the view every role reads.
 //! - [`admin`]: the per-node admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`error`]: this crate's error type.
 
 pub mod admin;
+pub mod cluster;
 pub mod error;
 pub mod listener;
 pub mod tls;
