@@ -26,6 +26,9 @@ pub enum Error {
     /// rustls refused the certificate/key pair or the generated certificate failed.
     #[error("tls setup failed: {0}")]
     Tls(String),
+    /// Gossip could not start.
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// A config file that could not be used: every problem, each naming its key.

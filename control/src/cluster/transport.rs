@@ -1,0 +1,244 @@
+//! Authenticated gossip.
+//!
+//! chitchat's transport hook hands over decoded envelopes, not bytes, and its wire
+//! encoding is private; so authentication sits one step further out, as an
+//! in-process UDP relay. chitchat talks plain UDP on a private loopback socket;
+//! the relay owns the public gossip socket and, per peer, a loopback "pipe" socket:
+//!
+//! ```text
+//! chitchat ──(pipe of peer P)──▶ relay ──[payload ‖ HMAC]──▶ P's public socket
+//! chitchat ◀──(pipe of peer P)── relay ◀──[payload ‖ HMAC]── P
+//! ```
+//!
+//! Every datagram on the public socket carries a truncated HMAC-SHA256 of its
+//! payload under the cluster secret; one that does not verify is dropped and
+//! counted, so an outsider can neither join, fake a node nor inject a purge.
+//! (Replays of genuine datagrams are harmless: chitchat state is versioned.)
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use chitchat::{
+    ChitchatEnvelope,
+    transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket as ChitchatSocket},
+};
+use prometheus::IntCounter;
+use ring::hmac;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// Bytes of the (truncated) HMAC-SHA256 tag appended to each datagram.
+const TAG_LEN: usize = 16;
+/// Largest UDP payload.
+const MAX_DATAGRAM: usize = 65_507;
+
+fn key(secret: &[u8]) -> hmac::Key {
+    hmac::Key::new(hmac::HMAC_SHA256, secret)
+}
+
+/// Appends the tag of `payload` to it.
+fn seal(key: &hmac::Key, payload: &mut Vec<u8>) {
+    let tag = hmac::sign(key, payload);
+    payload.extend_from_slice(&tag.as_ref()[..TAG_LEN]);
+}
+
+/// The payload of a datagram whose tag verifies, or `None`.
+fn open<'a>(key: &hmac::Key, datagram: &'a [u8]) -> Option<&'a [u8]> {
+    let split = datagram.len().checked_sub(TAG_LEN)?;
+    let (payload, tag) = datagram.split_at(split);
+    let expected = hmac::sign(key, payload);
+    // Constant-time comparison of the truncated tags.
+    let difference = expected.as_ref()[..TAG_LEN].iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    (difference == 0).then_some(payload)
+}
+
+/// Pipes by peer and peers by pipe address.
+#[derive(Default)]
+struct Pipes {
+    by_peer: HashMap<SocketAddr, Arc<UdpSocket>>,
+    by_pipe: HashMap<SocketAddr, SocketAddr>,
+}
+
+struct Relay {
+    public: Arc<UdpSocket>,
+    /// Where chitchat's private socket listens.
+    inner: SocketAddr,
+    key: hmac::Key,
+    rejected: IntCounter,
+    pipes: Mutex<Pipes>,
+    shutdown: CancellationToken,
+}
+
+impl Relay {
+    /// The pipe for `peer`, made (with its forwarding task) on first use.
+    async fn pipe(self: &Arc<Self>, peer: SocketAddr) -> std::io::Result<Arc<UdpSocket>> {
+        if let Some(pipe) = self.pipes.lock().unwrap_or_else(PoisonError::into_inner).by_peer.get(&peer) {
+            return Ok(pipe.clone());
+        }
+        let pipe = Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?);
+        let pipe_addr = pipe.local_addr()?;
+        {
+            let mut pipes = self.pipes.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(existing) = pipes.by_peer.get(&peer) {
+                return Ok(existing.clone());
+            }
+            pipes.by_peer.insert(peer, pipe.clone());
+            pipes.by_pipe.insert(pipe_addr, peer);
+        }
+        let relay = self.clone();
+        let outgoing = pipe.clone();
+        tokio::spawn(async move {
+            // chitchat → pipe → seal → peer.
+            let mut buffer = vec![0u8; MAX_DATAGRAM];
+            loop {
+                let received = tokio::select! {
+                    () = relay.shutdown.cancelled() => return,
+                    received = outgoing.recv_from(&mut buffer) => received,
+                };
+                let Ok((len, from)) = received else { continue };
+                if from != relay.inner {
+                    continue;
+                }
+                let mut datagram = buffer[..len].to_vec();
+                seal(&relay.key, &mut datagram);
+                if datagram.len() > MAX_DATAGRAM {
+                    debug!(len, %peer, "gossip datagram too large once sealed, dropped");
+                    continue;
+                }
+                if let Err(error) = relay.public.send_to(&datagram, peer).await {
+                    debug!(%error, %peer, "gossip send failed");
+                }
+            }
+        });
+        Ok(pipe)
+    }
+
+    /// peer → verify → pipe → chitchat.
+    async fn incoming(self: Arc<Self>) {
+        let mut buffer = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let received = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                received = self.public.recv_from(&mut buffer) => received,
+            };
+            let (len, peer) = match received {
+                Ok(received) => received,
+                Err(error) => {
+                    debug!(%error, "gossip recv failed");
+                    continue;
+                }
+            };
+            let Some(payload) = open(&self.key, &buffer[..len]) else {
+                self.rejected.inc();
+                debug!(from = %peer, len, "gossip datagram failed authentication, dropped");
+                continue;
+            };
+            match self.pipe(peer).await {
+                Ok(pipe) => {
+                    let _ = pipe.send_to(payload, self.inner).await;
+                }
+                Err(error) => debug!(%error, "no pipe for gossip peer"),
+            }
+        }
+    }
+}
+
+/// A chitchat transport whose traffic goes through the authenticating relay.
+pub(crate) struct AuthTransport {
+    public: Mutex<Option<UdpSocket>>,
+    key: hmac::Key,
+    rejected: IntCounter,
+    shutdown: CancellationToken,
+}
+
+impl AuthTransport {
+    /// `public` is the bound gossip socket peers send to.
+    pub(crate) fn new(public: UdpSocket, secret: &[u8], rejected: IntCounter, shutdown: CancellationToken) -> Self {
+        Self { public: Mutex::new(Some(public)), key: key(secret), rejected, shutdown }
+    }
+}
+
+#[async_trait]
+impl Transport for AuthTransport {
+    async fn open(&self, _listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let public = self
+            .public
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .context("the gossip socket was already opened")?;
+        let public_addr = public.local_addr()?;
+        let inner = ChitchatSocket::open(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
+        let relay = Arc::new(Relay {
+            public: Arc::new(public),
+            inner: inner.local_addr()?,
+            key: self.key.clone(),
+            rejected: self.rejected.clone(),
+            pipes: Mutex::default(),
+            shutdown: self.shutdown.clone(),
+        });
+        tokio::spawn(relay.clone().incoming());
+        Ok(Box::new(AuthSocket { inner, relay, public_addr }))
+    }
+}
+
+struct AuthSocket {
+    inner: ChitchatSocket,
+    relay: Arc<Relay>,
+    public_addr: SocketAddr,
+}
+
+#[async_trait]
+impl Socket for AuthSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.public_addr)
+    }
+
+    async fn send(&mut self, to: SocketAddr, envelope: ChitchatEnvelope) -> anyhow::Result<SendOutcome> {
+        match self.relay.pipe(to).await {
+            Ok(pipe) => self.inner.send(pipe.local_addr()?, envelope).await,
+            Err(error) => {
+                debug!(%error, %to, "no pipe for gossip peer");
+                Ok(SendOutcome { num_bytes_sent: 0 })
+            }
+        }
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        loop {
+            let mut outcome = self.inner.recv().await?;
+            let peer = self.relay.pipes.lock().unwrap_or_else(PoisonError::into_inner).by_pipe.get(&outcome.from_addr).copied();
+            if let Some(peer) = peer {
+                outcome.from_addr = peer;
+                return Ok(outcome);
+            }
+            // Not from one of our pipes: something local wrote to the private socket.
+            self.relay.rejected.inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_verify_only_under_the_same_secret() {
+        let (a, b) = (key(b"secret-one-secret-one"), key(b"secret-two-secret-two"));
+        let mut datagram = b"hello gossip".to_vec();
+        seal(&a, &mut datagram);
+        assert_eq!(open(&a, &datagram), Some(&b"hello gossip"[..]));
+        assert_eq!(open(&b, &datagram), None);
+        let mut tampered = datagram.clone();
+        tampered[0] ^= 1;
+        assert_eq!(open(&a, &tampered), None);
+        assert_eq!(open(&a, &datagram[..5]), None);
+        assert_eq!(open(&a, &[]), None);
+    }
+}
