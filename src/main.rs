@@ -39,7 +39,7 @@ enum Command {
     /// Run a caching reverse proxy in front of an origin (HTTP/1.1, HTTP/2, HTTP/3).
     Edge(EdgeArgs),
     /// Run a control node: cluster membership, the purge API and routing.
-    Control(RoleArgs),
+    Control(ControlArgs),
     /// Run the geo-DNS: answer with the nearest healthy edges.
     Geo(RoleArgs),
     /// Start a whole local CDN on loopback: origin, control, three edges, geo-DNS.
@@ -51,6 +51,25 @@ struct RoleArgs {
     /// TOML config file.
     #[arg(long, short)]
     config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ControlArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// This node's id (`node_id`).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// API listen address (`listen.api`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Where the purge log lives (`data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// File holding the API token (`token_file`); prefer it to putting the token in the config.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -144,7 +163,21 @@ async fn async_main(command: Command) -> ExitCode {
             spawn_signal_handler(shutdown.clone());
             finish("edge", cdn_edge::run(config, shutdown, registry).await)
         }
-        Command::Control(_) | Command::Geo(_) => {
+        Command::Control(args) => {
+            let overrides = Overrides::new()
+                .string("node_id", args.node_id)
+                .string("listen.api", args.listen)
+                .path("data_dir", args.data_dir)
+                .path("token_file", args.token_file);
+            let config: cdn_control::server::Config =
+                match config::load(args.config.as_deref(), overrides, |c: &cdn_control::server::Config| c.validate()) {
+                    Ok(config) => config,
+                    Err(code) => return code,
+                };
+            spawn_signal_handler(shutdown.clone());
+            finish("control", cdn_control::server::run(config, shutdown, registry).await)
+        }
+        Command::Geo(_) => {
             eprintln!("error: this role is not built yet in this version");
             ExitCode::from(2)
         }

@@ -9,12 +9,16 @@
 //! - [`tls`]: certificates — PEM files or a self-signed certificate for development.
 //! - [`cluster`]: gossip membership and state (chitchat), the view every role reads.
 //! - [`admin`]: the per-node admin listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`server`]: the control node (purge API, routing).
+//! - [`purge`]: purge requests, matching and the durable purge log.
 //! - [`error`]: this crate's error type.
 
 pub mod admin;
 pub mod cluster;
 pub mod error;
 pub mod listener;
+pub mod purge;
+pub mod server;
 pub mod tls;
 
 pub use error::{ConfigError, Error};

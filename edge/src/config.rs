@@ -39,6 +39,8 @@ pub struct Config {
     /// QUIC transport of the HTTP/3 listener.
     #[serde(default)]
     pub quic: Quic,
+    /// The cluster to join (purges, routing, health); standalone without it.
+    pub cluster: Option<cdn_control::cluster::ClusterConfig>,
 }
 
 /// QUIC congestion controllers quinn offers.
@@ -286,6 +288,7 @@ impl Config {
             cache: Cache::default(),
             limits: Limits::default(),
             quic: Quic::default(),
+            cluster: None,
         }
     }
 
@@ -349,6 +352,9 @@ impl Config {
                 h3.port(),
                 https.port()
             ));
+        }
+        if let Some(cluster) = &self.cluster {
+            problems.extend(cluster.problems("cluster"));
         }
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections: must be at least 1".into());

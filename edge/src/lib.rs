@@ -12,6 +12,7 @@
 //! - `pipeline`: key → lookup → coalesce → fetch → store → respond, for every protocol.
 //! - `h3`: the HTTP/3 (QUIC) listener feeding the same pipeline.
 //! - `upstream`: the pooled origin client.
+//! - `purge`: applies purges arriving through gossip.
 //! - `server`: listeners and lifecycle ([`Edge`], [`run`]).
 //! - [`metrics`], [`clock`], [`error`].
 
@@ -23,6 +24,7 @@ mod h3;
 pub mod metrics;
 mod pipeline;
 pub mod policy;
+mod purge;
 mod server;
 mod store;
 mod upstream;

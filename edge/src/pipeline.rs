@@ -91,6 +91,8 @@ pub(crate) struct Pipeline {
     ignore_query: bool,
     /// Keys recently found uncacheable: requests for them skip coalescing.
     pass_marks: moka::sync::Cache<String, ()>,
+    /// Bumped by every purge.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Pipeline {
@@ -124,6 +126,7 @@ impl Pipeline {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(30))
                 .build(),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -239,7 +242,11 @@ impl Pipeline {
         if let Some(found) = self.store.lookup(&req.key, &req.parts.headers).await {
             let head = found.head().clone();
             let age = head.timing.current_age(now);
-            let action = policy::evaluate(&req.directives, req.pragma_no_cache, &head.directives, head.lifetime, age);
+            let action = if head.purged.load(std::sync::atomic::Ordering::Acquire) {
+                Action::Revalidate // soft-purged
+            } else {
+                policy::evaluate(&req.directives, req.pragma_no_cache, &head.directives, head.lifetime, age)
+            };
             debug!(key = %req.key, ?action, age = age.as_secs(), "cache lookup");
             let ttl = ttl(head.lifetime, age);
             let (result, status) = match action {
@@ -296,6 +303,21 @@ impl Pipeline {
         if !busy {
             let _ = self.join_or_start(req, conn, Some(stale));
         }
+    }
+
+    /// The purge epoch (see `fill`).
+    pub(crate) fn purge_epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Applies a purge to the cache; in-flight fills started before it will not be
+    /// stored.
+    pub(crate) async fn purge(&self, target: &cdn_control::purge::Target, soft: bool) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if !soft {
+            self.pass_marks.invalidate_all();
+        }
+        self.store.purge(target, soft).await;
     }
 
     /// Remembers for a while that `key` is not cacheable.

@@ -36,6 +36,9 @@ pub struct Edge {
     admin: Option<TcpListener>,
     registry: Registry,
     readiness: Readiness,
+    cluster: Option<Arc<cdn_control::cluster::Cluster>>,
+    cluster_shutdown: CancellationToken,
+    purge_metrics: crate::purge::PurgeMetrics,
     http_addr: Option<SocketAddr>,
     https_addr: Option<SocketAddr>,
     h3_addr: Option<SocketAddr>,
@@ -113,6 +116,25 @@ impl Edge {
             None => None,
         };
         let local = |l: Option<&TcpListener>| l.and_then(|l| l.local_addr().ok());
+        let purge_metrics = crate::purge::PurgeMetrics::register(registry)?;
+        let cluster_shutdown = CancellationToken::new();
+        let cluster = match &config.cluster {
+            Some(cluster_config) => {
+                let public_addr = config.public_addr.or_else(|| {
+                    [config.listen.https, config.listen.http].into_iter().flatten().map(|a| a.ip()).find(|ip| !ip.is_unspecified())
+                });
+                let node = cdn_control::cluster::NodeInfo {
+                    node_id: config.node_id.clone(),
+                    role: cdn_control::cluster::Role::Edge,
+                    region: Some(config.region.clone()),
+                    location: Some(cdn_control::cluster::GeoPoint { lat: config.location.lat, lon: config.location.lon }),
+                    public_addr,
+                    admin: local(admin.as_ref()),
+                };
+                Some(cdn_control::cluster::Cluster::join(cluster_config, node, registry, cluster_shutdown.clone()).await?)
+            }
+            None => None,
+        };
         Ok(Self {
             http_addr: local(http.as_ref()),
             https_addr: local(https.as_ref().map(|(l, _)| l)),
@@ -126,6 +148,9 @@ impl Edge {
             admin,
             registry: registry.clone(),
             readiness: Readiness::new(),
+            cluster,
+            cluster_shutdown,
+            purge_metrics,
         })
     }
 
@@ -149,6 +174,11 @@ impl Edge {
         self.admin_addr
     }
 
+    /// The cluster handle, when the edge joined one.
+    pub fn cluster(&self) -> Option<Arc<cdn_control::cluster::Cluster>> {
+        self.cluster.clone()
+    }
+
     /// The readiness conditions of this edge (shared with `/readyz`).
     pub fn readiness(&self) -> Readiness {
         self.readiness.clone()
@@ -156,7 +186,9 @@ impl Edge {
 
     /// Serves until `shutdown` is cancelled, then drains within the grace period.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self { config, pipeline, http, https, h3, admin, registry, readiness, .. } = self;
+        let Self {
+            config, pipeline, http, https, h3, admin, registry, readiness, cluster, cluster_shutdown, purge_metrics, ..
+        } = self;
         let mut limits = config.limits.listener();
         limits.connections = Some(pipeline.metrics.connections.with_label_values(&["tcp"]));
         let mut tasks = tokio::task::JoinSet::new();
@@ -186,17 +218,44 @@ impl Edge {
         if let Some(listener) = admin {
             tasks.spawn(admin::serve(listener, registry, readiness.clone(), shutdown.clone()));
         }
-        tasks.spawn(maintain(pipeline.clone(), readiness.clone(), shutdown.clone()));
+        if let Some(cluster) = &cluster {
+            tasks.spawn(crate::purge::run(
+                cluster.clone(),
+                pipeline.clone(),
+                purge_metrics,
+                readiness.clone(),
+                shutdown.clone(),
+            ));
+        }
+        tasks.spawn(maintain(
+            pipeline.clone(),
+            readiness.clone(),
+            cluster.clone(),
+            config.limits.max_connections,
+            shutdown.clone(),
+        ));
         info!(node_id = %config.node_id, region = %config.region, origin = %config.origin.url, "edge started");
         shutdown.cancelled().await;
         readiness.set("shutdown", false);
+        if let Some(cluster) = &cluster {
+            // Tell the cluster first, so geo stops sending users here.
+            cluster.publish_health(false, 1.0).await;
+        }
         while tasks.join_next().await.is_some() {}
+        cluster_shutdown.cancel();
         Ok(())
     }
 }
 
-/// Keeps the cache gauges current and checks that the origin answers.
-async fn maintain(pipeline: Arc<Pipeline>, readiness: Readiness, shutdown: CancellationToken) {
+/// Keeps the cache gauges current, checks that the origin answers, and publishes
+/// readiness and load to the cluster.
+async fn maintain(
+    pipeline: Arc<Pipeline>,
+    readiness: Readiness,
+    cluster: Option<Arc<cdn_control::cluster::Cluster>>,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
     loop {
@@ -213,6 +272,11 @@ async fn maintain(pipeline: Arc<Pipeline>, readiness: Readiness, shutdown: Cance
                 warn!("origin unreachable");
             }
             readiness.set("origin", reachable);
+        }
+        if let Some(cluster) = &cluster {
+            let open: i64 = ["tcp", "h3"].iter().map(|p| pipeline.metrics.connections.with_label_values(&[p]).get()).sum();
+            let load = open as f64 / max_connections.max(1) as f64;
+            cluster.publish_health(readiness.is_ready(), load).await;
         }
         n += 1;
     }

@@ -30,6 +30,8 @@ pub(crate) struct Head {
     pub(crate) tags: Vec<String>,
     /// The varying request headers and the values they had for this response.
     pub(crate) vary: Vec<(HeaderName, String)>,
+    /// Set by a soft purge: the response must be revalidated before it is used.
+    pub(crate) purged: std::sync::atomic::AtomicBool,
 }
 
 /// A stored response.
@@ -217,6 +219,40 @@ impl Store {
         });
     }
 
+    /// Applies a purge: drops (or, `soft`, marks stale) every entry it matches.
+    /// Returns how many entries matched (soft) or `None` (hard; counted lazily).
+    pub(crate) async fn purge(&self, target: &cdn_control::purge::Target, soft: bool) -> usize {
+        if target.all && !soft {
+            self.cache.invalidate_all();
+            return 0;
+        }
+        if soft {
+            let mut marked = 0;
+            for (key, entry) in &self.cache {
+                let head = match &entry {
+                    Entry::Object(object) => &object.head,
+                    Entry::Sliced(sliced) => &sliced.head,
+                    Entry::Vary(_) | Entry::Slice(_) => continue,
+                };
+                if target.matches(&key, &head.tags) {
+                    head.purged.store(true, std::sync::atomic::Ordering::Release);
+                    marked += 1;
+                }
+            }
+            return marked;
+        }
+        let target = target.clone();
+        let _ = self.cache.invalidate_entries_if(move |key, entry| {
+            let tags: &[String] = match entry {
+                Entry::Object(object) => &object.head.tags,
+                Entry::Sliced(sliced) => &sliced.head.tags,
+                Entry::Vary(_) | Entry::Slice(_) => &[],
+            };
+            target.matches(key, tags)
+        });
+        0
+    }
+
     /// Bytes held (weights), after pending maintenance.
     pub(crate) async fn bytes(&self) -> u64 {
         self.cache.run_pending_tasks().await;
@@ -248,6 +284,7 @@ mod tests {
                 lifetime: Duration::from_secs(60),
                 tags: vec![],
                 vary,
+                purged: Default::default(),
             }),
             body: Bytes::from_static(body),
         }

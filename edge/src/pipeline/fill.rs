@@ -89,6 +89,9 @@ struct FillJob {
     stale: Option<Found>,
     /// The slice to probe for, or `None` for a plain GET.
     probe: Option<u64>,
+    /// The purge epoch when the fill started: a purge during the fill means its
+    /// response may be what was purged, so it is served but not stored.
+    epoch: u64,
 }
 
 /// Headers a fill must not forward from the client: the fill's answer is shared.
@@ -135,6 +138,7 @@ impl Pipeline {
             client_plain,
             stale,
             probe: Some(self.probe_index(&req.parts.headers)),
+            epoch: self.purge_epoch(),
         };
         tokio::spawn(self.clone().run_fill(job));
         (fill, true)
@@ -284,11 +288,12 @@ impl Pipeline {
         let vary = vary_values(&policy::vary_names(&rp.headers).unwrap_or_default(), &job.client_headers);
         let lifetime = policy::freshness_lifetime(rp.status, &rp.headers, &directives, response_time, &self.settings);
         let timing = Timing::new(&rp.headers, request_time, response_time);
-        let head = Arc::new(Head { status: rp.status, headers: rp.headers, timing, directives, lifetime, tags, vary });
+        let head = Arc::new(Head { status: rp.status, headers: rp.headers, timing, directives, lifetime, tags, vary, purged: Default::default() });
         let growing = Growing::new(content_length);
         job.fill.publish(Outcome::Stream { head: head.clone(), body: growing.clone() });
         if self.read_into(&job.key, body, &growing, content_length).await
             && growing.len() <= self.max_object
+            && self.purge_epoch() == job.epoch
             && let Some(bytes) = growing.concat()
         {
             self.store.insert(&job.key, Object { head, body: bytes }).await;
@@ -381,9 +386,12 @@ impl Pipeline {
             lifetime,
             tags,
             vary: vec![],
+            purged: Default::default(),
         });
         let sliced = Arc::new(Sliced { head, ..sliced_probe });
-        self.store.insert_sliced(&job.key, sliced.clone()).await;
+        if self.purge_epoch() == job.epoch {
+            self.store.insert_sliced(&job.key, sliced.clone()).await;
+        }
 
         // The probed slice is a slice fill of its own that readers can join.
         let slice_fill = Fill::new();
@@ -539,6 +547,7 @@ fn empty_head() -> Arc<Head> {
         lifetime: std::time::Duration::ZERO,
         tags: vec![],
         vary: vec![],
+        purged: Default::default(),
     })
 }
 
@@ -585,7 +594,16 @@ fn refreshed_head(
             tags.push(tag);
         }
     }
-    Arc::new(Head { status: stale.status, headers, timing, directives, lifetime, tags, vary: stale.vary.clone() })
+    Arc::new(Head {
+        status: stale.status,
+        headers,
+        timing,
+        directives,
+        lifetime,
+        tags,
+        vary: stale.vary.clone(),
+        purged: Default::default(),
+    })
 }
 
 #[cfg(test)]

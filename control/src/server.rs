@@ -1,0 +1,551 @@
+//! The control node: the purge API and routing (drain/undrain), over the cluster.
+//!
+//! Every `/v1` call needs `Authorization: Bearer <token>` (compared in constant
+//! time). A purge is appended to the durable log and fsynced, then published in
+//! gossip as `purge:<seq>` and pushed eagerly to every live edge; edges report
+//! `applied:<control>` back, and the node records when all of them had it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex as StdMutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+use prometheus::{IntCounter, Registry};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::{net::TcpListener, sync::Mutex};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    ConfigError, Error,
+    admin::{self, Readiness},
+    cluster::{Cluster, ClusterConfig, KeyChange, Member, MemberState, NodeInfo, Role, now_ms},
+    listener::{self, Body, Limits, full},
+    purge::{PurgeRecord, PurgeRequest, log::PurgeLog},
+    tls::TlsConfig,
+};
+
+/// The `cdn control` configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Stable id of this control node (its purge ids start with it).
+    pub node_id: String,
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: Listen,
+    /// API token (or `token_file`). Never logged.
+    pub token: Option<String>,
+    /// File holding the API token.
+    pub token_file: Option<PathBuf>,
+    /// Where the purge log lives.
+    pub data_dir: PathBuf,
+    /// How long applied purges are kept before they are collected.
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub retention: Duration,
+    /// Serve the API over TLS.
+    pub tls: Option<TlsConfig>,
+    /// The cluster to join.
+    pub cluster: Option<ClusterConfig>,
+}
+
+fn default_retention() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// `[listen]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// The purge/routing API.
+    pub api: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub admin: Option<SocketAddr>,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self { api: SocketAddr::from(([127, 0, 0, 1], 9000)), admin: Some(SocketAddr::from(([127, 0, 0, 1], 9001))) }
+    }
+}
+
+impl Config {
+    /// A control node `node_id` keeping its log in `data_dir`, with `token`.
+    pub fn new(node_id: impl Into<String>, data_dir: impl Into<PathBuf>, token: impl Into<String>) -> Self {
+        Self {
+            node_id: node_id.into(),
+            listen: Listen::default(),
+            token: Some(token.into()),
+            token_file: None,
+            data_dir: data_dir.into(),
+            retention: default_retention(),
+            tls: None,
+            cluster: None,
+        }
+    }
+
+    /// Checks every value, naming the key of each problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.node_id.is_empty() || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            problems.push("node_id: must be non-empty letters, digits, '-', '_' or '.'".to_string());
+        }
+        match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => problems.push("token: set token or token_file, not both".into()),
+            (None, None) => problems.push("token: required (or token_file)".into()),
+            (Some(token), None) if token.len() < 16 => problems.push("token: must be at least 16 characters".into()),
+            (None, Some(path)) if !path.is_file() => {
+                problems.push(format!("token_file: {} is not a readable file", path.display()));
+            }
+            _ => {}
+        }
+        if let Some(tls) = &self.tls {
+            problems.extend(tls.problems("tls"));
+        }
+        if let Some(cluster) = &self.cluster {
+            problems.extend(cluster.problems("cluster"));
+        }
+        ConfigError::check(problems)
+    }
+
+    fn load_token(&self) -> Result<String, Error> {
+        match (&self.token, &self.token_file) {
+            (Some(token), _) => Ok(token.clone()),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| Error::Cluster(format!("token_file {}: {e}", path.display()))),
+            (None, None) => Err(Error::Cluster("no token".into())),
+        }
+    }
+}
+
+/// When a purge was acknowledged and when every edge had applied it.
+#[derive(Debug, Clone, Copy)]
+struct Completion {
+    acked: Instant,
+    completed_ms: Option<u64>,
+}
+
+struct State {
+    node_id: String,
+    token: String,
+    cluster: Option<Arc<Cluster>>,
+    log: Mutex<PurgeLog>,
+    completions: StdMutex<HashMap<u64, Completion>>,
+    retention: Duration,
+    unauthorized: IntCounter,
+}
+
+/// A bound control node.
+pub struct Control {
+    state: Arc<State>,
+    api: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    admin: Option<TcpListener>,
+    registry: Registry,
+    cluster_shutdown: CancellationToken,
+}
+
+impl Control {
+    /// Opens the purge log, binds the listeners and joins the cluster.
+    pub async fn bind(config: Config, registry: &Registry) -> Result<Self, Error> {
+        config.validate().map_err(|e| Error::Cluster(e.to_string()))?;
+        let token = config.load_token()?;
+        let log = PurgeLog::open(&config.data_dir)
+            .map_err(|e| Error::Cluster(format!("purge log in {}: {e}", config.data_dir.display())))?;
+        let api = listener::bind(config.listen.api).await?;
+        let admin = match config.listen.admin {
+            Some(addr) => Some(listener::bind(addr).await?),
+            None => None,
+        };
+        let tls = match &config.tls {
+            Some(tls) => {
+                let key = tls.load(std::slice::from_ref(&config.node_id), &[config.listen.api.ip()])?;
+                Some(Arc::new(key.server_config(&[b"h2", b"http/1.1"], false)?))
+            }
+            None => None,
+        };
+        let cluster_shutdown = CancellationToken::new();
+        let cluster = match &config.cluster {
+            Some(cluster) => {
+                let node = NodeInfo {
+                    node_id: config.node_id.clone(),
+                    role: Role::Control,
+                    region: None,
+                    location: None,
+                    public_addr: None,
+                    admin: admin.as_ref().and_then(|l| l.local_addr().ok()),
+                };
+                Some(Cluster::join(cluster, node, registry, cluster_shutdown.clone()).await?)
+            }
+            None => None,
+        };
+        let unauthorized = IntCounter::new("cdn_api_unauthorized_total", "Control API calls refused for a bad token")
+            .map_err(|e| Error::Cluster(e.to_string()))?;
+        registry.register(Box::new(unauthorized.clone())).map_err(|e| Error::Cluster(e.to_string()))?;
+        let state = Arc::new(State {
+            node_id: config.node_id.clone(),
+            token,
+            cluster,
+            log: Mutex::new(log),
+            completions: StdMutex::default(),
+            retention: config.retention,
+            unauthorized,
+        });
+        Ok(Self { state, api, tls, admin, registry: registry.clone(), cluster_shutdown })
+    }
+
+    /// The API address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The admin address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The cluster handle, when joined.
+    pub fn cluster(&self) -> Option<Arc<Cluster>> {
+        self.state.cluster.clone()
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Self { state, api, tls, admin, registry, cluster_shutdown } = self;
+        let readiness = Readiness::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(cluster) = &state.cluster {
+            // Republish what the log holds (after a restart) before taking calls.
+            {
+                let log = state.log.lock().await;
+                for record in log.records() {
+                    if let Ok(json) = serde_json::to_string(record) {
+                        cluster.set(&format!("purge:{}", record.seq), &json).await;
+                    }
+                }
+                let floor = log.records().first().map_or(log.next_seq(), |r| r.seq);
+                cluster.set("purge_floor", &floor.to_string()).await;
+            }
+            cluster.publish_health(true, 0.0).await;
+            tasks.spawn(track_completions(state.clone(), cluster.clone(), shutdown.clone()));
+            tasks.spawn(collect_garbage(state.clone(), cluster.clone(), shutdown.clone()));
+        }
+        if let Some(admin) = admin {
+            tasks.spawn(admin::serve(admin, registry, readiness.clone(), shutdown.clone()));
+        }
+        let handler_state = state.clone();
+        let handler = move |request: Request<Incoming>, _| {
+            let state = handler_state.clone();
+            async move { handle(&state, request).await }
+        };
+        info!(node_id = %state.node_id, "control node started");
+        tasks.spawn(listener::serve("control-api", api, tls, Limits::default(), shutdown.clone(), handler));
+        shutdown.cancelled().await;
+        readiness.set("shutdown", false);
+        while tasks.join_next().await.is_some() {}
+        cluster_shutdown.cancel();
+        Ok(())
+    }
+}
+
+/// Binds and serves a control node until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry) -> Result<(), Error> {
+    Control::bind(config, &registry).await?.serve(shutdown).await
+}
+
+fn reply(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(full(body.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    response
+}
+
+fn failure(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    reply(status, &json!({ "error": message.into() }))
+}
+
+/// Constant-time token check.
+fn authorized(state: &State, request: &Request<Incoming>) -> bool {
+    let Some(given) = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+    else {
+        return false;
+    };
+    let (given, expected) = (given.trim().as_bytes(), state.token.as_bytes());
+    let mut difference = given.len() ^ expected.len();
+    for (i, b) in expected.iter().enumerate() {
+        difference |= usize::from(b ^ given.get(i).copied().unwrap_or(0));
+    }
+    difference == 0
+}
+
+async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if segments.first() != Some(&"v1") {
+        return failure(StatusCode::NOT_FOUND, "not found");
+    }
+    if !authorized(state, &request) {
+        state.unauthorized.inc();
+        let mut response = failure(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    let method = request.method().clone();
+    match (&method, &segments[1..]) {
+        (&Method::POST, ["purge"]) => purge(state, request).await,
+        (&Method::GET, ["purge", id]) => purge_status(state, id).await,
+        (&Method::GET, ["nodes"]) => nodes(state).await,
+        (&Method::POST, ["edges", node, action @ ("drain" | "undrain")]) => drain(state, node, *action == "drain").await,
+        (_, ["purge"] | ["purge", _] | ["nodes"] | ["edges", _, "drain" | "undrain"]) => {
+            failure(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => failure(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+async fn purge(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
+    let body = match Limited::new(request.into_body(), 1 << 20).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return failure(StatusCode::PAYLOAD_TOO_LARGE, "body over 1 MiB"),
+    };
+    let parsed: PurgeRequest = match serde_json::from_slice(&body) {
+        Ok(parsed) => parsed,
+        Err(e) => return failure(StatusCode::BAD_REQUEST, format!("invalid purge body: {e}")),
+    };
+    let target = match parsed.target() {
+        Ok(target) => target,
+        Err(e) => return failure(StatusCode::BAD_REQUEST, e),
+    };
+    let (record, json) = {
+        let mut log = state.log.lock().await;
+        let seq = log.next_seq();
+        let record = PurgeRecord {
+            id: format!("{}-{seq}", state.node_id),
+            seq,
+            control: state.node_id.clone(),
+            created_ms: now_ms(),
+            soft: parsed.soft,
+            target,
+        };
+        let json = match serde_json::to_string(&record) {
+            Ok(json) => json,
+            Err(e) => return failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        // Durable before acknowledged: a purge the log cannot hold is refused.
+        if let Err(error) = log.append(record.clone()) {
+            warn!(%error, "purge log append failed; purge refused");
+            return failure(StatusCode::SERVICE_UNAVAILABLE, format!("purge log unavailable: {error}"));
+        }
+        (record, json)
+    };
+    state
+        .completions
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(record.seq, Completion { acked: Instant::now(), completed_ms: None });
+    if let Some(cluster) = &state.cluster {
+        cluster.set(&format!("purge:{}", record.seq), &json).await;
+        // Eager push: a gossip round with every edge now, not at the next tick.
+        for member in cluster.members().iter().filter(|m| m.role == Role::Edge && m.state != MemberState::Dead) {
+            cluster.push_to(member.gossip_addr);
+        }
+    }
+    info!(id = %record.id, soft = record.soft, "purge accepted");
+    reply(StatusCode::ACCEPTED, &json!({ "id": record.id, "seq": record.seq }))
+}
+
+/// `applied:<control>` of every edge: node → seq.
+async fn applied(cluster: &Cluster, control: &str) -> BTreeMap<String, u64> {
+    let key = format!("applied:{control}");
+    cluster
+        .values("applied:")
+        .await
+        .into_iter()
+        .filter(|change| change.key == key)
+        .filter_map(|change| Some((change.node_id, change.value.parse().ok()?)))
+        .collect()
+}
+
+fn edges(cluster: &Cluster) -> Vec<Member> {
+    cluster.members().iter().filter(|m| m.role == Role::Edge && m.state != MemberState::Dead).cloned().collect()
+}
+
+async fn purge_status(state: &Arc<State>, id: &str) -> Response<Body> {
+    let Some((control, seq)) = id.rsplit_once('-').and_then(|(c, s)| Some((c.to_string(), s.parse::<u64>().ok()?))) else {
+        return failure(StatusCode::BAD_REQUEST, "purge ids look like <control>-<seq>");
+    };
+    let known = if control == state.node_id {
+        let log = state.log.lock().await;
+        seq < log.next_seq()
+    } else if let Some(cluster) = &state.cluster {
+        cluster.values("purge").await.iter().any(|c| {
+            c.node_id == control
+                && (c.key == format!("purge:{seq}") || (c.key == "purge_floor" && c.value.parse().is_ok_and(|f: u64| seq < f)))
+        })
+    } else {
+        false
+    };
+    if !known {
+        return failure(StatusCode::NOT_FOUND, format!("no purge {id}"));
+    }
+    let mut status_of = serde_json::Map::new();
+    let mut complete = true;
+    if let Some(cluster) = &state.cluster {
+        let applied = applied(cluster, &control).await;
+        for edge in edges(cluster) {
+            let done = applied.get(&edge.node_id).is_some_and(|a| *a >= seq);
+            complete &= done;
+            status_of.insert(edge.node_id.clone(), json!(if done { "applied" } else { "pending" }));
+        }
+    }
+    let completed_ms = state.completions.lock().unwrap_or_else(PoisonError::into_inner).get(&seq).and_then(|c| c.completed_ms);
+    let completed_ms = if control == state.node_id { completed_ms } else { None };
+    reply(
+        StatusCode::OK,
+        &json!({
+            "id": id,
+            "seq": seq,
+            "status": if complete { "complete" } else { "pending" },
+            "edges": status_of,
+            "completed_ms": completed_ms,
+        }),
+    )
+}
+
+async fn nodes(state: &Arc<State>) -> Response<Body> {
+    let Some(cluster) = &state.cluster else {
+        return reply(StatusCode::OK, &json!([]));
+    };
+    let all_applied = cluster.values("applied:").await;
+    let mut out = Vec::new();
+    for member in cluster.members().iter() {
+        let mut applied = serde_json::Map::new();
+        for change in all_applied.iter().filter(|c| c.node_id == member.node_id) {
+            if let (Some(control), Ok(seq)) = (change.key.strip_prefix("applied:"), change.value.parse::<u64>()) {
+                applied.insert(control.to_string(), json!(seq));
+            }
+        }
+        let addr = member.public_addr.map_or_else(|| member.gossip_addr.ip().to_string(), |a| a.to_string());
+        out.push(json!({
+            "node_id": member.node_id,
+            "role": member.role,
+            "region": member.region,
+            "addr": addr,
+            "gossip_addr": member.gossip_addr.to_string(),
+            "admin_addr": member.admin_addr.map(|a| a.to_string()),
+            "location": member.location,
+            "state": member.state,
+            "ready": member.ready,
+            "load": member.load,
+            "applied_seq": applied.get(&state.node_id).cloned().unwrap_or(json!(0)),
+            "applied": applied,
+        }));
+    }
+    reply(StatusCode::OK, &serde_json::Value::Array(out))
+}
+
+async fn drain(state: &Arc<State>, node: &str, on: bool) -> Response<Body> {
+    let Some(cluster) = &state.cluster else {
+        return failure(StatusCode::CONFLICT, "this control node is not in a cluster");
+    };
+    let members = cluster.members();
+    let Some(member) = members.iter().find(|m| m.node_id == node) else {
+        return failure(StatusCode::NOT_FOUND, format!("no node {node}"));
+    };
+    if member.role != Role::Edge {
+        return failure(StatusCode::BAD_REQUEST, format!("{node} is a {} node, not an edge", member.role.as_str()));
+    }
+    cluster.set(&format!("drain:{node}"), &format!("{}:{}", u8::from(on), now_ms())).await;
+    for member in members.iter().filter(|m| m.state != MemberState::Dead && m.node_id != state.node_id) {
+        cluster.push_to(member.gossip_addr);
+    }
+    info!(node, drained = on, "routing changed");
+    reply(StatusCode::OK, &json!({ "node_id": node, "drained": on }))
+}
+
+/// Records when every edge has applied each of this node's purges.
+async fn track_completions(state: Arc<State>, cluster: Arc<Cluster>, shutdown: CancellationToken) {
+    let mut changes = cluster.subscribe("applied:").await;
+    let key = format!("applied:{}", state.node_id);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            change = changes.recv() => match change {
+                Some(KeyChange { key: changed, .. }) if changed != key => continue,
+                Some(_) => {}
+                None => return,
+            },
+            _ = tick.tick() => {}
+        }
+        let pending: Vec<(u64, Instant)> = state
+            .completions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, c)| c.completed_ms.is_none())
+            .map(|(seq, c)| (*seq, c.acked))
+            .collect();
+        if pending.is_empty() {
+            continue;
+        }
+        let applied = applied(&cluster, &state.node_id).await;
+        let edges = edges(&cluster);
+        let mut completions = state.completions.lock().unwrap_or_else(PoisonError::into_inner);
+        for (seq, acked) in pending {
+            if edges.iter().all(|e| applied.get(&e.node_id).is_some_and(|a| *a >= seq)) {
+                let elapsed = u64::try_from(acked.elapsed().as_millis()).unwrap_or(u64::MAX);
+                if let Some(completion) = completions.get_mut(&seq) {
+                    completion.completed_ms = Some(elapsed);
+                }
+            }
+        }
+    }
+}
+
+/// Drops purges every live edge applied more than `retention` ago, from the log
+/// and from gossip, and publishes the new floor.
+async fn collect_garbage(state: Arc<State>, cluster: Arc<Cluster>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let applied = applied(&cluster, &state.node_id).await;
+        let edges = edges(&cluster);
+        let min_applied = edges.iter().map(|e| applied.get(&e.node_id).copied().unwrap_or(0)).min().unwrap_or(0);
+        let cutoff = now_ms().saturating_sub(u64::try_from(state.retention.as_millis()).unwrap_or(u64::MAX));
+        let mut log = state.log.lock().await;
+        let collectable: Vec<u64> =
+            log.records().iter().filter(|r| r.seq <= min_applied && r.created_ms <= cutoff).map(|r| r.seq).collect();
+        if collectable.is_empty() {
+            continue;
+        }
+        if let Err(error) = log.compact_with(|r| !collectable.contains(&r.seq)) {
+            warn!(%error, "purge log compaction failed");
+            continue;
+        }
+        let floor = log.records().first().map_or(log.next_seq(), |r| r.seq);
+        drop(log);
+        cluster.set("purge_floor", &floor.to_string()).await;
+        for seq in &collectable {
+            cluster.delete(&format!("purge:{seq}")).await;
+        }
+        state.completions.lock().unwrap_or_else(PoisonError::into_inner).retain(|seq, _| !collectable.contains(seq));
+        info!(collected = collectable.len(), floor, "purge records collected");
+    }
+}

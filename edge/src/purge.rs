@@ -1,0 +1,161 @@
+//! Applying purges that arrive through gossip.
+//!
+//! Control nodes publish `purge:<seq>` records and a `purge_floor` (the oldest
+//! record they still hold). The edge applies each control node's records in
+//! sequence order, exactly once, publishes `applied:<control>` and pushes that
+//! back to the control node at once. An edge whose last applied purge is older
+//! than a control node's floor has missed purges that were collected: it drops its
+//! whole cache (correct, if costly) and says so.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use cdn_control::{
+    admin::Readiness,
+    cluster::{Cluster, MemberState, Role, now_ms},
+    purge::{PurgeRecord, Target},
+};
+
+use crate::pipeline::Pipeline;
+
+/// Purge metrics of an edge.
+#[derive(Clone)]
+pub(crate) struct PurgeMetrics {
+    applied: IntCounter,
+    lag: Histogram,
+    flushes: IntCounter,
+}
+
+impl PurgeMetrics {
+    pub(crate) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let applied = IntCounter::new("cdn_purges_applied_total", "Purges applied by this edge")?;
+        let lag = Histogram::with_opts(
+            HistogramOpts::new("cdn_purge_lag_seconds", "Time from purge acceptance to application here")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )?;
+        let flushes = IntCounter::new(
+            "cdn_purge_flushes_total",
+            "Whole-cache drops because purges were missed beyond the retained log",
+        )?;
+        registry.register(Box::new(applied.clone()))?;
+        registry.register(Box::new(lag.clone()))?;
+        registry.register(Box::new(flushes.clone()))?;
+        Ok(Self { applied, lag, flushes })
+    }
+}
+
+/// Applies purges from every control node until `shutdown`.
+pub(crate) async fn run(
+    cluster: Arc<Cluster>,
+    pipeline: Arc<Pipeline>,
+    metrics: PurgeMetrics,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    let mut events = cluster.subscribe("purge").await;
+    let mut applied: HashMap<String, u64> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let started = tokio::time::Instant::now();
+    readiness.set("purges", false);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            event = events.recv() => if event.is_none() { return },
+            _ = tick.tick() => {}
+        }
+        // Drain whatever else arrived, then apply from the full state (anti-entropy
+        // and events converge on the same code).
+        while events.try_recv().is_ok() {}
+        let synced = apply_pending(&cluster, &pipeline, &metrics, &mut applied).await;
+        // Ready once caught up with every live control node; with none in sight
+        // after a while, serve anyway (an edge must not stay dark without control).
+        let ready = synced || started.elapsed() > Duration::from_secs(5);
+        readiness.set("purges", ready);
+    }
+}
+
+/// Applies every purge not yet applied; `true` when caught up with at least one
+/// live control node and no record is missing.
+async fn apply_pending(
+    cluster: &Cluster,
+    pipeline: &Pipeline,
+    metrics: &PurgeMetrics,
+    applied: &mut HashMap<String, u64>,
+) -> bool {
+    let controls: Vec<String> = cluster
+        .members()
+        .iter()
+        .filter(|m| m.role == Role::Control && m.state != MemberState::Dead)
+        .map(|m| m.node_id.clone())
+        .collect();
+    if controls.is_empty() {
+        return false;
+    }
+    let mut records: HashMap<String, BTreeMap<u64, PurgeRecord>> = HashMap::new();
+    let mut floors: HashMap<String, u64> = HashMap::new();
+    for change in cluster.values("purge").await {
+        if change.key == "purge_floor" {
+            if let Ok(floor) = change.value.parse() {
+                floors.insert(change.node_id, floor);
+            }
+        } else if change.key.starts_with("purge:") {
+            match serde_json::from_str::<PurgeRecord>(&change.value) {
+                Ok(record) if record.control == change.node_id => {
+                    records.entry(change.node_id).or_default().insert(record.seq, record);
+                }
+                Ok(_) => warn!(node = %change.node_id, "purge record names another control node; ignored"),
+                Err(error) => warn!(node = %change.node_id, %error, "unreadable purge record; ignored"),
+            }
+        }
+    }
+    let mut caught_up = true;
+    for control in &controls {
+        let Some(&floor) = floors.get(control) else {
+            caught_up = false; // not heard from it yet
+            continue;
+        };
+        let mut done = applied.get(control).copied().unwrap_or(0);
+        let before = done;
+        let held = records.remove(control).unwrap_or_default();
+        if done + 1 < floor {
+            // Purges between `done` and `floor` were collected before we saw them.
+            if done > 0 || !held.is_empty() || floor > 1 {
+                warn!(control, applied = done, floor, "missed purges beyond the retained log: dropping the whole cache");
+                metrics.flushes.inc();
+                pipeline.purge(&Target { all: true, ..Target::default() }, false).await;
+            }
+            done = floor - 1;
+        }
+        for (seq, record) in held.range(done + 1..) {
+            if *seq != done + 1 {
+                caught_up = false; // a gap: wait for the missing record
+                break;
+            }
+            pipeline.purge(&record.target, record.soft).await;
+            metrics.applied.inc();
+            let lag_ms = now_ms().saturating_sub(record.created_ms);
+            metrics.lag.observe(lag_ms as f64 / 1000.0);
+            debug!(id = %record.id, lag_ms, "purge applied");
+            done = *seq;
+        }
+        if done != before || !applied.contains_key(control) {
+            applied.insert(control.clone(), done);
+            cluster.set(&format!("applied:{control}"), &done.to_string()).await;
+            // Tell the control node now rather than at the next gossip round.
+            if let Some(member) = cluster.members().iter().find(|m| &m.node_id == control) {
+                cluster.push_to(member.gossip_addr);
+            }
+            if done != before {
+                info!(control, applied = done, "purges applied");
+            }
+        }
+    }
+    caught_up
+}

@@ -1,0 +1,38 @@
+//! Errors of the geo role.
+
+use std::{io, net::SocketAddr, path::PathBuf};
+
+/// What can stop the geo-DNS from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The admin listener failed.
+    #[error(transparent)]
+    Node(#[from] cdn_control::Error),
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] cdn_control::ConfigError),
+    /// The DNS socket (UDP or TCP) could not be bound.
+    #[error("cannot listen for dns on {addr} ({protocol}): {source}")]
+    Bind {
+        /// The address that was asked for.
+        addr: SocketAddr,
+        /// `udp` or `tcp`.
+        protocol: &'static str,
+        /// Why the bind failed.
+        source: io::Error,
+    },
+    /// The GeoIP database could not be loaded at start.
+    #[error("geoip_db: cannot load {path}: {reason}")]
+    GeoDb {
+        /// The `.mmdb` file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A metric could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The DNS server stopped on its own.
+    #[error("dns server failed: {0}")]
+    Serve(String),
+}

@@ -1,0 +1,436 @@
+//! The DNS request handler: one query in, one response (or nothing) out.
+//!
+//! [`Shared::respond`] decides the whole response from the parsed request, the
+//! cluster view, the GeoIP database and `now` (no I/O, so it is unit-tested with
+//! byte-level requests); [`Handler`] is the hickory-server glue that sends it and
+//! counts it.
+
+use std::{
+    iter,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hickory_proto::{
+    ProtoError,
+    op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode},
+    rr::{
+        DNSClass, Name, RData, Record, RecordType,
+        rdata::{
+            A, AAAA,
+            opt::{ClientSubnet, EdnsCode, EdnsOption},
+        },
+    },
+    serialize::binary::BinEncoder,
+};
+use hickory_server::{
+    net::{runtime::Time, xfer::Protocol},
+    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
+    zone_handler::{MessageResponseBuilder, Queries},
+};
+use tracing::{debug, warn};
+
+use cdn_control::{ConfigError, cluster::Member};
+
+use crate::{
+    config::{Config, MAX_ANSWERS},
+    locate::{Database, Locator, canonical},
+    metrics::{Metrics, rcode_label},
+    mmdb::GeoDb,
+    ratelimit::{RateLimiter, Verdict, client_network},
+    select::{Family, Health, Policy, mix64, select},
+    zone::{NameKind, Zone},
+};
+
+/// The UDP payload size we advertise and answer up to (the DNS flag day 2020 value).
+pub(crate) const UDP_PAYLOAD: u16 = 1232;
+
+/// The cluster view: every member, as the gossip layer sees it right now.
+pub type MemberSource = Arc<dyn Fn() -> Vec<Member> + Send + Sync>;
+
+/// Logs at most once per period.
+#[derive(Debug, Default)]
+struct Throttle(Mutex<Option<Instant>>);
+
+impl Throttle {
+    fn ready(&self, now: Instant, every: Duration) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|last| now.saturating_duration_since(last) < every) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+/// Everything a query is answered from.
+pub(crate) struct Shared {
+    pub(crate) zone: Zone,
+    pub(crate) locator: Locator,
+    pub(crate) geodb: Arc<GeoDb>,
+    pub(crate) members: MemberSource,
+    pub(crate) policy: Policy,
+    pub(crate) ttl: u32,
+    pub(crate) limiter: Option<Mutex<RateLimiter>>,
+    pub(crate) metrics: Metrics,
+    counter: AtomicU64,
+    degraded_log: Throttle,
+}
+
+/// A decided response.
+#[derive(Debug, Clone)]
+pub(crate) struct Reply {
+    pub(crate) metadata: Metadata,
+    pub(crate) answers: Vec<Record>,
+    pub(crate) authorities: Vec<Record>,
+    pub(crate) additionals: Vec<Record>,
+    pub(crate) edns: Option<Edns>,
+    /// The region of the first edge answered, for the metrics.
+    pub(crate) region: Option<String>,
+}
+
+impl Reply {
+    fn new(request: &Request) -> Self {
+        let edns = request.edns.as_ref().map(|_| {
+            let mut edns = Edns::new();
+            edns.set_max_payload(UDP_PAYLOAD).set_version(0);
+            edns
+        });
+        Self {
+            metadata: Metadata::response_from_request(&request.metadata),
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+            edns,
+            region: None,
+        }
+    }
+
+    fn error(mut self, code: ResponseCode) -> Self {
+        self.metadata.response_code = code;
+        self.metadata.authoritative = false;
+        self.answers.clear();
+        self.authorities.clear();
+        self.additionals.clear();
+        self
+    }
+
+    /// Echoes the client subnet with `scope`.
+    fn set_ecs(&mut self, subnet: ClientSubnet, scope: u8) {
+        if let Some(edns) = &mut self.edns {
+            edns.options_mut().remove(EdnsCode::Subnet);
+            edns.options_mut().insert(EdnsOption::Subnet(ClientSubnet::new(
+                subnet.addr(),
+                subnet.source_prefix(),
+                scope,
+            )));
+        }
+    }
+
+    /// Encodes the reply as it would go on the wire.
+    pub(crate) fn encode(&self, queries: &Queries) -> Result<Vec<u8>, ProtoError> {
+        let mut buffer = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut buffer);
+        MessageResponseBuilder::new(queries, self.edns.as_ref())
+            .build(self.metadata, self.answers.iter(), self.authorities.iter(), iter::empty(), self.additionals.iter())
+            .destructive_emit(&mut encoder)?;
+        Ok(buffer)
+    }
+}
+
+/// What to do with a query.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Send this.
+    Send(Reply),
+    /// Send nothing (rate limited).
+    Drop,
+}
+
+/// The ECS option when it is well-formed (RFC 7871 §7.1.2: address bits beyond the
+/// source prefix must be zero).
+fn checked_subnet(subnet: &ClientSubnet) -> Option<ClientSubnet> {
+    let source = subnet.source_prefix();
+    let well_formed = match subnet.addr() {
+        IpAddr::V4(v4) => source <= 32 && u32::from(v4).checked_shl(u32::from(source)).unwrap_or(0) == 0,
+        IpAddr::V6(v6) => source <= 128 && u128::from(v6).checked_shl(u32::from(source)).unwrap_or(0) == 0,
+    };
+    well_formed.then_some(*subnet)
+}
+
+/// A 64-bit hash of the client's network, for spreading.
+fn client_hash(addr: IpAddr) -> u64 {
+    let bits = match canonical(addr) {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    };
+    mix64((bits as u64) ^ ((bits >> 64) as u64).rotate_left(17))
+}
+
+impl Shared {
+    /// Builds everything from a config (which must have passed `validate`).
+    pub(crate) fn new(
+        config: &Config,
+        geodb: Arc<GeoDb>,
+        members: MemberSource,
+        metrics: Metrics,
+    ) -> Result<Self, ConfigError> {
+        let zone = Zone::from_config(config).map_err(|problems| ConfigError { problems })?;
+        let networks = config.parsed_networks().map_err(|problems| ConfigError { problems })?;
+        let rate_limit = config.rate_limit;
+        Ok(Self {
+            zone,
+            locator: Locator::new(networks, config.default_region.clone()),
+            geodb,
+            members,
+            policy: Policy {
+                answers: config.answers.clamp(1, MAX_ANSWERS),
+                near_radius_km: config.near_radius_km,
+                max_load: config.max_load,
+            },
+            ttl: u32::try_from(config.ttl.as_secs()).unwrap_or(u32::MAX),
+            limiter: (rate_limit > 0).then(|| Mutex::new(RateLimiter::new(rate_limit, 2, 100_000))),
+            metrics,
+            counter: AtomicU64::new(0),
+            degraded_log: Throttle::default(),
+        })
+    }
+
+    /// Decides the response to `request` at `now`.
+    pub(crate) fn respond(&self, request: &Request, now: Instant) -> Outcome {
+        let udp = request.protocol() == Protocol::Udp;
+        let mut slip = false;
+        if udp && let Some(limiter) = &self.limiter {
+            let verdict = limiter.lock().unwrap_or_else(PoisonError::into_inner).check(request.src().ip(), now);
+            match verdict {
+                Verdict::Answer => {}
+                Verdict::Slip => {
+                    self.metrics.rate_limited.inc();
+                    slip = true;
+                }
+                Verdict::Drop => {
+                    self.metrics.rate_limited.inc();
+                    return Outcome::Drop;
+                }
+            }
+        }
+        let mut reply = self.answer(request, slip, now);
+        if udp {
+            self.fit(request, &mut reply);
+        }
+        Outcome::Send(reply)
+    }
+
+    fn answer(&self, request: &Request, slip: bool, now: Instant) -> Reply {
+        let mut reply = Reply::new(request);
+        if request.edns.as_ref().is_some_and(|edns| edns.version() > 0) {
+            return reply.error(ResponseCode::BADVERS);
+        }
+        if request.metadata.op_code != OpCode::Query {
+            return reply.error(ResponseCode::NotImp);
+        }
+        let [query] = request.queries.queries() else {
+            return reply.error(ResponseCode::FormErr);
+        };
+        let ecs = match request.edns.as_ref().and_then(|edns| edns.option(EdnsCode::Subnet)) {
+            Some(EdnsOption::Subnet(subnet)) => match checked_subnet(subnet) {
+                Some(subnet) => Some(subnet),
+                None => return reply.error(ResponseCode::FormErr),
+            },
+            _ => None,
+        };
+        if let Some(subnet) = ecs {
+            // Not tailored unless an edge answer says otherwise.
+            reply.set_ecs(subnet, 0);
+        }
+        if slip {
+            reply.metadata.truncation = true;
+            return reply;
+        }
+        if query.query_class() != DNSClass::IN {
+            return reply.error(ResponseCode::Refused);
+        }
+        let qtype = query.query_type();
+        let kind = self.zone.classify(query.name());
+        if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            // No zone transfers: the answers are computed, not stored.
+            return reply.error(if kind == NameKind::Outside { ResponseCode::Refused } else { ResponseCode::NotImp });
+        }
+        let (apex, service, nameserver) = match kind {
+            NameKind::Outside => return reply.error(ResponseCode::Refused),
+            NameKind::Missing => {
+                reply.metadata.authoritative = true;
+                reply.metadata.response_code = ResponseCode::NXDomain;
+                reply.authorities.push(self.zone.negative_soa().clone());
+                return reply;
+            }
+            NameKind::Known { apex, service, nameserver } => (apex, service, nameserver),
+        };
+        reply.metadata.authoritative = true;
+        let owner = query.original().name().clone();
+        if apex {
+            if matches!(qtype, RecordType::SOA | RecordType::ANY) {
+                reply.answers.push(self.zone.soa().clone());
+            }
+            if matches!(qtype, RecordType::NS | RecordType::ANY) {
+                reply.answers.extend(self.zone.ns().iter().cloned());
+                reply.additionals.extend(self.zone.glue());
+            }
+        }
+        if service && reply.answers.is_empty() {
+            match qtype {
+                RecordType::A | RecordType::ANY => self.edges(request, &owner, Family::V4, ecs, &mut reply, now),
+                RecordType::AAAA => self.edges(request, &owner, Family::V6, ecs, &mut reply, now),
+                _ => {}
+            }
+        }
+        if nameserver && reply.answers.is_empty() {
+            match qtype {
+                RecordType::A | RecordType::ANY => reply.answers.extend(self.zone.nameserver_addrs(&owner, false)),
+                RecordType::AAAA => reply.answers.extend(self.zone.nameserver_addrs(&owner, true)),
+                _ => {}
+            }
+        }
+        if reply.answers.is_empty() {
+            // NODATA.
+            reply.additionals.clear();
+            reply.authorities.push(self.zone.negative_soa().clone());
+        }
+        reply
+    }
+
+    /// Adds the nearest edges for the client to `reply`.
+    fn edges(
+        &self,
+        request: &Request,
+        owner: &Name,
+        family: Family,
+        ecs: Option<ClientSubnet>,
+        reply: &mut Reply,
+        now: Instant,
+    ) {
+        let (addr, subnet) = match ecs {
+            Some(subnet) if subnet.source_prefix() > 0 => (subnet.addr(), Some(subnet)),
+            _ => (request.src().ip(), None),
+        };
+        let db = self.geodb.current();
+        let located = self.locator.locate(addr, db.as_deref().map(|db| db as &dyn Database));
+        if let Some(subnet) = subnet {
+            reply.set_ecs(subnet, located.scope);
+        }
+        let members = (self.members)();
+        let client = match subnet {
+            Some(subnet) => client_hash(subnet.addr()),
+            None => client_hash(client_network(addr).network()),
+        };
+        let counter = self.counter.fetch_add(1, Ordering::Relaxed);
+        let seed = mix64(client ^ counter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let selection = select(&members, &located.location, family, &self.policy, seed);
+        if selection.health != Health::Healthy && !selection.edges.is_empty() {
+            self.metrics.degraded.inc();
+            if self.degraded_log.ready(now, Duration::from_secs(5)) {
+                warn!(
+                    health = ?selection.health,
+                    ?family,
+                    edges = selection.edges.len(),
+                    "no healthy edge: answering with the least-bad edges"
+                );
+            }
+        } else if selection.edges.is_empty() && self.degraded_log.ready(now, Duration::from_secs(5)) {
+            warn!(?family, members = members.len(), "no edge with an address of this family: answering NODATA");
+        }
+        for edge in &selection.edges {
+            let data = match edge.public_addr {
+                Some(IpAddr::V4(v4)) => RData::A(A(v4)),
+                Some(IpAddr::V6(v6)) => RData::AAAA(AAAA(v6)),
+                None => continue,
+            };
+            reply.answers.push(Record::from_rdata(owner.clone(), self.ttl, data));
+        }
+        reply.region = selection.edges.first().map(|edge| edge.region.clone());
+        debug!(
+            client = %addr,
+            source = ?located.source,
+            scope = located.scope,
+            first = selection.edges.first().map(|e| e.node_id.as_str()),
+            "edge answer"
+        );
+    }
+
+    /// Truncates a UDP reply that is larger than the client takes or than
+    /// anti-amplification allows: max(512, 3 × the query's size), within the
+    /// client's EDNS payload size (capped at ours).
+    fn fit(&self, request: &Request, reply: &mut Reply) {
+        let payload = match &request.edns {
+            Some(edns) => usize::from(edns.max_payload().clamp(512, UDP_PAYLOAD)),
+            None => 512,
+        };
+        let limit = payload.min((3 * request.as_slice().len()).max(512));
+        match reply.encode(&request.queries) {
+            Ok(bytes) if bytes.len() <= limit => {}
+            Ok(_) => {
+                reply.answers.clear();
+                reply.authorities.clear();
+                reply.additionals.clear();
+                reply.metadata.truncation = true;
+                reply.region = None;
+                self.metrics.truncated.inc();
+            }
+            Err(error) => {
+                warn!(%error, "cannot encode a response");
+                *reply = reply.clone().error(ResponseCode::ServFail);
+                reply.region = None;
+            }
+        }
+    }
+}
+
+/// The hickory-server request handler.
+pub(crate) struct Handler(pub(crate) Arc<Shared>);
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let start = Instant::now();
+        let shared = &self.0;
+        let reply = match shared.respond(request, start) {
+            Outcome::Send(reply) => reply,
+            Outcome::Drop => {
+                let mut metadata = Metadata::response_from_request(&request.metadata);
+                metadata.response_code = ResponseCode::Refused;
+                return ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() });
+            }
+        };
+        let response = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref()).build(
+            reply.metadata,
+            reply.answers.iter(),
+            reply.authorities.iter(),
+            iter::empty(),
+            reply.additionals.iter(),
+        );
+        let info = match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(error) => {
+                debug!(%error, peer = %request.src(), "cannot send a dns response");
+                ResponseInfo::from(Header { metadata: reply.metadata, counts: HeaderCounts::default() })
+            }
+        };
+        shared.metrics.queries.with_label_values(&[rcode_label(reply.metadata.response_code)]).inc();
+        if let Some(region) = &reply.region {
+            shared.metrics.answers.with_label_values(&[region.as_str()]).inc();
+        }
+        shared.metrics.duration.observe(start.elapsed().as_secs_f64());
+        info
+    }
+}
+
+#[cfg(test)]
+mod tests;
