@@ -185,11 +185,9 @@ impl Cluster {
         } else {
             bound
         });
-        let rejected = IntCounter::new(
-            "cdn_gossip_rejected_total",
-            "Gossip datagrams dropped because they failed authentication",
-        )
-        .map_err(|e| Error::Cluster(e.to_string()))?;
+        let rejected =
+            IntCounter::new("cdn_gossip_rejected_total", "Gossip datagrams dropped because they failed authentication")
+                .map_err(|e| Error::Cluster(e.to_string()))?;
         let members_gauge = IntGaugeVec::new(Opts::new("cdn_cluster_members", "Cluster members by state"), &["state"])
             .map_err(|e| Error::Cluster(e.to_string()))?;
         registry.register(Box::new(rejected.clone())).map_err(|e| Error::Cluster(e.to_string()))?;
@@ -501,7 +499,8 @@ mod tests {
         let mut outsider_config = ClusterConfig::new("127.0.0.1:0".parse().unwrap(), "another-secret-entirely-123");
         outsider_config.seeds = vec![a.gossip_addr().to_string()];
         let registry = Registry::new();
-        let outsider = Cluster::join(&outsider_config, node("x", Role::Edge), &Registry::new(), shutdown.clone()).await.unwrap();
+        let outsider =
+            Cluster::join(&outsider_config, node("x", Role::Edge), &Registry::new(), shutdown.clone()).await.unwrap();
         let _ = registry;
         assert!(wait_for(&a, |m| m.iter().any(|m| m.node_id == "b" && m.state == MemberState::Alive)).await);
         assert!(wait_for(&b, |m| m.iter().any(|m| m.node_id == "a" && m.role == Role::Control)).await);

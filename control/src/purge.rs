@@ -113,7 +113,8 @@ fn normalise_prefix(prefix: &str) -> Result<String, String> {
     if host.is_empty() {
         return Err(format!("prefix {prefix:?} has no host (write host/path or https://host/path)"));
     }
-    let uri: http::Uri = format!("http://{host}{path}").parse().map_err(|_| format!("prefix {prefix:?} does not parse"))?;
+    let uri: http::Uri =
+        format!("http://{host}{path}").parse().map_err(|_| format!("prefix {prefix:?} does not parse"))?;
     let host = uri.host().unwrap_or(host);
     Ok(format!("{}{}", host.to_ascii_lowercase(), path))
 }

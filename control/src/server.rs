@@ -308,7 +308,9 @@ async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body
         (&Method::POST, ["purge"]) => purge(state, request).await,
         (&Method::GET, ["purge", id]) => purge_status(state, id).await,
         (&Method::GET, ["nodes"]) => nodes(state).await,
-        (&Method::POST, ["edges", node, action @ ("drain" | "undrain")]) => drain(state, node, *action == "drain").await,
+        (&Method::POST, ["edges", node, action @ ("drain" | "undrain")]) => {
+            drain(state, node, *action == "drain").await
+        }
         (_, ["purge"] | ["purge", _] | ["nodes"] | ["edges", _, "drain" | "undrain"]) => {
             failure(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
@@ -384,7 +386,8 @@ fn edges(cluster: &Cluster) -> Vec<Member> {
 }
 
 async fn purge_status(state: &Arc<State>, id: &str) -> Response<Body> {
-    let Some((control, seq)) = id.rsplit_once('-').and_then(|(c, s)| Some((c.to_string(), s.parse::<u64>().ok()?))) else {
+    let Some((control, seq)) = id.rsplit_once('-').and_then(|(c, s)| Some((c.to_string(), s.parse::<u64>().ok()?)))
+    else {
         return failure(StatusCode::BAD_REQUEST, "purge ids look like <control>-<seq>");
     };
     let known = if control == state.node_id {
@@ -393,7 +396,8 @@ async fn purge_status(state: &Arc<State>, id: &str) -> Response<Body> {
     } else if let Some(cluster) = &state.cluster {
         cluster.values("purge").await.iter().any(|c| {
             c.node_id == control
-                && (c.key == format!("purge:{seq}") || (c.key == "purge_floor" && c.value.parse().is_ok_and(|f: u64| seq < f)))
+                && (c.key == format!("purge:{seq}")
+                    || (c.key == "purge_floor" && c.value.parse().is_ok_and(|f: u64| seq < f)))
         })
     } else {
         false
@@ -411,7 +415,8 @@ async fn purge_status(state: &Arc<State>, id: &str) -> Response<Body> {
             status_of.insert(edge.node_id.clone(), json!(if done { "applied" } else { "pending" }));
         }
     }
-    let completed_ms = state.completions.lock().unwrap_or_else(PoisonError::into_inner).get(&seq).and_then(|c| c.completed_ms);
+    let completed_ms =
+        state.completions.lock().unwrap_or_else(PoisonError::into_inner).get(&seq).and_then(|c| c.completed_ms);
     let completed_ms = if control == state.node_id { completed_ms } else { None };
     reply(
         StatusCode::OK,

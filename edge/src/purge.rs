@@ -127,7 +127,12 @@ async fn apply_pending(
         if done + 1 < floor {
             // Purges between `done` and `floor` were collected before we saw them.
             if done > 0 || !held.is_empty() || floor > 1 {
-                warn!(control, applied = done, floor, "missed purges beyond the retained log: dropping the whole cache");
+                warn!(
+                    control,
+                    applied = done,
+                    floor,
+                    "missed purges beyond the retained log: dropping the whole cache"
+                );
                 metrics.flushes.inc();
                 pipeline.purge(&Target { all: true, ..Target::default() }, false).await;
             }

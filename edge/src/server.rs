@@ -121,17 +121,27 @@ impl Edge {
         let cluster = match &config.cluster {
             Some(cluster_config) => {
                 let public_addr = config.public_addr.or_else(|| {
-                    [config.listen.https, config.listen.http].into_iter().flatten().map(|a| a.ip()).find(|ip| !ip.is_unspecified())
+                    [config.listen.https, config.listen.http]
+                        .into_iter()
+                        .flatten()
+                        .map(|a| a.ip())
+                        .find(|ip| !ip.is_unspecified())
                 });
                 let node = cdn_control::cluster::NodeInfo {
                     node_id: config.node_id.clone(),
                     role: cdn_control::cluster::Role::Edge,
                     region: Some(config.region.clone()),
-                    location: Some(cdn_control::cluster::GeoPoint { lat: config.location.lat, lon: config.location.lon }),
+                    location: Some(cdn_control::cluster::GeoPoint {
+                        lat: config.location.lat,
+                        lon: config.location.lon,
+                    }),
                     public_addr,
                     admin: local(admin.as_ref()),
                 };
-                Some(cdn_control::cluster::Cluster::join(cluster_config, node, registry, cluster_shutdown.clone()).await?)
+                Some(
+                    cdn_control::cluster::Cluster::join(cluster_config, node, registry, cluster_shutdown.clone())
+                        .await?,
+                )
             }
             None => None,
         };
@@ -187,7 +197,18 @@ impl Edge {
     /// Serves until `shutdown` is cancelled, then drains within the grace period.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
         let Self {
-            config, pipeline, http, https, h3, admin, registry, readiness, cluster, cluster_shutdown, purge_metrics, ..
+            config,
+            pipeline,
+            http,
+            https,
+            h3,
+            admin,
+            registry,
+            readiness,
+            cluster,
+            cluster_shutdown,
+            purge_metrics,
+            ..
         } = self;
         let mut limits = config.limits.listener();
         limits.connections = Some(pipeline.metrics.connections.with_label_values(&["tcp"]));
@@ -274,7 +295,8 @@ async fn maintain(
             readiness.set("origin", reachable);
         }
         if let Some(cluster) = &cluster {
-            let open: i64 = ["tcp", "h3"].iter().map(|p| pipeline.metrics.connections.with_label_values(&[p]).get()).sum();
+            let open: i64 =
+                ["tcp", "h3"].iter().map(|p| pipeline.metrics.connections.with_label_values(&[p]).get()).sum();
             let load = open as f64 / max_connections.max(1) as f64;
             cluster.publish_health(readiness.is_ready(), load).await;
         }

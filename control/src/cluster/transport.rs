@@ -213,7 +213,14 @@ impl Socket for AuthSocket {
     async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
         loop {
             let mut outcome = self.inner.recv().await?;
-            let peer = self.relay.pipes.lock().unwrap_or_else(PoisonError::into_inner).by_pipe.get(&outcome.from_addr).copied();
+            let peer = self
+                .relay
+                .pipes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .by_pipe
+                .get(&outcome.from_addr)
+                .copied();
             if let Some(peer) = peer {
                 outcome.from_addr = peer;
                 return Ok(outcome);

@@ -86,10 +86,10 @@ impl PurgeLog {
             out.sync_all()?;
         }
         std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            if let Ok(dir) = File::open(dir) {
-                let _ = dir.sync_all();
-            }
+        if let Some(dir) = self.path.parent()
+            && let Ok(dir) = File::open(dir)
+        {
+            let _ = dir.sync_all();
         }
         self.file = OpenOptions::new().append(true).open(&self.path)?;
         Ok(())

@@ -288,7 +288,16 @@ impl Pipeline {
         let vary = vary_values(&policy::vary_names(&rp.headers).unwrap_or_default(), &job.client_headers);
         let lifetime = policy::freshness_lifetime(rp.status, &rp.headers, &directives, response_time, &self.settings);
         let timing = Timing::new(&rp.headers, request_time, response_time);
-        let head = Arc::new(Head { status: rp.status, headers: rp.headers, timing, directives, lifetime, tags, vary, purged: Default::default() });
+        let head = Arc::new(Head {
+            status: rp.status,
+            headers: rp.headers,
+            timing,
+            directives,
+            lifetime,
+            tags,
+            vary,
+            purged: Default::default(),
+        });
         let growing = Growing::new(content_length);
         job.fill.publish(Outcome::Stream { head: head.clone(), body: growing.clone() });
         if self.read_into(&job.key, body, &growing, content_length).await

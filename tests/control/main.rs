@@ -1,0 +1,328 @@
+//! The control path on loopback: a control node and three edges in a gossip
+//! cluster; purges by URL, prefix, tag and everything reach every edge; routing;
+//! durability across restarts; authentication.
+
+#[path = "../edge/harness.rs"]
+mod harness;
+#[path = "../edge/mock_origin.rs"]
+mod mock_origin;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use cdn_control::{
+    cluster::{Cluster, ClusterConfig},
+    server::{Config as ControlConfig, Control},
+};
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use prometheus::Registry;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use harness::{TestEdge, client, get};
+use mock_origin::{MockOrigin, Route};
+
+const TOKEN: &str = "test-token-0123456789";
+const SECRET: &str = "cluster-secret-for-tests";
+
+struct RunningControl {
+    api: SocketAddr,
+    registry: Registry,
+    cluster: Arc<Cluster>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningControl {
+    async fn start(data_dir: &std::path::Path, api: SocketAddr, gossip: SocketAddr) -> Self {
+        let mut config = ControlConfig::new("control-1", data_dir, TOKEN);
+        config.listen.api = api;
+        config.listen.admin = None;
+        config.retention = Duration::from_secs(3600);
+        config.cluster = Some(ClusterConfig::new(gossip, SECRET));
+        let registry = Registry::new();
+        let control = Control::bind(config, &registry).await.expect("control binds");
+        let (api, cluster) = (control.api_addr(), control.cluster().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { control.serve(shutdown).await.unwrap() }
+        });
+        Self { api, registry, cluster, shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+async fn api(method: Method, url: &str, token: Option<&str>, body: Option<&str>) -> (StatusCode, Value) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut request = http::Request::builder().method(method).uri(url);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = request.body(Full::new(Bytes::from(body.unwrap_or("").to_string()))).unwrap();
+    let response = client.request(request).await.expect("api call");
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+async fn start_edge(ip: [u8; 4], origin: &str, seed: SocketAddr, secret: &str) -> TestEdge {
+    TestEdge::start(origin, |c| {
+        c.node_id = format!("edge-{}", ip[3]);
+        c.listen.http = Some((ip, 0).into());
+        c.listen.admin = Some((ip, 0).into());
+        let mut cluster = ClusterConfig::new((ip, 0).into(), secret);
+        cluster.seeds = vec![seed.to_string()];
+        c.cluster = Some(cluster);
+    })
+    .await
+}
+
+/// Waits until `/v1/nodes` shows these edges alive and caught up.
+async fn wait_for_edges(control: &RunningControl, edges: &[&str]) {
+    for _ in 0..200 {
+        let (_, nodes) = api(Method::GET, &format!("http://{}/v1/nodes", control.api), Some(TOKEN), None).await;
+        let ready = edges.iter().all(|id| {
+            nodes.as_array().is_some_and(|nodes| {
+                nodes.iter().any(|n| n["node_id"] == *id && n["state"] == "alive" && n["ready"] == true)
+            })
+        });
+        if ready {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("edges {edges:?} did not join");
+}
+
+/// Purges and waits until every edge applied it; returns the purge's id.
+async fn purge(control: &RunningControl, body: Value) -> String {
+    let (status, reply) =
+        api(Method::POST, &format!("http://{}/v1/purge", control.api), Some(TOKEN), Some(&body.to_string())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{reply}");
+    let id = reply["id"].as_str().unwrap().to_string();
+    for _ in 0..100 {
+        let (_, status) = api(Method::GET, &format!("http://{}/v1/purge/{id}", control.api), Some(TOKEN), None).await;
+        if status["status"] == "complete" && status["completed_ms"].is_u64() {
+            assert!(status["completed_ms"].as_u64().unwrap() < 1000, "{status}");
+            return id;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("purge {id} did not complete");
+}
+
+#[tokio::test]
+async fn purges_reach_every_edge_and_survive_restarts() {
+    let origin = MockOrigin::start().await;
+    for path in ["/a", "/other", "/v/one", "/v/two", "/tagged", "/soft"] {
+        let route = Route::ok("max-age=600", format!("body of {path}")).header("etag", "\"e1\"").revalidate();
+        let route = if path == "/tagged" { route.header("surrogate-key", "video home") } else { route };
+        origin.route(path, route);
+    }
+    let data = tempfile::tempdir().unwrap();
+    let control =
+        RunningControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
+    let seed = control.cluster.gossip_addr();
+    let mut edges = Vec::new();
+    for last in [21u8, 22, 23] {
+        edges.push(start_edge([127, 0, 0, last], &origin.url(), seed, SECRET).await);
+    }
+    wait_for_edges(&control, &["edge-21", "edge-22", "edge-23"]).await;
+    let c = client();
+    let warm = |paths: &'static [&'static str]| {
+        let c = c.clone();
+        let urls: Vec<Vec<String>> = edges.iter().map(|e| paths.iter().map(|p| e.url(p)).collect()).collect();
+        async move {
+            for edge_urls in urls {
+                for url in edge_urls {
+                    get(&c, &url, &[]).await;
+                    assert_eq!(get(&c, &url, &[]).await.x_cache(), "HIT", "{url}");
+                }
+            }
+        }
+    };
+    let all_paths: &'static [&'static str] = &["/a", "/other", "/v/one", "/v/two", "/tagged", "/soft"];
+    warm(all_paths).await;
+    let x_cache = |path: &'static str| {
+        let c = c.clone();
+        let urls: Vec<String> = edges.iter().map(|e| e.url(path)).collect();
+        async move {
+            let mut out = Vec::new();
+            for url in urls {
+                out.push(get(&c, &url, &[]).await.x_cache().to_string());
+            }
+            out
+        }
+    };
+
+    // By URL (the key's host is the edge's address: purge that URL on each edge).
+    for edge in &edges {
+        purge(&control, json!({ "urls": [format!("https://{}/a", edge.http.ip())] })).await;
+    }
+    assert_eq!(x_cache("/a").await, ["MISS"; 3]);
+    assert_eq!(x_cache("/other").await, ["HIT"; 3], "unrelated objects stay");
+    // By prefix.
+    let prefixes: Vec<String> = edges.iter().map(|e| format!("{}/v/", e.http.ip())).collect();
+    purge(&control, json!({ "prefixes": prefixes })).await;
+    assert_eq!(x_cache("/v/one").await, ["MISS"; 3]);
+    assert_eq!(x_cache("/v/two").await, ["MISS"; 3]);
+    assert_eq!(x_cache("/other").await, ["HIT"; 3]);
+    // By tag.
+    purge(&control, json!({ "tags": ["video"] })).await;
+    assert_eq!(x_cache("/tagged").await, ["MISS"; 3]);
+    assert_eq!(x_cache("/other").await, ["HIT"; 3]);
+    // Soft: the next request revalidates (the origin answers 304).
+    let soft: Vec<String> = edges.iter().map(|e| format!("http://{}/soft", e.http.ip())).collect();
+    purge(&control, json!({ "urls": soft, "soft": true })).await;
+    assert_eq!(x_cache("/soft").await, ["REVALIDATED"; 3]);
+    assert_eq!(x_cache("/soft").await, ["HIT"; 3]);
+    // Everything.
+    let last_id = purge(&control, json!({ "all": true })).await;
+    assert_eq!(x_cache("/other").await, ["MISS"; 3]);
+
+    // Bad input changes nothing; no token is refused.
+    let url = format!("http://{}/v1/purge", control.api);
+    for (token, body, want) in [
+        (None, r#"{"all": true}"#, StatusCode::UNAUTHORIZED),
+        (Some("wrong-token-0123456789"), r#"{"all": true}"#, StatusCode::UNAUTHORIZED),
+        (Some(TOKEN), "{not json", StatusCode::BAD_REQUEST),
+        (Some(TOKEN), r#"{"urls": ["https://h/x"], "extra": 1}"#, StatusCode::BAD_REQUEST),
+        (Some(TOKEN), r#"{}"#, StatusCode::BAD_REQUEST),
+        (Some(TOKEN), r#"{"urls": ["no url here"]}"#, StatusCode::BAD_REQUEST),
+    ] {
+        let (status, reply) = api(Method::POST, &url, token, Some(body)).await;
+        assert_eq!(status, want, "{body}: {reply}");
+        assert!(reply["error"].is_string(), "{reply}");
+    }
+    let (status, _) = api(Method::GET, &format!("http://{}/v1/nodes", control.api), None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(x_cache("/other").await, ["HIT"; 3], "nothing was purged by bad calls");
+
+    // Drain and undrain travel to the view.
+    let (status, _) =
+        api(Method::POST, &format!("http://{}/v1/edges/edge-22/drain", control.api), Some(TOKEN), Some("")).await;
+    assert_eq!(status, StatusCode::OK);
+    wait_until(|| {
+        control
+            .cluster
+            .members()
+            .iter()
+            .any(|m| m.node_id == "edge-22" && m.state == cdn_control::cluster::MemberState::Drained)
+    })
+    .await;
+    let (_, nodes) = api(Method::GET, &format!("http://{}/v1/nodes", control.api), Some(TOKEN), None).await;
+    assert!(nodes.as_array().unwrap().iter().any(|n| n["node_id"] == "edge-22" && n["state"] == "drained"), "{nodes}");
+    assert_eq!(get(&c, &edges[1].url("/other"), &[]).await.status, StatusCode::OK, "a drained edge still serves");
+    api(Method::POST, &format!("http://{}/v1/edges/edge-22/undrain", control.api), Some(TOKEN), Some("")).await;
+    wait_until(|| {
+        control
+            .cluster
+            .members()
+            .iter()
+            .any(|m| m.node_id == "edge-22" && m.state == cdn_control::cluster::MemberState::Alive)
+    })
+    .await;
+    let (status, _) =
+        api(Method::POST, &format!("http://{}/v1/edges/nobody/drain", control.api), Some(TOKEN), Some("")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // An edge that was down misses purges; restarted, it applies them all before
+    // it reports ready.
+    let down = edges.pop().unwrap();
+    let down_ip = down.http.ip();
+    down.stop().await;
+    let mut missed = String::new();
+    for _ in 0..3 {
+        let (status, reply) = api(Method::POST, &url, Some(TOKEN), Some(r#"{"tags": ["nothing-cached"]}"#)).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        missed = reply["id"].as_str().unwrap().to_string();
+    }
+    let latest: u64 = missed.rsplit('-').next().unwrap().parse().unwrap();
+    let std::net::IpAddr::V4(v4) = down_ip else { unreachable!() };
+    let back = start_edge(v4.octets(), &origin.url(), seed, SECRET).await;
+    let readyz = format!("http://{}/readyz", back.admin);
+    let mut ready_at_seq = None;
+    for _ in 0..200 {
+        if get(&c, &readyz, &[]).await.status == StatusCode::OK {
+            let applied = back_applied(&control, "edge-23").await;
+            ready_at_seq = Some(applied);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let ready_at_seq = ready_at_seq.expect("the restarted edge became ready");
+    assert!(ready_at_seq >= latest, "ready at applied {ready_at_seq} < latest purge {latest}");
+
+    // The control node restarts: acknowledged purges are still known, and new
+    // purges get higher sequence numbers.
+    let api_addr = control.api;
+    let gossip = control.cluster.gossip_addr();
+    control.stop().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let control = RunningControl::start(data.path(), api_addr, gossip).await;
+    let (status, reply) =
+        api(Method::GET, &format!("http://{}/v1/purge/{last_id}", control.api), Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    let (status, reply) = api(Method::POST, &url, Some(TOKEN), Some(r#"{"tags": ["after-restart"]}"#)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert!(reply["seq"].as_u64().unwrap() > latest, "{reply}");
+
+    back.stop().await;
+    for edge in edges {
+        edge.stop().await;
+    }
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_with_another_secret_never_joins() {
+    let origin = MockOrigin::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let control =
+        RunningControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
+    let seed = control.cluster.gossip_addr();
+    let good = start_edge([127, 0, 0, 31], &origin.url(), seed, SECRET).await;
+    let intruder = start_edge([127, 0, 0, 32], &origin.url(), seed, "not-the-cluster-secret-xyz").await;
+    wait_for_edges(&control, &["edge-31"]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, nodes) = api(Method::GET, &format!("http://{}/v1/nodes", control.api), Some(TOKEN), None).await;
+    assert!(!nodes.as_array().unwrap().iter().any(|n| n["node_id"] == "edge-32"), "{nodes}");
+    // Its datagrams were counted as rejected.
+    let rejected: f64 = control
+        .registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "cdn_gossip_rejected_total")
+        .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()).collect::<Vec<_>>())
+        .sum();
+    assert!(rejected > 0.0, "rejected datagrams are counted");
+    intruder.stop().await;
+    good.stop().await;
+    control.stop().await;
+}
+
+async fn back_applied(control: &RunningControl, node: &str) -> u64 {
+    let (_, nodes) = api(Method::GET, &format!("http://{}/v1/nodes", control.api), Some(TOKEN), None).await;
+    nodes
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["node_id"] == node))
+        .and_then(|n| n["applied_seq"].as_u64())
+        .unwrap_or(0)
+}
+
+async fn wait_until(condition: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("condition not met in 5 s");
+}
