@@ -23,9 +23,12 @@ pub(crate) struct DevArgs {
     /// Content directory the origin serves.
     #[arg(long, default_value = "examples/content")]
     pub(crate) content: PathBuf,
-    /// Where the development certificate is kept.
+    /// Where the development certificate and the purge log are kept.
     #[arg(long, default_value = ".dev-data")]
     pub(crate) data_dir: PathBuf,
+    /// The control API token (default: a new random one, printed).
+    #[arg(long, env = "CDN_TOKEN")]
+    pub(crate) token: Option<String>,
 }
 
 /// An edge of the dev topology.
@@ -44,6 +47,10 @@ pub(crate) const EDGES: [DevEdge; 3] = [
 ];
 
 const ORIGIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+const CONTROL_API: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9000);
+const CONTROL_GOSSIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7946);
+/// Gossip port of every dev edge (on its own address).
+const EDGE_GOSSIP_PORT: u16 = 7946;
 
 /// Makes (or reuses) the development certificate; returns the cert and key paths.
 fn dev_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
@@ -72,6 +79,9 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
     let spki = cdn_control::tls::CertifiedKey::from_pem_files(&cert, &key)?.spki_sha256_base64()?;
 
     let mut tasks = tokio::task::JoinSet::new();
+    let token = args.token.clone().unwrap_or_else(cdn_control::server::random_token);
+    // A new gossip secret per run: nothing outside this process can join.
+    let secret = cdn_control::server::random_token();
 
     let mut origin = cdn_origin::Config::new(&args.content);
     origin.listen.http = ORIGIN;
@@ -96,6 +106,16 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
         async move { origin.serve(shutdown).await.map_err(anyhow::Error::from) }
     });
 
+    let mut control = cdn_control::server::Config::new("control", args.data_dir.join("control"), token.clone());
+    control.listen.api = CONTROL_API;
+    control.listen.admin = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9001)));
+    control.cluster = Some(cdn_control::cluster::ClusterConfig::new(CONTROL_GOSSIP, secret.clone()));
+    let control = cdn_control::server::Control::bind(control, &prometheus::Registry::new()).await.context("control")?;
+    tasks.spawn({
+        let shutdown = shutdown.clone();
+        async move { control.serve(shutdown).await.map_err(anyhow::Error::from) }
+    });
+
     for edge in &EDGES {
         let mut config = cdn_edge::Config::new(edge.node_id, format!("http://{ORIGIN}"));
         config.region = edge.node_id.to_string();
@@ -107,6 +127,10 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
         config.listen.admin = Some(SocketAddr::from((edge.ip, 9090)));
         config.tls = Some(tls.clone());
         config.cache.memory = bytesize::ByteSize::mib(256);
+        let mut cluster =
+            cdn_control::cluster::ClusterConfig::new(SocketAddr::from((edge.ip, EDGE_GOSSIP_PORT)), secret.clone());
+        cluster.seeds = vec![CONTROL_GOSSIP.to_string()];
+        config.cluster = Some(cluster);
         let bound = cdn_edge::Edge::bind(config, &prometheus::Registry::new())
             .await
             .with_context(|| format!("edge {}", edge.node_id))?;
@@ -116,7 +140,7 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
         });
     }
 
-    print_banner(&spki);
+    print_banner(&spki, &token);
 
     // Stop everything when one role fails or on Ctrl-C.
     let mut result = Ok(());
@@ -141,20 +165,23 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
     result
 }
 
-fn print_banner(spki: &str) {
+fn print_banner(spki: &str, token: &str) {
     let e = &EDGES;
     println!(
         r#"
   The local CDN is up.  Ctrl-C stops it.
 
   origin      http://127.0.0.1:8080/             (content, /_gen/<size> test objects)
-  edges       {a}  {b}  {c}   http :8080  https :8443  admin :9090
+  edges       {a}  {b}  {c}   http :8080  https+h3 :8443  admin :9090
+  control     http://127.0.0.1:9000/v1/          token {token}
 
   Try:
     curl -si http://{ai}:8080/hello.txt | grep -i -E 'x-cache|x-served-by|age'
     curl -si http://{bi}:8080/hello.txt | grep -i -E 'x-cache|x-served-by|age'
     curl -sik --http2 https://{ci}:8443/v/demo.mp4 -r 0-99 -o /dev/null -w '%{{http_version}} %{{http_code}}\n'
     curl -s http://{ai}:9090/metrics | grep cdn_requests_total
+    curl -s -H 'Authorization: Bearer {token}' http://127.0.0.1:9000/v1/nodes
+    curl -s -H 'Authorization: Bearer {token}' -d '{{"tags":["video"]}}' http://127.0.0.1:9000/v1/purge
 
   Demo page (plays video through an edge):
     https://{ai}:8443/       (self-signed: trust .dev-data/cert.pem, or start Chromium with

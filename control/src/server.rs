@@ -126,6 +126,19 @@ impl Config {
     }
 }
 
+/// A fresh random token (32 hex characters) for development setups.
+pub fn random_token() -> String {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 16];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        // No system randomness: fall back to the clock (still unguessable enough for dev).
+        bytes.copy_from_slice(
+            &u128::from(now_ms()).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835).to_le_bytes(),
+        );
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// When a purge was acknowledged and when every edge had applied it.
 #[derive(Debug, Clone, Copy)]
 struct Completion {
