@@ -48,8 +48,22 @@ pub(crate) struct Guard {
 }
 
 impl Guard {
-    pub(crate) fn close(self) {
+    /// Closes the connection; `quic_stats` prints QUIC's connection statistics first.
+    pub(crate) fn close(self, quic_stats: bool) {
         if let Some((connection, _endpoint)) = &self.quic {
+            if quic_stats {
+                let stats = connection.stats();
+                eprintln!(
+                    "loadgen: quic path: mtu {} rtt {:?} udp_rx {} datagrams / {} bytes, udp_tx {} datagrams, \
+                     client-side lost packets {}",
+                    stats.path.current_mtu,
+                    stats.path.rtt,
+                    stats.udp_rx.datagrams,
+                    stats.udp_rx.bytes,
+                    stats.udp_tx.datagrams,
+                    stats.path.lost_packets,
+                );
+            }
             connection.close(0u32.into(), b"done");
         }
         self.driver.abort();

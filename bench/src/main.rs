@@ -74,6 +74,9 @@ struct Args {
     /// A request (or connection attempt) taking longer than this counts as an error.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Print each QUIC connection's statistics (MTU, RTT, datagrams) to stderr at its end.
+    #[arg(long)]
+    quic_stats: bool,
     /// Runtime worker threads (default: the CPUs this process may run on).
     #[arg(long)]
     threads: Option<usize>,
@@ -111,6 +114,7 @@ struct Plan {
     timeout: Duration,
     deadline: Instant,
     tls_config: Option<Arc<rustls::ClientConfig>>,
+    quic_stats: bool,
 }
 
 /// The range size of `--range-random`.
@@ -159,11 +163,11 @@ fn main() -> anyhow::Result<()> {
     }
     let runtime = runtime.enable_all().build().context("starting the runtime")?;
     let report = runtime.block_on(run(args))?;
-    println!("{report}");
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 
-async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
+async fn run(args: Args) -> anyhow::Result<stats::Report> {
     anyhow::ensure!(args.connections >= 1 && args.streams >= 1, "--connections and --streams must be at least 1");
     let scheme = args.url.scheme_str().unwrap_or("");
     let tls = match scheme {
@@ -208,6 +212,7 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         timeout: args.timeout,
         deadline: started + args.duration,
         tls_config,
+        quic_stats: args.quic_stats,
     });
 
     // HTTP/1.1: one loop per connection; h2/h3: `streams` loops on each connection.
@@ -274,7 +279,7 @@ async fn connection_slot(plan: Arc<Plan>, loops: usize, slot: u64) -> Stats {
                 Err(error) => stats.error(format!("request loop: {error}")),
             }
         }
-        guard.close();
+        guard.close(plan.quic_stats);
     }
     stats
 }

@@ -2,7 +2,30 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use serde::Serialize;
+
 use crate::Args;
+
+/// The result line, in this field order. `mb_per_s` is 10^6 bytes of body per second.
+#[derive(Debug, Serialize)]
+pub(crate) struct Report {
+    proto: &'static str,
+    url: String,
+    connections: usize,
+    streams: usize,
+    requests: u64,
+    errors: u64,
+    bytes: u64,
+    seconds: f64,
+    req_per_s: f64,
+    mb_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Responses with `X-Cache: HIT` (0 from servers that do not send it).
+    x_cache_hits: u64,
+    /// CPU (user + system) the load generator used.
+    client_cpu_s: Option<f64>,
+}
 
 /// What a request loop (or the whole run) counted.
 #[derive(Debug, Default)]
@@ -52,7 +75,7 @@ impl Stats {
         messages
     }
 
-    pub(crate) fn report(mut self, args: &Args, seconds: f64, cpu: Option<f64>) -> serde_json::Value {
+    pub(crate) fn report(mut self, args: &Args, seconds: f64, cpu: Option<f64>) -> Report {
         self.latencies.sort_unstable();
         let round = |x: f64, places: i32| (x * 10f64.powi(places)).round() / 10f64.powi(places);
         let percentile = |p: f64| {
@@ -63,22 +86,22 @@ impl Stats {
             let rank = ((p / 100.0) * self.latencies.len() as f64).ceil() as usize;
             round(f64::from(self.latencies[rank.clamp(1, self.latencies.len()) - 1]) / 1000.0, 3)
         };
-        serde_json::json!({
-            "proto": args.proto.name(),
-            "url": args.url.to_string(),
-            "connections": args.connections,
-            "streams": args.streams,
-            "requests": self.requests,
-            "errors": self.errors,
-            "bytes": self.bytes,
-            "seconds": round(seconds, 3),
-            "req_per_s": round(self.requests as f64 / seconds, 1),
-            "mb_per_s": round(self.bytes as f64 / seconds / 1e6, 1),
-            "p50_ms": percentile(50.0),
-            "p99_ms": percentile(99.0),
-            "x_cache_hits": self.hits,
-            "client_cpu_s": cpu.map(|c| round(c, 2)),
-        })
+        Report {
+            proto: args.proto.name(),
+            url: args.url.to_string(),
+            connections: args.connections,
+            streams: args.streams,
+            requests: self.requests,
+            errors: self.errors,
+            bytes: self.bytes,
+            seconds: round(seconds, 3),
+            req_per_s: round(self.requests as f64 / seconds, 1),
+            mb_per_s: round(self.bytes as f64 / seconds / 1e6, 1),
+            p50_ms: percentile(50.0),
+            p99_ms: percentile(99.0),
+            x_cache_hits: self.hits,
+            client_cpu_s: cpu.map(|c| round(c, 2)),
+        }
     }
 }
 

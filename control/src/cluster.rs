@@ -306,11 +306,13 @@ impl Cluster {
             .handle
             .with_chitchat(|chitchat| {
                 let tx = tx.clone();
-                chitchat.subscribe_event(prefix, move |event| {
-                    // Runs under chitchat's lock: only forward.
+                let prefix = prefix.to_string();
+                chitchat.subscribe_event(prefix.clone(), move |event| {
+                    // Runs under chitchat's lock: only forward. (chitchat strips the
+                    // subscription prefix from the key; put it back.)
                     let _ = tx.send(KeyChange {
                         node_id: event.node.node_id.to_string(),
-                        key: event.key.to_string(),
+                        key: format!("{prefix}{}", event.key),
                         value: event.value.to_string(),
                     });
                 })

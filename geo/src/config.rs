@@ -377,8 +377,9 @@ mod tests {
         assert!(err.to_string().contains("bogus"), "{err}");
         let err = toml::from_str::<Config>("node_id = \"a\"\nzone = \"x\"\nttl = \"soon\"\n").unwrap_err();
         assert!(err.to_string().contains("ttl") || err.to_string().contains("line 3"), "{err}");
-        let err = toml::from_str::<Config>("node_id = \"a\"\nzone = \"x\"\n[[networks]]\ncidr = \"10.0.0.0/8\"\nlat = 1\n")
-            .unwrap_err();
+        let err =
+            toml::from_str::<Config>("node_id = \"a\"\nzone = \"x\"\n[[networks]]\ncidr = \"10.0.0.0/8\"\nlat = 1\n")
+                .unwrap_err();
         assert!(err.to_string().contains("lat"), "{err}");
 
         let mut config = Config::new(".");

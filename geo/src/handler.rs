@@ -222,6 +222,10 @@ impl Shared {
         if udp {
             self.fit(request, &mut reply);
         }
+        self.metrics.queries.with_label_values(&[rcode_label(reply.metadata.response_code)]).inc();
+        if let Some(region) = &reply.region {
+            self.metrics.answers.with_label_values(&[region.as_str()]).inc();
+        }
         Outcome::Send(reply)
     }
 
@@ -423,10 +427,6 @@ impl RequestHandler for Handler {
                 ResponseInfo::from(Header { metadata: reply.metadata, counts: HeaderCounts::default() })
             }
         };
-        shared.metrics.queries.with_label_values(&[rcode_label(reply.metadata.response_code)]).inc();
-        if let Some(region) = &reply.region {
-            shared.metrics.answers.with_label_values(&[region.as_str()]).inc();
-        }
         shared.metrics.duration.observe(start.elapsed().as_secs_f64());
         info
     }

@@ -108,19 +108,18 @@ impl Locator {
     /// Where the client at `addr` is.
     pub fn locate<'a>(&'a self, addr: IpAddr, db: Option<&dyn Database>) -> Located<'a> {
         let addr = canonical(addr);
-        let (location, prefix, source) = if let Some((net, location)) =
-            self.networks.iter().find(|(net, _)| net.contains(&addr))
-        {
-            (Cow::Borrowed(location), net.prefix_len(), Source::Network)
-        } else {
-            match db.and_then(|db| db.lookup(addr)) {
-                Some(DbAnswer { point: Some(point), prefix }) => {
-                    (Cow::Owned(ClientLocation::at(point)), prefix, Source::Database)
+        let (location, prefix, source) =
+            if let Some((net, location)) = self.networks.iter().find(|(net, _)| net.contains(&addr)) {
+                (Cow::Borrowed(location), net.prefix_len(), Source::Network)
+            } else {
+                match db.and_then(|db| db.lookup(addr)) {
+                    Some(DbAnswer { point: Some(point), prefix }) => {
+                        (Cow::Owned(ClientLocation::at(point)), prefix, Source::Database)
+                    }
+                    Some(DbAnswer { point: None, prefix }) => (Cow::Borrowed(&self.default), prefix, Source::Default),
+                    None => (Cow::Borrowed(&self.default), 0, Source::Default),
                 }
-                Some(DbAnswer { point: None, prefix }) => (Cow::Borrowed(&self.default), prefix, Source::Default),
-                None => (Cow::Borrowed(&self.default), 0, Source::Default),
-            }
-        };
+            };
         Located { location, scope: self.scope(addr, prefix), source }
     }
 

@@ -39,10 +39,8 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// Registers the metrics in `registry`.
     pub(crate) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let queries = IntCounterVec::new(
-            Opts::new("cdn_dns_queries_total", "DNS responses sent, by response code"),
-            &["rcode"],
-        )?;
+        let queries =
+            IntCounterVec::new(Opts::new("cdn_dns_queries_total", "DNS responses sent, by response code"), &["rcode"])?;
         let answers = IntCounterVec::new(
             Opts::new("cdn_dns_answers_total", "Edge answers given, by the region of the first edge"),
             &["region"],

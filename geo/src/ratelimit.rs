@@ -79,7 +79,7 @@ impl RateLimiter {
             return Verdict::Answer;
         }
         bucket.limited = bucket.limited.wrapping_add(1);
-        if self.slip > 0 && bucket.limited % self.slip == 0 { Verdict::Slip } else { Verdict::Drop }
+        if self.slip > 0 && bucket.limited.is_multiple_of(self.slip) { Verdict::Slip } else { Verdict::Drop }
     }
 
     /// Forgets networks whose bucket has refilled (they are as good as new); at most

@@ -289,7 +289,7 @@ mod tests {
 
     const POLICY: Policy = Policy { answers: 2, near_radius_km: 500.0, max_load: 0.9 };
 
-    fn ids(selection: &Selection<'_>) -> Vec<&str> {
+    fn ids<'a>(selection: &Selection<'a>) -> Vec<&'a str> {
         selection.edges.iter().map(|m| m.node_id.as_str()).collect()
     }
 

@@ -165,11 +165,12 @@ impl Zone {
                     Name::root()
                 })
             }
-            None => in_zone(Name::from_labels([b"hostmaster" as &[u8]]).unwrap_or_default(), &zone)
-                .unwrap_or_else(|error| {
+            None => in_zone(Name::from_labels([b"hostmaster" as &[u8]]).unwrap_or_default(), &zone).unwrap_or_else(
+                |error| {
                     problems.push(format!("soa.rname: hostmaster.<zone> is {error}"));
                     Name::root()
-                }),
+                },
+            ),
         };
 
         if zone.is_root() && problems.iter().all(|p| !p.starts_with("zone")) {
@@ -206,11 +207,6 @@ impl Zone {
             config.ns_addrs.clone()
         };
         Ok(Self { origin, services, nameservers_in_zone, ns_addrs, soa, negative_soa, ns, static_ttl })
-    }
-
-    /// The zone apex.
-    pub(crate) fn origin(&self) -> &LowerName {
-        &self.origin
     }
 
     /// What `name` is to this zone.

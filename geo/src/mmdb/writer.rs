@@ -20,9 +20,9 @@ pub(crate) enum Value {
     /// Unsigned 64-bit integer.
     U64(u64),
     /// Map with string keys.
-    Map(Vec<(String, Value)>),
+    Map(Vec<(String, Self)>),
     /// Array.
-    Array(Vec<Value>),
+    Array(Vec<Self>),
 }
 
 fn map(pairs: Vec<(&str, Value)>) -> Value {

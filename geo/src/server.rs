@@ -1,0 +1,160 @@
+//! The geo-DNS's sockets and lifecycle: bind everything first, then serve until
+//! shutdown.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use hickory_server::Server;
+use prometheus::Registry;
+use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use cdn_control::admin::{self, Readiness};
+
+use crate::{
+    Error,
+    config::Config,
+    handler::{Handler, MemberSource, Shared},
+    metrics::Metrics,
+    mmdb::GeoDb,
+};
+
+/// How long an idle TCP connection may stay open.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Responses queued per TCP connection.
+const TCP_QUEUE: usize = 32;
+
+/// A geo-DNS whose sockets are bound, ready to [`serve`](Self::serve).
+pub struct Geo {
+    config: Config,
+    shared: Arc<Shared>,
+    udp: UdpSocket,
+    tcp: TcpListener,
+    admin: Option<TcpListener>,
+    dns_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    registry: Registry,
+    readiness: Readiness,
+}
+
+impl std::fmt::Debug for Geo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Geo")
+            .field("node_id", &self.config.node_id)
+            .field("zone", &self.config.zone)
+            .field("dns_addr", &self.dns_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bind_error(addr: SocketAddr, protocol: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Bind { addr, protocol, source }
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Binds UDP and TCP on one address; with port 0, on one free port for both.
+async fn bind_dns(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), Error> {
+    let attempts = if addr.port() == 0 { 20 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(addr).await.map_err(bind_error(addr, "udp"))?;
+        let local = udp.local_addr().map_err(bind_error(addr, "udp"))?;
+        match bind_tcp(local) {
+            Ok(tcp) => return Ok((udp, tcp, local)),
+            Err(error) => last = Some(error),
+        }
+    }
+    let error = last.unwrap_or_else(|| std::io::Error::other("no attempt made"));
+    Err(Error::Bind { addr, protocol: "tcp", source: error })
+}
+
+impl Geo {
+    /// Validates the config, loads the GeoIP database and binds the DNS (UDP and
+    /// TCP) and admin sockets. `members` is the cluster view, read on every query.
+    pub async fn bind(config: Config, registry: &Registry, members: MemberSource) -> Result<Self, Error> {
+        config.validate()?;
+        let geodb = match &config.geoip_db {
+            Some(path) => GeoDb::open(path).await.map_err(|reason| Error::GeoDb { path: path.clone(), reason })?,
+            None => GeoDb::none(),
+        };
+        let metrics = Metrics::register(registry)?;
+        let shared = Arc::new(Shared::new(&config, Arc::new(geodb), members, metrics)?);
+        let (udp, tcp, dns_addr) = bind_dns(config.listen.dns).await?;
+        let admin = match config.listen.admin {
+            Some(addr) => Some(cdn_control::listener::bind(addr).await?),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().and_then(|listener| listener.local_addr().ok());
+        Ok(Self {
+            config,
+            shared,
+            udp,
+            tcp,
+            admin,
+            dns_addr,
+            admin_addr,
+            registry: registry.clone(),
+            readiness: Readiness::new(),
+        })
+    }
+
+    /// The DNS address (UDP and TCP).
+    pub fn dns_addr(&self) -> SocketAddr {
+        self.dns_addr
+    }
+
+    /// The admin address, when listening.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Serves DNS (and the admin endpoints) until `shutdown` is cancelled.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Self { config, shared, udp, tcp, admin, dns_addr, registry, readiness, .. } = self;
+        // Our own tasks stop with `shutdown`, or when the DNS listeners fail.
+        let stop = shutdown.child_token();
+        let mut tasks = tokio::task::JoinSet::new();
+        readiness.set("shutdown", true);
+        if let Some(listener) = admin {
+            tasks.spawn(admin::serve(listener, registry, readiness.clone(), stop.clone()));
+        }
+        tasks.spawn(shared.geodb.clone().watch(config.geoip_reload, stop.clone()));
+
+        let mut server = Server::new(Handler(shared));
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_IDLE, TCP_QUEUE);
+        info!(
+            node_id = %config.node_id,
+            zone = %config.zone,
+            dns = %dns_addr,
+            geoip_db = ?config.geoip_db,
+            "geo-dns started"
+        );
+        let ended = tokio::select! {
+            result = server.block_until_done() => Some(result),
+            () = shutdown.cancelled() => None,
+        };
+        readiness.set("shutdown", false);
+        let result = match ended {
+            // A listener stopped on its own: stop the rest too.
+            Some(result) => {
+                stop.cancel();
+                result
+                    .map_err(|error| Error::Serve(error.to_string()))
+                    .and_then(|()| Err(Error::Serve("the dns listeners stopped".into())))
+            }
+            None => server.shutdown_gracefully().await.map_err(|error| Error::Serve(error.to_string())),
+        };
+        stop.cancel();
+        while tasks.join_next().await.is_some() {}
+        info!(node_id = %config.node_id, "geo-dns stopped");
+        result
+    }
+}
