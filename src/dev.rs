@@ -35,19 +35,35 @@ pub(crate) struct DevArgs {
 pub(crate) struct DevEdge {
     pub(crate) node_id: &'static str,
     pub(crate) ip: Ipv4Addr,
+    /// Clients in this documentation network (RFC 5737) are in the edge's region.
+    pub(crate) clients: &'static str,
     pub(crate) lat: f64,
     pub(crate) lon: f64,
 }
 
 /// The three edges of `cdn dev`.
 pub(crate) const EDGES: [DevEdge; 3] = [
-    DevEdge { node_id: "us-east", ip: Ipv4Addr::new(127, 0, 0, 11), lat: 40.71, lon: -74.01 },
-    DevEdge { node_id: "eu-west", ip: Ipv4Addr::new(127, 0, 0, 12), lat: 53.35, lon: -6.26 },
-    DevEdge { node_id: "ap-south", ip: Ipv4Addr::new(127, 0, 0, 13), lat: 19.08, lon: 72.88 },
+    DevEdge { node_id: "us-east", ip: Ipv4Addr::new(127, 0, 0, 11), clients: "192.0.2.0/24", lat: 40.71, lon: -74.01 },
+    DevEdge {
+        node_id: "eu-west",
+        ip: Ipv4Addr::new(127, 0, 0, 12),
+        clients: "198.51.100.0/24",
+        lat: 53.35,
+        lon: -6.26,
+    },
+    DevEdge {
+        node_id: "ap-south",
+        ip: Ipv4Addr::new(127, 0, 0, 13),
+        clients: "203.0.113.0/24",
+        lat: 19.08,
+        lon: 72.88,
+    },
 ];
 
 const ORIGIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
 const CONTROL_API: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9000);
+const DNS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5300);
+const GEO_GOSSIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7947);
 const CONTROL_GOSSIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7946);
 /// Gossip port of every dev edge (on its own address).
 const EDGE_GOSSIP_PORT: u16 = 7946;
@@ -140,6 +156,27 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
         });
     }
 
+    let mut geo = cdn_geo::Config::new("cdn.test.");
+    geo.listen.dns = DNS;
+    geo.listen.admin = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9053)));
+    geo.default_region = Some(EDGES[0].node_id.to_string());
+    geo.networks = EDGES
+        .iter()
+        .map(|edge| cdn_geo::config::Network {
+            cidr: edge.clients.to_string(),
+            location: Some(cdn_geo::config::Location { lat: edge.lat, lon: edge.lon }),
+            region: Some(edge.node_id.to_string()),
+        })
+        .collect();
+    let mut cluster = cdn_control::cluster::ClusterConfig::new(GEO_GOSSIP, secret.clone());
+    cluster.seeds = vec![CONTROL_GOSSIP.to_string()];
+    geo.cluster = Some(cluster);
+    geo.validate()?;
+    tasks.spawn({
+        let shutdown = shutdown.clone();
+        async move { cdn_geo::run(geo, shutdown, prometheus::Registry::new()).await.map_err(anyhow::Error::from) }
+    });
+
     print_banner(&spki, &token);
 
     // Stop everything when one role fails or on Ctrl-C.
@@ -174,6 +211,8 @@ fn print_banner(spki: &str, token: &str) {
   origin      http://127.0.0.1:8080/             (content, /_gen/<size> test objects)
   edges       {a}  {b}  {c}   http :8080  https+h3 :8443  admin :9090
   control     http://127.0.0.1:9000/v1/          token {token}
+  geo-DNS     127.0.0.1:5300 (udp+tcp), zone cdn.test.  clients 192.0.2.0/24 → us-east,
+              198.51.100.0/24 → eu-west, 203.0.113.0/24 → ap-south
 
   Try:
     curl -si http://{ai}:8080/hello.txt | grep -i -E 'x-cache|x-served-by|age'
@@ -181,6 +220,7 @@ fn print_banner(spki: &str, token: &str) {
     curl -sik --http2 https://{ci}:8443/v/demo.mp4 -r 0-99 -o /dev/null -w '%{{http_version}} %{{http_code}}\n'
     curl -s http://{ai}:9090/metrics | grep cdn_requests_total
     curl -s -H 'Authorization: Bearer {token}' http://127.0.0.1:9000/v1/nodes
+    dig @127.0.0.1 -p 5300 www.cdn.test A +subnet=198.51.100.0/24 +short
     curl -s -H 'Authorization: Bearer {token}' -d '{{"tags":["video"]}}' http://127.0.0.1:9000/v1/purge
 
   Demo page (plays video through an edge):

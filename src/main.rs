@@ -41,16 +41,25 @@ enum Command {
     /// Run a control node: cluster membership, the purge API and routing.
     Control(ControlArgs),
     /// Run the geo-DNS: answer with the nearest healthy edges.
-    Geo(RoleArgs),
+    Geo(GeoArgs),
     /// Start a whole local CDN on loopback: origin, control, three edges, geo-DNS.
     Dev(dev::DevArgs),
 }
 
 #[derive(Debug, Args)]
-struct RoleArgs {
+struct GeoArgs {
     /// TOML config file.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// The zone served (`zone`), e.g. `cdn.test.`.
+    #[arg(long)]
+    zone: Option<String>,
+    /// DNS listen address, UDP and TCP (`listen.dns`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// MaxMind-format database (`geoip_db`).
+    #[arg(long)]
+    geoip_db: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -177,9 +186,18 @@ async fn async_main(command: Command) -> ExitCode {
             spawn_signal_handler(shutdown.clone());
             finish("control", cdn_control::server::run(config, shutdown, registry).await)
         }
-        Command::Geo(_) => {
-            eprintln!("error: this role is not built yet in this version");
-            ExitCode::from(2)
+        Command::Geo(args) => {
+            let overrides = Overrides::new()
+                .string("zone", args.zone)
+                .string("listen.dns", args.listen)
+                .path("geoip_db", args.geoip_db);
+            let config: cdn_geo::Config =
+                match config::load(args.config.as_deref(), overrides, |c: &cdn_geo::Config| c.validate()) {
+                    Ok(config) => config,
+                    Err(code) => return code,
+                };
+            spawn_signal_handler(shutdown.clone());
+            finish("geo", cdn_geo::run(config, shutdown, registry).await)
         }
         Command::Dev(args) => {
             spawn_signal_handler(shutdown.clone());

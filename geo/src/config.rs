@@ -87,6 +87,9 @@ pub struct Config {
     /// instead so real clients retry over TCP. 0 turns the limit off.
     #[serde(default = "default_rate_limit")]
     pub rate_limit: u32,
+    /// The cluster to join; the edges come from its view. Without it, geo knows no
+    /// edges (useful only in tests that supply a member source).
+    pub cluster: Option<cdn_control::cluster::ClusterConfig>,
 }
 
 /// `[listen]`.
@@ -237,12 +240,16 @@ impl Config {
             near_radius_km: default_near_radius(),
             max_load: default_max_load(),
             rate_limit: default_rate_limit(),
+            cluster: None,
         }
     }
 
     /// Checks every value, naming the key of each problem.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
+        if let Some(cluster) = &self.cluster {
+            problems.extend(cluster.problems("cluster"));
+        }
         if self.node_id.is_empty() || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             problems.push("node_id: must be non-empty letters, digits, '-', '_' or '.'".to_string());
         }

@@ -36,4 +36,4 @@ mod zone;
 pub use config::Config;
 pub use error::Error;
 pub use handler::MemberSource;
-pub use server::Geo;
+pub use server::{Geo, run};

@@ -158,3 +158,29 @@ impl Geo {
         result
     }
 }
+
+/// Joins the cluster (when configured), binds, and serves until `shutdown`; the
+/// answers come from the cluster's live view of the edges.
+pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry) -> Result<(), Error> {
+    let cluster_shutdown = CancellationToken::new();
+    let members: MemberSource = match &config.cluster {
+        Some(cluster_config) => {
+            let node = cdn_control::cluster::NodeInfo {
+                node_id: config.node_id.clone(),
+                role: cdn_control::cluster::Role::Geo,
+                region: None,
+                location: None,
+                public_addr: None,
+                admin: config.listen.admin,
+            };
+            let cluster =
+                cdn_control::cluster::Cluster::join(cluster_config, node, &registry, cluster_shutdown.clone()).await?;
+            cluster.publish_health(true, 0.0).await;
+            Arc::new(move || cluster.members().as_ref().clone())
+        }
+        None => Arc::new(Vec::new),
+    };
+    let result = Geo::bind(config, &registry, members).await?.serve(shutdown).await;
+    cluster_shutdown.cancel();
+    result
+}

@@ -347,3 +347,130 @@ async fn purge_latency_probe() {
         eprintln!("{id}: completed_ms={} wall={:?}", status["completed_ms"], t.elapsed());
     }
 }
+
+/// `dig +short` for `www.cdn.test A` from a client in `subnet`.
+async fn dig(dns: SocketAddr, subnet: &str) -> Vec<String> {
+    let output = tokio::process::Command::new("dig")
+        .args([
+            &format!("@{}", dns.ip()),
+            "-p",
+            &dns.port().to_string(),
+            "www.cdn.test",
+            "A",
+            "+short",
+            "+time=1",
+            "+tries=1",
+        ])
+        .arg(format!("+subnet={subnet}"))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("dig runs (scripts/test-deps.sh installs dnsutils)");
+    String::from_utf8_lossy(&output.stdout).lines().map(str::to_string).filter(|l| !l.starts_with(';')).collect()
+}
+
+/// Waits (up to 10 s) until `check` holds for the answer; returns how long it took.
+async fn until_answer(dns: SocketAddr, subnet: &str, check: impl Fn(&[String]) -> bool) -> Duration {
+    let started = std::time::Instant::now();
+    loop {
+        let answer = dig(dns, subnet).await;
+        if check(&answer) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "answer for {subnet} stuck at {answer:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn geo_dns_follows_the_cluster_drains_and_deaths() {
+    let origin = MockOrigin::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let control =
+        RunningControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
+    let seed = control.cluster.gossip_addr();
+
+    // Geo, in-process, joined to the cluster.
+    let mut geo = cdn_geo::Config::new("cdn.test.");
+    geo.listen.dns = "127.0.0.1:0".parse().unwrap();
+    geo.listen.admin = None;
+    let port = harness::free_port();
+    geo.listen.dns = ([127, 0, 0, 1], port).into();
+    geo.networks = vec![
+        cdn_geo::config::Network {
+            cidr: "10.1.0.0/16".into(),
+            location: Some(cdn_geo::config::Location { lat: 40.7, lon: -74.0 }),
+            region: None,
+        },
+        cdn_geo::config::Network {
+            cidr: "10.2.0.0/16".into(),
+            location: Some(cdn_geo::config::Location { lat: 53.3, lon: -6.3 }),
+            region: None,
+        },
+    ];
+    let mut cluster = ClusterConfig::new("127.0.0.1:0".parse().unwrap(), SECRET);
+    cluster.seeds = vec![seed.to_string()];
+    geo.cluster = Some(cluster);
+    let geo_shutdown = CancellationToken::new();
+    tokio::spawn(cdn_geo::run(geo, geo_shutdown.clone(), Registry::new()));
+    let dns: SocketAddr = ([127, 0, 0, 1], port).into();
+
+    // Two edges as real processes, so one can be killed for real.
+    let dir = tempfile::tempdir().unwrap();
+    let mut children = Vec::new();
+    for (last, lat, lon) in [(51u8, 40.7, -74.0), (52u8, 53.3, -6.3)] {
+        let file = dir.path().join(format!("edge-{last}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                r#"node_id = "edge-{last}"
+region = "r{last}"
+location = {{ lat = {lat}, lon = {lon} }}
+public_addr = "127.0.0.{last}"
+[listen]
+http = "127.0.0.{last}:0"
+admin = "127.0.0.{last}:0"
+[origin]
+url = "{origin}"
+[cluster]
+listen = "127.0.0.{last}:0"
+seeds = ["{seed}"]
+secret = "{SECRET}"
+"#,
+                origin = origin.url(),
+            ),
+        )
+        .unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cdn"))
+            .args(["edge", "--config"])
+            .arg(&file)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("cdn edge starts");
+        children.push(child);
+    }
+    // Each region's clients get their own edge first.
+    until_answer(dns, "10.1.0.0/24", |a| a.first().map(String::as_str) == Some("127.0.0.51")).await;
+    until_answer(dns, "10.2.0.0/24", |a| a.first().map(String::as_str) == Some("127.0.0.52")).await;
+
+    // Drain through the control API: out of answers while it keeps running.
+    let (status, _) =
+        api(Method::POST, &format!("http://{}/v1/edges/edge-52/drain", control.api), Some(TOKEN), Some("")).await;
+    assert_eq!(status, StatusCode::OK);
+    let drained = until_answer(dns, "10.2.0.0/24", |a| !a.is_empty() && !a.iter().any(|ip| ip == "127.0.0.52")).await;
+    eprintln!("drain reached DNS answers in {drained:?}");
+    api(Method::POST, &format!("http://{}/v1/edges/edge-52/undrain", control.api), Some(TOKEN), Some("")).await;
+    until_answer(dns, "10.2.0.0/24", |a| a.first().map(String::as_str) == Some("127.0.0.52")).await;
+
+    // Kill -9 the Dublin edge: gone from answers within 3 s.
+    let mut dublin = children.pop().unwrap();
+    dublin.start_kill().unwrap();
+    let _ = dublin.wait().await;
+    let gone = until_answer(dns, "10.2.0.0/24", |a| !a.is_empty() && !a.iter().any(|ip| ip == "127.0.0.52")).await;
+    eprintln!("killed edge left DNS answers in {gone:?}");
+    assert!(gone < Duration::from_secs(3), "killed edge still answered after {gone:?}");
+
+    geo_shutdown.cancel();
+    control.stop().await;
+}
