@@ -132,6 +132,20 @@ mod tests {
         http: Option<std::net::SocketAddr>,
     }
 
+    fn example<T: DeserializeOwned>(name: &str) -> T {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        parse(&text, name, &Overrides::new()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_example_configs_load_and_validate() {
+        example::<cdn_origin::Config>("origin.toml").validate().unwrap();
+        example::<cdn_edge::Config>("edge.toml").validate().unwrap();
+        example::<cdn_control::server::Config>("control.toml").validate().unwrap();
+        example::<cdn_geo::Config>("geo.toml").validate().unwrap();
+    }
+
     #[test]
     fn unknown_keys_name_the_key_file_and_line() {
         let err = parse::<Sample>("root = \"x\"\nbogus = 1\n", "a.toml", &Overrides::new()).unwrap_err();

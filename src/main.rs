@@ -6,6 +6,7 @@
 
 mod config;
 mod dev;
+mod ops;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
@@ -44,6 +45,14 @@ enum Command {
     Geo(GeoArgs),
     /// Start a whole local CDN on loopback: origin, control, three edges, geo-DNS.
     Dev(dev::DevArgs),
+    /// Purge cached objects on every edge (through a control node).
+    Purge(ops::PurgeArgs),
+    /// Show the cluster: every node, its state, load and applied purges.
+    Nodes(ops::NodesArgs),
+    /// Take an edge out of DNS answers (it keeps serving its connections).
+    Drain(ops::DrainArgs),
+    /// Put a drained edge back into DNS answers.
+    Undrain(ops::DrainArgs),
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +208,10 @@ async fn async_main(command: Command) -> ExitCode {
             spawn_signal_handler(shutdown.clone());
             finish("geo", cdn_geo::run(config, shutdown, registry).await)
         }
+        Command::Purge(args) => client_result(ops::purge(args).await),
+        Command::Nodes(args) => client_result(ops::nodes(args).await),
+        Command::Drain(args) => client_result(ops::drain(args, true).await),
+        Command::Undrain(args) => client_result(ops::drain(args, false).await),
         Command::Dev(args) => {
             spawn_signal_handler(shutdown.clone());
             match dev::run(args, shutdown).await {
@@ -208,6 +221,16 @@ async fn async_main(command: Command) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn client_result(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -8,12 +8,14 @@
 //!   graceful shutdown, used by every HTTP server in the project.
 //! - [`tls`]: certificates — PEM files or a self-signed certificate for development.
 //! - [`cluster`]: gossip membership and state (chitchat), the view every role reads.
+//! - [`client`]: a typed client of the control API.
 //! - [`admin`]: the per-node admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`server`]: the control node (purge API, routing).
 //! - [`purge`]: purge requests, matching and the durable purge log.
 //! - [`error`]: this crate's error type.
 
 pub mod admin;
+pub mod client;
 pub mod cluster;
 pub mod error;
 pub mod listener;

@@ -474,3 +474,55 @@ secret = "{SECRET}"
     geo_shutdown.cancel();
     control.stop().await;
 }
+
+#[tokio::test]
+async fn operator_commands_purge_list_and_drain() {
+    let origin = MockOrigin::start().await;
+    origin.route("/x", Route::ok("max-age=600", "x").header("surrogate-key", "ops"));
+    let data = tempfile::tempdir().unwrap();
+    let control =
+        RunningControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
+    let edge = start_edge([127, 0, 0, 61], &origin.url(), control.cluster.gossip_addr(), SECRET).await;
+    wait_for_edges(&control, &["edge-61"]).await;
+    let c = client();
+    get(&c, &edge.url("/x"), &[]).await;
+    assert_eq!(get(&c, &edge.url("/x"), &[]).await.x_cache(), "HIT");
+    let cdn = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_cdn"));
+        command
+            .args(args)
+            .env("CDN_CONTROL", format!("http://{}", control.api))
+            .env("CDN_TOKEN", TOKEN)
+            .kill_on_drop(true);
+        command
+    };
+    let out = cdn(&["purge", "--tag", "ops", "--wait"]).output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("accepted") && text.contains("edge-61") && text.contains("complete on 1 edges"), "{text}");
+    assert_eq!(get(&c, &edge.url("/x"), &[]).await.x_cache(), "MISS");
+    let out = cdn(&["nodes"]).output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("NODE") && text.contains("edge-61") && text.contains("control-1"), "{text}");
+    let out = cdn(&["drain", "edge-61"]).output().await.unwrap();
+    assert!(out.status.success());
+    wait_until(|| {
+        control
+            .cluster
+            .members()
+            .iter()
+            .any(|m| m.node_id == "edge-61" && m.state == cdn_control::cluster::MemberState::Drained)
+    })
+    .await;
+    let out = cdn(&["undrain", "edge-61"]).output().await.unwrap();
+    assert!(out.status.success());
+    // Refusals are clear and exit non-zero.
+    let out = cdn(&["purge", "--url", "not a url"]).output().await.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("400"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cdn(&["nodes"]).env("CDN_TOKEN", "wrong-token-wrong-token").output().await.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    edge.stop().await;
+    control.stop().await;
+}

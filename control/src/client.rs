@@ -1,0 +1,129 @@
+//! A typed client of the control API, for the `cdn purge|nodes|drain` commands,
+//! tests and benchmarks.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// What went wrong talking to the control API.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The base URL or a path does not parse.
+    #[error("bad control address: {0}")]
+    Address(String),
+    /// No answer.
+    #[error("control API unreachable: {0}")]
+    Unreachable(String),
+    /// The API refused the call.
+    #[error("{status}: {message}")]
+    Refused {
+        /// HTTP status.
+        status: StatusCode,
+        /// The API's `error` text.
+        message: String,
+    },
+    /// The answer is not what the API promises.
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+}
+
+/// `202` answer of a purge.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PurgeAck {
+    /// `<control>-<seq>`.
+    pub id: String,
+    /// Sequence number.
+    pub seq: u64,
+}
+
+/// `GET /v1/purge/{id}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PurgeStatus {
+    /// The purge.
+    pub id: String,
+    /// `pending` or `complete`.
+    pub status: String,
+    /// Edge → `applied` | `pending`.
+    pub edges: std::collections::BTreeMap<String, String>,
+    /// Acknowledgement to last edge, when complete and measured by this node.
+    pub completed_ms: Option<u64>,
+}
+
+/// A client of one control node.
+pub struct ControlClient {
+    base: String,
+    token: String,
+    client: Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Full<Bytes>>,
+}
+
+impl ControlClient {
+    /// A client of the control API at `base` (`http://127.0.0.1:9000`) with `token`.
+    pub fn new(base: &str, token: &str) -> Result<Self, ClientError> {
+        let base = base.trim_end_matches('/').to_string();
+        base.parse::<http::Uri>().map_err(|e| ClientError::Address(format!("{base}: {e}")))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Address(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector =
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
+        Ok(Self { base, token: token.to_string(), client: Client::builder(TokioExecutor::new()).build(connector) })
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<Value, ClientError> {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Address(e.to_string()))?;
+        let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
+            .await
+            .map_err(|_| ClientError::Unreachable("timed out".into()))?
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let status = response.status();
+        let bytes =
+            response.into_body().collect().await.map_err(|e| ClientError::Unreachable(e.to_string()))?.to_bytes();
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if !status.is_success() {
+            let message = value["error"].as_str().unwrap_or("no error text").to_string();
+            return Err(ClientError::Refused { status, message });
+        }
+        Ok(value)
+    }
+
+    /// `POST /v1/purge` with a body as documented (`urls`, `prefixes`, `tags`, `all`, `soft`).
+    pub async fn purge(&self, body: &Value) -> Result<PurgeAck, ClientError> {
+        let value = self.call(Method::POST, "/v1/purge", Some(body.to_string())).await?;
+        serde_json::from_value(value).map_err(|e| ClientError::Unexpected(e.to_string()))
+    }
+
+    /// `GET /v1/purge/{id}`.
+    pub async fn status(&self, id: &str) -> Result<PurgeStatus, ClientError> {
+        let value = self.call(Method::GET, &format!("/v1/purge/{id}"), None).await?;
+        serde_json::from_value(value).map_err(|e| ClientError::Unexpected(e.to_string()))
+    }
+
+    /// `GET /v1/nodes`, as JSON objects.
+    pub async fn nodes(&self) -> Result<Vec<Value>, ClientError> {
+        match self.call(Method::GET, "/v1/nodes", None).await? {
+            Value::Array(nodes) => Ok(nodes),
+            other => Err(ClientError::Unexpected(other.to_string())),
+        }
+    }
+
+    /// `POST /v1/edges/{node}/drain` (or `undrain`).
+    pub async fn drain(&self, node: &str, on: bool) -> Result<(), ClientError> {
+        let action = if on { "drain" } else { "undrain" };
+        self.call(Method::POST, &format!("/v1/edges/{node}/{action}"), None).await.map(|_| ())
+    }
+}

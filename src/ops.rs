@@ -1,0 +1,186 @@
+//! Operators' commands: `cdn purge`, `cdn nodes`, `cdn drain`, `cdn undrain` —
+//! clients of a control node's API (`--control`/`CDN_CONTROL`, `--token`/`CDN_TOKEN`).
+
+use std::{io::Write as _, time::Duration};
+
+use clap::Args;
+use serde_json::{Value, json};
+
+use cdn_control::client::ControlClient;
+
+/// Where the control API is and how to authenticate.
+#[derive(Debug, Args)]
+pub(crate) struct ApiArgs {
+    /// Control API base URL.
+    #[arg(long, env = "CDN_CONTROL", default_value = "http://127.0.0.1:9000")]
+    control: String,
+    /// API token.
+    #[arg(long, env = "CDN_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+impl ApiArgs {
+    fn client(&self) -> anyhow::Result<ControlClient> {
+        Ok(ControlClient::new(&self.control, &self.token)?)
+    }
+}
+
+/// `cdn purge`.
+#[derive(Debug, Args)]
+pub(crate) struct PurgeArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Absolute URL to purge (repeatable).
+    #[arg(long = "url")]
+    urls: Vec<String>,
+    /// URL prefix, `host/path` or `https://host/path` (repeatable).
+    #[arg(long = "prefix")]
+    prefixes: Vec<String>,
+    /// Surrogate key / cache tag (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Everything.
+    #[arg(long)]
+    all: bool,
+    /// Mark stale (revalidate) instead of deleting.
+    #[arg(long)]
+    soft: bool,
+    /// Wait until every edge applied it, showing progress.
+    #[arg(long)]
+    wait: bool,
+}
+
+/// `cdn nodes`.
+#[derive(Debug, Args)]
+pub(crate) struct NodesArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `cdn drain NODE` / `cdn undrain NODE`.
+#[derive(Debug, Args)]
+pub(crate) struct DrainArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The edge's node id.
+    node: String,
+}
+
+pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
+    let client = args.api.client()?;
+    let mut body = json!({ "soft": args.soft });
+    if args.all {
+        body["all"] = json!(true);
+    }
+    for (key, values) in [("urls", &args.urls), ("prefixes", &args.prefixes), ("tags", &args.tags)] {
+        if !values.is_empty() {
+            body[key] = json!(values);
+        }
+    }
+    let ack = client.purge(&body).await?;
+    println!("purge {} accepted (seq {})", ack.id, ack.seq);
+    if !args.wait {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let mut shown: std::collections::BTreeSet<String> = Default::default();
+    loop {
+        let status = client.status(&ack.id).await?;
+        for (edge, state) in &status.edges {
+            if state == "applied" && shown.insert(edge.clone()) {
+                println!("  {edge:<20} applied   (+{} ms)", started.elapsed().as_millis());
+            }
+        }
+        if status.status == "complete" {
+            match status.completed_ms {
+                Some(ms) => println!("complete on {} edges in {ms} ms", status.edges.len()),
+                None => println!("complete on {} edges", status.edges.len()),
+            }
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "not complete after 60 s; pending: {}",
+            status
+                .edges
+                .iter()
+                .filter(|(_, s)| *s != "applied")
+                .map(|(e, _)| e.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub(crate) async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
+    let nodes = args.api.client()?.nodes().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&Value::Array(nodes))?);
+        return Ok(());
+    }
+    print!("{}", table(&nodes));
+    Ok(())
+}
+
+/// The `cdn nodes` table.
+fn table(nodes: &[Value]) -> String {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut rows =
+        vec![["NODE", "ROLE", "REGION", "ADDR", "STATE", "READY", "LOAD", "APPLIED"].map(String::from).to_vec()];
+    for node in nodes {
+        rows.push(vec![
+            text(&node["node_id"]),
+            text(&node["role"]),
+            text(&node["region"]).replace("\"\"", "-"),
+            text(&node["addr"]),
+            text(&node["state"]),
+            if node["ready"] == json!(true) { "yes".into() } else { "no".into() },
+            node["load"].as_f64().map_or("-".into(), |l| format!("{:.0}%", l * 100.0)),
+            text(&node["applied_seq"]),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub(crate) async fn drain(args: DrainArgs, on: bool) -> anyhow::Result<()> {
+    args.api.client()?.drain(&args.node, on).await?;
+    println!("{} {}", args.node, if on { "drained: out of DNS answers" } else { "undrained: back in DNS answers" });
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_table_aligns_columns() {
+        let nodes = vec![
+            json!({"node_id": "us-east", "role": "edge", "region": "us-east", "addr": "127.0.0.11",
+                   "state": "alive", "ready": true, "load": 0.25, "applied_seq": 7}),
+            json!({"node_id": "control", "role": "control", "region": "", "addr": "127.0.0.1",
+                   "state": "alive", "ready": true, "load": 0.0, "applied_seq": 0}),
+        ];
+        let out = table(&nodes);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("NODE     ROLE"), "{out}");
+        assert!(lines[1].contains("25%") && lines[1].ends_with('7'), "{out}");
+        assert_eq!(lines[1].find("edge"), lines[2].find("control"), "columns align:\n{out}");
+    }
+}
