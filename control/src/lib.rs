@@ -21,6 +21,7 @@ pub mod error;
 pub mod listener;
 pub mod purge;
 pub mod server;
+mod status;
 pub mod tls;
 
 pub use error::{ConfigError, Error};

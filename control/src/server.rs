@@ -140,18 +140,24 @@ pub fn random_token() -> String {
 }
 
 /// When a purge was acknowledged and when every edge had applied it.
-#[derive(Debug, Clone, Copy)]
-struct Completion {
-    acked: Instant,
-    completed_ms: Option<u64>,
+#[derive(Debug, Clone)]
+pub(crate) struct Completion {
+    pub(crate) acked: Instant,
+    pub(crate) acked_ms: u64,
+    pub(crate) completed_ms: Option<u64>,
+    /// Edge → ms from acknowledgement to its report.
+    pub(crate) per_edge: BTreeMap<String, u64>,
+    /// What it purged, for the status page.
+    pub(crate) summary: String,
 }
 
-struct State {
-    node_id: String,
+pub(crate) struct State {
+    pub(crate) node_id: String,
     token: String,
-    cluster: Option<Arc<Cluster>>,
+    pub(crate) cluster: Option<Arc<Cluster>>,
     log: Mutex<PurgeLog>,
-    completions: StdMutex<HashMap<u64, Completion>>,
+    pub(crate) completions: StdMutex<HashMap<u64, Completion>>,
+    pub(crate) rates: StdMutex<crate::status::Rates>,
     retention: Duration,
     unauthorized: IntCounter,
 }
@@ -209,6 +215,7 @@ impl Control {
             cluster,
             log: Mutex::new(log),
             completions: StdMutex::default(),
+            rates: StdMutex::default(),
             retention: config.retention,
             unauthorized,
         });
@@ -306,6 +313,9 @@ fn authorized(state: &State, request: &Request<Incoming>) -> bool {
 
 async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_string();
+    if path == "/" && request.method() == Method::GET {
+        return crate::status::page();
+    }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     if segments.first() != Some(&"v1") {
         return failure(StatusCode::NOT_FOUND, "not found");
@@ -321,6 +331,7 @@ async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body
         (&Method::POST, ["purge"]) => purge(state, request).await,
         (&Method::GET, ["purge", id]) => purge_status(state, id).await,
         (&Method::GET, ["nodes"]) => nodes(state).await,
+        (&Method::GET, ["overview"]) => reply(StatusCode::OK, &crate::status::overview(state).await),
         (&Method::POST, ["edges", node, action @ ("drain" | "undrain")]) => {
             drain(state, node, *action == "drain").await
         }
@@ -366,11 +377,16 @@ async fn purge(state: &Arc<State>, request: Request<Incoming>) -> Response<Body>
         }
         (record, json)
     };
-    state
-        .completions
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(record.seq, Completion { acked: Instant::now(), completed_ms: None });
+    state.completions.lock().unwrap_or_else(PoisonError::into_inner).insert(
+        record.seq,
+        Completion {
+            acked: Instant::now(),
+            acked_ms: record.created_ms,
+            completed_ms: None,
+            per_edge: BTreeMap::new(),
+            summary: crate::status::summary(&record),
+        },
+    );
     if let Some(cluster) = &state.cluster {
         cluster.set(&format!("purge:{}", record.seq), &json).await;
         // Eager push: a gossip round with every edge now, not at the next tick.
@@ -383,7 +399,7 @@ async fn purge(state: &Arc<State>, request: Request<Incoming>) -> Response<Body>
 }
 
 /// `applied:<control>` of every edge: node → seq.
-async fn applied(cluster: &Cluster, control: &str) -> BTreeMap<String, u64> {
+pub(crate) async fn applied(cluster: &Cluster, control: &str) -> BTreeMap<String, u64> {
     let key = format!("applied:{control}");
     cluster
         .values("applied:")
@@ -524,11 +540,15 @@ async fn track_completions(state: Arc<State>, cluster: Arc<Cluster>, shutdown: C
         let edges = edges(&cluster);
         let mut completions = state.completions.lock().unwrap_or_else(PoisonError::into_inner);
         for (seq, acked) in pending {
-            if edges.iter().all(|e| applied.get(&e.node_id).is_some_and(|a| *a >= seq)) {
-                let elapsed = u64::try_from(acked.elapsed().as_millis()).unwrap_or(u64::MAX);
-                if let Some(completion) = completions.get_mut(&seq) {
-                    completion.completed_ms = Some(elapsed);
+            let elapsed = u64::try_from(acked.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let Some(completion) = completions.get_mut(&seq) else { continue };
+            for (edge, done) in &applied {
+                if *done >= seq {
+                    completion.per_edge.entry(edge.clone()).or_insert(elapsed);
                 }
+            }
+            if edges.iter().all(|e| applied.get(&e.node_id).is_some_and(|a| *a >= seq)) {
+                completion.completed_ms = Some(elapsed);
             }
         }
     }

@@ -299,6 +299,25 @@ async fn maintain(
                 ["tcp", "h3"].iter().map(|p| pipeline.metrics.connections.with_label_values(&[p]).get()).sum();
             let load = open as f64 / max_connections.max(1) as f64;
             cluster.publish_health(readiness.is_ready(), load).await;
+            // Counters for the status page (rates are computed by the reader).
+            let metrics = &pipeline.metrics;
+            let mut requests = 0u64;
+            let mut hits = 0u64;
+            for protocol in ["h1", "h2", "h3"] {
+                for result in ["hit", "miss", "stale", "revalidated", "bypass"] {
+                    let n = metrics.requests.with_label_values(&[protocol, result]).get();
+                    requests += n;
+                    if result == "hit" {
+                        hits += n;
+                    }
+                }
+            }
+            let stats = format!(
+                "{{\"requests\":{requests},\"hits\":{hits},\"bytes\":{},\"ms\":{}}}",
+                metrics.response_bytes.get(),
+                cdn_control::cluster::now_ms()
+            );
+            cluster.set("stats", &stats).await;
         }
         n += 1;
     }

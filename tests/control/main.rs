@@ -516,6 +516,25 @@ async fn operator_commands_purge_list_and_drain() {
     .await;
     let out = cdn(&["undrain", "edge-61"]).output().await.unwrap();
     assert!(out.status.success());
+    // The status page and its data: the page is public, the data needs the token.
+    let page = get(&c, &format!("http://{}/", control.api), &[]).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.header("content-type").starts_with("text/html"));
+    assert!(String::from_utf8_lossy(&page.body).contains("<svg"));
+    let (status, _) = api(Method::GET, &format!("http://{}/v1/overview", control.api), None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let mut seen = Value::Null;
+    for _ in 0..60 {
+        let (_, overview) = api(Method::GET, &format!("http://{}/v1/overview", control.api), Some(TOKEN), None).await;
+        let edge = overview["nodes"].as_array().and_then(|n| n.iter().find(|n| n["node_id"] == "edge-61").cloned());
+        if let Some(edge) = edge.filter(|e| e["requests"].as_u64() >= Some(3)) {
+            seen = overview.clone();
+            assert!(edge["hit_ratio"].as_f64().is_some_and(|r| r > 0.0 && r < 1.0), "{edge}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen["purges"].as_array().is_some_and(|p| p.iter().any(|p| p["what"] == "tags: ops")), "{seen}");
     // Refusals are clear and exit non-zero.
     let out = cdn(&["purge", "--url", "not a url"]).output().await.unwrap();
     assert!(!out.status.success());
