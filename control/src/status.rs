@@ -132,7 +132,7 @@ pub(crate) async fn overview(state: &Arc<State>) -> Value {
             )
         })
         .collect();
-    purges.sort_by(|a, b| b.0.cmp(&a.0));
+    purges.sort_by_key(|p| std::cmp::Reverse(p.0));
     purges.truncate(20);
     json!({
         "control": state.node_id,
