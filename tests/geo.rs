@@ -90,7 +90,7 @@ impl Running {
         let members = Arc::new(Mutex::new(members));
         let source: MemberSource = {
             let members = members.clone();
-            Arc::new(move || members.lock().unwrap().clone())
+            Arc::new(move || Arc::new(members.lock().unwrap().clone()))
         };
         let registry = prometheus::Registry::new();
         let geo = Geo::bind(config, &registry, source).await.expect("geo binds");
@@ -563,7 +563,7 @@ async fn bad_configs_fail_before_binding() {
     let mut config = config();
     config.zone = String::new();
     config.networks[0].cidr = "10.1.0.0/99".into();
-    let source: MemberSource = Arc::new(Vec::new);
+    let source: MemberSource = Arc::new(|| Arc::new(Vec::new()));
     let error = Geo::bind(config, &prometheus::Registry::new(), source.clone()).await.unwrap_err();
     let text = error.to_string();
     assert!(text.contains("zone") && text.contains("networks[0].cidr"), "{text}");

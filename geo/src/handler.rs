@@ -50,7 +50,7 @@ use crate::{
 pub(crate) const UDP_PAYLOAD: u16 = 1232;
 
 /// The cluster view: every member, as the gossip layer sees it right now.
-pub type MemberSource = Arc<dyn Fn() -> Vec<Member> + Send + Sync>;
+pub type MemberSource = Arc<dyn Fn() -> Arc<Vec<Member>> + Send + Sync>;
 
 /// Logs at most once per period.
 #[derive(Debug, Default)]

@@ -176,9 +176,9 @@ pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry
             let cluster =
                 cdn_control::cluster::Cluster::join(cluster_config, node, &registry, cluster_shutdown.clone()).await?;
             cluster.publish_health(true, 0.0).await;
-            Arc::new(move || cluster.members().as_ref().clone())
+            Arc::new(move || cluster.members())
         }
-        None => Arc::new(Vec::new),
+        None => Arc::new(|| Arc::new(Vec::new())),
     };
     let result = Geo::bind(config, &registry, members).await?.serve(shutdown).await;
     cluster_shutdown.cancel();

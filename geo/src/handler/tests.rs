@@ -56,7 +56,7 @@ fn fixture_with(config: Config, members: Vec<Member>) -> Fixture {
     let members = Arc::new(Mutex::new(members));
     let source = {
         let members = members.clone();
-        Arc::new(move || members.lock().unwrap().clone()) as MemberSource
+        Arc::new(move || Arc::new(members.lock().unwrap().clone())) as MemberSource
     };
     let registry = prometheus::Registry::new();
     let metrics = Metrics::register(&registry).unwrap();
