@@ -1,6 +1,7 @@
 //! The edge cache against a mock origin, with real HTTP/1.1 and HTTP/2 clients.
 
 mod h3;
+mod hardening;
 mod harness;
 mod mock_origin;
 mod ranges;

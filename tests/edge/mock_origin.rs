@@ -34,6 +34,8 @@ pub(crate) struct Route {
     pub(crate) revalidate: bool,
     /// Answer single `Range` requests with 206.
     pub(crate) ranges: bool,
+    /// Announce this Content-Length but send only `body` (a reset mid-body).
+    pub(crate) announce: Option<usize>,
 }
 
 impl Route {
@@ -46,6 +48,7 @@ impl Route {
             trickle: None,
             revalidate: false,
             ranges: false,
+            announce: None,
         }
     }
 
@@ -66,6 +69,12 @@ impl Route {
 
     pub(crate) fn trickle(mut self, chunk: usize, pause: Duration) -> Self {
         self.trickle = Some((chunk, pause));
+        self
+    }
+
+    /// Announces `len` bytes but sends only the body: the connection breaks mid-body.
+    pub(crate) fn truncated(mut self, len: usize) -> Self {
+        self.announce = Some(len);
         self
     }
 
@@ -206,7 +215,14 @@ async fn respond(state: &Mutex<State>, req: Request<Incoming>) -> Response<BoxBo
             .body(full(part))
             .unwrap();
     }
-    builder = builder.header("content-length", route.body.len());
+    builder = builder.header("content-length", route.announce.unwrap_or(route.body.len()));
+    if route.announce.is_some() {
+        // A body shorter than announced, sent as a stream so hyper does not object:
+        // the connection breaks before the announced length.
+        let chunk = route.body.clone();
+        let stream = futures_util::stream::once(async move { Ok::<_, BoxError>(Frame::data(chunk)) });
+        return builder.body(StreamBody::new(stream).boxed()).unwrap();
+    }
     match route.trickle {
         None => builder.body(full(route.body.clone())).unwrap(),
         Some((chunk, pause)) => {

@@ -1,0 +1,110 @@
+//! Faults and abuse: an origin that breaks mid-body, slowloris, huge headers.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::{
+    harness::{TestEdge, client, get},
+    mock_origin::{MockOrigin, Route},
+};
+
+#[tokio::test]
+async fn a_body_cut_short_is_never_stored_or_served_as_complete() {
+    let origin = MockOrigin::start().await;
+    origin.route("/cut", Route::ok("max-age=600", vec![b'x'; 10_000]).truncated(50_000));
+    let edge = TestEdge::start(&origin.url(), |_| {}).await;
+    let c = client();
+    for _ in 0..2 {
+        let request = http::Request::get(edge.url("/cut")).body(http_body_util::Empty::<Bytes>::new()).unwrap();
+        // The client sees an error (or fewer bytes than announced), never a short
+        // body presented as complete.
+        if let Ok(response) = c.request(request).await {
+            let status = response.status();
+            if let Ok(body) = http_body_util::BodyExt::collect(response.into_body()).await {
+                assert_eq!(status, StatusCode::BAD_GATEWAY, "a cut body was delivered as complete: {body:?}");
+            }
+        }
+    }
+    assert_eq!(origin.hits("/cut"), 2, "nothing was stored: the second request went to the origin");
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn slowloris_connections_are_cut_and_good_clients_keep_their_latency() {
+    let origin = MockOrigin::start().await;
+    origin.route("/ok", Route::ok("max-age=600", "fine"));
+    let edge = TestEdge::start(&origin.url(), |c| {
+        c.limits.header_read_timeout = Duration::from_secs(1);
+        c.limits.max_connections = 300;
+    })
+    .await;
+    // A fresh connection per good request (idle keep-alive connections are cut by
+    // the same header timeout, which would race a pooled client).
+    let c: crate::harness::HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build_http();
+    get(&c, &edge.url("/ok"), &[]).await;
+    // 200 connections trickle a request head a byte at a time.
+    let addr = edge.http;
+    let mut attackers = Vec::new();
+    for _ in 0..200 {
+        attackers.push(tokio::spawn(async move {
+            let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else { return Duration::ZERO };
+            let started = Instant::now();
+            for byte in b"GET /ok HTTP/1.1\r\nHost: a\r\nX-Slow: ".iter().cycle() {
+                if stream.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if started.elapsed() > Duration::from_secs(6) {
+                    break;
+                }
+            }
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest)).await;
+            started.elapsed()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile, good clients.
+    let mut latencies = Vec::new();
+    for _ in 0..100 {
+        let started = Instant::now();
+        let r = get(&c, &edge.url("/ok"), &[]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    let p99 = latencies[98];
+    eprintln!("good clients under slowloris: p50 {:?}, p99 {p99:?}", latencies[50]);
+    assert!(p99 < Duration::from_secs(1), "p99 {p99:?}");
+    // Every slow connection was cut by the header timeout, long before the attacker gave up.
+    for attacker in attackers {
+        let lasted = attacker.await.unwrap();
+        assert!(lasted < Duration::from_secs(4), "a slowloris connection lasted {lasted:?}");
+    }
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn huge_request_heads_are_refused() {
+    let origin = MockOrigin::start().await;
+    origin.route("/ok", Route::ok("max-age=600", "fine"));
+    let edge = TestEdge::start(&origin.url(), |c| c.limits.max_header_size = bytesize::ByteSize::kib(16)).await;
+    let mut stream = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    let big = "a".repeat(64 * 1024);
+    let request = format!("GET /ok HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 431") || reply.is_empty(), "{reply}");
+    assert_eq!(origin.hits("/ok"), 0, "nothing reached the origin");
+    // The edge still serves.
+    assert_eq!(get(&client(), &edge.url("/ok"), &[]).await.status, StatusCode::OK);
+    edge.stop().await;
+}
