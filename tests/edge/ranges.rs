@@ -234,6 +234,36 @@ async fn an_object_replaced_between_slices_is_never_spliced() {
     edge.stop().await;
 }
 
+#[tokio::test]
+async fn cors_for_players_passes_through() {
+    let origin = GenOrigin::start().await;
+    let edge = edge_for(&origin.url()).await;
+    let c = client();
+    let preflight = crate::harness::send(
+        &c,
+        "OPTIONS",
+        &edge.url("/_gen/2MiB"),
+        &[
+            ("origin", "https://player.example"),
+            ("access-control-request-method", "GET"),
+            ("access-control-request-headers", "range"),
+        ],
+    )
+    .await;
+    assert!(preflight.status.is_success(), "{:?}", preflight.status);
+    assert!(
+        preflight.header("access-control-allow-headers").to_ascii_lowercase().contains("range"),
+        "{:?}",
+        preflight.headers
+    );
+    assert!(!preflight.header("access-control-allow-origin").is_empty());
+    let r = get(&c, &edge.url("/_gen/2MiB"), &[("origin", "https://player.example"), ("range", "bytes=0-1")]).await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.header("access-control-allow-origin"), "*");
+    assert!(r.header("access-control-expose-headers").contains("Content-Range"));
+    edge.stop().await;
+}
+
 /// `(content-range, bytes)` of each part.
 fn parse_multipart(body: &[u8], boundary: &str) -> Vec<(String, Vec<u8>)> {
     let delimiter = format!("--{boundary}");
