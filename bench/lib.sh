@@ -33,20 +33,6 @@ cleanup() {
     fi
 }
 
-# Stops one tracked process (by id) and forgets it.
-stop() {
-    local pid=$1 rest=() p
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -9 "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    for p in "${PIDS[@]}"; do [[ "$p" == "$pid" ]] || rest+=("$p"); done
-    PIDS=("${rest[@]}")
-}
-
 # A scratch directory removed on exit (KEEP_WORK=1 keeps it for the logs).
 make_work() {
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/cdn-bench.XXXXXX")
@@ -98,10 +84,15 @@ busy_seconds() {
     awk -v hz="$(getconf CLK_TCK)" '/^cpu / { printf "%.2f\n", ($2 + $3 + $4 + $7 + $8 + $9) / hz; exit }' /proc/stat
 }
 
-# Waits (up to QUIET_WAIT seconds, default 60) until the machine is mostly idle:
+# Datagrams the kernel dropped so far for want of UDP receive-buffer space (all sockets).
+udp_drops() {
+    awk '/^Udp:/ { if (!n) { for (i = 1; i <= NF; i++) col[$i] = i; n = 1 } else { print $col["RcvbufErrors"]; exit } }' /proc/net/snmp
+}
+
+# Waits (up to QUIET_WAIT seconds, default 30) until the machine is mostly idle:
 # under 0.3 CPUs busy over one second. Other people's builds would skew a run.
 wait_quiet() {
-    local limit=${QUIET_WAIT:-60} start a b
+    local limit=${QUIET_WAIT:-30} start a b
     start=$SECONDS
     while ((SECONDS - start < limit)); do
         a=$(busy_seconds)

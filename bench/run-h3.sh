@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # bench/run-h3.sh: HTTP/3 vs HTTP/2 throughput of cached objects at one edge (issue 5).
 #
-# Starts `cdn origin` (generated objects) and `cdn edge` (https + h3 on one port,
-# self-signed TLS) on loopback, warms /_gen/1MiB and /_gen/100MiB into the cache, and
-# measures with `loadgen` the HIT throughput over h2 and h3, for each QUIC congestion
-# controller. The edge is pinned to CPU 0 and loadgen to CPU 1. Prints a markdown
-# table (medians of REPEAT runs) with the h3/h2 ratios; the raw runs go to
-# bench/out/h3-<time>.jsonl.
+# Starts `cdn origin` (generated objects) and one `cdn edge` per QUIC congestion
+# controller (https + h3 on one port, self-signed TLS) on loopback, warms /_gen/1MiB
+# and /_gen/100MiB into each cache, and measures with `loadgen` the HIT throughput over
+# h2 and h3 of each edge, every (controller, protocol) pair once per round in rotating
+# order. The edges are pinned to CPU 0 (only the measured one is busy) and loadgen to
+# CPU 1. Prints a markdown table (medians of REPEAT rounds) with the h3/h2 ratios; the
+# raw runs go to bench/out/h3-<time>.jsonl.
 #
 # Environment (all optional):
 #   DURATION=10s          each loadgen run
-#   REPEAT=3              runs per cell (order h2/h3 alternates), the table shows medians
+#   REPEAT=3              rounds (each measures every pair once), the table shows medians
+#   QUIET_WAIT=30         seconds to wait for an idle machine before each measurement
 #   CONGESTIONS="cubic bbr"
 #   SIZES="1MiB 100MiB"
 #   SHAPE_1MiB="1 8"      connections and streams per connection for 1MiB (and SHAPE_100MiB="1 1")
@@ -27,8 +29,15 @@ SHAPE_1MiB=${SHAPE_1MiB:-"1 8"}
 SHAPE_100MiB=${SHAPE_100MiB:-"1 1"}
 
 ORIGIN_IP=127.0.0.31
-EDGE_IP=127.0.0.32
-EDGE_URL="https://$EDGE_IP:8443"
+# One edge per congestion controller, 127.0.0.32, .33, ...: all run at once (each
+# pinned to CPU 0, idle unless measured), so every round interleaves all
+# (controller, protocol) pairs and a noisy minute hurts them alike.
+declare -A EDGE_IP EDGE_PID
+i=0
+for cc in $CONGESTIONS; do
+    EDGE_IP[$cc]=127.0.0.$((32 + i))
+    i=$((i + 1))
+done
 
 command -v taskset >/dev/null || die "taskset (util-linux) is needed"
 command -v python3 >/dev/null || die "python3 is needed for the table"
@@ -41,7 +50,7 @@ RESULTS="$BENCH/out/h3-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
 : >"$RESULTS"
 
 ensure_free "$ORIGIN_IP:8080"
-ensure_free "$EDGE_IP:8443"
+for cc in $CONGESTIONS; do ensure_free "${EDGE_IP[$cc]}:8443"; done
 
 cat >"$WORK/origin.toml" <<EOF
 root = "$WORK/content"
@@ -58,14 +67,14 @@ track $!
 wait_http "http://$ORIGIN_IP:9091/healthz"
 
 start_edge() {
-    local cc=$1
+    local cc=$1 ip=${EDGE_IP[$1]}
     cat >"$WORK/edge-$cc.toml" <<EOF
-node_id = "bench-edge"
+node_id = "bench-edge-$cc"
 [listen]
-http = "$EDGE_IP:8080"
-https = "$EDGE_IP:8443"
-h3 = "$EDGE_IP:8443"
-admin = "$EDGE_IP:9090"
+http = "$ip:8080"
+https = "$ip:8443"
+h3 = "$ip:8443"
+admin = "$ip:9090"
 [tls]
 self_signed = true
 [origin]
@@ -75,31 +84,33 @@ memory = "1GiB"
 [quic]
 congestion = "$cc"
 EOF
-    log "edge with congestion=$cc on $EDGE_URL (CPU 0)"
+    log "edge with congestion=$cc on https://$ip:8443 (CPU 0)"
     taskset -c 0 "$CDN" edge --config "$WORK/edge-$cc.toml" >"$WORK/edge-$cc.log" 2>&1 &
-    EDGE_PID=$!
-    track "$EDGE_PID"
-    wait_http "http://$EDGE_IP:9090/healthz"
+    EDGE_PID[$cc]=$!
+    track "${EDGE_PID[$cc]}"
+    wait_http "http://$ip:9090/healthz"
 }
 
 warm() {
-    local size=$1 status
-    curl -sk -o /dev/null "$EDGE_URL/_gen/$size" || die "warming /_gen/$size failed"
-    status=$(curl -sk -o /dev/null -D - "$EDGE_URL/_gen/$size" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache" { print $2 }')
-    [[ "$status" == HIT ]] || die "/_gen/$size is not a cache HIT after warming (X-Cache: $status)"
+    local url=$1 status
+    curl -sk -o /dev/null "$url" || die "warming $url failed"
+    status=$(curl -sk -o /dev/null -D - "$url" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache" { print $2 }')
+    [[ "$status" == HIT ]] || die "$url is not a cache HIT after warming (X-Cache: $status)"
 }
 
 measure() {
-    local cc=$1 size=$2 proto=$3 rep=$4 shape conns streams before after busy0 busy1 line
+    local cc=$1 size=$2 proto=$3 rep=$4 pid=${EDGE_PID[$1]} shape conns streams before after busy0 busy1 drops0 drops1 line
     shape="SHAPE_$size"
     read -r conns streams <<<"${!shape}"
     wait_quiet
-    before=$(cpu_seconds "$EDGE_PID")
+    before=$(cpu_seconds "$pid")
     busy0=$(busy_seconds)
-    line=$(taskset -c 1 "$LOADGEN" --proto "$proto" --url "$EDGE_URL/_gen/$size" --insecure \
+    drops0=$(udp_drops)
+    line=$(taskset -c 1 "$LOADGEN" --proto "$proto" --url "https://${EDGE_IP[$cc]}:8443/_gen/$size" --insecure \
         --connections "$conns" --streams "$streams" --duration "$DURATION" 2>>"$WORK/loadgen.err")
-    after=$(cpu_seconds "$EDGE_PID")
+    after=$(cpu_seconds "$pid")
     busy1=$(busy_seconds)
+    drops1=$(udp_drops)
     log "$cc $size $proto #$rep: $line"
     # other_cpu_s: CPU the rest of the machine used meanwhile (noise from other work).
     python3 -c '
@@ -108,24 +119,39 @@ d = json.loads(sys.argv[1])
 edge = float(sys.argv[6]) - float(sys.argv[5])
 busy = float(sys.argv[8]) - float(sys.argv[7])
 d.update(cc=sys.argv[2], size=sys.argv[3], rep=int(sys.argv[4]), edge_cpu_s=round(edge, 2),
-         other_cpu_s=round(max(0.0, busy - edge - (d.get("client_cpu_s") or 0)), 2))
-print(json.dumps(d))' "$line" "$cc" "$size" "$rep" "$before" "$after" "$busy0" "$busy1" >>"$RESULTS"
+         other_cpu_s=round(max(0.0, busy - edge - (d.get("client_cpu_s") or 0)), 2),
+         udp_rcvbuf_drops=int(sys.argv[10]) - int(sys.argv[9]))
+print(json.dumps(d))' "$line" "$cc" "$size" "$rep" "$before" "$after" "$busy0" "$busy1" "$drops0" "$drops1" >>"$RESULTS"
 }
 
 for cc in $CONGESTIONS; do
     start_edge "$cc"
-    for size in $SIZES; do warm "$size"; done
-    for rep in $(seq 1 "$REPEAT"); do
-        for size in $SIZES; do
-            if ((rep % 2)); then order="h2 h3"; else order="h3 h2"; fi
-            for proto in $order; do measure "$cc" "$size" "$proto" "$rep"; done
+    for size in $SIZES; do warm "https://${EDGE_IP[$cc]}:8443/_gen/$size"; done
+done
+combos=()
+for cc in $CONGESTIONS; do for proto in h2 h3; do combos+=("$cc $proto"); done; done
+for rep in $(seq 1 "$REPEAT"); do
+    for size in $SIZES; do
+        # Rotate (and on even rounds reverse) the order so no pair always goes first.
+        n=${#combos[@]}
+        k=$(((rep - 1) % n))
+        order=("${combos[@]:k}" "${combos[@]:0:k}")
+        if ((rep % 2 == 0)); then
+            reversed=()
+            for ((j = n - 1; j >= 0; j--)); do reversed+=("${order[j]}"); done
+            order=("${reversed[@]}")
+        fi
+        for combo in "${order[@]}"; do
+            read -r cc proto <<<"$combo"
+            measure "$cc" "$size" "$proto" "$rep"
         done
     done
+done
+for cc in $CONGESTIONS; do
     if grep -E ' (WARN|ERROR) ' "$WORK/edge-$cc.log" >/dev/null; then
         log "edge ($cc) logged warnings or errors:"
         grep -E ' (WARN|ERROR) ' "$WORK/edge-$cc.log" | sed 's/\x1b\[[0-9;]*m//g' | sort | uniq -c | head -20 >&2
     fi
-    stop "$EDGE_PID"
 done
 if [[ -s "$WORK/loadgen.err" ]]; then
     log "loadgen errors:"
@@ -147,21 +173,24 @@ def cell(cc, size, proto):
     cpu = statistics.median(100 * r["edge_cpu_s"] / r["seconds"] for r in rs)
     errors = sum(r["errors"] for r in rs)
     misses = sum(r["requests"] - r["x_cache_hits"] for r in rs)
+    client = statistics.median(100 * (r.get("client_cpu_s") or 0) / r["seconds"] for r in rs)
     other = statistics.median(100 * r.get("other_cpu_s", 0) / r["seconds"] for r in rs)
-    return dict(other=other, mb=mb, p50=med(rs, "p50_ms"), p99=med(rs, "p99_ms"), eff=eff, cpu=cpu, errors=errors, misses=misses,
+    drops = sum(r.get("udp_rcvbuf_drops", 0) for r in rs)
+    return dict(drops=drops, client=client, other=other, mb=mb, p50=med(rs, "p50_ms"), p99=med(rs, "p99_ms"), eff=eff, cpu=cpu, errors=errors, misses=misses,
                 shape=f'{rs[0]["connections"]}×{rs[0]["streams"]}', runs=[r["mb_per_s"] for r in rs])
 ccs = list(dict.fromkeys(r["cc"] for r in runs))
 sizes = list(dict.fromkeys(r["size"] for r in runs))
 print(f"HIT throughput, medians of {repeat} runs of {duration}; MB = 10^6 bytes; edge on CPU 0, loadgen on CPU 1. "
-      "Edge CPU: % of one CPU; other load: CPU used by everything else on the machine during the run (noise).\n")
-print("| congestion | object | conns×streams | h2 MB/s | h3 MB/s | **h3/h2** | h2 p50 / p99 ms | h3 p50 / p99 ms | edge CPU h2 / h3 | MB per edge CPU-s h2 / h3 | errors h2 / h3 | other load h2 / h3 |")
-print("|---|---|---|---:|---:|---:|---|---|---|---|---|---|")
+      "Edge CPU: % of one CPU; h3 UDP drops: datagrams the kernel dropped for a full receive buffer during the h3 runs; "
+      "other load: CPU used by everything else on the machine during the run (noise).\n")
+print("| congestion | object | conns×streams | h2 MB/s | h3 MB/s | **h3/h2** | h2 p50 / p99 ms | h3 p50 / p99 ms | edge CPU h2 / h3 | MB per edge CPU-s h2 / h3 | loadgen CPU h2 / h3 | errors h2 / h3 | h3 UDP drops | other load h2 / h3 |")
+print("|---|---|---|---:|---:|---:|---|---|---|---|---|---|---:|---|")
 for cc in ccs:
     for size in sizes:
         a, b = cell(cc, size, "h2"), cell(cc, size, "h3")
         print(f'| {cc} | {size} | {a["shape"]} | {a["mb"]:.0f} | {b["mb"]:.0f} | **{b["mb"] / a["mb"]:.2f}** | '
               f'{a["p50"]:.1f} / {a["p99"]:.1f} | {b["p50"]:.1f} / {b["p99"]:.1f} | {a["cpu"]:.0f}% / {b["cpu"]:.0f}% | '
-              f'{a["eff"]:.0f} / {b["eff"]:.0f} | {a["errors"]} / {b["errors"]} | {a["other"]:.0f}% / {b["other"]:.0f}% |')
+              f'{a["eff"]:.0f} / {b["eff"]:.0f} | {a["client"]:.0f}% / {b["client"]:.0f}% | {a["errors"]} / {b["errors"]} | {b["drops"]} | {a["other"]:.0f}% / {b["other"]:.0f}% |')
 if len(ccs) > 1:
     print("\nHTTP/3 by congestion controller (h3 MB/s, medians; each run's value in brackets):\n")
     print("| object | " + " | ".join(ccs) + f" | {ccs[1]}/{ccs[0]} |")

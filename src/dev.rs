@@ -224,8 +224,8 @@ fn print_banner(spki: &str, token: &str) {
     curl -s -H 'Authorization: Bearer {token}' -d '{{"tags":["video"]}}' http://127.0.0.1:9000/v1/purge
 
   Demo page (plays video through an edge):
-    https://{ai}:8443/       (self-signed: trust .dev-data/cert.pem, or start Chromium with
-    --ignore-certificate-errors-spki-list={spki})
+    https://{ai}:8443/       (self-signed: trust .dev-data/cert.pem, or start Chromium with:)
+    --ignore-certificate-errors-spki-list={spki}
 "#,
         a = e[0].node_id,
         b = e[1].node_id,

@@ -181,6 +181,7 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("NODE     ROLE"), "{out}");
         assert!(lines[1].contains("25%") && lines[1].ends_with('7'), "{out}");
-        assert_eq!(lines[1].find("edge"), lines[2].find("control"), "columns align:\n{out}");
+        assert_eq!(lines[1].find("alive"), lines[2].find("alive"), "columns align:\n{out}");
+        assert_eq!(lines[0].find("STATE"), lines[1].find("alive"), "columns align:\n{out}");
     }
 }

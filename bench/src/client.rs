@@ -142,7 +142,15 @@ async fn h3(plan: &Plan, loops: usize) -> anyhow::Result<Connection> {
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(transport));
     let bind: SocketAddr = if plan.addr.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
-    let endpoint = quinn::Endpoint::client(bind).context("QUIC endpoint")?;
+    let socket = std::net::UdpSocket::bind(bind).context("binding the UDP socket")?;
+    // A larger receive buffer than Linux's default (208 KiB) so that a client briefly
+    // off the CPU does not drop datagrams (TCP autotunes its buffers; UDP does not).
+    // The kernel caps it at net.core.rmem_max.
+    quinn::udp::UdpSocketState::new((&socket).into())
+        .and_then(|state| state.set_recv_buffer_size((&socket).into(), plan.udp_recv_buffer))
+        .context("setting the UDP receive buffer")?;
+    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
+        .context("QUIC endpoint")?;
     let connection = endpoint
         .connect_with(client, plan.addr, &plan.host)
         .context("QUIC connect")?

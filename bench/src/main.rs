@@ -71,6 +71,9 @@ struct Args {
     /// Per-connection receive window (h2 and h3).
     #[arg(long, default_value = "16MiB")]
     connection_window: ByteSize,
+    /// UDP receive buffer of each QUIC client socket (h3; capped by net.core.rmem_max).
+    #[arg(long, default_value = "4MiB")]
+    udp_recv_buffer: ByteSize,
     /// A request (or connection attempt) taking longer than this counts as an error.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -115,6 +118,7 @@ struct Plan {
     deadline: Instant,
     tls_config: Option<Arc<rustls::ClientConfig>>,
     quic_stats: bool,
+    udp_recv_buffer: usize,
 }
 
 /// The range size of `--range-random`.
@@ -213,6 +217,7 @@ async fn run(args: Args) -> anyhow::Result<stats::Report> {
         deadline: started + args.duration,
         tls_config,
         quic_stats: args.quic_stats,
+        udp_recv_buffer: usize::try_from(args.udp_recv_buffer.as_u64()).unwrap_or(usize::MAX),
     });
 
     // HTTP/1.1: one loop per connection; h2/h3: `streams` loops on each connection.

@@ -255,6 +255,23 @@ impl Control {
                 cluster.set("purge_floor", &floor.to_string()).await;
             }
             cluster.publish_health(true, 0.0).await;
+            // Ready once the cluster view has other members (or after 5 s alone: the
+            // first control node of a new cluster).
+            readiness.set("cluster", false);
+            tasks.spawn({
+                let (cluster, readiness, shutdown) = (cluster.clone(), readiness.clone(), shutdown.clone());
+                async move {
+                    let started = Instant::now();
+                    while !shutdown.is_cancelled() {
+                        let others = cluster.members().iter().any(|m| m.node_id != cluster.node_id());
+                        if others || started.elapsed() > Duration::from_secs(5) {
+                            readiness.set("cluster", true);
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            });
             tasks.spawn(track_completions(state.clone(), cluster.clone(), shutdown.clone()));
             tasks.spawn(collect_garbage(state.clone(), cluster.clone(), shutdown.clone()));
         }
@@ -435,7 +452,9 @@ async fn purge_status(state: &Arc<State>, id: &str) -> Response<Body> {
         return failure(StatusCode::NOT_FOUND, format!("no purge {id}"));
     }
     let mut status_of = serde_json::Map::new();
-    let mut complete = true;
+    // With no edge in sight (a control node that just started, or a partition) a
+    // purge is not "complete": nobody has confirmed it.
+    let mut complete = state.cluster.as_ref().is_some_and(|cluster| !edges(cluster).is_empty());
     if let Some(cluster) = &state.cluster {
         let applied = applied(cluster, &control).await;
         for edge in edges(cluster) {
@@ -547,7 +566,7 @@ async fn track_completions(state: Arc<State>, cluster: Arc<Cluster>, shutdown: C
                     completion.per_edge.entry(edge.clone()).or_insert(elapsed);
                 }
             }
-            if edges.iter().all(|e| applied.get(&e.node_id).is_some_and(|a| *a >= seq)) {
+            if !edges.is_empty() && edges.iter().all(|e| applied.get(&e.node_id).is_some_and(|a| *a >= seq)) {
                 completion.completed_ms = Some(elapsed);
             }
         }

@@ -191,11 +191,12 @@ impl Pipeline {
         if method == Method::GET || method == Method::HEAD {
             let (parts, _) = request.into_parts();
             let directives = Directives::from_headers(&parts.headers);
-            let pragma_no_cache = parts
-                .headers
-                .get_all(header::PRAGMA)
-                .iter()
-                .any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains("no-cache")));
+            let pragma_no_cache = !parts.headers.contains_key(header::CACHE_CONTROL)
+                && parts
+                    .headers
+                    .get_all(header::PRAGMA)
+                    .iter()
+                    .any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains("no-cache")));
             let req = Req { parts, directives, pragma_no_cache, key, scheme };
             return self.cached(req, conn).await;
         }

@@ -328,7 +328,9 @@ pub fn evaluate(
     lifetime: Duration,
     age: Duration,
 ) -> Action {
-    let no_cache_request = request.no_cache || (request_pragma_no_cache && request == &Directives::default());
+    // The caller passes `Pragma: no-cache` only when the request has no Cache-Control
+    // (RFC 9111 §5.4: Pragma is ignored when Cache-Control is present).
+    let no_cache_request = request.no_cache || request_pragma_no_cache;
     if no_cache_request || response.no_cache {
         return Action::Revalidate;
     }

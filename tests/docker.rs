@@ -1,0 +1,938 @@
+//! The multi-region docker deployment (`deploy/compose.yaml`), tested for real.
+//!
+//! Brings up the whole cluster of `deploy/compose.yaml` -- three regions (`us`, `eu`,
+//! `ap`) with two edges each on their own networks, and a core network with the
+//! origin, two control nodes and the geo-DNS -- from the `FROM scratch` image that
+//! `deploy/build-image.sh` builds, adds WAN latency between every region and the
+//! core, and drives it from the host only through the ports it publishes on
+//! `127.0.210.x` (never through the containers' own addresses):
+//!
+//! 1. every edge serves a cached object (MISS, then HIT, over HTTP and HTTPS);
+//! 2. geo-DNS answers each region's client subnet (ECS) with that region's edges;
+//! 3. a purge through either control node reaches all six edges (p50/p99 printed);
+//! 4. `docker kill` of an edge takes it out of DNS answers within 3 s; restarted,
+//!    it has applied every purge issued while it was down before `/readyz` says ready;
+//! 5. a region cut off from the core (`docker network disconnect`) keeps serving its
+//!    cache (stale-if-error for expired objects), and applies the purges issued
+//!    meanwhile once the partition heals -- none is lost;
+//! 6. with one control node killed, purges through the other still complete; the
+//!    killed one, recreated from its volume, still knows its purges and numbers on.
+//!
+//! Runs only where `docker info` works (otherwise it prints "skipped: no docker
+//! daemon" and passes); `CDN_SKIP_DOCKER=1` skips it too. The project, its networks
+//! and volumes are removed at the end even when a check fails. The image holds the
+//! `cdn` binary cargo built for the tests (`CDN_BINARY=path` picks another one).
+//! See docs/deploy.md.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::Mutex,
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+/// The API token in deploy/config/token.
+const TOKEN: &str = "deploy-demo-token-change-me";
+/// The name clients use; purges by URL name it.
+const HOST: &str = "www.cdn.test";
+/// One-way delay added to everything an edge sends into the core network.
+const WAN_DELAY_MS: u64 = 40;
+/// Host addresses the test publishes on (`CDN_PUBLISH`), apart from the defaults a
+/// user's deployment (or a benchmark) may be using.
+const PUBLISH: &str = "127.0.210";
+/// Purges timed for the propagation numbers.
+const BENCH_PURGES: usize = 20;
+
+struct Edge {
+    id: &'static str,
+    region: &'static str,
+    octet: u8,
+}
+
+const EDGES: [Edge; 6] = [
+    Edge { id: "us-1", region: "us", octet: 21 },
+    Edge { id: "us-2", region: "us", octet: 22 },
+    Edge { id: "eu-1", region: "eu", octet: 31 },
+    Edge { id: "eu-2", region: "eu", octet: 32 },
+    Edge { id: "ap-1", region: "ap", octet: 41 },
+    Edge { id: "ap-2", region: "ap", octet: 42 },
+];
+
+const REGIONS: [(&str, u8); 3] = [("us", 1), ("eu", 2), ("ap", 3)];
+
+fn region_net(region: &str) -> u8 {
+    REGIONS.iter().find(|(r, _)| *r == region).map(|(_, n)| *n).expect("known region")
+}
+
+impl Edge {
+    /// Its address on its region network: what geo-DNS hands out.
+    fn public_ip(&self) -> String {
+        format!("10.210.{}.{}", region_net(self.region), self.octet)
+    }
+
+    /// Its address on the core network.
+    fn core_ip(&self) -> String {
+        format!("10.210.0.{}", self.octet)
+    }
+}
+
+fn edge(id: &str) -> &'static Edge {
+    EDGES.iter().find(|e| e.id == id).expect("known edge")
+}
+
+fn region_edges(region: &str) -> BTreeSet<String> {
+    EDGES.iter().filter(|e| e.region == region).map(Edge::public_ip).collect()
+}
+
+// ---------------------------------------------------------------------------------
+// Processes
+
+fn output(command: &mut Command) -> Output {
+    command.stdin(Stdio::null());
+    command.output().unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
+}
+
+/// Runs `command` and panics with its output unless it succeeds.
+fn run(command: &mut Command) -> String {
+    let out = output(command);
+    assert!(
+        out.status.success(),
+        "{command:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `docker compose` (v2) or `docker-compose` (v1), whichever works.
+fn compose_command() -> Option<Vec<String>> {
+    if succeeds("docker", &["compose", "version"]) {
+        Some(vec!["docker".into(), "compose".into()])
+    } else if succeeds("docker-compose", &["version"]) {
+        Some(vec!["docker-compose".into()])
+    } else {
+        None
+    }
+}
+
+fn wait_until<T>(what: &str, timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        sleep(every);
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The `q` quantile (nearest rank) of `values`.
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+// ---------------------------------------------------------------------------------
+// HTTP through curl
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn x_cache(&self) -> &str {
+        self.header("x-cache").unwrap_or("-")
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// One request with curl; `None` when no HTTP answer came (connection refused, timeout).
+fn curl(args: &[&str]) -> Option<Resp> {
+    curl_within(10, args)
+}
+
+fn curl_within(max_secs: u32, args: &[&str]) -> Option<Resp> {
+    let max = max_secs.to_string();
+    let out = output(Command::new("curl").args(["-s", "-k", "-D", "-", "--max-time", &max]).args(args));
+    if !out.status.success() {
+        return None;
+    }
+    // Skip interim (1xx) heads; the last head before the body is the answer.
+    let mut rest = out.stdout.as_slice();
+    loop {
+        let split = rest.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(rest.len());
+        let head = String::from_utf8_lossy(&rest[..split]).into_owned();
+        let body = rest.get(split + 4..).unwrap_or_default();
+        let mut lines = head.lines();
+        let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+        if (100..200).contains(&status) && body.starts_with(b"HTTP/") {
+            rest = body;
+            continue;
+        }
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        return Some(Resp { status, headers, body: body.to_vec() });
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The cluster
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DelayMode {
+    /// `tc qdisc ... netem delay` on the edge's core interface.
+    Netem,
+    /// The kernel has no netem: an NFQUEUE rule and tests/docker/netdelay.py.
+    Nfqueue,
+}
+
+struct Applied {
+    status: Value,
+    waited: Duration,
+    premature: Option<Value>,
+}
+
+struct Cluster {
+    root: PathBuf,
+    compose: Vec<String>,
+    project: String,
+    image: String,
+    delay_mode: Option<DelayMode>,
+    /// Per edge, the user-space delayer in its network namespace (NFQUEUE mode).
+    delayers: Mutex<HashMap<String, Child>>,
+    /// Purges issued so far, by control node (its last sequence number).
+    issued: BTreeMap<u8, u64>,
+}
+
+impl Cluster {
+    fn compose_cmd(&self) -> Command {
+        compose_in(&self.root, &self.compose, &self.project, &self.image)
+    }
+
+    fn compose(&self, args: &[&str]) -> String {
+        run(self.compose_cmd().args(args))
+    }
+
+    /// The id of `service`'s container (running or not), asked of docker itself: it
+    /// answers faster than compose, and after a recreate, with the new container.
+    fn container(&self, service: &str) -> String {
+        let out = run(Command::new("docker").args([
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.project),
+            "--filter",
+            &format!("label=com.docker.compose.service={service}"),
+        ]));
+        let ids: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(ids.len(), 1, "containers of {service}: {ids:?}");
+        ids[0].to_string()
+    }
+
+    fn network(&self, name: &str) -> String {
+        format!("{}_{name}", self.project)
+    }
+
+    fn pid(&self, service: &str) -> u32 {
+        let pid = run(Command::new("docker").args(["inspect", "-f", "{{.State.Pid}}", &self.container(service)]));
+        pid.trim().parse().expect("a pid")
+    }
+
+    fn url(octet: u8, port: u16, path: &str) -> String {
+        format!("http://{PUBLISH}.{octet}:{port}{path}")
+    }
+
+    /// GET `path` from an edge's published HTTP (or HTTPS) port, as `www.cdn.test`.
+    fn get(edge: &Edge, path: &str, https: bool) -> Resp {
+        Self::get_within(10, edge, path, https)
+    }
+
+    fn get_within(max_secs: u32, edge: &Edge, path: &str, https: bool) -> Resp {
+        let url = if https {
+            format!("https://{PUBLISH}.{}:8443{path}", edge.octet)
+        } else {
+            Self::url(edge.octet, 8080, path)
+        };
+        curl_within(max_secs, &["-H", &format!("Host: {HOST}"), &url])
+            .unwrap_or_else(|| panic!("{}: no answer for {url} within {max_secs} s", edge.id))
+    }
+
+    fn readyz(edge: &Edge) -> Option<u16> {
+        curl(&[&Self::url(edge.octet, 9090, "/readyz")]).map(|r| r.status)
+    }
+
+    fn metric(edge: &Edge, name: &str) -> f64 {
+        let resp = curl(&[&Self::url(edge.octet, 9090, "/metrics")]).expect("metrics");
+        resp.text()
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    /// A control API call on control node `n` (1 or 2).
+    fn api(n: u8, method: &str, path: &str, body: Option<&Value>) -> Option<Resp> {
+        let url = Self::url(n + 1, 9000, path);
+        let auth = format!("Authorization: Bearer {TOKEN}");
+        let mut args = vec!["-X", method, "-H", &auth, &url];
+        let body = body.map(Value::to_string);
+        if let Some(body) = &body {
+            args.extend(["-H", "Content-Type: application/json", "--data-binary", body]);
+        }
+        curl(&args)
+    }
+
+    /// Issues a purge through control node `n`: its id and sequence number.
+    fn purge(&mut self, n: u8, body: &Value) -> (String, u64) {
+        let resp = Self::api(n, "POST", "/v1/purge", Some(body)).expect("purge answered");
+        assert_eq!(resp.status, 202, "purge through control-{n}: {}", resp.text());
+        let v = resp.json();
+        let (id, seq) = (v["id"].as_str().expect("id").to_string(), v["seq"].as_u64().expect("seq"));
+        assert!(id.starts_with(&format!("control-{n}-")), "purge id {id}");
+        self.issued.insert(n, seq);
+        (id, seq)
+    }
+
+    fn purge_url(&mut self, n: u8, path: &str) -> (String, u64) {
+        self.purge(n, &json!({ "urls": [format!("https://{HOST}{path}")] }))
+    }
+
+    fn purge_status(n: u8, id: &str) -> Option<Value> {
+        Self::api(n, "GET", &format!("/v1/purge/{id}"), None).filter(|r| r.status == 200).map(|r| r.json())
+    }
+
+    /// Waits until control `n` reports purge `id` complete; the status and the time waited.
+    fn wait_complete(n: u8, id: &str, timeout: Duration) -> (Value, Duration) {
+        let start = Instant::now();
+        let status = wait_until(&format!("purge {id} complete"), timeout, Duration::from_millis(10), || {
+            Self::purge_status(n, id).filter(|v| v["status"] == "complete")
+        });
+        (status, start.elapsed())
+    }
+
+    /// Waits until control `n` reports purge `id` complete *and* applied on all six
+    /// edges. A control node counts only the edges it does not think dead, so while
+    /// its view is short of edges (just after it joined, or when its failure detector
+    /// misfires, e.g. on a starved host) it can answer `complete` early; such answers
+    /// are returned in `premature` (and printed) rather than taken for completion.
+    fn wait_all_applied(n: u8, id: &str, timeout: Duration) -> Applied {
+        let start = Instant::now();
+        let mut premature: Option<Value> = None;
+        let status =
+            wait_until(&format!("purge {id} applied on all six edges"), timeout, Duration::from_millis(10), || {
+                let status = Self::purge_status(n, id).filter(|v| v["status"] == "complete")?;
+                if EDGES.iter().all(|e| status["edges"][e.id] == "applied") {
+                    return Some(status);
+                }
+                if premature.is_none() {
+                    eprintln!(
+                        "docker: PRODUCT control-{n} answered `complete` for {id} after {:.0} ms, not all six edges \
+                     applied: {status}",
+                        ms(start.elapsed())
+                    );
+                    premature = Some(status);
+                }
+                None
+            });
+        Applied { status, waited: start.elapsed(), premature }
+    }
+
+    fn nodes(n: u8) -> Vec<Value> {
+        let resp = Self::api(n, "GET", "/v1/nodes", None).expect("nodes answered");
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.json().as_array().cloned().unwrap_or_default()
+    }
+
+    /// What control `n` knows of `node`: (state, ready, applied per control).
+    fn node(n: u8, node: &str) -> Option<Value> {
+        Self::nodes(n).into_iter().find(|v| v["node_id"] == node)
+    }
+
+    /// The A records geo-DNS answers for a client in `subnet` (EDNS Client Subnet).
+    fn dig(subnet: &str, tcp: bool) -> Option<BTreeSet<String>> {
+        let server = format!("@{PUBLISH}.2");
+        let ecs = format!("+subnet={subnet}");
+        let mut args = vec![server.as_str(), "-p", "5300", HOST, "A", ecs.as_str(), "+short", "+time=1", "+tries=1"];
+        if tcp {
+            args.push("+tcp");
+        }
+        let out = output(Command::new("dig").args(&args));
+        if !out.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains(";;") {
+            return None; // "connection timed out" and the like
+        }
+        Some(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+    }
+
+    fn dig_region(region: &str) -> Option<BTreeSet<String>> {
+        Self::dig(&format!("10.210.{}.0/24", region_net(region)), false)
+    }
+
+    /// Adds `WAN_DELAY_MS` to everything `edge` sends into the core network (to the
+    /// origin, the control nodes, geo and the other regions), so every region is
+    /// `WAN_DELAY_MS` of round trip away from the core and 2x from another region.
+    fn add_wan_delay(&self, edge: &Edge) {
+        let Some(mode) = self.delay_mode else { return };
+        let pid = self.pid(edge.id).to_string();
+        let ns = |args: &[&str]| {
+            let mut cmd = Command::new("nsenter");
+            cmd.args(["-t", &pid, "-n"]).args(args);
+            cmd
+        };
+        match mode {
+            DelayMode::Netem => {
+                // The interface that holds the core address (eth1, or another after a reconnect).
+                let addrs = run(&mut ns(&["ip", "-o", "-4", "addr", "show"]));
+                let dev = addrs
+                    .lines()
+                    .find(|l| l.contains(&format!(" {}/", edge.core_ip())))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .unwrap_or_else(|| panic!("{}: no interface with {}", edge.id, edge.core_ip()))
+                    .to_string();
+                let delay = format!("{WAN_DELAY_MS}ms");
+                run(&mut ns(&["tc", "qdisc", "replace", "dev", &dev, "root", "netem", "delay", &delay]));
+            }
+            DelayMode::Nfqueue => {
+                let rule = ["OUTPUT", "-d", "10.210.0.0/24", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"];
+                if !output(ns(&["iptables", "-C"]).args(rule)).status.success() {
+                    run(ns(&["iptables", "-A"]).args(rule));
+                }
+                let script = self.root.join("tests/docker/netdelay.py");
+                let child = ns(&["python3"])
+                    .arg(script)
+                    .args(["--queue", "0", "--delay-ms", &WAN_DELAY_MS.to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .expect("start netdelay.py");
+                let old = self.delayers.lock().unwrap_or_else(|e| e.into_inner()).insert(edge.id.into(), child);
+                if let Some(old) = old {
+                    stop_child(old);
+                }
+            }
+        }
+    }
+
+    fn stop_delayer(&self, edge: &Edge) {
+        let old = self.delayers.lock().unwrap_or_else(|e| e.into_inner()).remove(edge.id);
+        if let Some(old) = old {
+            stop_child(old);
+        }
+    }
+
+    /// Waits until every container of the project reports healthy.
+    fn wait_healthy(&self, timeout: Duration) {
+        let ids: Vec<String> = self.compose(&["ps", "-q"]).lines().map(String::from).collect();
+        assert_eq!(ids.len(), 10, "containers of the project: {ids:?}");
+        wait_until("every container healthy", timeout, Duration::from_millis(500), || {
+            let out = run(Command::new("docker")
+                .args([
+                    "inspect",
+                    "-f",
+                    "{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}",
+                ])
+                .args(&ids));
+            if let Some(bad) = out.lines().find(|l| l.contains(" exited") || l.contains(" dead")) {
+                panic!("container stopped: {bad}");
+            }
+            out.lines().all(|l| l.ends_with(" healthy")).then_some(())
+        });
+    }
+}
+
+/// `docker compose -p PROJECT -f deploy/compose.yaml` with the image and publish addresses.
+fn compose_in(root: &Path, compose: &[String], project: &str, image: &str) -> Command {
+    let mut cmd = Command::new(&compose[0]);
+    cmd.args(&compose[1..])
+        .args(["-p", project, "-f"])
+        .arg(root.join("deploy/compose.yaml"))
+        .env("CDN_IMAGE", image)
+        .env("CDN_PUBLISH", PUBLISH)
+        .current_dir(root);
+    cmd
+}
+
+/// SIGTERM (so netdelay.py lets its held packets go), then SIGKILL if it lingers.
+fn stop_child(mut child: Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    for _ in 0..20 {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let delayers: Vec<Child> =
+            self.delayers.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, c)| c).collect();
+        for child in delayers {
+            stop_child(child);
+        }
+        if std::thread::panicking() {
+            eprintln!("--- docker: last log lines of every container ---");
+            let out = output(self.compose_cmd().args(["logs", "--no-color", "--tail", "30"]));
+            eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+        eprintln!("docker: removing project {} (containers, networks, volumes)", self.project);
+        let out = output(self.compose_cmd().args(["down", "-v", "--remove-orphans", "-t", "3"]));
+        if !out.status.success() {
+            eprintln!("docker: compose down failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// Removes what earlier runs that were killed before their cleanup left behind
+/// (projects `cdntest<pid>` whose process is gone): their networks would overlap.
+fn remove_stale_projects(root: &Path, compose: &[String], image: &str) {
+    let mut projects = BTreeSet::new();
+    for kind in ["ps", "network"] {
+        let mut cmd = Command::new("docker");
+        match kind {
+            "ps" => cmd.args(["ps", "-a", "--format", "{{.Label \"com.docker.compose.project\"}}"]),
+            _ => cmd.args(["network", "ls", "--format", "{{.Label \"com.docker.compose.project\"}}"]),
+        };
+        let out = output(&mut cmd);
+        projects.extend(String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_string()));
+    }
+    for project in projects {
+        let Some(pid) = project.strip_prefix("cdntest") else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("docker: removing the leftovers of an earlier run, project {project}");
+            let _ =
+                output(compose_in(root, compose, &project, image).args(["down", "-v", "--remove-orphans", "-t", "1"]));
+        }
+    }
+}
+
+/// Waits until control node `n` sees all six edges alive and ready.
+fn wait_for_six_edges(n: u8) {
+    wait_until(
+        &format!("six edges alive and ready in control-{n}'s view"),
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let nodes = Cluster::nodes(n);
+            let ok = EDGES
+                .iter()
+                .all(|e| nodes.iter().any(|v| v["node_id"] == e.id && v["state"] == "alive" && v["ready"] == true));
+            ok.then_some(())
+        },
+    );
+}
+
+fn step(name: &str, start: Instant) {
+    eprintln!("docker: [{:6.1}s] {name}", start.elapsed().as_secs_f64());
+    let _ = std::io::stderr().flush();
+}
+
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn multi_region_deployment() {
+    if std::env::var_os("CDN_SKIP_DOCKER").is_some_and(|v| v != "0" && !v.is_empty()) {
+        eprintln!("skipped: CDN_SKIP_DOCKER is set");
+        return;
+    }
+    if !succeeds("docker", &["info"]) {
+        eprintln!("skipped: no docker daemon (`docker info` fails)");
+        return;
+    }
+    let Some(compose) = compose_command() else {
+        eprintln!("skipped: neither `docker compose` nor `docker-compose` works");
+        return;
+    };
+    for tool in ["curl", "dig", "nsenter", "iptables", "python3"] {
+        assert!(
+            succeeds("sh", &["-c", &format!("command -v {tool}")]),
+            "{tool} is needed (scripts/test-deps.sh installs it)"
+        );
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let image = std::env::var("CDN_IMAGE").unwrap_or_else(|_| "cdn:local".into());
+    let t0 = Instant::now();
+
+    // The image: the release binary in a FROM scratch image.
+    // The binary cargo built for this test run goes into the image (no second,
+    // release build in CI); CDN_BINARY overrides it.
+    let binary = std::env::var("CDN_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cdn").to_string());
+    run(Command::new(root.join("deploy/build-image.sh"))
+        .env("CDN_IMAGE", &image)
+        .env("CDN_BINARY", &binary)
+        .current_dir(&root));
+    step(&format!("image {image} built"), t0);
+
+    remove_stale_projects(&root, &compose, &image);
+    // The deployment's subnets are fixed (deploy/config names the addresses): another
+    // copy of it (a user's `docker-compose up`) must not be running.
+    let networks = run(Command::new("docker").args(["network", "ls", "-q"]));
+    if !networks.trim().is_empty() {
+        let subnets = run(Command::new("docker")
+            .args(["network", "inspect", "-f", "{{.Name}} {{range .IPAM.Config}}{{.Subnet}} {{end}}"])
+            .args(networks.split_whitespace()));
+        let taken: Vec<&str> = subnets.lines().filter(|l| l.contains(" 10.210.")).collect();
+        assert!(
+            taken.is_empty(),
+            "docker networks already use the deployment's subnets 10.210.0-3.0/24: {taken:?}; \
+             take that deployment down first (docker-compose -p <project> -f deploy/compose.yaml down -v)"
+        );
+    }
+    let mut cluster = Cluster {
+        root: root.clone(),
+        compose,
+        project: format!("cdntest{}", std::process::id()),
+        image,
+        delay_mode: None,
+        delayers: Mutex::default(),
+        issued: BTreeMap::new(),
+    };
+    // From here on, `cluster` going out of scope (also by a failed check) takes it all down.
+    cluster.compose(&["up", "-d", "--no-color"]);
+    step("compose up returned", t0);
+    cluster.wait_healthy(Duration::from_secs(120));
+    step("every container healthy (Docker health checks on /readyz)", t0);
+    for n in [1, 2] {
+        wait_for_six_edges(n);
+    }
+
+    // WAN latency between every region and the core.
+    let probe = cluster.pid("us-1").to_string();
+    let netem = output(
+        Command::new("nsenter")
+            .args(["-t", &probe, "-n", "tc", "qdisc", "add", "dev", "lo", "root"])
+            .args(["netem", "delay", "1ms"]),
+    );
+    cluster.delay_mode = if netem.status.success() {
+        let _ = output(Command::new("nsenter").args(["-t", &probe, "-n", "tc", "qdisc", "del", "dev", "lo", "root"]));
+        Some(DelayMode::Netem)
+    } else {
+        eprintln!(
+            "docker: this kernel has no netem ({}); delaying with NFQUEUE + tests/docker/netdelay.py",
+            String::from_utf8_lossy(&netem.stderr).trim()
+        );
+        Some(DelayMode::Nfqueue)
+    };
+    for e in &EDGES {
+        cluster.add_wan_delay(e);
+    }
+    step(
+        &format!("{WAN_DELAY_MS} ms added to each edge's traffic into the core ({:?})", cluster.delay_mode.unwrap()),
+        t0,
+    );
+
+    // 1. Every edge serves a cached object: MISS, then HIT; over HTTP and HTTPS.
+    for e in &EDGES {
+        let path = "/_gen/4096?k=each-edge";
+        let first = Cluster::get(e, path, false);
+        assert_eq!((first.status, first.x_cache()), (200, "MISS"), "{}: first GET {path}", e.id);
+        assert_eq!(first.header("x-served-by"), Some(e.id));
+        assert_eq!(first.body.len(), 4096);
+        let second = Cluster::get(e, path, false);
+        assert_eq!((second.status, second.x_cache()), (200, "HIT"), "{}: second GET {path}", e.id);
+        let tls1 = Cluster::get(e, "/hello.txt", true);
+        let tls2 = Cluster::get(e, "/hello.txt", true);
+        assert_eq!((tls1.status, tls1.x_cache(), tls2.x_cache()), (200, "MISS", "HIT"), "{}: HTTPS /hello.txt", e.id);
+        assert!(tls2.header("alt-svc").is_some_and(|v| v.contains("h3=")), "{}: Alt-Svc", e.id);
+    }
+    step("1. each of the six edges: MISS then HIT (HTTP and HTTPS)", t0);
+
+    // 2. Geo-DNS: each region's client subnet gets that region's edges (UDP and TCP).
+    for (region, _) in REGIONS {
+        let want = region_edges(region);
+        let got = wait_until(
+            &format!("geo answer for {region}"),
+            Duration::from_secs(10),
+            Duration::from_millis(200),
+            || Cluster::dig_region(region).filter(|a| *a == want),
+        );
+        assert_eq!(got, want);
+        let subnet = format!("10.210.{}.0/24", region_net(region));
+        assert_eq!(Cluster::dig(&subnet, true), Some(want), "{region} over TCP");
+    }
+    step("2. geo-DNS: each region's subnet (ECS) answered with its own two edges", t0);
+
+    // 3. Purge propagation through either control node, WAN latency on.
+    for e in &EDGES {
+        assert_eq!(Cluster::get(e, "/_gen/2048?k=bench", false).status, 200);
+    }
+    let mut server_ms = Vec::new();
+    let mut client_ms = Vec::new();
+    let mut premature = 0;
+    for i in 0..BENCH_PURGES {
+        let n = 1 + (i % 2) as u8;
+        let path = if i == 0 { "/_gen/2048?k=bench".to_string() } else { format!("/_gen/2048?k=bench-{i}") };
+        let start = Instant::now();
+        let (id, _) = cluster.purge_url(n, &path);
+        let done = Cluster::wait_all_applied(n, &id, Duration::from_secs(20));
+        client_ms.push(ms(start.elapsed()));
+        if done.premature.is_some() {
+            premature += 1; // its completed_ms may be the premature one
+        } else if let Some(completed) = done.status["completed_ms"].as_f64() {
+            server_ms.push(completed);
+        }
+    }
+    for e in &EDGES {
+        let resp = Cluster::get(e, "/_gen/2048?k=bench", false);
+        assert_eq!(resp.x_cache(), "MISS", "{}: the purged object is gone", e.id);
+    }
+    assert!(server_ms.len() >= BENCH_PURGES / 2, "too few clean completions: {server_ms:?}");
+    let (p50, p99) = (quantile(&server_ms, 0.5), quantile(&server_ms, 0.99));
+    let (c50, c99) = (quantile(&client_ms, 0.5), quantile(&client_ms, 0.99));
+    eprintln!(
+        "docker: RESULT purge propagation to 6 edges in 3 regions, {WAN_DELAY_MS} ms region<->core, {BENCH_PURGES} purges \
+         alternating control-1/control-2: completed_ms p50 {p50:.0} ms, p99 {p99:.0} ms, max {:.0} ms (of {} purges; \
+         {premature} answered `complete` early); seen applied on all six by the client (POST, then polling the status \
+         every 10 ms) p50 {c50:.0} ms, p99 {c99:.0} ms",
+        quantile(&server_ms, 1.0),
+        server_ms.len()
+    );
+    assert!(p50 >= WAN_DELAY_MS as f64, "completion p50 {p50} ms is under the WAN delay: is the delay on?");
+    step("3. purges through either control node reach all six edges", t0);
+
+    // 4. Kill an edge: out of DNS within 3 s; back: caught up before ready.
+    let victim = edge("eu-2");
+    let victim_id = cluster.container(victim.id);
+    let victim_pid = cluster.pid(victim.id);
+    // `docker kill` itself takes a while to return here (it waits for the network
+    // teardown), so time from the moment the edge's process is gone.
+    let kill_started = Instant::now();
+    let mut kill =
+        Command::new("docker").args(["kill", &victim_id]).stdout(Stdio::null()).spawn().expect("docker kill");
+    let killed = wait_until("the edge's process to die", Duration::from_secs(20), Duration::from_millis(2), || {
+        let stat = std::fs::read_to_string(format!("/proc/{victim_pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+        matches!(state, None | Some('Z' | 'X')).then(Instant::now)
+    });
+    let gone = wait_until("geo to drop the killed edge", Duration::from_secs(15), Duration::from_millis(50), || {
+        Cluster::dig_region(victim.region).filter(|a| !a.is_empty() && !a.contains(&victim.public_ip()))
+    });
+    let gone_at = Instant::now();
+    let dns_gone = gone_at - killed;
+    assert!(kill.wait().expect("docker kill").success(), "docker kill failed");
+    eprintln!(
+        "docker: RESULT killed edge left geo-DNS answers {:.0} ms after its process died ({:.0} ms after `docker kill` \
+         started; now {gone:?})",
+        ms(dns_gone),
+        ms(gone_at - kill_started)
+    );
+    assert!(dns_gone < Duration::from_secs(3), "the killed edge stayed in DNS answers for {dns_gone:?}");
+    cluster.stop_delayer(victim);
+    let mut while_down = Vec::new();
+    for i in 0..4 {
+        let n = 1 + (i % 2) as u8;
+        let (id, _) = cluster.purge_url(n, &format!("/_gen/2048?k=while-down-{i}"));
+        // Complete without it: dead edges are not waited for.
+        let (status, _) = Cluster::wait_complete(n, &id, Duration::from_secs(20));
+        assert_ne!(status["edges"][victim.id], "applied", "{id}: {status}");
+        while_down.push(id);
+    }
+    let total_issued: u64 = cluster.issued.values().sum();
+    let restarted = Instant::now();
+    run(Command::new("docker").args(["start", &victim_id]));
+    cluster.add_wan_delay(victim);
+    let ready_at = wait_until("the restarted edge ready", Duration::from_secs(30), Duration::from_millis(20), || {
+        (Cluster::readyz(victim) == Some(200)).then(Instant::now)
+    });
+    let applied_when_ready = Cluster::metric(victim, "cdn_purges_applied_total");
+    eprintln!(
+        "docker: RESULT restarted edge ready after {:.0} ms, having applied {applied_when_ready} purges \
+         (all {total_issued} issued, {} of them while it was down)",
+        ms(ready_at - restarted),
+        while_down.len()
+    );
+    assert!(
+        applied_when_ready >= total_issued as f64,
+        "ready with {applied_when_ready} purges applied of {total_issued} issued"
+    );
+    let back = wait_until("geo to answer with it again", Duration::from_secs(15), Duration::from_millis(100), || {
+        Cluster::dig_region(victim.region).filter(|a| a.contains(&victim.public_ip()))
+    });
+    assert_eq!(back, region_edges(victim.region));
+    for (n, seq) in cluster.issued.clone() {
+        wait_until(
+            "control sees the restarted edge's applied purges",
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || Cluster::node(n, victim.id).filter(|v| v["applied"][format!("control-{n}")].as_u64() >= Some(seq)),
+        );
+    }
+    step("4. killed edge out of DNS in time; restarted, caught up before ready, back in DNS", t0);
+
+    // 5. Partition the us region from the core.
+    let cut: Vec<&Edge> = EDGES.iter().filter(|e| e.region == "us").collect();
+    let kept = "/_gen/3000?k=kept";
+    let short = "/short/note.txt";
+    let doomed: Vec<String> = (0..4).map(|i| format!("/_gen/1000?k=partition-{i}")).collect();
+    for e in &cut {
+        for path in doomed.iter().map(String::as_str).chain([kept, short]) {
+            let resp = Cluster::get(e, path, false);
+            assert_eq!((resp.status, resp.x_cache()), (200, "MISS"), "{}: {path}", e.id);
+        }
+    }
+    let wan = cluster.network("wan");
+    let partitioned = Instant::now();
+    for e in &cut {
+        run(Command::new("docker").args(["network", "disconnect", &wan, &cluster.container(e.id)]));
+    }
+    let mut during = Vec::new();
+    for (i, path) in doomed.iter().enumerate() {
+        during.push(cluster.purge_url(1 + (i % 2) as u8, path));
+    }
+    for e in &cut {
+        // Cut off, the edge still serves what it has, and has not seen the purges.
+        let resp = Cluster::get(e, kept, false);
+        assert_eq!((resp.status, resp.x_cache()), (200, "HIT"), "{}: cached object during the partition", e.id);
+        let resp = Cluster::get(e, &doomed[0], false);
+        assert_eq!((resp.status, resp.x_cache()), (200, "HIT"), "{}: purged meanwhile, but it cannot know", e.id);
+    }
+    // The short-lived object expires (max-age=2): served stale, the origin being
+    // unreachable. (The edge first waits out its origin `timeout`, 10 s in
+    // deploy/config, on the kept-alive connection the partition black-holed.)
+    sleep(Duration::from_millis(2500).saturating_sub(partitioned.elapsed()));
+    let stale: Vec<(Resp, Duration)> = std::thread::scope(|scope| {
+        let asks: Vec<_> = cut
+            .iter()
+            .map(|e| {
+                scope.spawn(move || {
+                    let start = Instant::now();
+                    (Cluster::get_within(40, e, short, false), start.elapsed())
+                })
+            })
+            .collect();
+        asks.into_iter().map(|h| h.join().expect("stale request")).collect()
+    });
+    for (e, (resp, took)) in cut.iter().zip(&stale) {
+        assert_eq!((resp.status, resp.x_cache()), (200, "STALE"), "{}: expired object, origin unreachable", e.id);
+        eprintln!(
+            "docker: RESULT {} cut off: expired object served STALE (stale-if-error) after {:.1} s",
+            e.id,
+            took.as_secs_f64()
+        );
+    }
+    // Let the failure detectors declare them dead, so the heal is a real rejoin.
+    wait_until("the cut-off edges declared dead", Duration::from_secs(30), Duration::from_millis(200), || {
+        cut.iter()
+            .all(|e| Cluster::node(2, e.id).is_some_and(|v| v["state"] == "dead" || v["state"] == "suspect"))
+            .then_some(())
+    });
+    for (id, _) in &during {
+        let n: u8 = if id.starts_with("control-1-") { 1 } else { 2 };
+        Cluster::wait_complete(n, id, Duration::from_secs(20)); // without the dead edges
+    }
+    let us_answer = Cluster::dig_region("us").unwrap_or_default();
+    assert!(us_answer.is_disjoint(&region_edges("us")), "geo still hands out the cut-off edges: {us_answer:?}");
+    let partition_secs = partitioned.elapsed().as_secs_f64();
+    let healed = Instant::now();
+    for e in &cut {
+        let id = cluster.container(e.id);
+        run(Command::new("docker").args(["network", "connect", "--ip", &e.core_ip(), &wan, &id]));
+        cluster.add_wan_delay(e);
+    }
+    for e in &cut {
+        for (n, seq) in cluster.issued.clone() {
+            wait_until(
+                &format!("{} to apply control-{n}'s purges after the heal", e.id),
+                Duration::from_secs(30),
+                Duration::from_millis(50),
+                || Cluster::node(n, e.id).filter(|v| v["applied"][format!("control-{n}")].as_u64() >= Some(seq)),
+            );
+        }
+    }
+    let caught_up = healed.elapsed();
+    for e in &cut {
+        for path in &doomed {
+            let resp = Cluster::get(e, path, false);
+            assert_eq!((resp.status, resp.x_cache()), (200, "MISS"), "{}: {path} purged during the partition", e.id);
+        }
+        let resp = Cluster::get(e, kept, false);
+        assert_eq!(resp.x_cache(), "HIT", "{}: an object nobody purged survives", e.id);
+    }
+    wait_until("geo to hand out the us edges again", Duration::from_secs(20), Duration::from_millis(100), || {
+        Cluster::dig_region("us").filter(|a| *a == region_edges("us"))
+    });
+    eprintln!(
+        "docker: RESULT us cut off from the core for {partition_secs:.1} s: cached objects served (HIT, STALE), \
+         the {} purges issued meanwhile applied {:.0} ms after the heal (seen in /v1/nodes)",
+        doomed.len(),
+        ms(caught_up)
+    );
+    step("5. partitioned region served from cache; purges applied after the heal, none lost", t0);
+
+    // 6. Kill a control node: the other still purges; the killed one keeps its log.
+    let last_1 = cluster.issued[&1];
+    let known = format!("control-1-{last_1}");
+    run(Command::new("docker").args(["kill", &cluster.container("control-1")]));
+    let (id, _) = cluster.purge_url(2, "/_gen/4096?k=each-edge");
+    let Applied { waited, .. } = Cluster::wait_all_applied(2, &id, Duration::from_secs(20));
+    for e in &EDGES {
+        assert_eq!(Cluster::get(e, "/_gen/4096?k=each-edge", false).x_cache(), "MISS", "{}", e.id);
+    }
+    eprintln!(
+        "docker: RESULT with control-1 down, a purge through control-2 completed on all six edges in {:.0} ms",
+        ms(waited)
+    );
+    // A new container on the same volume: only the data_dir carries the log over.
+    cluster.compose(&["rm", "-f", "control-1"]);
+    cluster.compose(&["up", "-d", "--no-deps", "--no-color", "control-1"]);
+    wait_until("control-1 back", Duration::from_secs(60), Duration::from_millis(200), || {
+        Cluster::api(1, "GET", "/v1/nodes", None).filter(|r| r.status == 200)
+    });
+    // A control node that has just (re)joined reports a purge complete once every
+    // edge *it knows of* applied it, so first let gossip show it all six.
+    let rejoined = Instant::now();
+    wait_for_six_edges(1);
+    eprintln!("docker: control-1 answered its API; it saw all six edges alive {:.0} ms later", ms(rejoined.elapsed()));
+    let old = Cluster::purge_status(1, &known).unwrap_or_else(|| panic!("control-1 forgot {known}"));
+    assert_eq!(old["seq"].as_u64(), Some(last_1), "{old}");
+    let (id, seq) = cluster.purge_url(1, "/_gen/2048?k=after-control-restart");
+    assert_eq!(seq, last_1 + 1, "control-1's sequence goes on after its restart ({id})");
+    Cluster::wait_all_applied(1, &id, Duration::from_secs(20));
+    step(&format!("6. control-1 killed: control-2 purged; control-1 recreated knows {known} and issued {id}"), t0);
+
+    cluster.wait_healthy(Duration::from_secs(60));
+    step("all healthy at the end", t0);
+}
