@@ -132,4 +132,4 @@ awk '
     machine
     echo "- command: \`bench/run-dns.sh\` (${RUN} s per server, dnsperf -c 8 -q 200, server on CPU 0, dnsperf on CPU 1)"
 } >> "$WORK/result.md"
-cp "$WORK/result.md" "$BENCH/out-dns.md" 2>/dev/null || true
+mkdir -p "$BENCH/out" && cp "$WORK/result.md" "$BENCH/out/dns.md"

@@ -103,4 +103,4 @@ PY
     machine
     echo "- command: \`bench/run-purge.sh\` (PURGES=$PURGES)"
 } >> "$WORK/result.md"
-cp "$WORK/result.md" "$BENCH/out-purge.md" 2>/dev/null || true
+mkdir -p "$BENCH/out" && cp "$WORK/result.md" "$BENCH/out/purge.md"
