@@ -124,6 +124,53 @@ impl CertifiedKey {
     }
 }
 
+/// A client-side verifier that accepts any server certificate (it still checks the
+/// handshake signatures). For tests, benchmarks and `origin.insecure = true` only.
+#[derive(Debug)]
+pub struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl AcceptAnyCertificate {
+    /// The verifier, on the ring provider.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self(Arc::new(ring_provider::default_provider())))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Generates a self-signed certificate for `localhost` plus the given DNS names and
 /// addresses; returns `(certificate PEM, PKCS#8 key PEM)`.
 pub fn self_signed_pem(names: &[String], ips: &[IpAddr]) -> Result<(String, String), Error> {

@@ -6,7 +6,7 @@ use bytes::{Buf as _, Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 
 use crate::{
-    harness::{AcceptAny, start_tls_edge},
+    harness::start_tls_edge,
     mock_origin::{MockOrigin, Route},
 };
 
@@ -35,7 +35,7 @@ impl H3Client {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny::new()))
+            .with_custom_certificate_verifier(cdn_control::tls::AcceptAnyCertificate::new())
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"h3".to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();

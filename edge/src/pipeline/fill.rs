@@ -95,7 +95,7 @@ struct FillJob {
 }
 
 /// Headers a fill must not forward from the client: the fill's answer is shared.
-const CLIENT_CONDITIONALS: [HeaderName; 6] = [
+pub(super) const CLIENT_CONDITIONALS: [HeaderName; 6] = [
     header::IF_NONE_MATCH,
     header::IF_MODIFIED_SINCE,
     header::IF_MATCH,
