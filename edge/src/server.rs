@@ -136,7 +136,11 @@ impl Edge {
                         lon: config.location.lon,
                     }),
                     public_addr,
-                    admin: local(admin.as_ref()),
+                    // An admin bound to all interfaces is announced at the public address.
+                    admin: local(admin.as_ref()).map(|addr| match (addr.ip().is_unspecified(), public_addr) {
+                        (true, Some(ip)) => SocketAddr::new(ip, addr.port()),
+                        _ => addr,
+                    }),
                 };
                 Some(
                     cdn_control::cluster::Cluster::join(cluster_config, node, registry, cluster_shutdown.clone())
