@@ -54,6 +54,19 @@ build_binaries() {
     LOADGEN="$WORK/loadgen"
 }
 
+# Builds the release `cdn` only (SKIP_BUILD=1: use what target/release has) and copies
+# it into $WORK as $CDN.
+build_cdn() {
+    if [[ -z "${SKIP_BUILD:-}" ]]; then
+        log "cargo build --release -p cdn"
+        (cd "$ROOT" && cargo build --release -p cdn) >&2
+    fi
+    local target="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+    [[ -x "$target/cdn" ]] || die "no release cdn in $target (build failed?)"
+    cp "$target/cdn" "$WORK/cdn"
+    CDN="$WORK/cdn"
+}
+
 # Fails when something already listens on addr:port (TCP), so a stale server is not measured.
 ensure_free() {
     local addr=$1

@@ -19,12 +19,7 @@ if ((${#need[@]})); then
 fi
 GDNSD=$(command -v gdnsd || echo /usr/sbin/gdnsd)
 make_work
-if [[ -z "${SKIP_BUILD:-}" ]]; then
-    log "cargo build --release -p cdn"
-    (cd "$ROOT" && cargo build --release -p cdn) >&2
-fi
-cp "${CARGO_TARGET_DIR:-$ROOT/target}/release/cdn" "$WORK/cdn"
-CDN="$WORK/cdn"
+build_cdn
 
 # A small cluster so geo has healthy edges to choose from.
 mkdir -p "$WORK/content" && echo ok > "$WORK/content/index.html"

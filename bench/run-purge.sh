@@ -11,12 +11,7 @@ PURGES=${PURGES:-200}
 TOKEN=bench-token-0123456789abcdef
 SECRET=bench-cluster-secret-0123456789
 make_work
-if [[ -z "${SKIP_BUILD:-}" ]]; then
-    log "cargo build --release -p cdn"
-    (cd "$ROOT" && cargo build --release -p cdn) >&2
-fi
-cp "${CARGO_TARGET_DIR:-$ROOT/target}/release/cdn" "$WORK/cdn"
-CDN="$WORK/cdn"
+build_cdn
 
 mkdir -p "$WORK/content"
 echo hello > "$WORK/content/index.html"

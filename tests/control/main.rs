@@ -327,27 +327,6 @@ async fn wait_until(condition: impl Fn() -> bool) {
     panic!("condition not met in 5 s");
 }
 
-#[tokio::test]
-#[ignore = "diagnostic: prints purge completion times"]
-async fn purge_latency_probe() {
-    let origin = MockOrigin::start().await;
-    let data = tempfile::tempdir().unwrap();
-    let control =
-        RunningControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
-    let seed = control.cluster.gossip_addr();
-    let mut edges = Vec::new();
-    for last in [41u8, 42, 43] {
-        edges.push(start_edge([127, 0, 0, last], &origin.url(), seed, SECRET).await);
-    }
-    wait_for_edges(&control, &["edge-41", "edge-42", "edge-43"]).await;
-    for _ in 0..10 {
-        let t = std::time::Instant::now();
-        let id = purge(&control, json!({ "tags": ["x"] })).await;
-        let (_, status) = api(Method::GET, &format!("http://{}/v1/purge/{id}", control.api), Some(TOKEN), None).await;
-        eprintln!("{id}: completed_ms={} wall={:?}", status["completed_ms"], t.elapsed());
-    }
-}
-
 /// `dig +short` for `www.cdn.test A` from a client in `subnet`.
 async fn dig(dns: SocketAddr, subnet: &str) -> Vec<String> {
     let output = tokio::process::Command::new("dig")
