@@ -160,6 +160,7 @@ pub(crate) struct State {
     pub(crate) rates: StdMutex<crate::status::Rates>,
     retention: Duration,
     unauthorized: IntCounter,
+    log_errors: IntCounter,
 }
 
 /// A bound control node.
@@ -209,6 +210,12 @@ impl Control {
         let unauthorized = IntCounter::new("cdn_api_unauthorized_total", "Control API calls refused for a bad token")
             .map_err(|e| Error::Cluster(e.to_string()))?;
         registry.register(Box::new(unauthorized.clone())).map_err(|e| Error::Cluster(e.to_string()))?;
+        let log_errors = IntCounter::new(
+            "cdn_purge_log_errors_total",
+            "Purges refused because the purge log could not be written (disk full, I/O error)",
+        )
+        .map_err(|e| Error::Cluster(e.to_string()))?;
+        registry.register(Box::new(log_errors.clone())).map_err(|e| Error::Cluster(e.to_string()))?;
         let state = Arc::new(State {
             node_id: config.node_id.clone(),
             token,
@@ -218,6 +225,7 @@ impl Control {
             rates: StdMutex::default(),
             retention: config.retention,
             unauthorized,
+            log_errors,
         });
         Ok(Self { state, api, tls, admin, registry: registry.clone(), cluster_shutdown })
     }
@@ -387,10 +395,19 @@ async fn purge(state: &Arc<State>, request: Request<Incoming>) -> Response<Body>
             Ok(json) => json,
             Err(e) => return failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         };
-        // Durable before acknowledged: a purge the log cannot hold is refused.
+        // Durable before acknowledged: a purge the log cannot hold is refused, and
+        // (the log cut back, the number unused) it does not exist anywhere.
         if let Err(error) = log.append(record.clone()) {
-            warn!(%error, "purge log append failed; purge refused");
-            return failure(StatusCode::SERVICE_UNAVAILABLE, format!("purge log unavailable: {error}"));
+            state.log_errors.inc();
+            warn!(%error, seq, "purge log append failed; purge refused");
+            let mut response = failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "purge not accepted: the purge log cannot be written ({error}); nothing was purged, retry later"
+                ),
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static("5"));
+            return response;
         }
         (record, json)
     };

@@ -7,6 +7,9 @@ mod harness;
 #[path = "../edge/mock_origin.rs"]
 mod mock_origin;
 
+mod disk_full;
+mod process;
+
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
