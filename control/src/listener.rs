@@ -6,21 +6,37 @@
 //! token is cancelled the loop stops accepting, HTTP/2 connections get GOAWAY,
 //! HTTP/1 connections close after their current response, and whatever is still
 //! open after the grace period is dropped.
+//!
+//! Each connection is driven next to its [`activity::Activity`]: a connection with no
+//! request for `idle_timeout` is closed gracefully, one whose client has taken no
+//! response data for `send_timeout` (while nothing waits on the origin) is dropped,
+//! and one that cancels more requests than it lets finish (HTTP/2 rapid reset,
+//! stream floods) is dropped at once.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
+pub mod activity;
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::{Pin, pin},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::conn::auto,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
+use self::activity::{Activity, Closed, Tracked, Verdict, Watched};
 use crate::Error;
 
 /// The boxed error type of response bodies.
@@ -50,10 +66,17 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// Open connections on this listener; further connections wait in the backlog.
     pub max_connections: usize,
+    /// A connection with no request in progress for this long is closed.
+    pub idle_timeout: Duration,
+    /// A connection whose client takes no response data for this long (while no
+    /// response waits on the origin) is dropped: slow and stalled readers.
+    pub send_timeout: Duration,
     /// How long shutdown waits for open connections to finish.
     pub grace: Duration,
     /// Counts open connections, when set.
     pub connections: Option<prometheus::IntGauge>,
+    /// Counts connections the server closed (idle, stalled, cancels), when set.
+    pub closed: Option<Closed>,
 }
 
 impl Default for Limits {
@@ -63,8 +86,11 @@ impl Default for Limits {
             max_header_size: 64 * 1024,
             max_concurrent_streams: 256,
             max_connections: 10_000,
+            idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(30),
             grace: Duration::from_secs(10),
             connections: None,
+            closed: None,
         }
     }
 }
@@ -126,7 +152,9 @@ pub async fn serve<H, F>(
         .keep_alive_timeout(Duration::from_secs(20));
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let tasks = TaskTracker::new();
+    // Cancelled when the grace period is over: drops whatever is still open.
+    let force = CancellationToken::new();
 
     loop {
         let permit = tokio::select! {
@@ -150,48 +178,153 @@ pub async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let info = ConnInfo { peer, local, tls: acceptor.is_some() };
-        let handler = handler.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let fut = handler(req, info);
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
+        let activity = Activity::new(Instant::now());
+        let service = {
+            let handler = handler.clone();
+            let activity = activity.clone();
+            hyper::service::service_fn(move |req| {
+                let mut guard = activity.start();
+                let fut = handler(req, info);
+                async move {
+                    let response = fut.await;
+                    guard.responded();
+                    guard.finish_if(response.body().is_end_stream());
+                    Ok::<_, Infallible>(response.map(|inner| Tracked::new(inner, guard)))
+                }
+            })
+        };
         let builder = builder.clone();
-        let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
-        let handshake_timeout = limits.header_read_timeout;
-        let gauge = limits.connections.clone();
-        if let Some(gauge) = &gauge {
+        let limits = limits.clone();
+        let (shutdown, force) = (shutdown.clone(), force.clone());
+        if let Some(gauge) = &limits.connections {
             gauge.inc();
         }
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _permit = permit;
-            let _open = OpenConnection(gauge);
-            let result = match acceptor {
-                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
+            let _open = OpenConnection(limits.connections.clone());
+            let driver = Driver { activity: &activity, limits: &limits, shutdown: &shutdown, force: &force };
+            let end = match acceptor {
+                None => {
+                    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+                    let conn = pin!(builder.serve_connection(io, service));
+                    driver.drive(conn, |conn| conn.graceful_shutdown()).await
+                }
                 Some(acceptor) => {
-                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(error)) => {
-                            debug!(%error, %peer, "tls handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            debug!(%peer, "tls handshake timed out");
-                            return;
-                        }
+                    let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                    let tls = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        handshake = handshake => match handshake {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(error)) => {
+                                debug!(%error, %peer, "tls handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(%peer, "tls handshake timed out");
+                                return;
+                            }
+                        },
                     };
-                    watcher.watch(builder.serve_connection(TokioIo::new(tls), service)).await
+                    let io = TokioIo::new(Watched::new(tls, activity.clone()));
+                    let conn = pin!(builder.serve_connection(io, service));
+                    driver.drive(conn, |conn| conn.graceful_shutdown()).await
                 }
             };
-            if let Err(error) = result {
-                debug!(error = %error, %peer, "connection ended with an error");
+            let reason = match end {
+                End::Done(Ok(())) | End::Forced => None,
+                End::Done(Err(error)) => {
+                    debug!(error = %error, %peer, "connection ended with an error");
+                    None
+                }
+                End::Idle => Some("idle"),
+                End::Stalled => {
+                    debug!(%peer, timeout = ?limits.send_timeout, "client stopped reading; connection dropped");
+                    Some("stalled")
+                }
+                End::Cancels => {
+                    let (finished, cancelled) = activity.counts();
+                    warn!(%peer, finished, cancelled, "client cancels most of its requests; connection dropped");
+                    Some("cancels")
+                }
+            };
+            if let (Some(reason), Some(closed)) = (reason, &limits.closed) {
+                closed.count(reason);
             }
         });
     }
     drop(listener);
-    debug!(listener = name, open = graceful.count(), "draining connections");
-    if tokio::time::timeout(limits.grace, graceful.shutdown()).await.is_err() {
-        warn!(listener = name, "grace period over, dropping open connections");
+    tasks.close();
+    debug!(listener = name, open = tasks.len(), "draining connections");
+    if tokio::time::timeout(limits.grace, tasks.wait()).await.is_err() {
+        warn!(listener = name, open = tasks.len(), "grace period over, dropping open connections");
+        force.cancel();
+        tasks.wait().await;
+    }
+}
+
+/// How long an idle connection closed gracefully may take to go.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// How a connection's driver ended.
+enum End {
+    /// The connection finished by itself (or after a graceful close).
+    Done(Result<(), BoxError>),
+    /// Closed for being idle past the idle timeout.
+    Idle,
+    /// The client took no data for the send timeout.
+    Stalled,
+    /// The client cancelled more requests than it completed.
+    Cancels,
+    /// The shutdown grace period ran out.
+    Forced,
+}
+
+/// Drives one connection next to its activity; see the module docs.
+struct Driver<'a> {
+    activity: &'a Activity,
+    limits: &'a Limits,
+    shutdown: &'a CancellationToken,
+    force: &'a CancellationToken,
+}
+
+impl Driver<'_> {
+    async fn drive<C>(&self, mut conn: Pin<&mut C>, graceful: impl Fn(Pin<&mut C>)) -> End
+    where
+        C: Future<Output = Result<(), BoxError>>,
+    {
+        let (idle, send) = (self.limits.idle_timeout, self.limits.send_timeout);
+        let mut closing = false;
+        let mut idle_closed = false;
+        let mut next = Instant::now() + idle.min(send);
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => return if idle_closed { End::Idle } else { End::Done(result) },
+                () = self.shutdown.cancelled(), if !closing => {
+                    graceful(conn.as_mut());
+                    closing = true;
+                }
+                () = self.force.cancelled() => return End::Forced,
+                () = self.activity.abused() => return End::Cancels,
+                () = tokio::time::sleep_until(next.into()) => {
+                    let now = Instant::now();
+                    match self.activity.verdict(now, idle, send) {
+                        Verdict::Fine(at) => next = at,
+                        Verdict::Stalled => return End::Stalled,
+                        // Asked to close once and still open: drop it.
+                        Verdict::Idle if closing => return End::Idle,
+                        Verdict::Idle => {
+                            graceful(conn.as_mut());
+                            closing = true;
+                            idle_closed = true;
+                            // An idle client has nothing in flight: it gets a moment to
+                            // take the GOAWAY (HTTP/2 waits for a PING's answer), no more.
+                            next = now + CLOSE_WAIT;
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -218,6 +218,14 @@ pub struct Limits {
     /// Open client connections per listener.
     #[serde(default = "default_connections")]
     pub max_connections: usize,
+    /// A client connection (HTTP/1.1, HTTP/2 or HTTP/3) with no request in
+    /// progress for this long is closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A client that takes no response data for this long is disconnected (slow or
+    /// stalled readers; time spent waiting on the origin does not count).
+    #[serde(default = "default_send_timeout", with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// How long shutdown waits for open requests.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub grace: Duration,
@@ -239,6 +247,14 @@ fn default_connections() -> usize {
     10_000
 }
 
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
 fn default_grace() -> Duration {
     Duration::from_secs(10)
 }
@@ -250,6 +266,8 @@ impl Default for Limits {
             max_header_size: default_max_header(),
             max_concurrent_streams: default_streams(),
             max_connections: default_connections(),
+            idle_timeout: default_idle_timeout(),
+            send_timeout: default_send_timeout(),
             grace: default_grace(),
         }
     }
@@ -262,8 +280,11 @@ impl Limits {
             max_header_size: usize::try_from(self.max_header_size.as_u64()).unwrap_or(usize::MAX),
             max_concurrent_streams: self.max_concurrent_streams,
             max_connections: self.max_connections,
+            idle_timeout: self.idle_timeout,
+            send_timeout: self.send_timeout,
             grace: self.grace,
             connections: None,
+            closed: None,
         }
     }
 }

@@ -7,22 +7,26 @@
 use std::{
     net::{Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::{Buf as _, Bytes};
 use futures_util::stream;
 use http::Response;
 use http_body_util::BodyExt as _;
+use hyper::body::Body as _;
 use quinn::{Endpoint, IdleTimeout, TransportConfig, VarInt, congestion};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use cdn_control::listener::{Body, BoxError};
+use cdn_control::listener::{
+    Body, BoxError,
+    activity::{Activity, Closed, RequestGuard, Tracked, Verdict},
+};
 
 use crate::{
     Error,
-    config::{Congestion, Quic},
+    config::{Congestion, Limits, Quic},
     metrics::Protocol,
     pipeline::{Conn, Pipeline},
 };
@@ -67,9 +71,17 @@ pub(crate) fn bind(addr: SocketAddr, config: quinn::ServerConfig) -> Result<Endp
     Endpoint::server(config, addr).map_err(|source| Error::Node(cdn_control::Error::Bind { addr, source }))
 }
 
+/// H3_EXCESSIVE_LOAD: the peer generates excessive load (RFC 9114, 8.1).
+const H3_EXCESSIVE_LOAD: u32 = 0x107;
+
 /// Accepts QUIC connections until `shutdown`; then sends GOAWAY on every
-/// connection, lets open requests finish within `grace`, and closes the endpoint.
-pub(crate) async fn serve(endpoint: Endpoint, pipeline: Arc<Pipeline>, shutdown: CancellationToken, grace: Duration) {
+/// connection, lets open requests finish within the grace period, and closes the
+/// endpoint. Connections are closed as the TCP listener closes them: idle, stalled
+/// readers, and clients that cancel most of their requests (see
+/// [`cdn_control::listener::activity`]).
+pub(crate) async fn serve(endpoint: Endpoint, pipeline: Arc<Pipeline>, shutdown: CancellationToken, limits: Limits) {
+    let grace = limits.grace;
+    let limits = Arc::new(limits);
     if let Ok(addr) = endpoint.local_addr() {
         info!(listener = "h3", %addr, "listening");
     }
@@ -82,7 +94,7 @@ pub(crate) async fn serve(endpoint: Endpoint, pipeline: Arc<Pipeline>, shutdown:
                 None => break,
             },
         };
-        connections.spawn(connection(incoming, pipeline.clone(), shutdown.clone()));
+        connections.spawn(connection(incoming, pipeline.clone(), shutdown.clone(), limits.clone()));
         while connections.try_join_next().is_some() {}
     }
     let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
@@ -93,7 +105,12 @@ pub(crate) async fn serve(endpoint: Endpoint, pipeline: Arc<Pipeline>, shutdown:
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 
-async fn connection(incoming: quinn::Incoming, pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
+async fn connection(
+    incoming: quinn::Incoming,
+    pipeline: Arc<Pipeline>,
+    shutdown: CancellationToken,
+    limits: Arc<Limits>,
+) {
     let connection = match incoming.await {
         Ok(connection) => connection,
         Err(error) => {
@@ -105,6 +122,7 @@ async fn connection(incoming: quinn::Incoming, pipeline: Arc<Pipeline>, shutdown
     let gauge = pipeline.metrics.connections.with_label_values(&["h3"]);
     gauge.inc();
     let _guard = scopeguard(move || gauge.dec());
+    let quic = connection.clone();
     let mut h3 = match h3::server::builder().build::<_, Bytes>(h3_quinn::Connection::new(connection)).await {
         Ok(h3) => h3,
         Err(error) => {
@@ -114,6 +132,10 @@ async fn connection(incoming: quinn::Incoming, pipeline: Arc<Pipeline>, shutdown
     };
     let mut requests = tokio::task::JoinSet::new();
     let mut going_away = false;
+    let activity = Activity::new(Instant::now());
+    let closed = Closed::of(&pipeline.metrics.connections_closed, "h3");
+    let (idle, send) = (limits.idle_timeout, limits.send_timeout);
+    let mut next = Instant::now() + idle.min(send);
     loop {
         if going_away && requests.is_empty() {
             break; // dropping the connection closes it (H3_NO_ERROR)
@@ -126,14 +148,44 @@ async fn connection(incoming: quinn::Incoming, pipeline: Arc<Pipeline>, shutdown
                 continue;
             }
             Some(_) = requests.join_next(), if going_away => continue,
+            () = activity.abused() => {
+                let (finished, cancelled) = activity.counts();
+                warn!(%peer, finished, cancelled, "h3 client cancels most of its requests; connection closed");
+                closed.count("cancels");
+                quic.close(VarInt::from_u32(H3_EXCESSIVE_LOAD), b"too many cancelled requests");
+                requests.abort_all();
+                break;
+            }
+            () = tokio::time::sleep_until(next.into()) => {
+                let now = Instant::now();
+                match activity.verdict(now, idle, send) {
+                    Verdict::Fine(at) => next = at,
+                    Verdict::Idle if !going_away => {
+                        closed.count("idle");
+                        going_away = true;
+                        let _ = h3.shutdown(0).await;
+                        next = now + send;
+                    }
+                    Verdict::Idle => break,
+                    Verdict::Stalled => {
+                        debug!(%peer, "h3 client stopped reading; connection closed");
+                        closed.count("stalled");
+                        quic.close(VarInt::from_u32(H3_EXCESSIVE_LOAD), b"client stopped reading");
+                        requests.abort_all();
+                        break;
+                    }
+                }
+                continue;
+            }
             accepted = h3.accept() => accepted,
         };
         match accepted {
             Ok(Some(resolver)) => {
                 let pipeline = pipeline.clone();
+                let guard = activity.start();
                 requests.spawn(async move {
                     match resolver.resolve_request().await {
-                        Ok((request, stream)) => request_task(pipeline, request, stream, peer).await,
+                        Ok((request, stream)) => request_task(pipeline, request, stream, peer, guard).await,
                         Err(error) => debug!(%error, %peer, "bad h3 request"),
                     }
                 });
@@ -151,11 +203,20 @@ async fn connection(incoming: quinn::Incoming, pipeline: Arc<Pipeline>, shutdown
 
 type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
-async fn request_task(pipeline: Arc<Pipeline>, request: http::Request<()>, stream: Stream, peer: SocketAddr) {
+async fn request_task(
+    pipeline: Arc<Pipeline>,
+    request: http::Request<()>,
+    stream: Stream,
+    peer: SocketAddr,
+    mut guard: RequestGuard,
+) {
     let (mut send, recv) = stream.split();
     let request = request.map(|()| request_body(recv));
     let response = pipeline.handle(request, Conn { protocol: Protocol::H3, peer, tls: true }).await;
-    let (parts, mut body) = response.into_parts();
+    guard.responded();
+    guard.finish_if(response.body().is_end_stream());
+    let (parts, body) = response.into_parts();
+    let mut body = Tracked::new(body, guard);
     if let Err(error) = send.send_response(Response::from_parts(parts, ())).await {
         debug!(%error, %peer, "h3 response head not sent");
         return;

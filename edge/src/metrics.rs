@@ -73,6 +73,7 @@ pub(crate) struct Metrics {
     pub(crate) cache_bytes: IntGauge,
     pub(crate) cache_objects: IntGauge,
     pub(crate) connections: IntGaugeVec,
+    pub(crate) connections_closed: IntCounterVec,
 }
 
 impl Metrics {
@@ -96,14 +97,31 @@ impl Metrics {
             Opts::new("cdn_connections", "Open client connections by transport (tcp carries h1 and h2)"),
             &["protocol"],
         )?;
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "cdn_connections_closed_total",
+                "Client connections the edge closed: idle, stalled (client stopped reading), cancels (rapid reset)",
+            ),
+            &["protocol", "reason"],
+        )?;
         registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(connections_closed.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(response_bytes.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(origin_requests.clone()))?;
         registry.register(Box::new(cache_bytes.clone()))?;
         registry.register(Box::new(cache_objects.clone()))?;
-        Ok(Self { requests, response_bytes, duration, origin_requests, cache_bytes, cache_objects, connections })
+        Ok(Self {
+            requests,
+            response_bytes,
+            duration,
+            origin_requests,
+            cache_bytes,
+            cache_objects,
+            connections,
+            connections_closed,
+        })
     }
 
     pub(crate) fn origin_status(&self, status: u16) {

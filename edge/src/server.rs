@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use cdn_control::{
     admin::{self, Readiness},
-    listener::{self, ConnInfo},
+    listener::{self, ConnInfo, activity::Closed},
 };
 
 use crate::{
@@ -216,6 +216,7 @@ impl Edge {
         } = self;
         let mut limits = config.limits.listener();
         limits.connections = Some(pipeline.metrics.connections.with_label_values(&["tcp"]));
+        limits.closed = Some(Closed::of(&pipeline.metrics.connections_closed, "tcp"));
         let mut tasks = tokio::task::JoinSet::new();
         readiness.set("shutdown", true);
         readiness.set("origin", false);
@@ -238,7 +239,7 @@ impl Edge {
             tasks.spawn(listener::serve("https", listener, Some(tls), limits.clone(), shutdown.clone(), handler));
         }
         if let Some(endpoint) = h3 {
-            tasks.spawn(crate::h3::serve(endpoint, pipeline.clone(), shutdown.clone(), config.limits.grace));
+            tasks.spawn(crate::h3::serve(endpoint, pipeline.clone(), shutdown.clone(), config.limits.clone()));
         }
         if let Some(listener) = admin {
             tasks.spawn(admin::serve(listener, registry, readiness.clone(), shutdown.clone()));

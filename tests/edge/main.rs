@@ -4,6 +4,7 @@ mod h3;
 mod hardening;
 mod harness;
 mod mock_origin;
+mod overload;
 mod ranges;
 
 use std::time::{Duration, Instant};

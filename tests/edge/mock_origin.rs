@@ -164,6 +164,10 @@ impl MockOrigin {
         self.state.lock().unwrap().hits.get(path).copied().unwrap_or(0)
     }
 
+    pub(crate) fn reset_hits(&self) {
+        self.state.lock().unwrap().hits.clear();
+    }
+
     pub(crate) fn last_headers(&self, path: &str) -> HeaderMap {
         self.state.lock().unwrap().last_headers.get(path).cloned().unwrap_or_default()
     }
