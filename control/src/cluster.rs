@@ -29,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use member::{GeoPoint, Member, MemberState, Role};
+#[doc(hidden)]
+pub use transport::PacketLoss;
 
 use crate::Error;
 
@@ -73,6 +75,11 @@ pub struct ClusterConfig {
     /// A node alive but silent this long is reported `suspect` (and left out of DNS).
     #[serde(default = "default_suspect", with = "humantime_serde")]
     pub suspect_after: Duration,
+    /// Test hook: gossip datagrams this node drops on purpose (lossy networks,
+    /// partitions). Not settable from a config file.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub loss: PacketLoss,
 }
 
 fn default_interval() -> Duration {
@@ -93,6 +100,7 @@ impl ClusterConfig {
             advertise: None,
             gossip_interval: default_interval(),
             suspect_after: default_suspect(),
+            loss: PacketLoss::default(),
         }
     }
 
@@ -227,7 +235,13 @@ impl Cluster {
         if let Some(admin) = node.admin {
             initial.push(("admin".into(), admin.to_string()));
         }
-        let transport = transport::AuthTransport::new(socket, config.secret.bytes(), rejected, shutdown.clone());
+        let transport = transport::AuthTransport::new(
+            socket,
+            config.secret.bytes(),
+            rejected,
+            config.loss.clone(),
+            shutdown.clone(),
+        );
         let handle = chitchat::spawn_chitchat(chitchat_config, initial, &transport)
             .await
             .map_err(|e| Error::Cluster(format!("gossip did not start: {e:#}")))?;

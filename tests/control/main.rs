@@ -8,13 +8,14 @@ mod harness;
 mod mock_origin;
 
 mod disk_full;
+mod lossy;
 mod process;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use cdn_control::{
-    cluster::{Cluster, ClusterConfig},
+    cluster::{Cluster, ClusterConfig, PacketLoss},
     server::{Config as ControlConfig, Control},
 };
 use http::{Method, StatusCode};
@@ -40,11 +41,22 @@ struct RunningControl {
 
 impl RunningControl {
     async fn start(data_dir: &std::path::Path, api: SocketAddr, gossip: SocketAddr) -> Self {
+        Self::start_with(data_dir, api, gossip, |_| {}).await
+    }
+
+    /// [`start`](Self::start), with the config changed by `tweak` first.
+    async fn start_with(
+        data_dir: &std::path::Path,
+        api: SocketAddr,
+        gossip: SocketAddr,
+        tweak: impl FnOnce(&mut ControlConfig),
+    ) -> Self {
         let mut config = ControlConfig::new("control-1", data_dir, TOKEN);
         config.listen.api = api;
         config.listen.admin = None;
         config.retention = Duration::from_secs(3600);
         config.cluster = Some(ClusterConfig::new(gossip, SECRET));
+        tweak(&mut config);
         let registry = Registry::new();
         let control = Control::bind(config, &registry).await.expect("control binds");
         let (api, cluster) = (control.api_addr(), control.cluster().unwrap());
@@ -76,12 +88,18 @@ async fn api(method: Method, url: &str, token: Option<&str>, body: Option<&str>)
 }
 
 async fn start_edge(ip: [u8; 4], origin: &str, seed: SocketAddr, secret: &str) -> TestEdge {
+    start_edge_with_loss(ip, origin, seed, secret, PacketLoss::default()).await
+}
+
+/// An edge whose gossip drops what `loss` says (a clone the test keeps and changes).
+async fn start_edge_with_loss(ip: [u8; 4], origin: &str, seed: SocketAddr, secret: &str, loss: PacketLoss) -> TestEdge {
     TestEdge::start(origin, |c| {
         c.node_id = format!("edge-{}", ip[3]);
         c.listen.http = Some((ip, 0).into());
         c.listen.admin = Some((ip, 0).into());
         let mut cluster = ClusterConfig::new((ip, 0).into(), secret);
         cluster.seeds = vec![seed.to_string()];
+        cluster.loss = loss;
         c.cluster = Some(cluster);
     })
     .await

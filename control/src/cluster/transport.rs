@@ -14,11 +14,18 @@
 //! payload under the cluster secret; one that does not verify is dropped and
 //! counted, so an outsider can neither join, fake a node nor inject a purge.
 //! (Replays of genuine datagrams are harmless: chitchat state is versioned.)
+//!
+//! The relay is also where tests make the network bad: a [`PacketLoss`] drops a
+//! share of the datagrams going out and coming in (up to all of them, a partition).
 
 use std::{
     collections::HashMap,
+    fmt,
     net::{Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
 };
 
 use anyhow::Context as _;
@@ -58,6 +65,80 @@ fn open<'a>(key: &hmac::Key, datagram: &'a [u8]) -> Option<&'a [u8]> {
     (difference == 0).then_some(payload)
 }
 
+/// Deliberate loss of gossip datagrams, for tests of lossy networks and partitions.
+///
+/// Clones share one state, so a test keeps a clone and changes the loss while the
+/// node runs. Decisions come from a seeded generator (splitmix64): the same seed
+/// gives the same sequence of drops for the same sequence of datagrams.
+#[doc(hidden)]
+#[derive(Clone, Default)]
+pub struct PacketLoss(Arc<LossState>);
+
+#[derive(Default)]
+struct LossState {
+    /// Parts per million of outgoing datagrams dropped.
+    outgoing: AtomicU32,
+    /// Parts per million of incoming (authenticated) datagrams dropped.
+    incoming: AtomicU32,
+    rng: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl PacketLoss {
+    /// No loss yet; decisions drawn from `seed`.
+    pub fn new(seed: u64) -> Self {
+        let loss = Self::default();
+        loss.0.rng.store(seed, Ordering::Relaxed);
+        loss
+    }
+
+    /// Drops each outgoing datagram with probability `outgoing` and each incoming
+    /// one with probability `incoming` (0.0 ..= 1.0; 1.0 both ways is a partition).
+    pub fn set(&self, outgoing: f64, incoming: f64) {
+        let ppm = |p: f64| (p.clamp(0.0, 1.0) * 1e6).round() as u32;
+        self.0.outgoing.store(ppm(outgoing), Ordering::Relaxed);
+        self.0.incoming.store(ppm(incoming), Ordering::Relaxed);
+    }
+
+    /// Datagrams dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.0.dropped.load(Ordering::Relaxed)
+    }
+
+    fn drop_outgoing(&self) -> bool {
+        self.decide(self.0.outgoing.load(Ordering::Relaxed))
+    }
+
+    fn drop_incoming(&self) -> bool {
+        self.decide(self.0.incoming.load(Ordering::Relaxed))
+    }
+
+    fn decide(&self, ppm: u32) -> bool {
+        if ppm == 0 {
+            return false;
+        }
+        // splitmix64: one atomic step of the state, then the output mix.
+        let mut z = self.0.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let dropped = z % 1_000_000 < u64::from(ppm);
+        if dropped {
+            self.0.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        dropped
+    }
+}
+
+impl fmt::Debug for PacketLoss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PacketLoss")
+            .field("outgoing_ppm", &self.0.outgoing.load(Ordering::Relaxed))
+            .field("incoming_ppm", &self.0.incoming.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
 /// Pipes by peer and peers by pipe address.
 #[derive(Default)]
 struct Pipes {
@@ -72,6 +153,7 @@ struct Relay {
     key: hmac::Key,
     rejected: IntCounter,
     pipes: Mutex<Pipes>,
+    loss: PacketLoss,
     shutdown: CancellationToken,
 }
 
@@ -103,6 +185,9 @@ impl Relay {
                 };
                 let Ok((len, from)) = received else { continue };
                 if from != relay.inner {
+                    continue;
+                }
+                if relay.loss.drop_outgoing() {
                     continue;
                 }
                 let mut datagram = buffer[..len].to_vec();
@@ -139,6 +224,9 @@ impl Relay {
                 debug!(from = %peer, len, "gossip datagram failed authentication, dropped");
                 continue;
             };
+            if self.loss.drop_incoming() {
+                continue;
+            }
             match self.pipe(peer).await {
                 Ok(pipe) => {
                     let _ = pipe.send_to(payload, self.inner).await;
@@ -154,13 +242,21 @@ pub(crate) struct AuthTransport {
     public: Mutex<Option<UdpSocket>>,
     key: hmac::Key,
     rejected: IntCounter,
+    loss: PacketLoss,
     shutdown: CancellationToken,
 }
 
 impl AuthTransport {
-    /// `public` is the bound gossip socket peers send to.
-    pub(crate) fn new(public: UdpSocket, secret: &[u8], rejected: IntCounter, shutdown: CancellationToken) -> Self {
-        Self { public: Mutex::new(Some(public)), key: key(secret), rejected, shutdown }
+    /// `public` is the bound gossip socket peers send to; `loss` drops datagrams on
+    /// purpose (none unless a test sets it).
+    pub(crate) fn new(
+        public: UdpSocket,
+        secret: &[u8],
+        rejected: IntCounter,
+        loss: PacketLoss,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self { public: Mutex::new(Some(public)), key: key(secret), rejected, loss, shutdown }
     }
 }
 
@@ -181,6 +277,7 @@ impl Transport for AuthTransport {
             key: self.key.clone(),
             rejected: self.rejected.clone(),
             pipes: Mutex::default(),
+            loss: self.loss.clone(),
             shutdown: self.shutdown.clone(),
         });
         tokio::spawn(relay.clone().incoming());
@@ -247,5 +344,22 @@ mod tests {
         assert_eq!(open(&a, &tampered), None);
         assert_eq!(open(&a, &datagram[..5]), None);
         assert_eq!(open(&a, &[]), None);
+    }
+
+    #[test]
+    fn loss_drops_about_the_share_asked_for_and_is_repeatable() {
+        let count = |loss: &PacketLoss| (0..10_000).filter(|_| loss.drop_outgoing()).count();
+        let loss = PacketLoss::new(7);
+        assert_eq!(count(&loss), 0, "no loss until set");
+        loss.set(0.25, 0.0);
+        let dropped = count(&loss);
+        assert!((2_200..2_800).contains(&dropped), "{dropped} of 10000 at 25%");
+        assert_eq!(loss.dropped(), dropped as u64);
+        assert!((0..1000).all(|_| !loss.drop_incoming()), "the other direction is untouched");
+        let again = PacketLoss::new(7);
+        again.set(0.25, 0.0);
+        assert_eq!(count(&again), dropped, "same seed, same drops");
+        loss.set(1.0, 1.0);
+        assert!((0..1000).all(|_| loss.drop_outgoing() && loss.drop_incoming()), "a partition");
     }
 }
