@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # sourced: the variables are for the scripts
 # Shared helpers of the bench/ scripts (sourced, not run).
 #
 # Every process a script starts is recorded with `track PID` and killed (by its id)
@@ -48,10 +49,12 @@ build_binaries() {
         (cd "$ROOT" && cargo build --release -p cdn -p cdn-bench) >&2
     fi
     local target="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-    [[ -x "$target/cdn" && -x "$target/loadgen" ]] || die "no release binaries in $target (build failed?)"
-    cp "$target/cdn" "$target/loadgen" "$WORK/"
+    [[ -x "$target/cdn" && -x "$target/loadgen" && -x "$target/storm" ]] ||
+        die "no release binaries in $target (build failed?)"
+    cp "$target/cdn" "$target/loadgen" "$target/storm" "$WORK/"
     CDN="$WORK/cdn"
     LOADGEN="$WORK/loadgen"
+    STORM="$WORK/storm"
 }
 
 # Builds the release `cdn` only (SKIP_BUILD=1: use what target/release has) and copies

@@ -1,35 +1,71 @@
 #!/usr/bin/env bash
 # bench/run-peers.sh: the edge against nginx (proxy_cache) and Varnish, same origin,
-# same machine, same run (issue 10). Today: 1 KiB cache-HIT requests/s and p50/p99
-# latency over HTTP/1.1 keep-alive, measured with wrk.
+# same machine, same run (issue 10). Scenarios (SCENARIOS, default all of them):
+#   memory      RSS of each cache holding MEMORY_OBJECTS distinct 1 KiB objects, per object
+#   storm       a miss storm: STORM_OBJECTS uncached objects × STORM_PER_OBJECT concurrent
+#               requests; origin requests seen (coalescing) and total time
+#   h1          1 KiB cache HITs over HTTP/1.1 keep-alive (wrk): req/s, p50/p99
+#   h2          1 KiB cache HITs over cleartext HTTP/2, prior knowledge (h2load): req/s, p50/p99
+#   throughput  MB/s of 1 MiB and 100 MiB cache HITs over HTTP/1.1 (loadgen)
+#   ranges      MB/s of random 1 MiB ranges of a cached 1 GiB object over HTTP/1.1
+#               (loadgen; nginx through its `slice 1m` location, aligned and unaligned)
 #
 # Installs its peers from Debian when they are missing (nginx, varnish, wrk,
 # nghttp2-client), starts one `cdn origin` with generated objects and, in front of
 # it, `cdn edge`, nginx and Varnish, each on its own loopback address, warms each
 # cache, and then measures them in rotating order, REPEAT times. Every server is pinned
-# to CPU 0 (`taskset -c 0`, one worker/thread pool where the server has the knob), wrk
-# to CPU 1. Prints a markdown table of medians with the edge's ratio to each peer; the
-# raw runs go to bench/out/peers-<time>.jsonl.
+# to CPU 0 (`taskset -c 0`, one worker/thread pool where the server has the knob), the
+# load generators to CPU 1. Prints markdown tables of medians with the edge's ratio to
+# each peer (bench/peers-report.py); the raw runs go to bench/out/peers-<time>.jsonl.
 #
 # Environment (all optional):
-#   DURATION=10s   each wrk run
-#   REPEAT=3       rounds; the table shows medians
-#   CONNS=50       wrk connections (keep-alive); THREADS=1 wrk threads
-#   OBJECT=1KiB    the generated object (/_gen/<OBJECT>)
+#   SCENARIOS="memory storm h1 h2 throughput ranges"   which to run (always in this order)
+#   DURATION=5s    each timed run;  REPEAT=3  rounds (tables show medians)
+#   CONNS=50 THREADS=1 OBJECT=1KiB           h1: wrk connections, threads, object
+#   H2_CONNS=10 H2_STREAMS=10                h2: h2load connections, streams per connection
+#   SIZES="1MiB 100MiB" CONNS_1MiB=8 CONNS_100MiB=1   throughput: objects, loadgen connections
+#   RANGE_OBJECT=1GiB RANGE_CONNS=8 RANGE_MODES="aligned unaligned"
+#   MEMORY_OBJECTS=10000
+#   STORM_OBJECTS=100 STORM_PER_OBJECT=10 STORM_SIZE=64KiB STORM_RATE=65536 (origin bytes/s:
+#                  each storm object takes the origin about a second to send)
 #   SKIP_BUILD=1   use target/release as it is
 #   KEEP_WORK=1    keep the scratch directory (configs, logs)
 #   QUIET_WAIT=30  seconds to wait for an idle machine before each run
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-DURATION=${DURATION:-10s}
+ALL_SCENARIOS="memory storm h1 h2 throughput ranges"
+SCENARIOS=${SCENARIOS:-$ALL_SCENARIOS}
+DURATION=${DURATION:-5s}
 REPEAT=${REPEAT:-3}
 CONNS=${CONNS:-50}
 THREADS=${THREADS:-1}
 OBJECT=${OBJECT:-1KiB}
+H2_CONNS=${H2_CONNS:-10}
+H2_STREAMS=${H2_STREAMS:-10}
+SIZES=${SIZES:-"1MiB 100MiB"}
+CONNS_1MiB=${CONNS_1MiB:-8}
+CONNS_100MiB=${CONNS_100MiB:-1}
+RANGE_OBJECT=${RANGE_OBJECT:-1GiB}
+RANGE_CONNS=${RANGE_CONNS:-8}
+RANGE_MODES=${RANGE_MODES:-"aligned unaligned"}
+MEMORY_OBJECTS=${MEMORY_OBJECTS:-10000}
+STORM_OBJECTS=${STORM_OBJECTS:-100}
+STORM_PER_OBJECT=${STORM_PER_OBJECT:-10}
+STORM_SIZE=${STORM_SIZE:-64KiB}
+STORM_RATE=${STORM_RATE:-65536}
+
+for s in $SCENARIOS; do
+    [[ " $ALL_SCENARIOS " == *" $s "* ]] || die "unknown scenario $s (known: $ALL_SCENARIOS)"
+done
+wants() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
 ORIGIN=127.0.0.41:8080
+ORIGIN_ADMIN=127.0.0.41:9091
 declare -A ADDR=([edge]=127.0.0.42:8080 [nginx]=127.0.0.43:8080 [varnish]=127.0.0.44:8080)
+# Cleartext HTTP/2 (prior knowledge): the edge and Varnish take it on their HTTP/1.1
+# port (by the connection preface); nginx 1.22 needs a listener of its own.
+declare -A H2ADDR=([edge]=127.0.0.42:8080 [nginx]=127.0.0.43:8081 [varnish]=127.0.0.44:8080)
 SERVERS=(edge nginx varnish)
 
 install_peers() {
@@ -45,22 +81,29 @@ install_peers() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
     fi
     nginx -V 2>&1 | grep -q -- --with-http_slice_module || die "this nginx lacks the slice module"
+    nginx -V 2>&1 | grep -q -- --with-http_v2_module || die "this nginx lacks the HTTP/2 module"
 }
 
 command -v taskset >/dev/null || die "taskset (util-linux) is needed"
-command -v python3 >/dev/null || die "python3 is needed for the table"
-[[ $(nproc) -ge 2 ]] || die "needs 2 CPUs (servers on CPU 0, wrk on CPU 1)"
+command -v python3 >/dev/null || die "python3 is needed for the tables"
+[[ $(nproc) -ge 2 ]] || die "needs 2 CPUs (servers on CPU 0, load generators on CPU 1)"
 install_peers
+# The storm opens STORM_OBJECTS × STORM_PER_OBJECT connections at once.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 make_work
 build_binaries
 mkdir -p "$BENCH/out"
 RESULTS="$BENCH/out/peers-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
-: >"$RESULTS"
-for addr in "$ORIGIN" "${ADDR[@]}"; do ensure_free "$addr"; done
+for addr in "$ORIGIN" "${ADDR[@]}" "${H2ADDR[nginx]}"; do ensure_free "$addr"; done
 declare -A PID
+python3 -c 'import json, sys; print(json.dumps({"settings": dict(a.split("=", 1) for a in sys.argv[1:])}))' \
+    "SCENARIOS=$SCENARIOS" "DURATION=$DURATION" "REPEAT=$REPEAT" "CONNS=$CONNS" "THREADS=$THREADS" \
+    "OBJECT=$OBJECT" "H2_CONNS=$H2_CONNS" "H2_STREAMS=$H2_STREAMS" "RANGE_OBJECT=$RANGE_OBJECT" \
+    "RANGE_CONNS=$RANGE_CONNS" "MEMORY_OBJECTS=$MEMORY_OBJECTS" "STORM_OBJECTS=$STORM_OBJECTS" \
+    "STORM_PER_OBJECT=$STORM_PER_OBJECT" "STORM_SIZE=$STORM_SIZE" "STORM_RATE=$STORM_RATE" >"$RESULTS"
 
-# --- origin -------------------------------------------------------------------------
+# --- origin: generated objects; its access log (JSON) counts the storm's origin requests --
 mkdir -p "$WORK/content"
 cat >"$WORK/origin.toml" <<EOF
 root = "$WORK/content"
@@ -68,14 +111,15 @@ generate = true
 default_cache_control = "public, max-age=86400"
 [listen]
 http = "$ORIGIN"
-admin = "${ORIGIN%:*}:9091"
+admin = "$ORIGIN_ADMIN"
 EOF
 log "origin on $ORIGIN (CPU 1: idle once the caches are warm)"
-taskset -c 1 "$CDN" origin --config "$WORK/origin.toml" >"$WORK/origin.log" 2>&1 &
+RUST_LOG="info,cdn_origin::access=debug" taskset -c 1 "$CDN" --log-format json origin \
+    --config "$WORK/origin.toml" >"$WORK/origin.log" 2>&1 &
 track $!
-wait_http "http://${ORIGIN%:*}:9091/healthz"
+wait_http "http://$ORIGIN_ADMIN/healthz"
 
-# --- edge ---------------------------------------------------------------------------
+# --- edge: memory cache big enough for the 1 GiB range object (stored in 1 MiB slices) ----
 cat >"$WORK/edge.toml" <<EOF
 node_id = "bench-edge"
 [listen]
@@ -84,7 +128,7 @@ admin = "${ADDR[edge]%:*}:9090"
 [origin]
 url = "http://$ORIGIN"
 [cache]
-memory = "1GiB"
+memory = "2GiB"
 [limits]
 max_connections = 100000
 EOF
@@ -93,13 +137,14 @@ taskset -c 0 "$CDN" edge --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
 PID[edge]=$!
 track "${PID[edge]}"
 
-# --- nginx: one worker, proxy_cache in memory-backed files, slice for ranges --------
+# --- nginx: one worker, proxy_cache in files, slice for ranges, an h2c listener -------------
 mkdir -p "$WORK/nginx/cache" "$WORK/nginx/temp"
 cat >"$WORK/nginx/nginx.conf" <<EOF
 user root;
 daemon off;
 master_process on;
 worker_processes 1;
+worker_rlimit_nofile 65536;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
 events { worker_connections 16384; }
@@ -122,6 +167,8 @@ http {
     }
     server {
         listen ${ADDR[nginx]} backlog=4096;
+        listen ${H2ADDR[nginx]} http2 backlog=4096;
+        http2_max_requests 100000000;
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_cache bench;
@@ -141,12 +188,12 @@ http {
     }
 }
 EOF
-log "nginx $(nginx -v 2>&1 | cut -d/ -f2) on ${ADDR[nginx]} (CPU 0, 1 worker)"
+log "nginx $(nginx -v 2>&1 | cut -d/ -f2) on ${ADDR[nginx]}, h2c on ${H2ADDR[nginx]} (CPU 0, 1 worker)"
 taskset -c 0 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx/stdout.log" 2>&1 &
 PID[nginx]=$!
 track "${PID[nginx]}"
 
-# --- Varnish: malloc storage, default thread pools --------------------------------------
+# --- Varnish: malloc storage (room for the 1 GiB object), default thread pools, HTTP/2 on ---
 cat >"$WORK/default.vcl" <<EOF
 vcl 4.1;
 backend origin { .host = "${ORIGIN%:*}"; .port = "${ORIGIN#*:}"; }
@@ -157,23 +204,78 @@ EOF
 mkdir -p "$WORK/varnish"
 log "varnish $(varnishd -V 2>&1 | grep -o 'varnish-[0-9.]*' | head -1) on ${ADDR[varnish]} (CPU 0)"
 taskset -c 0 varnishd -F -j none -n "$WORK/varnish" -a "${ADDR[varnish]}" -f "$WORK/default.vcl" \
-    -s malloc,1G -T none >"$WORK/varnish.log" 2>&1 &
+    -s malloc,2G -p feature=+http2 -T none >"$WORK/varnish.log" 2>&1 &
 PID[varnish]=$!
 track "${PID[varnish]}"
 
-# --- warm ---------------------------------------------------------------------------------
 for server in "${SERVERS[@]}"; do
-    url="http://${ADDR[$server]}/_gen/$OBJECT"
+    url="http://${ADDR[$server]}/_gen/0"
     for _ in $(seq 1 100); do
-        [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" 2>/dev/null)" == 200 ]] && break
+        curl -s -o /dev/null --max-time 1 "$url" 2>/dev/null && break
         sleep 0.1
     done
-    status=$(curl -s -o /dev/null -D - "$url" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache" { print $2 }')
-    [[ "$status" == HIT ]] || die "$server: $url is not a cache HIT after warming (X-Cache: $status; logs in $WORK)"
-    log "$server warm: X-Cache $status"
 done
 
-# --- measure ------------------------------------------------------------------------------
+# --- helpers ---------------------------------------------------------------------------------
+# The X-Cache header of a GET (extra curl arguments after the URL).
+x_cache() {
+    curl -s -o /dev/null -D - "$@" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache" { print $2 }'
+}
+
+# Fetches URL until it is a cache HIT (extra curl arguments after the URL), or dies.
+warm() {
+    local server=$1 url=$2 status=""
+    shift 2
+    for _ in 1 2 3; do
+        status=$(x_cache "$url" "$@")
+        [[ "$status" == HIT ]] && return 0
+    done
+    die "$server: $url is not a cache HIT after warming (X-Cache: $status; logs in $WORK)"
+}
+
+# All CPU of a server: nginx's and Varnish's workers are children of the pid we started.
+tree_cpu() {
+    local total=0 pid
+    for pid in $1 $(pgrep -P "$1" 2>/dev/null); do
+        total=$(awk -v t="$total" -v c="$(cpu_seconds "$pid" 2>/dev/null || echo 0)" 'BEGIN { printf "%.2f", t + c }')
+    done
+    echo "$total"
+}
+
+# The order of round REP: rotated (so no server always goes first or last).
+order() {
+    local shift_by=$((($1 - 1) % ${#SERVERS[@]}))
+    echo "${SERVERS[@]:shift_by}" "${SERVERS[@]:0:shift_by}"
+}
+
+# measure SCENARIO CASE SERVER REP PARSER COMMAND...: waits for a quiet machine, runs
+# COMMAND (which pins itself to CPU 1), turns its output into a JSON object with PARSER
+# and appends it to $RESULTS with the server's CPU use and everyone else's.
+measure() {
+    local scenario=$1 case=$2 server=$3 rep=$4 parser=$5 before after busy0 busy1 t0 t1 out line
+    shift 5
+    wait_quiet
+    before=$(tree_cpu "${PID[$server]}")
+    busy0=$(busy_seconds)
+    t0=$(date +%s.%N)
+    out=$("$@")
+    t1=$(date +%s.%N)
+    busy1=$(busy_seconds)
+    after=$(tree_cpu "${PID[$server]}")
+    line=$("$parser" <<<"$out")
+    log "$scenario $case $server #$rep: $line"
+    python3 -c '
+import json, sys
+d = json.loads(sys.argv[1])
+a = sys.argv[2:]
+d.update(scenario=a[0], case=a[1], server=a[2], rep=int(a[3]), wall_s=round(float(a[5]) - float(a[4]), 3),
+         server_cpu_s=round(float(a[7]) - float(a[6]), 2), busy_cpu_s=round(float(a[9]) - float(a[8]), 2))
+print(json.dumps(d))' "$line" "$scenario" "$case" "$server" "$rep" "$t0" "$t1" "$before" "$after" "$busy0" "$busy1" \
+        >>"$RESULTS"
+}
+
+as_is() { cat; }
+
 # wrk's output → JSON: requests/s, p50/p99 in ms, errors (socket errors + non-2xx).
 wrk_json() {
     python3 -c '
@@ -193,40 +295,209 @@ print(json.dumps({"req_per_s": float(rps.group(1)) if rps else 0.0,
                   "errors": errors + (int(non2xx.group(1)) if non2xx else 0)}))'
 }
 
-# All CPU of a server: nginx's and Varnish's workers are children of the pid we started.
-tree_cpu() {
-    local total=0 pid
-    for pid in $1 $(pgrep -P "$1" 2>/dev/null); do
-        total=$(awk -v t="$total" -v c="$(cpu_seconds "$pid" 2>/dev/null || echo 0)" 'BEGIN { printf "%.2f", t + c }')
-    done
-    echo "$total"
+# h2load's output → JSON; p50/p99 from its per-request log ($WORK/h2load.log, the
+# third column: microseconds from request to the end of the response).
+h2load_json() {
+    python3 -c '
+import json, re, sys
+text = sys.stdin.read()
+rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
+m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", text)
+codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+lat = sorted(int(l.split("\t")[2]) for l in open(sys.argv[1]) if l.count("\t") >= 2)
+pct = lambda p: round(lat[max(0, -(-len(lat) * p // 100) - 1)] / 1000, 3) if lat else None
+print(json.dumps({"req_per_s": float(rps.group(1)) if rps else 0.0,
+                  "requests": int(m.group(4)) if m else 0,
+                  "p50_ms": pct(50), "p99_ms": pct(99),
+                  "errors": (int(m.group(5)) + int(m.group(6)) + int(m.group(7)) if m else 1)
+                            + (int(codes.group(2)) + int(codes.group(3)) + int(codes.group(4)) if codes else 0)}))' \
+        "$WORK/h2load.log"
 }
 
-measure() {
-    local server=$1 rep=$2 before after busy0 busy1 out line
-    wait_quiet
-    before=$(tree_cpu "${PID[$server]}")
-    busy0=$(busy_seconds)
-    out=$(taskset -c 1 wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "http://${ADDR[$server]}/_gen/$OBJECT")
-    busy1=$(busy_seconds)
-    after=$(tree_cpu "${PID[$server]}")
-    line=$(wrk_json <<<"$out")
-    log "$server #$rep: $line"
+# GET requests the origin answered for PATH so far (its access log; the edge's HEAD
+# probes of the origin are not counted).
+origin_gets() {
+    grep -F "\"path\":\"$1\"" "$WORK/origin.log" | grep -c '"method":"GET"' || true
+}
+
+# --- memory: resident memory of each cache holding MEMORY_OBJECTS distinct 1 KiB objects ----
+# The processes whose memory counts: the edge; nginx's master and worker (its cache
+# manager and loader only maintain the shared keys zone, which the worker's RssShmem
+# already shows); Varnish's manager and child.
+server_pids() {
+    local child
+    echo "${PID[$1]}"
+    for child in $(pgrep -P "${PID[$1]}" 2>/dev/null); do
+        if [[ $1 != nginx ]] || grep -q 'worker process' "/proc/$child/cmdline" 2>/dev/null; then
+            echo "$child"
+        fi
+    done
+}
+
+# "rss anon file shmem" in KiB, summed over server_pids.
+server_rss() {
+    local pid
+    for pid in $(server_pids "$1"); do
+        cat "/proc/$pid/status"
+    done | awk '$1 ~ /^(VmRSS|RssAnon|RssFile|RssShmem):$/ { s[$1] += $2 }
+        END { printf "%d %d %d %d\n", s["VmRSS:"], s["RssAnon:"], s["RssFile:"], s["RssShmem:"] }'
+}
+
+# Objects the cache says it holds.
+stored_objects() {
+    case $1 in
+        edge) curl -s "http://${ADDR[edge]%:*}:9090/metrics" | awk '$1 == "cdn_cache_objects" { print $2 }' ;;
+        nginx) find "$WORK/nginx/cache" -type f | wc -l ;;
+        varnish) varnishstat -n "$WORK/varnish" -1 -f MAIN.n_object | awk '{ print $2 }' ;;
+    esac
+}
+
+# curl_urls FILE PREFIX FIRST LAST [REPEAT]: GETs PREFIX<n> for n in FIRST..LAST, one after
+# another on one keep-alive connection (each REPEAT times).
+curl_urls() {
+    local file=$1 prefix=$2 first=$3 last=$4 times=${5:-1}
+    seq "$first" "$last" | awk -v p="$prefix" -v t="$times" \
+        '{ for (i = 0; i < t; i++) printf "url = \"%s%d\"\noutput = \"/dev/null\"\n", p, $1 }' >"$file"
+    taskset -c 1 curl -s --fail -K "$file" || die "curl: some of $prefix$first..$last failed"
+}
+
+memory_run() {
+    local server=$1 base="http://${ADDR[$1]}/_gen/1KiB?v=" empty full files0 files1 app0 app1 disk0 disk1 t0 t1 hits
+    # Baseline: a running cache that has served (1,000 requests for one object, v=0).
+    curl_urls "$WORK/urls" "$base" 0 0 1000
+    sleep 2
+    empty=$(server_rss "$server")
+    read -r files0 app0 disk0 < <(nginx_files)
+    t0=$(date +%s.%N)
+    curl_urls "$WORK/urls" "$base" 1 "$MEMORY_OBJECTS"
+    t1=$(date +%s.%N)
+    sleep 2
+    full=$(server_rss "$server")
+    read -r files1 app1 disk1 < <(nginx_files)
+    hits=0
+    for v in 1 $((MEMORY_OBJECTS / 2)) "$MEMORY_OBJECTS"; do
+        [[ "$(x_cache "$base$v")" == HIT ]] && hits=$((hits + 1))
+    done
     python3 -c '
 import json, sys
-d = json.loads(sys.argv[1])
-d.update(server=sys.argv[2], rep=int(sys.argv[3]), seconds=float(sys.argv[4].rstrip("s")),
-         server_cpu_s=round(float(sys.argv[6]) - float(sys.argv[5]), 2),
-         busy_cpu_s=round(float(sys.argv[8]) - float(sys.argv[7]), 2))
-print(json.dumps(d))' "$line" "$server" "$rep" "$DURATION" "$before" "$after" "$busy0" "$busy1" >>"$RESULTS"
+a = sys.argv[1:]
+e, f = [int(x) for x in a[2].split()], [int(x) for x in a[3].split()]
+d = dict(scenario="memory", case="1KiB", server=a[0], objects=int(a[1]), load_s=round(float(a[11]) - float(a[10]), 2),
+         rss_empty_kib=e[0], rss_full_kib=f[0], anon_delta_kib=f[1] - e[1], file_delta_kib=f[2] - e[2],
+         shmem_delta_kib=f[3] - e[3], stored_objects=int(float(a[4] or 0)), sample_hits=f"{a[5]}/3")
+if a[0] == "nginx":
+    d.update(cache_files_delta=int(a[7]) - int(a[6]), cache_apparent_bytes_delta=int(a[9]) - int(a[8]),
+             cache_disk_bytes_delta=int(a[13]) - int(a[12]))
+print(json.dumps(d))' "$server" "$MEMORY_OBJECTS" "$empty" "$full" "$(stored_objects "$server")" "$hits" \
+        "$files0" "$files1" "$app0" "$app1" "$t0" "$t1" "$disk0" "$disk1" | tee -a "$RESULTS" >&2
 }
 
-for rep in $(seq 1 "$REPEAT"); do
-    # Rotate the order so no server always goes first (or last).
-    shift_by=$(((rep - 1) % ${#SERVERS[@]}))
-    order=("${SERVERS[@]:shift_by}" "${SERVERS[@]:0:shift_by}")
-    for server in "${order[@]}"; do measure "$server" "$rep"; done
-done
+# "files apparent-bytes disk-bytes" of the files in nginx's cache directory (not its
+# levels=1:2 directories).
+nginx_files() {
+    find "$WORK/nginx/cache" -type f -printf '%s %b\n' | awk '{ n++; a += $1; d += $2 * 512 } END { printf "%d %d %d\n", n, a, d }'
+}
+
+# --- storm: concurrent misses for new objects --------------------------------------------
+storm_run() {
+    local server=$1 first=$2 path="/_gen/$STORM_SIZE" before after out
+    before=$(origin_gets "$path")
+    out=$(taskset -c 1 "$STORM" --addr "${ADDR[$server]}" --path "$path?v={n}&rate=$STORM_RATE" \
+        --objects "$STORM_OBJECTS" --per-object "$STORM_PER_OBJECT" --first "$first")
+    sleep 0.5 # the origin logs a request when its response is done
+    after=$(origin_gets "$path")
+    python3 -c 'import json, sys; d = json.loads(sys.argv[1]); d["origin_requests"] = int(sys.argv[3]) - int(sys.argv[2]); print(json.dumps(d))' \
+        "$out" "$before" "$after"
+}
+
+# --- run -------------------------------------------------------------------------------------
+if wants memory; then
+    for server in "${SERVERS[@]}"; do
+        log "memory: $server, $MEMORY_OBJECTS objects"
+        memory_run "$server"
+    done
+fi
+
+if wants storm; then
+    for rep in $(seq 1 "$REPEAT"); do
+        for server in $(order "$rep"); do
+            # New object numbers every round; each cache sees them for the first time.
+            measure storm "${STORM_OBJECTS}x$STORM_PER_OBJECT" "$server" "$rep" as_is \
+                storm_run "$server" $((1000000 + rep * 100000))
+        done
+    done
+fi
+
+if wants h1 || wants h2; then
+    for server in "${SERVERS[@]}"; do
+        warm "$server" "http://${ADDR[$server]}/_gen/$OBJECT"
+        if wants h2; then
+            warm "$server" "http://${H2ADDR[$server]}/_gen/$OBJECT" --http2-prior-knowledge
+            [[ "$(curl -s -o /dev/null -w '%{http_version}' --http2-prior-knowledge "http://${H2ADDR[$server]}/_gen/$OBJECT")" == 2 ]] ||
+                die "$server does not answer HTTP/2 with prior knowledge on ${H2ADDR[$server]}"
+        fi
+    done
+fi
+if wants h1; then
+    for rep in $(seq 1 "$REPEAT"); do
+        for server in $(order "$rep"); do
+            measure h1 "$OBJECT" "$server" "$rep" wrk_json \
+                taskset -c 1 wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "http://${ADDR[$server]}/_gen/$OBJECT"
+        done
+    done
+fi
+if wants h2; then
+    for rep in $(seq 1 "$REPEAT"); do
+        for server in $(order "$rep"); do
+            measure h2 "$OBJECT" "$server" "$rep" h2load_json \
+                taskset -c 1 h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D"${DURATION%s}" \
+                --log-file="$WORK/h2load.log" "http://${H2ADDR[$server]}/_gen/$OBJECT"
+        done
+    done
+fi
+
+if wants throughput; then
+    for size in $SIZES; do
+        for server in "${SERVERS[@]}"; do
+            curl -s -o /dev/null "http://${ADDR[$server]}/_gen/$size"
+            warm "$server" "http://${ADDR[$server]}/_gen/$size"
+        done
+    done
+    for rep in $(seq 1 "$REPEAT"); do
+        for size in $SIZES; do
+            conns_var="CONNS_$size"
+            for server in $(order "$rep"); do
+                measure throughput "$size" "$server" "$rep" as_is \
+                    taskset -c 1 "$LOADGEN" --proto h1 --threads 1 --url "http://${ADDR[$server]}/_gen/$size" \
+                    --connections "${!conns_var:-1}" --duration "$DURATION"
+            done
+        done
+    done
+fi
+
+# nginx caches ranges through its slice location; the edge slices by itself ([cache]
+# slice, 1 MiB); Varnish stores the whole object and cuts ranges out of it.
+range_url() {
+    if [[ $1 == nginx ]]; then echo "http://${ADDR[$1]}/slice/_gen/$RANGE_OBJECT"; else echo "http://${ADDR[$1]}/_gen/$RANGE_OBJECT"; fi
+}
+if wants ranges; then
+    for server in "${SERVERS[@]}"; do
+        log "ranges: $server fetches the whole $RANGE_OBJECT once"
+        curl -s -o /dev/null -w "== $server: %{size_download} bytes in %{time_total} s\n" "$(range_url "$server")" >&2
+        warm "$server" "$(range_url "$server")" -r 5000000-6048575
+    done
+    for rep in $(seq 1 "$REPEAT"); do
+        for mode in $RANGE_MODES; do
+            flags=()
+            [[ $mode == unaligned ]] && flags=(--range-unaligned)
+            for server in $(order "$rep"); do
+                measure ranges "$mode" "$server" "$rep" as_is \
+                    taskset -c 1 "$LOADGEN" --proto h1 --threads 1 --url "$(range_url "$server")" \
+                    --range-random "$RANGE_OBJECT" "${flags[@]}" --connections "$RANGE_CONNS" --duration "$DURATION"
+            done
+        done
+    done
+fi
 
 for f in "$WORK/edge.log" "$WORK/nginx/error.log" "$WORK/varnish.log"; do
     if grep -E -i ' (WARN|ERROR|\[error\]|\[crit\])' "$f" >/dev/null 2>&1; then
@@ -235,30 +506,4 @@ for f in "$WORK/edge.log" "$WORK/nginx/error.log" "$WORK/varnish.log"; do
     fi
 done
 
-python3 - "$RESULTS" "$DURATION" "$REPEAT" "$CONNS" "$THREADS" "$OBJECT" <<'EOF'
-import json, statistics, sys
-path, duration, repeat, conns, threads, obj = sys.argv[1:7]
-runs = [json.loads(l) for l in open(path) if l.strip()]
-by = {}
-for r in runs:
-    by.setdefault(r["server"], []).append(r)
-med = lambda rs, k: statistics.median(r[k] for r in rs if r[k] is not None)
-cells = {s: dict(rps=med(rs, "req_per_s"), p50=med(rs, "p50_ms"), p99=med(rs, "p99_ms"),
-                 cpu=statistics.median(100 * r["server_cpu_s"] / r["seconds"] for r in rs),
-                 per_cpu=statistics.median(r["requests"] / r["server_cpu_s"] for r in rs if r["server_cpu_s"] > 0),
-                 other=statistics.median(100 * max(0, r["busy_cpu_s"] - r["server_cpu_s"]) / r["seconds"] for r in rs),
-                 errors=sum(r["errors"] for r in rs), runs=[round(r["req_per_s"]) for r in rs])
-         for s, rs in by.items()}
-e = cells["edge"]
-print(f"{obj} cache HIT over HTTP/1.1 keep-alive: wrk -t{threads} -c{conns} -d{duration} --latency, medians of {repeat} rounds; "
-      "server on CPU 0, wrk on CPU 1. Server CPU: % of one CPU; wrk+other: CPU used by everything but the server.\n")
-print("| server | req/s | edge ÷ this (req/s) | p50 ms | p99 ms | server CPU | requests per server CPU-s | errors | wrk+other CPU | runs (req/s) |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-for s in ("edge", "nginx", "varnish"):
-    if s not in cells:
-        continue
-    c = cells[s]
-    print(f'| {s} | {c["rps"]:.0f} | **{e["rps"] / c["rps"]:.2f}** | {c["p50"]:.3f} | {c["p99"]:.3f} | {c["cpu"]:.0f}% | '
-          f'{c["per_cpu"]:.0f} | {c["errors"]} | {c["other"]:.0f}% | {c["runs"]} |')
-print(f"\nraw runs: {path}")
-EOF
+python3 "$BENCH/peers-report.py" "$RESULTS"

@@ -56,6 +56,10 @@ struct Args {
     /// Ask for random 1 MiB-aligned 1 MiB ranges of an object of this size (e.g. 1GiB).
     #[arg(long)]
     range_random: Option<ByteSize>,
+    /// With --range-random: ranges start at any byte (a 1 MiB range then spans two
+    /// 1 MiB slices of a slicing cache), not on a 1 MiB boundary.
+    #[arg(long, requires = "range_random")]
+    range_unaligned: bool,
     /// Accept any server certificate (self-signed test servers).
     #[arg(long)]
     insecure: bool,
@@ -112,6 +116,7 @@ struct Plan {
     tls: bool,
     headers: http::HeaderMap,
     range_object: Option<u64>,
+    range_unaligned: bool,
     stream_window: u32,
     connection_window: u32,
     timeout: Duration,
@@ -141,8 +146,11 @@ impl Plan {
         let mut request = builder.body(())?;
         request.headers_mut().extend(self.headers.clone());
         if let Some(size) = self.range_object {
-            let slices = size.div_ceil(RANGE).max(1);
-            let first = (next_random(seed) % slices) * RANGE;
+            let first = if self.range_unaligned {
+                next_random(seed) % (size.saturating_sub(RANGE) + 1)
+            } else {
+                (next_random(seed) % size.div_ceil(RANGE).max(1)) * RANGE
+            };
             let last = (first + RANGE).min(size) - 1;
             request.headers_mut().insert(http::header::RANGE, format!("bytes={first}-{last}").parse()?);
         }
@@ -211,6 +219,7 @@ async fn run(args: Args) -> anyhow::Result<stats::Report> {
         tls,
         headers,
         range_object: args.range_random.map(|s| s.as_u64()),
+        range_unaligned: args.range_unaligned,
         stream_window: window(args.stream_window, "--stream-window")?,
         connection_window: window(args.connection_window, "--connection-window")?,
         timeout: args.timeout,
@@ -305,6 +314,9 @@ async fn request_loop(plan: Arc<Plan>, mut sender: client::Sender, mut seed: u64
         let result = tokio::time::timeout(plan.timeout, sender.fetch(request, &mut fetched)).await;
         stats.bytes += fetched.bytes;
         match result {
+            Ok(Ok(())) if plan.range_object.is_some() && fetched.status != http::StatusCode::PARTIAL_CONTENT => {
+                stats.error(format!("status {} for a range request", fetched.status));
+            }
             Ok(Ok(())) if fetched.status.is_success() => stats.ok(start.elapsed(), fetched.hit),
             Ok(Ok(())) => stats.error(format!("status {}", fetched.status)),
             Ok(Err(error)) => {
