@@ -281,9 +281,7 @@ impl Pipeline {
 
     fn sliced_source(self: &Arc<Self>, sliced: &Arc<Sliced>, req: &Req, conn: Conn) -> SlicedSource {
         let mut headers = self.origin_headers(&req.parts, conn, req.scheme);
-        for name in &fill::CLIENT_CONDITIONALS {
-            headers.remove(name);
-        }
+        fill::strip_for_shared(&mut headers);
         SlicedSource {
             pipeline: self.clone(),
             key: req.key.clone(),

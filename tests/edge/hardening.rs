@@ -108,3 +108,62 @@ async fn huge_request_heads_are_refused() {
     assert_eq!(get(&client(), &edge.url("/ok"), &[]).await.status, StatusCode::OK);
     edge.stop().await;
 }
+
+#[tokio::test]
+async fn unkeyed_headers_never_reach_a_shared_fill() {
+    let origin = MockOrigin::start().await;
+    origin.route("/page", Route::ok("max-age=600", "page"));
+    origin.route("/video", Route::ok("max-age=600", vec![b'v'; 3 * 1024 * 1024]).ranges());
+    origin.route("/form", Route::ok("no-store", "form"));
+    let edge = TestEdge::start(&origin.url(), |_| {}).await;
+    let c = client();
+    let poison = [
+        ("x-forwarded-host", "evil.example"),
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+        ("x-http-method-override", "DELETE"),
+        ("forwarded", "host=evil.example"),
+    ];
+    // A whole-object fill, and a slice fill of a large object (a range miss).
+    assert_eq!(get(&c, &edge.url("/page"), &poison).await.status, StatusCode::OK);
+    let mut ranged = poison.to_vec();
+    ranged.push(("range", "bytes=0-99"));
+    assert_eq!(get(&c, &edge.url("/video"), &ranged).await.status, StatusCode::PARTIAL_CONTENT);
+    for path in ["/page", "/video"] {
+        let seen = origin.last_headers(path);
+        for (name, _) in &poison {
+            assert!(!seen.contains_key(*name), "{name} reached the origin in the fill of {path}");
+        }
+    }
+    // What the next client gets is what the origin made without them.
+    let next = get(&c, &edge.url("/page"), &[]).await;
+    assert_eq!((next.x_cache(), &next.body[..]), ("HIT", &b"page"[..]));
+    // Once the edge knows a URL is not stored (hit-for-pass), its requests are the
+    // client's own and their headers go through.
+    get(&c, &edge.url("/form"), &poison).await;
+    get(&c, &edge.url("/form"), &poison).await;
+    assert_eq!(origin.last_headers("/form").get("x-forwarded-host").unwrap(), "evil.example");
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn the_cache_key_is_the_path_the_origin_sees() {
+    // No normalisation on either side: a path that an origin might resolve like
+    // another is keyed, and fetched, as sent. Nothing cached under /ok answers it.
+    let origin = MockOrigin::start().await;
+    origin.route("/ok", Route::ok("max-age=600", "ok"));
+    origin.route("/a/../ok", Route::ok("max-age=600", "dot-dot"));
+    origin.route("/%6Fk", Route::ok("max-age=600", "encoded"));
+    let edge = TestEdge::start(&origin.url(), |_| {}).await;
+    let c = client();
+    assert_eq!(&get(&c, &edge.url("/ok"), &[]).await.body[..], b"ok");
+    for (path, body) in [("/a/../ok", &b"dot-dot"[..]), ("/%6Fk", &b"encoded"[..])] {
+        let reply =
+            crate::raw_request(edge.http, &format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+                .await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{path}: {reply}");
+        assert!(reply.ends_with(std::str::from_utf8(body).unwrap()), "{path}: {reply}");
+        assert_eq!(origin.hits(path), 1, "{path} went to the origin as sent");
+    }
+    edge.stop().await;
+}

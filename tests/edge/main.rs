@@ -390,7 +390,7 @@ async fn ranges_are_served_from_the_cache() {
     edge.stop().await;
 }
 
-async fn raw_request(addr: std::net::SocketAddr, raw: &str) -> String {
+pub(crate) async fn raw_request(addr: std::net::SocketAddr, raw: &str) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(raw.as_bytes()).await.unwrap();

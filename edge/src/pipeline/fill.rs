@@ -104,6 +104,33 @@ pub(super) const CLIENT_CONDITIONALS: [HeaderName; 6] = [
     header::RANGE,
 ];
 
+/// Request headers that are not part of the cache key but that origins (and their
+/// frameworks) use to build responses: forwarded to a shared fill they would let one
+/// client poison the object every client gets. A fill never sends them; requests
+/// the edge only forwards (not stored) still do.
+pub(super) const UNKEYED: [HeaderName; 12] = [
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-host"),
+    HeaderName::from_static("forwarded"),
+];
+
+/// Removes what a shared fill must not forward from its client: conditionals and
+/// ranges (the fill wants the whole representation) and the [`UNKEYED`] headers.
+pub(super) fn strip_for_shared(headers: &mut HeaderMap) {
+    for name in CLIENT_CONDITIONALS.iter().chain(&UNKEYED) {
+        headers.remove(name);
+    }
+}
+
 impl Pipeline {
     /// Joins the fill of `req.key` or starts one; `true` when this request started it.
     pub(super) fn join_or_start(self: &Arc<Self>, req: &Req, conn: Conn, stale: Option<Found>) -> (Arc<Fill>, bool) {
@@ -115,9 +142,7 @@ impl Pipeline {
         inflight.insert(req.key.clone(), fill.clone());
         drop(inflight);
         let mut headers = self.origin_headers(&req.parts, conn, req.scheme);
-        for name in &CLIENT_CONDITIONALS {
-            headers.remove(name);
-        }
+        strip_for_shared(&mut headers);
         if let Some(stale) = &stale {
             let head = stale.head();
             if let Some(etag) = head.headers.get(header::ETAG) {
