@@ -1,12 +1,13 @@
 //! Operators' commands: `cdn purge`, `cdn nodes`, `cdn drain`, `cdn undrain` —
-//! clients of a control node's API (`--control`/`CDN_CONTROL`, `--token`/`CDN_TOKEN`).
+//! clients of a control node's API (`--control`/`CDN_CONTROL`, `--token`/`CDN_TOKEN`;
+//! for an `https://` control node `--ca`/`CDN_CA` or `--insecure`).
 
-use std::{io::Write as _, time::Duration};
+use std::{io::Write as _, path::PathBuf, time::Duration};
 
 use clap::Args;
 use serde_json::{Value, json};
 
-use cdn_control::client::ControlClient;
+use cdn_control::client::{ControlClient, ServerTrust};
 
 /// Where the control API is and how to authenticate.
 #[derive(Debug, Args)]
@@ -17,11 +18,24 @@ pub(crate) struct ApiArgs {
     /// API token.
     #[arg(long, env = "CDN_TOKEN", hide_env_values = true)]
     token: String,
+    /// PEM file of the CA (or the self-signed certificate) to trust for an https
+    /// control URL, instead of the public CAs.
+    #[arg(long, env = "CDN_CA", conflicts_with = "insecure")]
+    ca: Option<PathBuf>,
+    /// Accept any certificate from an https control URL (development only: the
+    /// token is then sent to whoever answers).
+    #[arg(long)]
+    insecure: bool,
 }
 
 impl ApiArgs {
     fn client(&self) -> anyhow::Result<ControlClient> {
-        Ok(ControlClient::new(&self.control, &self.token)?)
+        let trust = match (&self.ca, self.insecure) {
+            (Some(ca), _) => ServerTrust::CaFile(ca.clone()),
+            (None, true) => ServerTrust::Insecure,
+            (None, false) => ServerTrust::PublicRoots,
+        };
+        Ok(ControlClient::with_trust(&self.control, &self.token, &trust)?)
     }
 }
 

@@ -1,7 +1,7 @@
 //! A typed client of the control API, for the `cdn purge|nodes|drain` commands,
 //! tests and benchmarks.
 
-use std::time::Duration;
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
@@ -30,6 +30,62 @@ pub enum ClientError {
     /// The answer is not what the API promises.
     #[error("unexpected answer: {0}")]
     Unexpected(String),
+    /// The certificates to trust could not be loaded.
+    #[error("cannot load trusted certificates from {path}: {reason}")]
+    Trust {
+        /// The PEM file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How the client checks the certificate of an `https://` control node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ServerTrust {
+    /// Certificates signed by a public CA (the Mozilla roots of `webpki-roots`).
+    #[default]
+    PublicRoots,
+    /// Certificates signed by the CA certificates in this PEM file (a private CA, or
+    /// the control node's own self-signed certificate).
+    CaFile(PathBuf),
+    /// Any certificate (the connection is encrypted but the server not authenticated:
+    /// development only).
+    Insecure,
+}
+
+/// An error with its causes (`client error (Connect): invalid peer certificate: UnknownIssuer`):
+/// hyper's own text alone does not say why a connection failed.
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        cause = inner.source();
+    }
+    text
+}
+
+/// The certificates of a PEM file, as trust anchors.
+fn roots_from(path: &std::path::Path) -> Result<rustls::RootCertStore, ClientError> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+    let trust_error = |reason: String| ClientError::Trust { path: path.to_owned(), reason };
+    let certificates = CertificateDer::pem_file_iter(path)
+        .map_err(|e| trust_error(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| trust_error(e.to_string()))?;
+    if certificates.is_empty() {
+        return Err(trust_error("no CERTIFICATE block found".into()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in certificates {
+        roots.add(certificate).map_err(|e| trust_error(e.to_string()))?;
+    }
+    Ok(roots)
 }
 
 /// `202` answer of a purge.
@@ -62,17 +118,31 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
-    /// A client of the control API at `base` (`http://127.0.0.1:9000`) with `token`.
+    /// A client of the control API at `base` (`http://127.0.0.1:9000`) with `token`;
+    /// an `https://` base must present a certificate from a public CA.
     pub fn new(base: &str, token: &str) -> Result<Self, ClientError> {
+        Self::with_trust(base, token, &ServerTrust::PublicRoots)
+    }
+
+    /// A client of the control API at `base` with `token`, checking the certificate
+    /// of an `https://` base as `trust` says.
+    pub fn with_trust(base: &str, token: &str, trust: &ServerTrust) -> Result<Self, ClientError> {
         let base = base.trim_end_matches('/').to_string();
         base.parse::<http::Uri>().map_err(|e| ClientError::Address(format!("{base}: {e}")))?;
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Address(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .map_err(|e| ClientError::Address(e.to_string()))?;
+        let tls = match trust {
+            ServerTrust::PublicRoots => builder.with_root_certificates(rustls::RootCertStore::from_iter(
+                webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
+            )),
+            ServerTrust::CaFile(path) => builder.with_root_certificates(roots_from(path)?),
+            ServerTrust::Insecure => {
+                builder.dangerous().with_custom_certificate_verifier(crate::tls::AcceptAnyCertificate::new())
+            }
+        }
+        .with_no_client_auth();
         let connector =
             hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
         Ok(Self { base, token: token.to_string(), client: Client::builder(TokioExecutor::new()).build(connector) })
@@ -89,7 +159,7 @@ impl ControlClient {
         let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
             .await
             .map_err(|_| ClientError::Unreachable("timed out".into()))?
-            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+            .map_err(|e| ClientError::Unreachable(with_causes(&e)))?;
         let status = response.status();
         let bytes =
             response.into_body().collect().await.map_err(|e| ClientError::Unreachable(e.to_string()))?.to_bytes();

@@ -32,8 +32,8 @@ use crate::{
     tls::TlsConfig,
 };
 
-/// The `cdn control` configuration.
-#[derive(Debug, Clone, Deserialize)]
+/// The `cdn control` configuration. (Its `Debug` leaves the token out.)
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Stable id of this control node (its purge ids start with it).
@@ -54,6 +54,21 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// The cluster to join.
     pub cluster: Option<ClusterConfig>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("node_id", &self.node_id)
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("data_dir", &self.data_dir)
+            .field("retention", &self.retention)
+            .field("tls", &self.tls)
+            .field("cluster", &self.cluster)
+            .finish()
+    }
 }
 
 fn default_retention() -> Duration {
@@ -621,5 +636,19 @@ async fn collect_garbage(state: Arc<State>, cluster: Arc<Cluster>, shutdown: Can
         }
         state.completions.lock().unwrap_or_else(PoisonError::into_inner).retain(|seq, _| !collectable.contains(seq));
         info!(collected = collectable.len(), floor, "purge records collected");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_leaves_the_token_and_secret_out() {
+        let mut config = Config::new("c1", "/tmp/x", "the-api-token-0123456789");
+        config.cluster = Some(ClusterConfig::new("127.0.0.1:0".parse().unwrap(), "the-gossip-secret-0123456789"));
+        let text = format!("{config:?}");
+        assert!(!text.contains("the-api-token") && !text.contains("the-gossip-secret"), "{text}");
+        assert!(text.contains("c1") && text.contains("redacted"), "{text}");
     }
 }

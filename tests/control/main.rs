@@ -1,6 +1,11 @@
 //! The control path on loopback: a control node and three edges in a gossip
 //! cluster; purges by URL, prefix, tag and everything reach every edge; routing;
 //! durability across restarts; authentication.
+//!
+//! Faults and security, in modules: `disk_full` (the purge log on a full tmpfs),
+//! `lossy` (packet loss and partitions between control and edges), `security`
+//! (TLS for the API, the admin listener's address, no secrets in logs or metrics);
+//! `process` runs a control node as a real process.
 
 #[path = "../edge/harness.rs"]
 mod harness;
@@ -10,6 +15,7 @@ mod mock_origin;
 mod disk_full;
 mod lossy;
 mod process;
+mod security;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

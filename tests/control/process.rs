@@ -17,6 +17,8 @@ use crate::{api, harness::free_port};
 
 /// Where the process keeps its data directory.
 pub(crate) enum DataDir {
+    /// A plain directory.
+    Plain,
     /// A tmpfs of this size mounted over the directory, in a mount namespace of the
     /// process's own (`unshare --mount`), so the mount never leaks out of the test.
     Tmpfs(&'static str),
@@ -71,6 +73,11 @@ secret = "{secret}"
         .unwrap();
         let cdn = env!("CARGO_BIN_EXE_cdn");
         let mut command = match data {
+            DataDir::Plain => {
+                let mut command = tokio::process::Command::new(cdn);
+                command.arg("control").arg("--config").arg(&config);
+                command
+            }
             DataDir::Tmpfs(size) => {
                 // unshare execs the shell and the shell execs cdn: one pid throughout,
                 // so /proc/<pid>/root shows the files as the process sees them.
