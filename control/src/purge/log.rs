@@ -10,7 +10,7 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{BufRead as _, BufReader, Write as _},
+    io::Write as _,
     path::{Path, PathBuf},
 };
 
@@ -46,26 +46,32 @@ enum Fault {
 
 impl PurgeLog {
     /// Opens (or creates) `dir/purges.log`, reading what it holds. A torn last line
-    /// (a crash mid-append, never acknowledged) is dropped.
+    /// (a crash mid-append, never acknowledged: only a line with its newline was) is
+    /// dropped. The file is then rewritten clean; if that is impossible (a full
+    /// disk), the torn tail is cut off in place instead, so the node still starts.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("purges.log");
         let mut records = Vec::new();
         let mut next_seq = 1;
-        if path.exists() {
-            let reader = BufReader::new(File::open(&path)?);
-            for line in reader.lines() {
-                let line = line?;
-                if line.starts_with("#next_seq ") {
-                    if let Some(n) = line.strip_prefix("#next_seq ").and_then(|n| n.trim().parse::<u64>().ok()) {
-                        next_seq = next_seq.max(n);
-                    }
-                    continue;
+        let text = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(error) => return Err(error),
+        };
+        // Only whole lines: up to and including the last newline.
+        let whole = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        for line in text[..whole].split(|b| *b == b'\n') {
+            let Ok(line) = std::str::from_utf8(line) else { continue };
+            if let Some(n) = line.strip_prefix("#next_seq ") {
+                if let Ok(n) = n.trim().parse::<u64>() {
+                    next_seq = next_seq.max(n);
                 }
-                if let Ok(record) = serde_json::from_str::<PurgeRecord>(&line) {
-                    next_seq = next_seq.max(record.seq + 1);
-                    records.push(record);
-                }
+                continue;
+            }
+            if let Ok(record) = serde_json::from_str::<PurgeRecord>(line) {
+                next_seq = next_seq.max(record.seq + 1);
+                records.push(record);
             }
         }
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -74,13 +80,19 @@ impl PurgeLog {
             file,
             records,
             next_seq,
-            len: 0,
-            torn: false,
+            len: whole as u64,
+            torn: whole < text.len(),
             #[cfg(test)]
             faults: Default::default(),
         };
         // Rewrite once so a torn tail never sits in front of new appends.
-        log.compact_with(|_| true)?;
+        if let Err(error) = log.compact_with(|_| true) {
+            if !log.torn {
+                return Ok(log);
+            }
+            log.file.set_len(log.len).map_err(|_| error)?;
+            log.torn = false;
+        }
         Ok(log)
     }
 
@@ -279,6 +291,28 @@ mod tests {
         let seqs: Vec<u64> = log.records().iter().map(|r| r.seq).collect();
         assert_eq!(seqs, [1, 2, 3]);
         assert_eq!(log.next_seq(), 4);
+    }
+
+    #[test]
+    fn a_node_restarting_on_a_full_disk_still_opens_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = PurgeLog::open(dir.path()).unwrap();
+        log.append(record(1)).unwrap();
+        drop(log);
+        // A crash mid-append (even one that wrote the whole record but its newline).
+        let mut file = OpenOptions::new().append(true).open(dir.path().join("purges.log")).unwrap();
+        file.write_all(serde_json::to_string(&record(2)).unwrap().as_bytes()).unwrap();
+        drop(file);
+        // No room for the clean copy.
+        std::fs::create_dir(dir.path().join("purges.log.tmp")).unwrap();
+        let mut log = PurgeLog::open(dir.path()).unwrap();
+        assert_eq!((log.records().len(), log.next_seq()), (1, 2), "the unterminated record was never acknowledged");
+        log.append(record(2)).unwrap();
+        drop(log);
+        std::fs::remove_dir(dir.path().join("purges.log.tmp")).unwrap();
+        let log = PurgeLog::open(dir.path()).unwrap();
+        let seqs: Vec<u64> = log.records().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2]);
     }
 
     #[test]
