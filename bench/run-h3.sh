@@ -16,6 +16,7 @@
 #   CONGESTIONS="cubic bbr"
 #   SIZES="1MiB 100MiB"
 #   SHAPE_1MiB="1 8"      connections and streams per connection for 1MiB (and SHAPE_100MiB="1 1")
+#   QUIC_EXTRA="..."      extra lines for each edge's [quic] section (e.g. "max_udp_payload = 65527")
 #   SKIP_BUILD=1          use target/release as it is
 #   KEEP_WORK=1           keep the scratch directory (configs, logs)
 set -euo pipefail
@@ -83,6 +84,7 @@ url = "http://$ORIGIN_IP:8080"
 memory = "1GiB"
 [quic]
 congestion = "$cc"
+${QUIC_EXTRA:-}
 EOF
     log "edge with congestion=$cc on https://$ip:8443 (CPU 0)"
     taskset -c 0 "$CDN" edge --config "$WORK/edge-$cc.toml" >"$WORK/edge-$cc.log" 2>&1 &

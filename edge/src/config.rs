@@ -69,6 +69,13 @@ pub struct Quic {
     pub stream_window: ByteSize,
     /// Flow-control window per connection.
     pub connection_window: ByteSize,
+    /// The largest UDP payload path-MTU discovery may try (1200..=65527). Probing
+    /// above a path's MTU only costs lost probes; paths with a larger MTU (jumbo
+    /// frames, loopback) carry more per datagram.
+    pub max_udp_payload: u16,
+    /// Kernel send and receive buffer of the QUIC socket (capped by
+    /// `net.core.wmem_max` / `rmem_max`).
+    pub socket_buffer: ByteSize,
 }
 
 impl Default for Quic {
@@ -78,6 +85,8 @@ impl Default for Quic {
             idle_timeout: Duration::from_secs(30),
             stream_window: ByteSize::mib(4),
             connection_window: ByteSize::mib(16),
+            max_udp_payload: 1452,
+            socket_buffer: ByteSize::mib(4),
         }
     }
 }
@@ -352,6 +361,12 @@ impl Config {
         }
         if self.cache.memory.as_u64() < 1024 * 1024 {
             problems.push(format!("cache.memory: {} is under 1MiB", self.cache.memory));
+        }
+        if !(1200..=65527).contains(&self.quic.max_udp_payload) {
+            problems.push(format!("quic.max_udp_payload: {} is not within 1200..65527", self.quic.max_udp_payload));
+        }
+        if self.quic.socket_buffer.as_u64() > 1024 * 1024 * 1024 {
+            problems.push(format!("quic.socket_buffer: {} is over 1GiB", self.quic.socket_buffer));
         }
         if self.quic.idle_timeout.is_zero() || self.quic.idle_timeout > Duration::from_secs(3600) {
             problems.push("quic.idle_timeout: must be within 1ms..1h".into());

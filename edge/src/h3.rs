@@ -55,6 +55,9 @@ pub(crate) fn server_config(
         .receive_window(VarInt::from_u32(connection_window))
         .send_window(quic.connection_window.as_u64())
         .enable_segmentation_offload(true);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(quic.max_udp_payload);
+    transport.mtu_discovery_config(Some(mtu));
     match quic.congestion {
         Congestion::Cubic => transport.congestion_controller_factory(Arc::new(congestion::CubicConfig::default())),
         Congestion::Bbr => transport.congestion_controller_factory(Arc::new(congestion::BbrConfig::default())),
@@ -64,11 +67,25 @@ pub(crate) fn server_config(
     Ok(server)
 }
 
-/// Binds the QUIC endpoint; an unspecified IPv4 address binds dual-stack `[::]`
-/// (Chromium tries `::1` first for `localhost` and does not fall back for QUIC).
-pub(crate) fn bind(addr: SocketAddr, config: quinn::ServerConfig) -> Result<Endpoint, Error> {
+/// Binds the QUIC endpoint with `socket_buffer` bytes of kernel buffer each way; an
+/// unspecified IPv4 address binds dual-stack `[::]` (Chromium tries `::1` first for
+/// `localhost` and does not fall back for QUIC).
+pub(crate) fn bind(addr: SocketAddr, config: quinn::ServerConfig, socket_buffer: u64) -> Result<Endpoint, Error> {
+    use socket2::{Domain, Protocol as IpProtocol, Socket, Type};
     let addr = if addr.ip().is_unspecified() { SocketAddr::from((Ipv6Addr::UNSPECIFIED, addr.port())) } else { addr };
-    Endpoint::server(config, addr).map_err(|source| Error::Node(cdn_control::Error::Bind { addr, source }))
+    let bind_error = |source| Error::Node(cdn_control::Error::Bind { addr, source });
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(IpProtocol::UDP)).map_err(bind_error)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).map_err(bind_error)?;
+    }
+    let buffer = usize::try_from(socket_buffer).unwrap_or(usize::MAX);
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    if let Err(error) = socket.set_recv_buffer_size(buffer).and_then(|()| socket.set_send_buffer_size(buffer)) {
+        warn!(%error, "could not size the QUIC socket buffers");
+    }
+    socket.bind(&addr.into()).map_err(bind_error)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
+    Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket.into(), runtime).map_err(bind_error)
 }
 
 /// H3_EXCESSIVE_LOAD: the peer generates excessive load (RFC 9114, 8.1).

@@ -101,7 +101,7 @@ impl Edge {
         let h3 = match (config.listen.h3, &key) {
             (Some(addr), Some(key)) => {
                 let server_config = crate::h3::server_config(key, &config.quic, config.limits.max_concurrent_streams)?;
-                Some(crate::h3::bind(addr, server_config)?)
+                Some(crate::h3::bind(addr, server_config, config.quic.socket_buffer.as_u64())?)
             }
             _ => None,
         };
