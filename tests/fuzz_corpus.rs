@@ -39,3 +39,8 @@ fn purge_body_corpus() {
 fn config_corpus() {
     corpus("config", targets::config);
 }
+
+#[test]
+fn dns_corpus() {
+    corpus("dns", targets::dns);
+}

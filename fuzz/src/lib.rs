@@ -2,7 +2,14 @@
 //! (fuzz_targets/); the main test suite runs every saved corpus input through the
 //! same functions (tests/fuzz_corpus.rs), so a crash found once stays fixed.
 
-use std::time::Duration;
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use cdn_geo::fuzzing::{Harness, Transport};
+use hickory_proto::op::{Message, MessageType, ResponseCode};
 
 /// `Range` header parsing and range math: never panics, and every resolved range
 /// lies inside the representation.
@@ -58,4 +65,64 @@ pub fn config(data: &[u8]) {
     if let Ok(config) = toml::from_str::<cdn_geo::Config>(text) {
         let _ = config.validate();
     }
+}
+
+/// The geo DNS request handler, over UDP and TCP, as the server runs it
+/// (`cdn_geo::fuzzing`). The input is a source address then a DNS message: the
+/// first byte's low bit picks IPv4 (4 address bytes follow) or IPv6 (16).
+///
+/// Every request geo answers gets a response that parses, carries the query's id,
+/// is a response, echoes the question (a query with other than one question gets
+/// none back), has an OPT record exactly when the query had one, and over UDP fits
+/// 512 bytes (no EDNS) or the advertised payload size (at most 1232), and
+/// max(512, 3 × the query) against amplification. A UDP response is either
+/// truncated (TC, no records) or the same answer as over TCP.
+pub fn dns(data: &[u8]) {
+    static HARNESS: OnceLock<Harness> = OnceLock::new();
+    let Some((&first, rest)) = data.split_first() else { return };
+    let (ip, packet) = if first & 1 == 0 {
+        let Some((addr, packet)) = rest.split_first_chunk::<4>() else { return };
+        (IpAddr::from(*addr), packet)
+    } else {
+        let Some((addr, packet)) = rest.split_first_chunk::<16>() else { return };
+        (IpAddr::from(*addr), packet)
+    };
+    let src = SocketAddr::new(ip, 53_000);
+    let harness = HARNESS.get_or_init(Harness::new);
+    let udp = harness.exchange(packet, src, Transport::Udp);
+    let tcp = harness.exchange(packet, src, Transport::Tcp);
+    assert_eq!(udp.is_some(), tcp.is_some(), "answered over one transport only");
+    let (Some(udp), Some(tcp)) = (udp, tcp) else { return };
+    // How the query reads to a plain parser (`None` where only the server's parses it).
+    let query = Message::from_vec(packet).ok();
+    let id = u16::from_be_bytes([packet[0], packet[1]]);
+    let check = |bytes: &[u8], transport: &str| -> Message {
+        let response = Message::from_vec(bytes).unwrap_or_else(|error| panic!("{transport} response: {error}"));
+        assert_eq!(response.metadata.id, id, "{transport}: id");
+        assert_eq!(response.metadata.message_type, MessageType::Response, "{transport}: QR");
+        if let Some(query) = &query {
+            assert_eq!(response.edns.is_some(), query.edns.is_some(), "{transport}: OPT echoed ({response:?})");
+            // One question is echoed; queries with others are FORMERR and get none.
+            let echoed = if query.queries.len() == 1 { &query.queries[..] } else { &[] };
+            assert_eq!(response.queries, echoed, "{transport}: the question echoed");
+        }
+        response
+    };
+    let (on_udp, on_tcp) = (check(&udp, "udp"), check(&tcp, "tcp"));
+
+    let payload = match query.as_ref().map(|query| query.edns.as_ref().map(|edns| edns.max_payload())) {
+        Some(None) => 512,
+        Some(Some(advertised)) => usize::from(advertised.clamp(512, 1232)),
+        None => 1232,
+    };
+    let limit = payload.min((3 * packet.len()).max(512));
+    assert!(udp.len() <= limit, "udp response of {} bytes over {limit}", udp.len());
+    if on_udp.metadata.truncation {
+        assert!(on_udp.answers.is_empty() && on_udp.authorities.is_empty(), "truncated yet with records");
+    } else {
+        assert_eq!(on_udp.metadata.response_code, on_tcp.metadata.response_code, "udp and tcp rcodes");
+        assert_eq!(on_udp.answers.len(), on_tcp.answers.len(), "udp and tcp answers");
+    }
+    assert!(!on_tcp.metadata.truncation, "truncated over tcp");
+    assert_ne!(on_tcp.metadata.response_code, ResponseCode::ServFail, "tcp: SERVFAIL");
 }

@@ -25,12 +25,12 @@ use hickory_proto::{
             opt::{ClientSubnet, EdnsCode, EdnsOption},
         },
     },
-    serialize::binary::BinEncoder,
+    serialize::binary::{BinDecoder, BinEncodable, BinEncoder, NameEncoding},
 };
 use hickory_server::{
     net::{runtime::Time, xfer::Protocol},
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
-    zone_handler::{MessageResponseBuilder, Queries},
+    zone_handler::{MessageResponse, MessageResponseBuilder, Queries},
 };
 use tracing::{debug, warn};
 
@@ -82,9 +82,11 @@ pub(crate) struct Shared {
 }
 
 /// A decided response.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Reply {
     pub(crate) metadata: Metadata,
+    /// The question section, as [`echoed_question`] re-encodes it.
+    pub(crate) question: Queries,
     pub(crate) answers: Vec<Record>,
     pub(crate) authorities: Vec<Record>,
     pub(crate) additionals: Vec<Record>,
@@ -102,6 +104,7 @@ impl Reply {
         });
         Self {
             metadata: Metadata::response_from_request(&request.metadata),
+            question: echoed_question(&request.queries),
             answers: Vec::new(),
             authorities: Vec::new(),
             additionals: Vec::new(),
@@ -111,12 +114,18 @@ impl Reply {
     }
 
     fn error(mut self, code: ResponseCode) -> Self {
+        self.fail(code);
+        self
+    }
+
+    /// Turns the reply into an error with no records.
+    fn fail(&mut self, code: ResponseCode) {
         self.metadata.response_code = code;
         self.metadata.authoritative = false;
         self.answers.clear();
         self.authorities.clear();
         self.additionals.clear();
-        self
+        self.region = None;
     }
 
     /// Echoes the client subnet with `scope`.
@@ -131,15 +140,64 @@ impl Reply {
         }
     }
 
+    /// The response to send, as hickory-server builds it.
+    fn response(
+        &self,
+    ) -> MessageResponse<
+        '_,
+        '_,
+        impl Iterator<Item = &Record> + Send,
+        impl Iterator<Item = &Record> + Send,
+        impl Iterator<Item = &Record> + Send,
+        impl Iterator<Item = &Record> + Send,
+    > {
+        MessageResponseBuilder::new(&self.question, self.edns.as_ref()).build(
+            self.metadata,
+            self.answers.iter(),
+            self.authorities.iter(),
+            iter::empty(),
+            self.additionals.iter(),
+        )
+    }
+
     /// Encodes the reply as it would go on the wire.
-    pub(crate) fn encode(&self, queries: &Queries) -> Result<Vec<u8>, ProtoError> {
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, ProtoError> {
         let mut buffer = Vec::with_capacity(512);
         let mut encoder = BinEncoder::new(&mut buffer);
-        MessageResponseBuilder::new(queries, self.edns.as_ref())
-            .build(self.metadata, self.answers.iter(), self.authorities.iter(), iter::empty(), self.additionals.iter())
-            .destructive_emit(&mut encoder)?;
+        self.response().destructive_emit(&mut encoder)?;
         Ok(buffer)
     }
+}
+
+/// The question section of the response: the request's question re-encoded, its
+/// name uncompressed and in its original case (resolvers check the 0x20 bits).
+///
+/// hickory-server would echo the question's bytes as they came, but a name may be
+/// compressed to a pointer into the header, which differs in the response (the QR
+/// bit, the counts): the echoed name would then read differently, or not at all.
+/// A query with other than one question is malformed (FORMERR) and gets none back:
+/// re-encoded, names that it compressed could make the question section far larger
+/// than the query, past what UDP or even TCP can carry.
+fn echoed_question(queries: &Queries) -> Queries {
+    let [query] = queries.queries() else { return no_question() };
+    let mut bytes = Vec::with_capacity(queries.as_bytes().len());
+    let mut encoder = BinEncoder::new(&mut bytes);
+    encoder.set_name_encoding(NameEncoding::Uncompressed);
+    let read = query
+        .original()
+        .emit(&mut encoder)
+        .map_err(|error| error.to_string())
+        .and_then(|()| Queries::read(&mut BinDecoder::new(&bytes), 1).map_err(|error| error.to_string()));
+    read.unwrap_or_else(|error| {
+        // Cannot happen (the name was read from the request): answer without it.
+        warn!(%error, "cannot re-encode the question");
+        no_question()
+    })
+}
+
+/// An empty question section.
+fn no_question() -> Queries {
+    Queries::read(&mut BinDecoder::new(&[]), 0).unwrap_or_else(|_| unreachable!("nothing to read"))
 }
 
 /// What to do with a query.
@@ -374,7 +432,7 @@ impl Shared {
             None => 512,
         };
         let limit = payload.min((3 * request.as_slice().len()).max(512));
-        match reply.encode(&request.queries) {
+        match reply.encode() {
             Ok(bytes) if bytes.len() <= limit => {}
             Ok(_) => {
                 reply.answers.clear();
@@ -386,8 +444,7 @@ impl Shared {
             }
             Err(error) => {
                 warn!(%error, "cannot encode a response");
-                *reply = reply.clone().error(ResponseCode::ServFail);
-                reply.region = None;
+                reply.fail(ResponseCode::ServFail);
             }
         }
     }
@@ -413,14 +470,7 @@ impl RequestHandler for Handler {
                 return ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() });
             }
         };
-        let response = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref()).build(
-            reply.metadata,
-            reply.answers.iter(),
-            reply.authorities.iter(),
-            iter::empty(),
-            reply.additionals.iter(),
-        );
-        let info = match response_handle.send_response(response).await {
+        let info = match response_handle.send_response(reply.response()).await {
             Ok(info) => info,
             Err(error) => {
                 debug!(%error, peer = %request.src(), "cannot send a dns response");

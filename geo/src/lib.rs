@@ -20,10 +20,14 @@
 //! - `handler`: one query → one response (ECS, EDNS, truncation, rate limit).
 //! - `server`: sockets and lifecycle ([`Geo`]).
 //! - `metrics`, [`error`].
+//! - `fuzzing` (hidden): the server's request path over a fixed zone and cluster,
+//!   for the `dns` fuzz target.
 
 pub mod config;
 mod countries;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handler;
 pub mod locate;
 mod metrics;

@@ -114,7 +114,7 @@ impl Fixture {
         match self.shared.respond(&request, Instant::now()) {
             Outcome::Drop => None,
             Outcome::Send(reply) => {
-                let bytes = reply.encode(&request.queries).unwrap();
+                let bytes = reply.encode().unwrap();
                 if protocol == Protocol::Udp {
                     assert!(bytes.len() <= 512.max(3 * request.as_slice().len()), "amplification: {}", bytes.len());
                 }
@@ -400,4 +400,55 @@ fn mangled_packets_never_panic() {
         }
     }
     assert!(parsed > 100, "{parsed}");
+}
+
+#[test]
+fn a_question_compressed_into_the_header_is_echoed_as_it_read() {
+    // Found by the `dns` fuzz target: the question's name is a pointer to offset 2,
+    // the flags byte, which reads as the root in the query (0x00: no label) but not
+    // in the response, where the QR bit makes it 0x80, an invalid label type. The
+    // echoed question must be the one the query asked, whatever its encoding.
+    let f = fixture();
+    let mut bytes = vec![0x12, 0x34, 0x00, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    bytes.extend([0xc0, 0x02, 0x00, 0x01, 0x00, 0x01]); // name → offset 2, A, IN
+    let query = Message::from_vec(&bytes).unwrap();
+    assert_eq!(query.queries[0].name(), &Name::root());
+    for protocol in [Protocol::Udp, Protocol::Tcp] {
+        let r = f.raw(bytes.clone(), "192.0.2.1:53", protocol).expect("an answer");
+        assert_eq!(r.queries, query.queries);
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused, "the root is outside the zone");
+    }
+
+    // The question's case is kept (resolvers check 0x20 bits).
+    let r = f.ask(Ask { name: "WwW.cDn.TeSt.", ..Ask::default() });
+    assert_eq!(r.queries[0].name().to_string(), "WwW.cDn.TeSt.");
+    assert_eq!(r.answers.len(), 2);
+}
+
+#[test]
+fn queries_with_many_questions_get_formerr_without_them() {
+    // Found by the `dns` fuzz target: seven long questions in a UDP query without
+    // EDNS. Echoed, they did not fit 512 bytes even truncated, and hickory-server
+    // sent a bare SERVFAIL instead. Names compressed in the query could also make
+    // the echo far larger than the query, even past 64 KiB over TCP.
+    let f = fixture();
+    let mut message = Message::query();
+    message.metadata.id = 9;
+    let long = format!("{}.{}.{}.cdn.test.", "a".repeat(60), "b".repeat(60), "c".repeat(60));
+    for i in 0..7 {
+        message.add_query(Query::query(Name::from_ascii(format!("x{i}.{long}")).unwrap(), RecordType::A));
+    }
+    let bytes = message.to_vec().unwrap();
+    for protocol in [Protocol::Udp, Protocol::Tcp] {
+        let r = f.raw(bytes.clone(), "192.0.2.1:53", protocol).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::FormErr, "{protocol}");
+        assert!(r.queries.is_empty(), "{protocol}");
+        assert!(!r.metadata.truncation, "{protocol}");
+    }
+    // Two short ones: the same.
+    let mut message = Message::from_vec(&query_bytes(&Ask::default())).unwrap();
+    message.add_query(Query::query(Name::from_ascii("cdn.test.").unwrap(), RecordType::SOA));
+    let r = f.raw(message.to_vec().unwrap(), "192.0.2.1:53", Protocol::Udp).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    assert!(r.queries.is_empty());
 }
