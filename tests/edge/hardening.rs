@@ -167,3 +167,34 @@ async fn the_cache_key_is_the_path_the_origin_sees() {
     }
     edge.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_origin_gets_504_in_time_and_a_stalled_body_is_not_stored() {
+    let origin = MockOrigin::start().await;
+    origin.route("/slow-head", Route::ok("max-age=600", "late").delay(Duration::from_secs(3)));
+    // 4 chunks of 1000 bytes, 2 s apart: the pause is longer than the origin timeout.
+    origin.route("/stalls", Route::ok("max-age=600", vec![b's'; 4000]).trickle(1000, Duration::from_secs(2)));
+    origin.route("/ok", Route::ok("max-age=600", "fine"));
+    let edge = TestEdge::start(&origin.url(), |c| c.origin.timeout = Duration::from_millis(700)).await;
+    let c = client();
+
+    let started = Instant::now();
+    let reply = get(&c, &edge.url("/slow-head"), &[]).await;
+    let took = started.elapsed();
+    eprintln!("origin slower than origin.timeout: {} after {took:?}", reply.status);
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // Meanwhile and after, the edge serves others.
+    assert_eq!(get(&c, &edge.url("/ok"), &[]).await.status, StatusCode::OK);
+
+    // A body that stalls longer than the timeout is cut, never stored.
+    for _ in 0..2 {
+        let request = http::Request::get(edge.url("/stalls")).body(http_body_util::Empty::<Bytes>::new()).unwrap();
+        if let Ok(response) = c.request(request).await {
+            let body = http_body_util::BodyExt::collect(response.into_body()).await;
+            assert!(body.is_err(), "a stalled body was delivered as complete");
+        }
+    }
+    assert_eq!(origin.hits("/stalls"), 2, "the cut body was stored");
+    edge.stop().await;
+}
