@@ -315,7 +315,7 @@ impl Pipeline {
         let timing = Timing::new(&rp.headers, request_time, response_time);
         let head = Arc::new(Head {
             status: rp.status,
-            headers: rp.headers,
+            headers: owned(rp.headers),
             timing,
             directives,
             lifetime,
@@ -414,7 +414,7 @@ impl Pipeline {
         let timing = Timing::new(&rp.headers, request_time, response_time);
         let head = Arc::new(Head {
             status: StatusCode::OK,
-            headers: rp.headers,
+            headers: owned(rp.headers),
             timing,
             directives,
             lifetime,
@@ -616,7 +616,7 @@ fn refreshed_head(
     }
     Arc::new(Head {
         status: stale.status,
-        headers,
+        headers: owned(headers),
         timing,
         directives,
         lifetime,
@@ -624,6 +624,19 @@ fn refreshed_head(
         vary: stale.vary.clone(),
         purged: Default::default(),
     })
+}
+
+/// `headers` with every value in an allocation of its own. Values parsed by the
+/// HTTP client share the connection's read buffer (8 KiB or more); a stored head that
+/// kept them would keep that whole buffer alive for as long as the object is cached.
+fn owned(headers: HeaderMap) -> HeaderMap {
+    let mut owned = HeaderMap::with_capacity(headers.len());
+    for (name, value) in &headers {
+        let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        copy.set_sensitive(value.is_sensitive());
+        owned.append(name.clone(), copy);
+    }
+    owned
 }
 
 #[cfg(test)]
