@@ -483,7 +483,11 @@ range_url() {
 if wants ranges; then
     for server in "${SERVERS[@]}"; do
         log "ranges: $server fetches the whole $RANGE_OBJECT once"
-        curl -s -o /dev/null -w "== $server: %{size_download} bytes in %{time_total} s\n" "$(range_url "$server")" >&2
+        got=$(curl -s -o /dev/null -w '%{size_download} %{time_total}' "$(range_url "$server")" || true)
+        log "$server: ${got% *} bytes in ${got#* } s"
+        [[ ${got% *} == "$(curl -s -o /dev/null -r 0-0 -D - "$(range_url "$server")" | tr -d '\r' |
+            awk -F/ 'tolower($0) ~ /^content-range:/ { print $2 }')" ]] ||
+            die "$server: the whole $RANGE_OBJECT ended early, after ${got% *} bytes (logs with KEEP_WORK=1; the runs so far: python3 bench/peers-report.py $RESULTS)"
         warm "$server" "$(range_url "$server")" -r 5000000-6048575
     done
     for rep in $(seq 1 "$REPEAT"); do
