@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/run-peers.sh: the edge against nginx (proxy_cache) and Varnish, same origin,
-# same machine, same run (issue 10). Scenarios (SCENARIOS, default all of them):
+# same machine, same run (issue 10); about 10 minutes for all scenarios on an idle
+# machine. Scenarios (SCENARIOS, default all of them):
 #   memory      RSS of each cache holding MEMORY_OBJECTS distinct 1 KiB objects, per object
 #   storm       a miss storm: STORM_OBJECTS uncached objects × STORM_PER_OBJECT concurrent
 #               requests; origin requests seen (coalescing) and total time
