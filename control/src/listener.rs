@@ -27,7 +27,7 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
@@ -182,14 +182,15 @@ pub async fn serve<H, F>(
         let service = {
             let handler = handler.clone();
             let activity = activity.clone();
-            hyper::service::service_fn(move |req| {
+            hyper::service::service_fn(move |req: Request<Incoming>| {
                 let mut guard = activity.start();
+                let head = req.method() == http::Method::HEAD;
                 let fut = handler(req, info);
                 async move {
                     let response = fut.await;
                     guard.responded();
-                    guard.finish_if(response.body().is_end_stream());
-                    Ok::<_, Infallible>(response.map(|inner| Tracked::new(inner, guard)))
+                    let expected = announced_length(&response, head);
+                    Ok::<_, Infallible>(response.map(|inner| Tracked::new(inner, guard, expected)))
                 }
             })
         };
@@ -261,6 +262,21 @@ pub async fn serve<H, F>(
         force.cancel();
         tasks.wait().await;
     }
+}
+
+/// The body length a response announces: none for HEAD and for statuses without a
+/// body, else its `Content-Length`. HTTP/1 sends that many bytes and drops the body
+/// without asking for its end.
+fn announced_length(response: &Response<Body>, head: bool) -> Option<u64> {
+    let status = response.status();
+    if head
+        || status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+    {
+        return Some(0);
+    }
+    response.headers().get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 /// How long an idle connection closed gracefully may take to go.

@@ -14,7 +14,6 @@ use bytes::{Buf as _, Bytes};
 use futures_util::stream;
 use http::Response;
 use http_body_util::BodyExt as _;
-use hyper::body::Body as _;
 use quinn::{Endpoint, IdleTimeout, TransportConfig, VarInt, congestion};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -231,9 +230,9 @@ async fn request_task(
     let request = request.map(|()| request_body(recv));
     let response = pipeline.handle(request, Conn { protocol: Protocol::H3, peer, tls: true }).await;
     guard.responded();
-    guard.finish_if(response.body().is_end_stream());
     let (parts, body) = response.into_parts();
-    let mut body = Tracked::new(body, guard);
+    // Driven to its end below: no announced length needed.
+    let mut body = Tracked::new(body, guard, None);
     if let Err(error) = send.send_response(Response::from_parts(parts, ())).await {
         debug!(%error, %peer, "h3 response head not sent");
         return;

@@ -520,3 +520,27 @@ async fn quic_connect(addr: SocketAddr) -> (quinn::Endpoint, quinn::Connection) 
     let connection = endpoint.connect(addr, "localhost").unwrap().await.expect("quic handshake");
     (endpoint, connection)
 }
+
+#[tokio::test]
+async fn a_keep_alive_client_is_never_taken_for_a_flood() {
+    // Streamed responses with a Content-Length (misses, whose bodies arrive from the
+    // origin as they are sent), HEADs and 304s, 150 of each on one connection: none
+    // may count as cancelled (HTTP/1 drops a body once its announced length went out).
+    let origin = MockOrigin::start().await;
+    origin.route("/s", Route::ok("max-age=600", vec![b's'; 100_000]).header("etag", "\"s\""));
+    let edge = TestEdge::start(&origin.url(), |_| {}).await;
+    let c = crate::harness::client();
+    for i in 0..150 {
+        let reply = get(&c, &edge.url(&format!("/s?{i}")), &[]).await;
+        assert_eq!((reply.status, reply.body.len()), (StatusCode::OK, 100_000), "request {i}");
+    }
+    for i in 0..150 {
+        let reply = crate::harness::send(&c, "HEAD", &edge.url(&format!("/s?{i}")), &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "HEAD {i}");
+        let reply = get(&c, &edge.url(&format!("/s?{i}")), &[("if-none-match", "\"s\"")]).await;
+        assert_eq!(reply.status, StatusCode::NOT_MODIFIED, "conditional {i}");
+    }
+    assert_eq!(edge.metric("cdn_connections_closed_total", &[("reason", "cancels")]), 0.0);
+    assert_eq!(edge.metric("cdn_connections_closed_total", &[]), 0.0);
+    edge.stop().await;
+}

@@ -32,7 +32,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use hyper::body::{Frame, SizeHint};
+use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::Notify,
@@ -277,12 +277,24 @@ pub struct Tracked {
     guard: RequestGuard,
     /// What is left of a large data frame.
     rest: Bytes,
+    /// The body's length when the response announced it (`Content-Length`): HTTP/1
+    /// stops polling a body once that many bytes went out, so reaching it is the end.
+    expected: Option<u64>,
+    /// Data bytes handed on so far.
+    sent: u64,
 }
 
 impl Tracked {
-    /// `inner`, reporting to `guard`'s connection.
-    pub fn new(inner: Body, guard: RequestGuard) -> Self {
-        Self { inner, guard, rest: Bytes::new() }
+    /// `inner`, reporting to `guard`'s connection; `expected` is the length the
+    /// response announced, if it did.
+    pub fn new(inner: Body, mut guard: RequestGuard, expected: Option<u64>) -> Self {
+        guard.finish_if(inner.is_end_stream() || expected == Some(0));
+        Self { inner, guard, rest: Bytes::new(), expected, sent: 0 }
+    }
+
+    /// Whether everything has been handed on.
+    fn done(&self) -> bool {
+        self.rest.is_empty() && (self.inner.is_end_stream() || self.expected.is_some_and(|len| self.sent >= len))
     }
 
     /// The next piece of at most [`MAX_FRAME`] bytes of `data`, keeping the rest.
@@ -290,6 +302,7 @@ impl Tracked {
         if data.len() > MAX_FRAME {
             self.rest = data.split_off(MAX_FRAME);
         }
+        self.sent += data.len() as u64;
         data
     }
 }
@@ -303,7 +316,7 @@ impl hyper::body::Body for Tracked {
         if !this.rest.is_empty() {
             let rest = std::mem::take(&mut this.rest);
             let piece = this.piece(rest);
-            let ended = this.rest.is_empty() && this.inner.is_end_stream();
+            let ended = this.done();
             this.guard.polled(false, ended);
             return Poll::Ready(Some(Ok(Frame::data(piece))));
         }
@@ -317,7 +330,7 @@ impl hyper::body::Body for Tracked {
         let ended = match &poll {
             Poll::Pending => false,
             Poll::Ready(None | Some(Err(_))) => true,
-            Poll::Ready(Some(Ok(_))) => this.rest.is_empty() && this.inner.is_end_stream(),
+            Poll::Ready(Some(Ok(_))) => this.done(),
         };
         this.guard.polled(poll.is_pending(), ended);
         poll
