@@ -29,19 +29,26 @@ pub(crate) struct H3Client {
     _endpoint: quinn::Endpoint,
 }
 
+/// A QUIC connection with ALPN h3 to `addr`, certificate not checked, and the
+/// endpoint that carries it.
+pub(crate) async fn quic_connect(addr: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(cdn_control::tls::AcceptAnyCertificate::new())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connection = endpoint.connect(addr, "localhost").unwrap().await.expect("quic handshake");
+    (endpoint, connection)
+}
+
 impl H3Client {
     pub(crate) async fn connect(addr: SocketAddr) -> Self {
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(cdn_control::tls::AcceptAnyCertificate::new())
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h3".to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-        let connection = endpoint.connect(addr, "localhost").unwrap().await.expect("quic handshake");
+        let (endpoint, connection) = quic_connect(addr).await;
         let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(connection)).await.unwrap();
         tokio::spawn(async move {
             let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;

@@ -8,7 +8,6 @@
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,6 +18,7 @@ use tokio::{
 };
 
 use crate::{
+    h3::quic_connect,
     harness::{HttpClient, TestEdge, get, start_tls_edge},
     mock_origin::{MockOrigin, Route},
 };
@@ -502,23 +502,6 @@ async fn rapid_reset(addr: SocketAddr, pace: Duration) -> (u32, Duration, Option
     let took = started.elapsed();
     let goaway = tokio::time::timeout(Duration::from_secs(5), reader).await.expect("the connection was not closed");
     (sent, took, goaway.unwrap())
-}
-
-/// A QUIC connection with ALPN h3 to `addr`, certificate not checked, and the
-/// endpoint that carries it.
-async fn quic_connect(addr: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(cdn_control::tls::AcceptAnyCertificate::new())
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let connection = endpoint.connect(addr, "localhost").unwrap().await.expect("quic handshake");
-    (endpoint, connection)
 }
 
 #[tokio::test]
