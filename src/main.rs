@@ -137,6 +137,8 @@ struct EdgeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    let open_files = cdn_control::listener::raise_open_files_limit();
+    tracing::debug!(?open_files, "open-files limit");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

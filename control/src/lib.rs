@@ -13,6 +13,7 @@
 //! - [`server`]: the control node (purge API, routing).
 //! - [`purge`]: purge requests, matching and the durable purge log.
 //! - [`error`]: this crate's error type.
+//! - [`zerocopy`]: large cached bodies in sealed memory files, sent with `sendfile`.
 
 pub mod admin;
 pub mod client;
@@ -23,5 +24,6 @@ pub mod purge;
 pub mod server;
 mod status;
 pub mod tls;
+pub mod zerocopy;
 
 pub use error::{ConfigError, Error};

@@ -264,6 +264,21 @@ pub async fn serve<H, F>(
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit, as servers do:
+/// every connection and every sealed body ([`crate::zerocopy`]) holds a descriptor.
+/// Returns the limit now in force.
+pub fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(error) = setrlimit(Resource::Nofile, limit) {
+            debug!(%error, "cannot raise the open-files limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
 /// The body length a response announces: none for HEAD and for statuses without a
 /// body, else its `Content-Length`. HTTP/1 sends that many bytes and drops the body
 /// without asking for its end.

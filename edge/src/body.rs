@@ -73,12 +73,18 @@ impl Growing {
     /// Always a copy: a chunk from the connection shares (and would keep alive) the
     /// whole read buffer it was cut from, 8 KiB or more behind a 1 KiB body. One
     /// copy per fill is cheap; pinned buffers would multiply the cache's real size.
+    /// Large bodies go into a sealed memory file, which cleartext connections send
+    /// without copying ([`cdn_control::zerocopy`]).
     pub(crate) fn concat(&self) -> Option<Bytes> {
         let state = self.lock();
         if !matches!(state.end, Some(Ok(()))) {
             return None;
         }
-        let mut buffer = BytesMut::with_capacity(usize::try_from(state.len).ok()?);
+        let len = usize::try_from(state.len).ok()?;
+        if let Some(sealed) = cdn_control::zerocopy::seal(&state.chunks, len) {
+            return Some(sealed);
+        }
+        let mut buffer = BytesMut::with_capacity(len);
         for chunk in &state.chunks {
             buffer.extend_from_slice(chunk);
         }
@@ -188,6 +194,16 @@ mod tests {
         let part: Vec<u8> = part.collect::<Vec<_>>().await.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
         assert_eq!(part, b"defg");
         assert_eq!(growing.concat().unwrap(), Bytes::from_static(b"abcdefghij"));
+
+        let large: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let big = Growing::new(Some(large.len() as u64));
+        for chunk in large.chunks(7000) {
+            big.push(Bytes::copy_from_slice(chunk));
+        }
+        big.finish(Ok(()));
+        let stored = big.concat().unwrap();
+        assert_eq!(&stored[..], &large[..]);
+        assert!(cdn_control::zerocopy::locate(&stored).is_some(), "a large body is sealed for zero-copy sends");
 
         let failing = Growing::new(None);
         let reader = failing.reader(None);

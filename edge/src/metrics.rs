@@ -112,6 +112,8 @@ impl Metrics {
         registry.register(Box::new(origin_requests.clone()))?;
         registry.register(Box::new(cache_bytes.clone()))?;
         registry.register(Box::new(cache_objects.clone()))?;
+        // Process-wide: every listener of this process sends through it.
+        registry.register(Box::new(cdn_control::zerocopy::sent_counter()))?;
         Ok(Self {
             requests,
             response_bytes,

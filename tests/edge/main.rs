@@ -6,6 +6,7 @@ mod harness;
 mod mock_origin;
 mod overload;
 mod ranges;
+mod zerocopy;
 
 use std::time::{Duration, Instant};
 

@@ -39,6 +39,7 @@ use tokio::{
 };
 
 use super::{Body, BoxError};
+use crate::zerocopy::Sink;
 
 /// Cancelled requests a connection may have before the cancel ratio is checked.
 pub const CANCEL_FLOOR: u64 = 100;
@@ -373,7 +374,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+impl<S: AsyncWrite + Sink + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.activity.wrote(poll.is_pending());
@@ -385,7 +386,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        let poll = match self.inner.poll_write_zero_copy(cx, bufs) {
+            Some(poll) => poll,
+            None => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
+        };
         self.activity.wrote(poll.is_pending());
         poll
     }

@@ -1,0 +1,296 @@
+//! Zero-copy sends of cached bodies: sealed memory files and `sendfile`.
+//!
+//! A large body the edge stores is written once into a memory file (`memfd`),
+//! sealed against any further change, and mapped read-only: the cache holds it as
+//! ordinary [`Bytes`] ([`seal`]), so every protocol reads it as before. When such a
+//! body goes out on a cleartext TCP connection (HTTP/1.1 or h2c), the listener
+//! recognises its memory ([`locate`]) and hands the socket the file's pages with
+//! `sendfile` instead of copying them in with `writev` — what nginx does with its
+//! cache files. Over TLS and QUIC the bytes must be encrypted in user space, so those
+//! paths copy as before.
+//!
+//! Each sealed body holds one file descriptor and one mapping, so their number is
+//! capped (a quarter of the open-file limit, a quarter of `vm.max_map_count`); past
+//! the cap, and for bodies under [`MIN_LEN`], [`seal`] returns `None` and the caller
+//! keeps its heap copy.
+//!
+//! This module holds the workspace's only `unsafe` code: mapping the file. It is
+//! sound because the file is sealed (`F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW |
+//! F_SEAL_SEAL`) before it is mapped: the kernel then refuses every write to it and
+//! every change of its size, from this process or any other, so the mapped bytes can
+//! never change or vanish under a `&[u8]` (memmap2's safety condition).
+
+#![allow(unsafe_code)]
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{self, IoSlice, Write as _},
+    sync::{
+        Arc, OnceLock, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use rustix::{
+    fs::{MemfdFlags, SealFlags},
+    net::{SendAncillaryBuffer, SendFlags},
+};
+use tokio::{io::Interest, net::TcpStream};
+
+/// Bodies shorter than this stay on the heap: one file and one mapping each would
+/// cost more than the copy they save.
+pub const MIN_LEN: usize = 128 * 1024;
+
+/// Writes shorter than this go out by `writev` even from a sealed body: two system
+/// calls (head, then pages) cost more than copying a few pages. HTTP/1.1 bodies go
+/// out in pieces of up to 256 KiB; HTTP/2 DATA frames (16 KiB) stay below.
+pub const MIN_SEND: usize = 64 * 1024;
+
+/// Sealed bodies alive now.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Every live mapping by start address, with its length and file.
+type Registry = RwLock<BTreeMap<usize, (usize, Arc<File>)>>;
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(RwLock::default)
+}
+
+/// How many sealed bodies may be alive at once.
+fn cap() -> usize {
+    static CAP: OnceLock<usize> = OnceLock::new();
+    *CAP.get_or_init(|| {
+        let files = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024);
+        let maps = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(65_530);
+        usize::try_from(files.min(maps) / 4).unwrap_or(usize::MAX)
+    })
+}
+
+/// Sealed bodies alive now.
+pub fn live() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// The body made of `chunks` (`len` bytes in all) in a sealed memory file, or
+/// `None` when it is too small, the cap is reached or the kernel refuses (the caller
+/// then keeps a heap copy).
+pub fn seal(chunks: &[Bytes], len: usize) -> Option<Bytes> {
+    if len < MIN_LEN || chunks.iter().map(Bytes::len).sum::<usize>() != len {
+        return None;
+    }
+    if LIVE.fetch_add(1, Ordering::Relaxed) >= cap() {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    match Sealed::new(chunks, len) {
+        Ok(sealed) => Some(Bytes::from_owner(sealed)),
+        Err(error) => {
+            LIVE.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(%error, len, "memory file refused; body kept on the heap");
+            None
+        }
+    }
+}
+
+/// The sealed file holding `slice` and the slice's offset in it, when `slice` lies
+/// in a sealed body's memory.
+pub fn locate(slice: &[u8]) -> Option<(Arc<File>, u64)> {
+    let start = slice.as_ptr() as usize;
+    let map = registry().read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (&base, (len, file)) = map.range(..=start).next_back()?;
+    let offset = start - base;
+    (offset + slice.len() <= *len).then(|| (file.clone(), offset as u64))
+}
+
+/// Bytes sent with `sendfile` from sealed bodies, in this process (every listener).
+pub fn sent_counter() -> prometheus::IntCounter {
+    static SENT: OnceLock<prometheus::IntCounter> = OnceLock::new();
+    SENT.get_or_init(|| {
+        prometheus::IntCounter::new(
+            "cdn_zero_copy_bytes_total",
+            "Response body bytes handed to client sockets with sendfile from the cache's sealed memory files, without a copy",
+        )
+        .expect("valid metric")
+    })
+    .clone()
+}
+
+/// A connection's socket, which may send sealed bodies without copying them.
+pub trait Sink {
+    /// Writes `bufs` as `poll_write_vectored` would, sending a sealed body's pages
+    /// with `sendfile`; `None` when this socket cannot (TLS encrypts in user space)
+    /// or `bufs` hold no large piece of a sealed body.
+    fn poll_write_zero_copy(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _bufs: &[IoSlice<'_>],
+    ) -> Option<Poll<io::Result<usize>>> {
+        None
+    }
+}
+
+impl<S> Sink for tokio_rustls::server::TlsStream<S> {}
+
+impl Sink for TcpStream {
+    fn poll_write_zero_copy(&mut self, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Option<Poll<io::Result<usize>>> {
+        let (index, file, offset) = bufs.iter().enumerate().find_map(|(index, buf)| {
+            let (file, offset) = if buf.len() >= MIN_SEND { locate(buf)? } else { return None };
+            Some((index, file, offset))
+        })?;
+        let heads = &bufs[..index];
+        let head_len: usize = heads.iter().map(|buf| buf.len()).sum();
+        let count = bufs[index].len();
+        let stream = &*self;
+        let send_file = || {
+            let mut offset = offset;
+            Ok(rustix::fs::sendfile(stream, &*file, Some(&mut offset), count)?)
+        };
+        if head_len == 0 {
+            let sent = poll_io(stream, cx, send_file);
+            if let Poll::Ready(Ok(n)) = sent {
+                sent_counter().inc_by(n as u64);
+            }
+            return Some(sent);
+        }
+        // The head (status line and headers, a chunk size or a frame header) first,
+        // held back (MSG_MORE) to leave in one segment with the pages behind it.
+        let written = match poll_io(stream, cx, || {
+            let flags = SendFlags::MORE | SendFlags::NOSIGNAL;
+            Ok(rustix::net::sendmsg(stream, heads, &mut SendAncillaryBuffer::default(), flags)?)
+        }) {
+            Poll::Ready(Ok(written)) if written == head_len => written,
+            other => return Some(other),
+        };
+        // Bytes went out: report them whatever the pages do now.
+        Some(Poll::Ready(match stream.try_io(Interest::WRITABLE, send_file) {
+            Ok(n) => {
+                sent_counter().inc_by(n as u64);
+                Ok(written + n)
+            }
+            Err(_) => Ok(written),
+        }))
+    }
+}
+
+/// Runs the non-blocking `f` on `stream` once it is writable, until it does not
+/// report `WouldBlock`.
+fn poll_io(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    mut f: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(stream.poll_write_ready(cx))?;
+        match stream.try_io(Interest::WRITABLE, &mut f) {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            result => return Poll::Ready(result),
+        }
+    }
+}
+
+/// One sealed body: its file and the read-only mapping of it.
+struct Sealed {
+    map: memmap2::Mmap,
+}
+
+impl Sealed {
+    fn new(chunks: &[Bytes], len: usize) -> io::Result<Self> {
+        let fd = rustix::fs::memfd_create("cdn-body", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+        let mut file = File::from(fd);
+        write_all(&mut file, chunks)?;
+        if file.metadata()?.len() != len as u64 {
+            return Err(io::Error::other("short write to a memory file"));
+        }
+        rustix::fs::fcntl_add_seals(&file, SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+        // SAFETY: the file is sealed (above): no process can write to it or change its
+        // size any more, so the mapping stays valid and unchanged for its lifetime.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).populate().map(&file)? };
+        let file = Arc::new(file);
+        registry()
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(map.as_ptr() as usize, (len, file));
+        Ok(Self { map })
+    }
+}
+
+impl AsRef<[u8]> for Sealed {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Drop for Sealed {
+    fn drop(&mut self) {
+        registry().write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&(self.map.as_ptr() as usize));
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Writes every chunk, in as few `writev` calls as the kernel allows.
+fn write_all(file: &mut File, chunks: &[Bytes]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = chunks.iter().filter(|c| !c.is_empty()).map(|c| IoSlice::new(c)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let batch = rest.len().min(1024);
+        let written = file.write_vectored(&rest[..batch])?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, written);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt as _;
+
+    use super::*;
+
+    fn chunks(len: usize) -> (Vec<Bytes>, Vec<u8>) {
+        let whole: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+        let chunks = whole.chunks(10_000).map(Bytes::copy_from_slice).collect();
+        (chunks, whole)
+    }
+
+    #[test]
+    fn a_sealed_body_reads_back_and_is_found_by_its_memory() {
+        let (parts, whole) = chunks(MIN_LEN * 3 + 17);
+        let body = seal(&parts, whole.len()).expect("sealed");
+        assert_eq!(&body[..], &whole[..]);
+
+        let piece = body.slice(5000..MIN_LEN * 2);
+        let (file, offset) = locate(&piece).expect("located");
+        assert_eq!(offset, 5000);
+        let mut back = vec![0; piece.len()];
+        file.read_exact_at(&mut back, offset).unwrap();
+        assert_eq!(back, &piece[..]);
+
+        // Sealed: neither this process nor anyone else can change it.
+        assert!((&*file).write_all(b"x").is_err());
+        assert!(file.set_len(1).is_err());
+
+        // Heap memory, and a range running past the mapping, are not sealed bodies.
+        assert!(locate(&whole).is_none());
+        let registered = body.as_ptr() as usize;
+        drop((body, piece));
+        assert!(!registry().read().unwrap().contains_key(&registered));
+    }
+
+    #[test]
+    fn small_or_inconsistent_bodies_stay_on_the_heap() {
+        let (parts, whole) = chunks(MIN_LEN - 1);
+        assert!(seal(&parts, whole.len()).is_none());
+        let (parts, whole) = chunks(MIN_LEN * 2);
+        assert!(seal(&parts, whole.len() + 1).is_none());
+        assert!(seal(&[], 0).is_none());
+    }
+}
