@@ -14,6 +14,8 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    const ALL: [Self; 3] = [Self::H1, Self::H2, Self::H3];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -40,6 +42,8 @@ pub enum CacheResult {
 }
 
 impl CacheResult {
+    const ALL: [Self; 5] = [Self::Hit, Self::Miss, Self::Stale, Self::Revalidated, Self::Bypass];
+
     /// The label value.
     pub fn label(self) -> &'static str {
         match self {
@@ -67,6 +71,8 @@ impl CacheResult {
 #[derive(Clone)]
 pub(crate) struct Metrics {
     pub(crate) requests: IntCounterVec,
+    /// `requests`' counters resolved once: no label hashing per request.
+    requests_by: [[IntCounter; 5]; 3],
     pub(crate) response_bytes: IntCounter,
     pub(crate) duration: Histogram,
     pub(crate) origin_requests: IntCounterVec,
@@ -77,6 +83,11 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
+    /// Counts one client request.
+    pub(crate) fn count_request(&self, protocol: Protocol, result: CacheResult) {
+        self.requests_by[protocol as usize][result as usize].inc();
+    }
+
     pub(crate) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let requests = IntCounterVec::new(
             Opts::new("cdn_requests_total", "Client requests by protocol and cache result"),
@@ -114,7 +125,11 @@ impl Metrics {
         registry.register(Box::new(cache_objects.clone()))?;
         // Process-wide: every listener of this process sends through it.
         registry.register(Box::new(cdn_control::zerocopy::sent_counter()))?;
+        let requests_by = Protocol::ALL.map(|protocol| {
+            CacheResult::ALL.map(|result| requests.with_label_values(&[protocol.as_str(), result.label()]))
+        });
         Ok(Self {
+            requests_by,
             requests,
             response_bytes,
             duration,
@@ -138,5 +153,22 @@ impl Metrics {
 
     pub(crate) fn origin_error(&self, timeout: bool) {
         self.origin_requests.with_label_values(&[if timeout { "timeout" } else { "error" }]).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_request_counts_under_its_own_labels() {
+        let metrics = Metrics::register(&Registry::new()).unwrap();
+        for protocol in Protocol::ALL {
+            for result in CacheResult::ALL {
+                metrics.count_request(protocol, result);
+                let counter = metrics.requests.with_label_values(&[protocol.as_str(), result.label()]);
+                assert_eq!(counter.get(), 1, "{protocol:?} {result:?}");
+            }
+        }
     }
 }

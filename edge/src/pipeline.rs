@@ -153,7 +153,7 @@ impl Pipeline {
         {
             headers.insert(header::ALT_SVC, alt_svc.clone());
         }
-        self.metrics.requests.with_label_values(&[conn.protocol.as_str(), result.label()]).inc();
+        self.metrics.count_request(conn.protocol, result);
         self.metrics.duration.observe(started.elapsed().as_secs_f64());
         let counter = self.metrics.response_bytes.clone();
         response.map(|body| {
@@ -203,7 +203,10 @@ impl Pipeline {
         let unsafe_method = !matches!(method, Method::OPTIONS | Method::TRACE);
         let (parts, body) = request.into_parts();
         let body = body.map_err(Into::into).boxed_unsync();
-        let mut served = self.forward(&parts, conn, body, scheme).await;
+        // Cold paths (forwarding, fills) are boxed: their futures are large, and a
+        // HIT's future would otherwise carry (and move, several times per request)
+        // their space.
+        let mut served = Box::pin(self.forward(&parts, conn, body, scheme)).await;
         if unsafe_method && (served.response.status().is_success() || served.response.status().is_redirection()) {
             self.invalidate_after_unsafe(&key, served.response.headers(), scheme, &host);
         }
@@ -234,7 +237,7 @@ impl Pipeline {
     async fn cached(self: &Arc<Self>, req: Req, conn: Conn) -> Served {
         if self.pass_marks.contains_key(&req.key) {
             // Recently uncacheable ("hit-for-pass"): go straight to the origin.
-            let mut served = self.forward(&req.parts, conn, empty(), req.scheme).await;
+            let mut served = Box::pin(self.forward(&req.parts, conn, empty(), req.scheme)).await;
             served.result = CacheResult::Bypass;
             served.status = format!("cdn; fwd=bypass; fwd-status={}", served.response.status().as_u16());
             return served;
@@ -260,7 +263,7 @@ impl Pipeline {
                 Action::Revalidate if req.directives.only_if_cached => {
                     return error(StatusCode::GATEWAY_TIMEOUT, "stale and only-if-cached\n", CacheResult::Miss);
                 }
-                Action::Revalidate => return self.fill(req, conn, Some(found)).await,
+                Action::Revalidate => return Box::pin(self.fill(req, conn, Some(found))).await,
             };
             let source = self.source(&found, &req, conn);
             return self.represent(&req, &head, source, age, result, status);
@@ -268,7 +271,7 @@ impl Pipeline {
         if req.directives.only_if_cached {
             return error(StatusCode::GATEWAY_TIMEOUT, "not cached (only-if-cached)\n", CacheResult::Miss);
         }
-        self.fill(req, conn, None).await
+        Box::pin(self.fill(req, conn, None)).await
     }
 
     /// How to read a stored representation.
