@@ -76,11 +76,6 @@ pub struct Quic {
     /// Kernel send and receive buffer of the QUIC socket (capped by
     /// `net.core.wmem_max` / `rmem_max`).
     pub socket_buffer: ByteSize,
-    /// Ask clients to acknowledge every this many ack-eliciting packets, when they
-    /// support the QUIC acknowledgement-frequency extension (draft-ietf-quic-ack-frequency;
-    /// quinn does). Fewer ACKs save both ends a share of their CPU. 2 (or less) is
-    /// RFC 9000's own rate and sends no request.
-    pub ack_frequency: u8,
 }
 
 impl Default for Quic {
@@ -92,13 +87,9 @@ impl Default for Quic {
             connection_window: ByteSize::mib(16),
             max_udp_payload: 1452,
             socket_buffer: ByteSize::mib(4),
-            ack_frequency: ACK_FREQUENCY_DEFAULT,
         }
     }
 }
-
-/// See [`Quic::ack_frequency`] and bench/RESULTS.md.
-const ACK_FREQUENCY_DEFAULT: u8 = 2;
 
 fn default_region() -> String {
     "default".into()

@@ -57,12 +57,6 @@ pub(crate) fn server_config(
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(quic.max_udp_payload);
     transport.mtu_discovery_config(Some(mtu));
-    if quic.ack_frequency > 2 {
-        // The threshold counts the packets a client may take without acknowledging.
-        let mut ack = quinn::AckFrequencyConfig::default();
-        ack.ack_eliciting_threshold(VarInt::from(quic.ack_frequency - 1));
-        transport.ack_frequency_config(Some(ack));
-    }
     match quic.congestion {
         Congestion::Cubic => transport.congestion_controller_factory(Arc::new(congestion::CubicConfig::default())),
         Congestion::Bbr => transport.congestion_controller_factory(Arc::new(congestion::BbrConfig::default())),
