@@ -141,7 +141,10 @@ pub async fn serve<H, F>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // The head timer is the driver's (Activity::verdict): hyper's starts when it
+        // waits for the next request, so it would also close idle keep-alive
+        // connections after `header_read_timeout` instead of `idle_timeout`.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_size.max(8192));
     builder
         .http2()
@@ -239,6 +242,10 @@ pub async fn serve<H, F>(
                     None
                 }
                 End::Idle => Some("idle"),
+                End::SlowHead => {
+                    debug!(%peer, timeout = ?limits.header_read_timeout, "request head too slow; connection dropped");
+                    Some("header_timeout")
+                }
                 End::Stalled => {
                     debug!(%peer, timeout = ?limits.send_timeout, "client stopped reading; connection dropped");
                     Some("stalled")
@@ -307,6 +314,8 @@ enum End {
     Stalled,
     /// The client cancelled more requests than it completed.
     Cancels,
+    /// A request head (or the first request) took longer than the header timeout.
+    SlowHead,
     /// The shutdown grace period ran out.
     Forced,
 }
@@ -324,10 +333,10 @@ impl Driver<'_> {
     where
         C: Future<Output = Result<(), BoxError>>,
     {
-        let (idle, send) = (self.limits.idle_timeout, self.limits.send_timeout);
+        let (idle, send, head) = (self.limits.idle_timeout, self.limits.send_timeout, self.limits.header_read_timeout);
         let mut closing = false;
         let mut idle_closed = false;
-        let mut next = Instant::now() + idle.min(send);
+        let mut next = Instant::now() + idle.min(send).min(head);
         loop {
             tokio::select! {
                 result = conn.as_mut() => return if idle_closed { End::Idle } else { End::Done(result) },
@@ -339,9 +348,10 @@ impl Driver<'_> {
                 () = self.activity.abused() => return End::Cancels,
                 () = tokio::time::sleep_until(next.into()) => {
                     let now = Instant::now();
-                    match self.activity.verdict(now, idle, send) {
+                    match self.activity.verdict(now, idle, send, Some(head)) {
                         Verdict::Fine(at) => next = at,
                         Verdict::Stalled => return End::Stalled,
+                        Verdict::SlowHead => return End::SlowHead,
                         // Asked to close once and still open: drop it.
                         Verdict::Idle if closing => return End::Idle,
                         Verdict::Idle => {

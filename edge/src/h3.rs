@@ -174,7 +174,7 @@ async fn connection(
             }
             () = tokio::time::sleep_until(next.into()) => {
                 let now = Instant::now();
-                match activity.verdict(now, idle, send) {
+                match activity.verdict(now, idle, send, None) {
                     Verdict::Fine(at) => next = at,
                     Verdict::Idle if !going_away => {
                         closed.count("idle");
@@ -183,6 +183,8 @@ async fn connection(
                         next = now + send;
                     }
                     Verdict::Idle => break,
+                    // No head timer for QUIC (`None` above): its handshake has its own.
+                    Verdict::SlowHead => break,
                     Verdict::Stalled => {
                         debug!(%peer, "h3 client stopped reading; connection closed");
                         closed.count("stalled");

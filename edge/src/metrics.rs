@@ -111,7 +111,7 @@ impl Metrics {
         let connections_closed = IntCounterVec::new(
             Opts::new(
                 "cdn_connections_closed_total",
-                "Client connections the edge closed: idle, stalled (client stopped reading), cancels (rapid reset)",
+                "Client connections the edge closed: idle, stalled (client stopped reading), cancels (rapid reset), header_timeout (slow request head)",
             ),
             &["protocol", "reason"],
         )?;

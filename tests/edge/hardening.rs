@@ -41,8 +41,7 @@ async fn slowloris_connections_are_cut_and_good_clients_keep_their_latency() {
         c.limits.max_connections = 300;
     })
     .await;
-    // A fresh connection per good request (idle keep-alive connections are cut by
-    // the same header timeout, which would race a pooled client).
+    // A fresh connection per good request: each one's head is timed like the attackers'.
     let c: crate::harness::HttpClient =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_max_idle_per_host(0)
@@ -87,6 +86,69 @@ async fn slowloris_connections_are_cut_and_good_clients_keep_their_latency() {
         let lasted = attacker.await.unwrap();
         assert!(lasted < Duration::from_secs(4), "a slowloris connection lasted {lasted:?}");
     }
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn keep_alive_lasts_the_idle_timeout_while_slow_heads_are_cut() {
+    let origin = MockOrigin::start().await;
+    origin.route("/ok", Route::ok("max-age=600", "fine"));
+    let (head_timeout, idle_timeout) = (Duration::from_secs(1), Duration::from_secs(4));
+    let edge = TestEdge::start(&origin.url(), |c| {
+        c.limits.header_read_timeout = head_timeout;
+        c.limits.idle_timeout = idle_timeout;
+    })
+    .await;
+    let request = format!("GET /ok HTTP/1.1\r\nHost: {}\r\n\r\n", edge.http);
+    // Reads one response (this object's is small) or the end of the connection.
+    async fn answer(stream: &mut tokio::net::TcpStream) -> String {
+        let mut buffer = vec![0; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await.unwrap().unwrap_or(0);
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    }
+    // Waits for the server to close the connection; how long that took.
+    async fn closed(stream: &mut tokio::net::TcpStream) -> Duration {
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await.unwrap().ok();
+        started.elapsed()
+    }
+
+    // Keep-alive: a second request twice the header timeout after the first is served.
+    let mut kept = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    kept.write_all(request.as_bytes()).await.unwrap();
+    assert!(answer(&mut kept).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(head_timeout * 2).await;
+    kept.write_all(request.as_bytes()).await.unwrap();
+    let second = answer(&mut kept).await;
+    let kept_idle = Instant::now();
+    assert!(second.starts_with("HTTP/1.1 200"), "an idle keep-alive connection was cut early: {second:?}");
+
+    // HTTP/2 (prior knowledge) is never taken for a slow HTTP/1 head.
+    let h2c: crate::harness::HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
+    assert_eq!(get(&h2c, &edge.url("/ok"), &[]).await.status, StatusCode::OK);
+    tokio::time::sleep(head_timeout * 2).await;
+    assert_eq!(get(&h2c, &edge.url("/ok"), &[]).await.status, StatusCode::OK);
+
+    // A connection that never sends a request, and a head that stops half-way after a
+    // served request, are dropped after the header timeout.
+    let mut silent = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    let waited = closed(&mut silent).await;
+    assert!(waited >= head_timeout && waited < head_timeout * 3, "a silent connection lasted {waited:?}");
+    let mut half = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    half.write_all(request.as_bytes()).await.unwrap();
+    assert!(answer(&mut half).await.starts_with("HTTP/1.1 200"));
+    half.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let waited = closed(&mut half).await;
+    assert!(waited >= head_timeout && waited < head_timeout * 3, "a stalled head lasted {waited:?}");
+    assert!(edge.metric("cdn_connections_closed_total", &[("reason", "header_timeout")]) >= 2.0);
+
+    // The kept connection goes at the idle timeout, counted as idle.
+    closed(&mut kept).await;
+    let waited = kept_idle.elapsed();
+    assert!(waited >= idle_timeout && waited < idle_timeout * 2, "idle keep-alive closed after {waited:?}");
+    assert!(edge.metric("cdn_connections_closed_total", &[("reason", "idle")]) >= 1.0);
     edge.stop().await;
 }
 

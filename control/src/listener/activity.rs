@@ -25,7 +25,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -54,6 +54,12 @@ pub struct Activity {
     /// Milliseconds after `opened` (plus one) since which a socket write has been
     /// blocked; 0 when writes flow.
     blocked: AtomicU64,
+    /// Milliseconds after `opened` (plus one) since which an HTTP/1 request head has
+    /// been arriving (its first bytes came while no request was in progress), or since
+    /// the connection opened until its first request; 0 otherwise.
+    head: AtomicU64,
+    /// The client speaks HTTP/2: its bytes between requests are frames, not heads.
+    multiplexed: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -79,6 +85,9 @@ pub enum Verdict {
     Fine(Instant),
     /// No request for the idle timeout: close gracefully.
     Idle,
+    /// A request head took longer than the header timeout (slowloris), or the first
+    /// request did not come within it: drop the connection.
+    SlowHead,
     /// The client has taken nothing for the send timeout: drop the connection.
     Stalled,
 }
@@ -97,7 +106,35 @@ impl Activity {
             abuse: Notify::new(),
             opened: now,
             blocked: AtomicU64::new(0),
+            head: AtomicU64::new(1),
+            multiplexed: AtomicBool::new(false),
         })
+    }
+
+    /// Milliseconds after `opened`, plus one (0 stands for "none").
+    fn stamp(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.opened).as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn at(&self, stamp: u64) -> Option<Instant> {
+        (stamp != 0).then(|| self.opened + Duration::from_millis(stamp - 1))
+    }
+
+    /// Bytes arrived from the client: between requests, they start a request head.
+    fn received(&self) {
+        if self.head.load(Ordering::Relaxed) != 0 || self.multiplexed.load(Ordering::Relaxed) {
+            return;
+        }
+        let state = self.lock();
+        if state.in_flight == 0 {
+            self.head.store(self.stamp(Instant::now()), Ordering::Relaxed);
+        }
+    }
+
+    /// The connection turned out to be HTTP/2 (its preface): no head timer.
+    fn multiplexed(&self) {
+        self.multiplexed.store(true, Ordering::Relaxed);
+        self.head.store(0, Ordering::Relaxed);
     }
 
     /// A socket write returned `Pending` (`true`) or made progress.
@@ -107,17 +144,14 @@ impl Activity {
                 self.blocked.store(0, Ordering::Relaxed);
             }
         } else if self.blocked.load(Ordering::Relaxed) == 0 {
-            let since = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+            let since = self.stamp(Instant::now());
             let _ = self.blocked.compare_exchange(0, since, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
     /// Since when socket writes have been blocked, if they are.
     fn blocked_since(&self) -> Option<Instant> {
-        match self.blocked.load(Ordering::Relaxed) {
-            0 => None,
-            since => Some(self.opened + Duration::from_millis(since - 1)),
-        }
+        self.at(self.blocked.load(Ordering::Relaxed))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -130,6 +164,7 @@ impl Activity {
         let mut state = self.lock();
         state.in_flight += 1;
         state.on_us += 1;
+        self.head.store(0, Ordering::Relaxed);
         RequestGuard { activity: self.clone(), phase: Phase::Handler }
     }
 
@@ -151,8 +186,16 @@ impl Activity {
         }
     }
 
-    /// What the connection's driver should do at `now`.
-    pub fn verdict(&self, now: Instant, idle_timeout: Duration, send_timeout: Duration) -> Verdict {
+    /// What the connection's driver should do at `now`. `head_timeout` bounds how
+    /// long an HTTP/1 request head may take to arrive once it started, and the first
+    /// request after the connection opened (`None`: no such limit, as for QUIC).
+    pub fn verdict(
+        &self,
+        now: Instant,
+        idle_timeout: Duration,
+        send_timeout: Duration,
+        head_timeout: Option<Duration>,
+    ) -> Verdict {
         // A blocked socket write is the client's doing, whatever else is going on.
         let blocked = self.blocked_since().map(|since| since + send_timeout);
         if blocked.is_some_and(|deadline| now >= deadline) {
@@ -161,8 +204,16 @@ impl Activity {
         let soonest = |deadline: Instant| Verdict::Fine(blocked.map_or(deadline, |b| b.min(deadline)));
         let state = self.lock();
         if state.in_flight == 0 {
-            let deadline = state.idle_since + idle_timeout;
-            return if now >= deadline { Verdict::Idle } else { soonest(deadline) };
+            let idle = state.idle_since + idle_timeout;
+            if now >= idle {
+                return Verdict::Idle;
+            }
+            let head = head_timeout.zip(self.at(self.head.load(Ordering::Relaxed)));
+            return match head.map(|(timeout, since)| since + timeout) {
+                Some(head) if now >= head => Verdict::SlowHead,
+                Some(head) => soonest(head.min(idle)),
+                None => soonest(idle),
+            };
         }
         if state.on_us > 0 {
             // Waiting on the origin or the handler: the client is not at fault.
@@ -359,18 +410,33 @@ impl hyper::body::Body for Tracked {
 pub struct Watched<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// The first bytes were looked at (HTTP/1 or the HTTP/2 preface).
+    sniffed: bool,
 }
 
 impl<S> Watched<S> {
     /// `inner`, reporting to `activity`.
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+        Self { inner, activity, sniffed: false }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = &buf.filled()[before..];
+        if !read.is_empty() {
+            if !self.sniffed {
+                self.sniffed = true;
+                // The HTTP/2 connection preface (RFC 9113 §3.4); no HTTP/1 method is PRI.
+                if read.starts_with(b"PRI") {
+                    self.activity.multiplexed();
+                }
+            }
+            self.activity.received();
+        }
+        poll
     }
 }
 
@@ -415,6 +481,7 @@ pub struct Closed {
     idle: prometheus::IntCounter,
     stalled: prometheus::IntCounter,
     cancels: prometheus::IntCounter,
+    header_timeout: prometheus::IntCounter,
 }
 
 impl Closed {
@@ -424,14 +491,17 @@ impl Closed {
             idle: vec.with_label_values(&[protocol, "idle"]),
             stalled: vec.with_label_values(&[protocol, "stalled"]),
             cancels: vec.with_label_values(&[protocol, "cancels"]),
+            header_timeout: vec.with_label_values(&[protocol, "header_timeout"]),
         }
     }
 
-    /// Counts one connection closed for `reason` (`idle`, `stalled` or `cancels`).
+    /// Counts one connection closed for `reason` (`idle`, `stalled`, `cancels` or
+    /// `header_timeout`).
     pub fn count(&self, reason: &str) {
         match reason {
             "idle" => self.idle.inc(),
             "stalled" => self.stalled.inc(),
+            "header_timeout" => self.header_timeout.inc(),
             _ => self.cancels.inc(),
         }
     }
@@ -448,8 +518,37 @@ mod tests {
     fn an_idle_connection_is_closed_after_the_idle_timeout() {
         let t0 = Instant::now();
         let activity = Activity::new(t0);
-        assert_eq!(activity.verdict(t0, IDLE, SEND), Verdict::Fine(t0 + IDLE));
-        assert_eq!(activity.verdict(t0 + IDLE, IDLE, SEND), Verdict::Idle);
+        assert_eq!(activity.verdict(t0, IDLE, SEND, None), Verdict::Fine(t0 + IDLE));
+        assert_eq!(activity.verdict(t0 + IDLE, IDLE, SEND, None), Verdict::Idle);
+    }
+
+    #[test]
+    fn heads_are_timed_from_their_first_byte_and_keep_alive_from_the_last_response() {
+        const HEAD: Duration = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let activity = Activity::new(t0);
+        // The first request must come within the header timeout.
+        assert_eq!(activity.verdict(t0, IDLE, SEND, Some(HEAD)), Verdict::Fine(t0 + HEAD));
+        assert_eq!(activity.verdict(t0 + HEAD, IDLE, SEND, Some(HEAD)), Verdict::SlowHead);
+        // Between requests only the idle timeout counts, until bytes of a head arrive.
+        let mut guard = activity.start();
+        guard.responded();
+        drop(guard);
+        assert!(
+            matches!(activity.verdict(Instant::now(), IDLE, SEND, Some(HEAD)), Verdict::Fine(at) if at > t0 + HEAD)
+        );
+        activity.received();
+        let started = Instant::now();
+        match activity.verdict(started, IDLE, SEND, Some(HEAD)) {
+            Verdict::Fine(at) => assert!(at <= started + HEAD),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(activity.verdict(started + HEAD + HEAD, IDLE, SEND, Some(HEAD)), Verdict::SlowHead);
+        // HTTP/2: frames between requests are not heads.
+        let h2 = Activity::new(t0);
+        h2.multiplexed();
+        h2.received();
+        assert_eq!(h2.verdict(t0 + HEAD, IDLE, SEND, Some(HEAD)), Verdict::Fine(t0 + IDLE));
     }
 
     #[test]
@@ -457,15 +556,15 @@ mod tests {
         let t0 = Instant::now();
         let activity = Activity::new(t0);
         let mut guard = activity.start();
-        assert!(matches!(activity.verdict(t0 + IDLE * 10, IDLE, SEND), Verdict::Fine(_)));
+        assert!(matches!(activity.verdict(t0 + IDLE * 10, IDLE, SEND, None), Verdict::Fine(_)));
         guard.responded();
         guard.polled(true, false);
-        assert!(matches!(activity.verdict(Instant::now() + SEND * 10, IDLE, SEND), Verdict::Fine(_)));
+        assert!(matches!(activity.verdict(Instant::now() + SEND * 10, IDLE, SEND, None), Verdict::Fine(_)));
         guard.polled(false, false);
         // Data handed over, and the client takes nothing more.
-        assert_eq!(activity.verdict(Instant::now() + SEND * 2, IDLE, SEND), Verdict::Stalled);
+        assert_eq!(activity.verdict(Instant::now() + SEND * 2, IDLE, SEND, None), Verdict::Stalled);
         guard.polled(false, true);
-        assert!(matches!(activity.verdict(Instant::now(), IDLE, SEND), Verdict::Fine(_)));
+        assert!(matches!(activity.verdict(Instant::now(), IDLE, SEND, None), Verdict::Fine(_)));
         assert_eq!(activity.counts(), (1, 0));
     }
 
@@ -474,11 +573,11 @@ mod tests {
         let t0 = Instant::now();
         let activity = Activity::new(t0);
         activity.wrote(true);
-        let verdict = activity.verdict(Instant::now(), IDLE, SEND);
+        let verdict = activity.verdict(Instant::now(), IDLE, SEND, None);
         assert!(matches!(verdict, Verdict::Fine(at) if at <= Instant::now() + SEND));
-        assert_eq!(activity.verdict(Instant::now() + SEND, IDLE, SEND), Verdict::Stalled);
+        assert_eq!(activity.verdict(Instant::now() + SEND, IDLE, SEND, None), Verdict::Stalled);
         activity.wrote(false);
-        assert_eq!(activity.verdict(Instant::now() + SEND, IDLE, SEND), Verdict::Fine(t0 + IDLE));
+        assert_eq!(activity.verdict(Instant::now() + SEND, IDLE, SEND, None), Verdict::Fine(t0 + IDLE));
     }
 
     #[test]
