@@ -149,8 +149,10 @@ async fn h3(plan: &Plan, loops: usize) -> anyhow::Result<Connection> {
     quinn::udp::UdpSocketState::new((&socket).into())
         .and_then(|state| state.set_recv_buffer_size((&socket).into(), plan.udp_recv_buffer))
         .context("setting the UDP receive buffer")?;
-    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
-        .context("QUIC endpoint")?;
+    let mut endpoint_config = quinn::EndpointConfig::default();
+    endpoint_config.max_udp_payload_size(plan.max_udp_payload).context("max UDP payload")?;
+    let endpoint =
+        quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime)).context("QUIC endpoint")?;
     let connection = endpoint
         .connect_with(client, plan.addr, &plan.host)
         .context("QUIC connect")?

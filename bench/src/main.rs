@@ -78,6 +78,12 @@ struct Args {
     /// UDP receive buffer of each QUIC client socket (h3; capped by net.core.rmem_max).
     #[arg(long, default_value = "4MiB")]
     udp_recv_buffer: ByteSize,
+    /// Largest UDP payload the client accepts (h3; QUIC's max_udp_payload_size transport
+    /// parameter, 1200..=65527). The server's path-MTU discovery never goes above it:
+    /// quinn's default, 1472, would hold a server on loopback (MTU 65536, where TCP
+    /// sends 64 KiB segments) to Ethernet-sized datagrams.
+    #[arg(long, default_value_t = 65527, value_parser = clap::value_parser!(u16).range(1200..=65527))]
+    max_udp_payload: u16,
     /// A request (or connection attempt) taking longer than this counts as an error.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -124,6 +130,7 @@ struct Plan {
     tls_config: Option<Arc<rustls::ClientConfig>>,
     quic_stats: bool,
     udp_recv_buffer: usize,
+    max_udp_payload: u16,
 }
 
 /// The range size of `--range-random`.
@@ -227,6 +234,7 @@ async fn run(args: Args) -> anyhow::Result<stats::Report> {
         tls_config,
         quic_stats: args.quic_stats,
         udp_recv_buffer: usize::try_from(args.udp_recv_buffer.as_u64()).unwrap_or(usize::MAX),
+        max_udp_payload: args.max_udp_payload,
     });
 
     // HTTP/1.1: one loop per connection; h2/h3: `streams` loops on each connection.

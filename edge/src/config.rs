@@ -69,9 +69,10 @@ pub struct Quic {
     pub stream_window: ByteSize,
     /// Flow-control window per connection.
     pub connection_window: ByteSize,
-    /// The largest UDP payload path-MTU discovery may try (1200..=65527). Probing
-    /// above a path's MTU only costs lost probes; paths with a larger MTU (jumbo
-    /// frames, loopback) carry more per datagram.
+    /// The largest UDP payload path-MTU discovery may try (1200..=65527), never more
+    /// than the client accepts. Probing above a path's MTU only costs lost probes;
+    /// paths with a larger MTU (jumbo frames, loopback) carry more per datagram. Up to
+    /// 6500 datagrams leave in batches (GSO); above, one by one.
     pub max_udp_payload: u16,
     /// Kernel send and receive buffer of the QUIC socket (capped by
     /// `net.core.wmem_max` / `rmem_max`).
@@ -85,7 +86,7 @@ impl Default for Quic {
             idle_timeout: Duration::from_secs(30),
             stream_window: ByteSize::mib(4),
             connection_window: ByteSize::mib(16),
-            max_udp_payload: 1452,
+            max_udp_payload: crate::h3::GSO_MAX_PAYLOAD,
             socket_buffer: ByteSize::mib(4),
         }
     }

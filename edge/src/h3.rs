@@ -30,6 +30,12 @@ use crate::{
     pipeline::{Conn, Pipeline},
 };
 
+/// The largest datagram sent with segmentation offload (GSO). quinn hands the kernel
+/// up to 10 datagrams per `sendmsg`, and Linux refuses a GSO send of more than 64 KiB
+/// (EMSGSIZE): with larger datagrams every batch would be lost, and quinn's path-MTU
+/// discovery would fall back to 1200 bytes. Above this, datagrams go out one by one.
+pub(crate) const GSO_MAX_PAYLOAD: u16 = 6500;
+
 /// Builds the QUIC server configuration: TLS 1.3 only, ALPN `h3`, transport tuned
 /// for video (large windows, the configured congestion controller, GSO).
 pub(crate) fn server_config(
@@ -53,7 +59,7 @@ pub(crate) fn server_config(
         .stream_receive_window(VarInt::from_u32(window))
         .receive_window(VarInt::from_u32(connection_window))
         .send_window(quic.connection_window.as_u64())
-        .enable_segmentation_offload(true);
+        .enable_segmentation_offload(quic.max_udp_payload <= GSO_MAX_PAYLOAD);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(quic.max_udp_payload);
     transport.mtu_discovery_config(Some(mtu));

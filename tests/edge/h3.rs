@@ -26,12 +26,22 @@ impl H3Reply {
 pub(crate) struct H3Client {
     send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
     port: u16,
+    connection: quinn::Connection,
     _endpoint: quinn::Endpoint,
 }
 
 /// A QUIC connection with ALPN h3 to `addr`, certificate not checked, and the
 /// endpoint that carries it.
 pub(crate) async fn quic_connect(addr: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
+    quic_connect_accepting(addr, 1472).await
+}
+
+/// [`quic_connect`], with a client that accepts UDP payloads up to `max_udp_payload`
+/// (its `max_udp_payload_size` transport parameter; quinn's default is 1472).
+pub(crate) async fn quic_connect_accepting(
+    addr: SocketAddr,
+    max_udp_payload: u16,
+) -> (quinn::Endpoint, quinn::Connection) {
     let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -40,7 +50,10 @@ pub(crate) async fn quic_connect(addr: SocketAddr) -> (quinn::Endpoint, quinn::C
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"h3".to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut endpoint_config = quinn::EndpointConfig::default();
+    endpoint_config.max_udp_payload_size(max_udp_payload).unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut endpoint = quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime)).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let connection = endpoint.connect(addr, "localhost").unwrap().await.expect("quic handshake");
     (endpoint, connection)
@@ -48,12 +61,17 @@ pub(crate) async fn quic_connect(addr: SocketAddr) -> (quinn::Endpoint, quinn::C
 
 impl H3Client {
     pub(crate) async fn connect(addr: SocketAddr) -> Self {
-        let (endpoint, connection) = quic_connect(addr).await;
-        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(connection)).await.unwrap();
+        Self::connect_accepting(addr, 1472).await
+    }
+
+    /// A client that accepts UDP payloads up to `max_udp_payload`.
+    pub(crate) async fn connect_accepting(addr: SocketAddr, max_udp_payload: u16) -> Self {
+        let (endpoint, connection) = quic_connect_accepting(addr, max_udp_payload).await;
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(connection.clone())).await.unwrap();
         tokio::spawn(async move {
             let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
         });
-        Self { send, port: addr.port(), _endpoint: endpoint }
+        Self { send, port: addr.port(), connection, _endpoint: endpoint }
     }
 
     pub(crate) async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> H3Reply {
@@ -107,6 +125,40 @@ async fn miss_hit_range_and_a_large_body_over_http3() {
     assert_eq!(h2.version(), http::Version::HTTP_2);
     assert_eq!(h2.headers()["x-cache"], "HIT");
     edge.stop().await;
+}
+
+#[tokio::test]
+async fn datagrams_grow_to_what_the_path_and_the_client_accept() {
+    let origin = MockOrigin::start().await;
+    let big: Vec<u8> = (0..6_000_000u32).map(|i| (i % 249) as u8).collect();
+    origin.route("/big", Route::ok("max-age=60", big.clone()));
+    // Average UDP payload the client received during one download.
+    async fn average_datagram(origin: &MockOrigin, ceiling: Option<u16>, accepts: u16, big: &[u8]) -> u64 {
+        let edge = start_tls_edge(&origin.url(), |c| {
+            if let Some(ceiling) = ceiling {
+                c.quic.max_udp_payload = ceiling;
+            }
+        })
+        .await;
+        let mut client = H3Client::connect_accepting(edge.h3.unwrap(), accepts).await;
+        client.get("/big", &[]).await; // fill, and time for path-MTU discovery
+        let before = client.connection.stats().udp_rx;
+        let reply = client.get("/big", &[]).await;
+        assert!(reply.body == big, "byte-exact (ceiling {ceiling:?}, client accepts {accepts})");
+        let after = client.connection.stats().udp_rx;
+        edge.stop().await;
+        (after.bytes - before.bytes) / (after.datagrams - before.datagrams)
+    }
+    // A client that accepts only Ethernet-sized datagrams gets them.
+    let ethernet = average_datagram(&origin, None, 1472, &big).await;
+    assert!((1300..=1472).contains(&ethernet), "average datagram {ethernet} B for a 1472-byte client");
+    // Loopback carries 64 KiB: by default the edge goes up to 6500 bytes (GSO batches).
+    let batched = average_datagram(&origin, None, 65527, &big).await;
+    assert!((5000..=6500).contains(&batched), "average datagram {batched} B with the default ceiling");
+    // Above 6500, datagrams go out one by one, still without a black hole (GSO sends
+    // over 64 KiB would all be refused and discovery would fall back to 1200 bytes).
+    let single = average_datagram(&origin, Some(20_000), 65527, &big).await;
+    assert!((12_000..=20_000).contains(&single), "average datagram {single} B with a 20000-byte ceiling");
 }
 
 #[tokio::test]
