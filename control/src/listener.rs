@@ -36,7 +36,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use self::activity::{Activity, Closed, Tracked, Verdict, Watched};
+use self::activity::{Activity, Closed, Reason, Tracked, Verdict, Watched};
 use crate::Error;
 
 /// The boxed error type of response bodies.
@@ -236,27 +236,27 @@ pub async fn serve<H, F>(
                 }
             };
             let reason = match end {
-                End::Done(Ok(())) | End::Forced => None,
+                End::Done(Ok(())) | End::Forced => return,
                 End::Done(Err(error)) => {
                     debug!(error = %error, %peer, "connection ended with an error");
-                    None
+                    return;
                 }
-                End::Idle => Some("idle"),
-                End::SlowHead => {
+                End::Closed(reason) => reason,
+            };
+            match reason {
+                Reason::Idle => {}
+                Reason::HeaderTimeout => {
                     debug!(%peer, timeout = ?limits.header_read_timeout, "request head too slow; connection dropped");
-                    Some("header_timeout")
                 }
-                End::Stalled => {
+                Reason::Stalled => {
                     debug!(%peer, timeout = ?limits.send_timeout, "client stopped reading; connection dropped");
-                    Some("stalled")
                 }
-                End::Cancels => {
+                Reason::Cancels => {
                     let (finished, cancelled) = activity.counts();
                     warn!(%peer, finished, cancelled, "client cancels most of its requests; connection dropped");
-                    Some("cancels")
                 }
-            };
-            if let (Some(reason), Some(closed)) = (reason, &limits.closed) {
+            }
+            if let Some(closed) = &limits.closed {
                 closed.count(reason);
             }
         });
@@ -308,14 +308,8 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 enum End {
     /// The connection finished by itself (or after a graceful close).
     Done(Result<(), BoxError>),
-    /// Closed for being idle past the idle timeout.
-    Idle,
-    /// The client took no data for the send timeout.
-    Stalled,
-    /// The client cancelled more requests than it completed.
-    Cancels,
-    /// A request head (or the first request) took longer than the header timeout.
-    SlowHead,
+    /// Closed by the server's limits.
+    Closed(Reason),
     /// The shutdown grace period ran out.
     Forced,
 }
@@ -339,21 +333,21 @@ impl Driver<'_> {
         let mut next = Instant::now() + idle.min(send).min(head);
         loop {
             tokio::select! {
-                result = conn.as_mut() => return if idle_closed { End::Idle } else { End::Done(result) },
+                result = conn.as_mut() => return if idle_closed { End::Closed(Reason::Idle) } else { End::Done(result) },
                 () = self.shutdown.cancelled(), if !closing => {
                     graceful(conn.as_mut());
                     closing = true;
                 }
                 () = self.force.cancelled() => return End::Forced,
-                () = self.activity.abused() => return End::Cancels,
+                () = self.activity.abused() => return End::Closed(Reason::Cancels),
                 () = tokio::time::sleep_until(next.into()) => {
                     let now = Instant::now();
                     match self.activity.verdict(now, idle, send, Some(head)) {
                         Verdict::Fine(at) => next = at,
-                        Verdict::Stalled => return End::Stalled,
-                        Verdict::SlowHead => return End::SlowHead,
+                        Verdict::Stalled => return End::Closed(Reason::Stalled),
+                        Verdict::SlowHead => return End::Closed(Reason::HeaderTimeout),
                         // Asked to close once and still open: drop it.
-                        Verdict::Idle if closing => return End::Idle,
+                        Verdict::Idle if closing => return End::Closed(Reason::Idle),
                         Verdict::Idle => {
                             graceful(conn.as_mut());
                             closing = true;

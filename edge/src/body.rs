@@ -80,11 +80,10 @@ impl Growing {
         if !matches!(state.end, Some(Ok(()))) {
             return None;
         }
-        let len = usize::try_from(state.len).ok()?;
-        if let Some(sealed) = cdn_control::zerocopy::seal(&state.chunks, len) {
+        if let Some(sealed) = cdn_control::zerocopy::seal(&state.chunks) {
             return Some(sealed);
         }
-        let mut buffer = BytesMut::with_capacity(len);
+        let mut buffer = BytesMut::with_capacity(usize::try_from(state.len).ok()?);
         for chunk in &state.chunks {
             buffer.extend_from_slice(chunk);
         }

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use cdn_control::listener::{
     Body, BoxError,
-    activity::{Activity, Closed, RequestGuard, Tracked, Verdict},
+    activity::{Activity, Closed, Reason, RequestGuard, Tracked, Verdict},
 };
 
 use crate::{
@@ -173,7 +173,7 @@ async fn connection(
             () = activity.abused() => {
                 let (finished, cancelled) = activity.counts();
                 warn!(%peer, finished, cancelled, "h3 client cancels most of its requests; connection closed");
-                closed.count("cancels");
+                closed.count(Reason::Cancels);
                 quic.close(VarInt::from_u32(H3_EXCESSIVE_LOAD), b"too many cancelled requests");
                 requests.abort_all();
                 break;
@@ -183,7 +183,7 @@ async fn connection(
                 match activity.verdict(now, idle, send, None) {
                     Verdict::Fine(at) => next = at,
                     Verdict::Idle if !going_away => {
-                        closed.count("idle");
+                        closed.count(Reason::Idle);
                         going_away = true;
                         let _ = h3.shutdown(0).await;
                         next = now + send;
@@ -193,7 +193,7 @@ async fn connection(
                     Verdict::SlowHead => break,
                     Verdict::Stalled => {
                         debug!(%peer, "h3 client stopped reading; connection closed");
-                        closed.count("stalled");
+                        closed.count(Reason::Stalled);
                         quic.close(VarInt::from_u32(H3_EXCESSIVE_LOAD), b"client stopped reading");
                         requests.abort_all();
                         break;

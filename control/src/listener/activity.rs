@@ -475,35 +475,46 @@ impl<S: AsyncWrite + Sink + Unpin> AsyncWrite for Watched<S> {
     }
 }
 
-/// Counters of connections the server closed, by reason.
-#[derive(Debug, Clone)]
-pub struct Closed {
-    idle: prometheus::IntCounter,
-    stalled: prometheus::IntCounter,
-    cancels: prometheus::IntCounter,
-    header_timeout: prometheus::IntCounter,
+/// Why the server closed a connection (the `reason` label of its counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// No request for the idle timeout.
+    Idle,
+    /// The client took no response data for the send timeout.
+    Stalled,
+    /// The client cancelled more requests than it completed (rapid reset).
+    Cancels,
+    /// A request head (or the first request) took longer than the header timeout.
+    HeaderTimeout,
 }
+
+impl Reason {
+    const ALL: [Self; 4] = [Self::Idle, Self::Stalled, Self::Cancels, Self::HeaderTimeout];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Stalled => "stalled",
+            Self::Cancels => "cancels",
+            Self::HeaderTimeout => "header_timeout",
+        }
+    }
+}
+
+/// Counters of connections the server closed, by [`Reason`].
+#[derive(Debug, Clone)]
+pub struct Closed([prometheus::IntCounter; 4]);
 
 impl Closed {
     /// The counters of `protocol` in a vector labelled `(protocol, reason)`.
     pub fn of(vec: &prometheus::IntCounterVec, protocol: &str) -> Self {
-        Self {
-            idle: vec.with_label_values(&[protocol, "idle"]),
-            stalled: vec.with_label_values(&[protocol, "stalled"]),
-            cancels: vec.with_label_values(&[protocol, "cancels"]),
-            header_timeout: vec.with_label_values(&[protocol, "header_timeout"]),
-        }
+        Self(Reason::ALL.map(|reason| vec.with_label_values(&[protocol, reason.label()])))
     }
 
-    /// Counts one connection closed for `reason` (`idle`, `stalled`, `cancels` or
-    /// `header_timeout`).
-    pub fn count(&self, reason: &str) {
-        match reason {
-            "idle" => self.idle.inc(),
-            "stalled" => self.stalled.inc(),
-            "header_timeout" => self.header_timeout.inc(),
-            _ => self.cancels.inc(),
-        }
+    /// Counts one connection closed for `reason`.
+    pub fn count(&self, reason: Reason) {
+        self.0[reason as usize].inc();
     }
 }
 
@@ -513,6 +524,17 @@ mod tests {
 
     const IDLE: Duration = Duration::from_secs(60);
     const SEND: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn each_close_counts_under_its_own_reason() {
+        let vec =
+            prometheus::IntCounterVec::new(prometheus::Opts::new("closed", "closed"), &["protocol", "reason"]).unwrap();
+        let closed = Closed::of(&vec, "tcp");
+        for reason in Reason::ALL {
+            closed.count(reason);
+            assert_eq!(vec.with_label_values(&["tcp", reason.label()]).get(), 1, "{reason:?}");
+        }
+    }
 
     #[test]
     fn an_idle_connection_is_closed_after_the_idle_timeout() {
