@@ -77,7 +77,7 @@ fn dev_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let names = vec!["cdn.test".to_string(), "www.cdn.test".to_string(), "*.cdn.test".to_string()];
     let ips: Vec<IpAddr> = EDGES.iter().map(|e| IpAddr::V4(e.ip)).collect();
-    let (cert_pem, key_pem) = cdn_control::tls::self_signed_pem(&names, &ips)?;
+    let (cert_pem, key_pem) = cdn_node::tls::self_signed_pem(&names, &ips)?;
     std::fs::write(&cert, cert_pem).with_context(|| format!("writing {}", cert.display()))?;
     std::fs::write(&key, key_pem).with_context(|| format!("writing {}", key.display()))?;
     info!(path = %cert.display(), "created the development certificate");
@@ -91,8 +91,8 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
         args.content.display()
     );
     let (cert, key) = dev_certificate(&args.data_dir)?;
-    let tls = cdn_control::tls::TlsConfig { cert: Some(cert.clone()), key: Some(key.clone()), self_signed: false };
-    let spki = cdn_control::tls::CertifiedKey::from_pem_files(&cert, &key)?.spki_sha256_base64()?;
+    let tls = cdn_node::tls::TlsConfig { cert: Some(cert.clone()), key: Some(key.clone()), self_signed: false };
+    let spki = cdn_node::tls::CertifiedKey::from_pem_files(&cert, &key)?.spki_sha256_base64()?;
 
     let mut tasks = tokio::task::JoinSet::new();
     let token = args.token.clone().unwrap_or_else(cdn_control::server::random_token);
@@ -125,7 +125,7 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
     let mut control = cdn_control::server::Config::new("control", args.data_dir.join("control"), token.clone());
     control.listen.api = CONTROL_API;
     control.listen.admin = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9001)));
-    control.cluster = Some(cdn_control::cluster::ClusterConfig::new(CONTROL_GOSSIP, secret.clone()));
+    control.cluster = Some(cdn_cluster::ClusterConfig::new(CONTROL_GOSSIP, secret.clone()));
     let control = cdn_control::server::Control::bind(control, &prometheus::Registry::new()).await.context("control")?;
     tasks.spawn({
         let shutdown = shutdown.clone();
@@ -144,7 +144,7 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
         config.tls = Some(tls.clone());
         config.cache.memory = bytesize::ByteSize::mib(256);
         let mut cluster =
-            cdn_control::cluster::ClusterConfig::new(SocketAddr::from((edge.ip, EDGE_GOSSIP_PORT)), secret.clone());
+            cdn_cluster::ClusterConfig::new(SocketAddr::from((edge.ip, EDGE_GOSSIP_PORT)), secret.clone());
         cluster.seeds = vec![CONTROL_GOSSIP.to_string()];
         config.cluster = Some(cluster);
         let bound = cdn_edge::Edge::bind(config, &prometheus::Registry::new())
@@ -168,7 +168,7 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
             region: Some(edge.node_id.to_string()),
         })
         .collect();
-    let mut cluster = cdn_control::cluster::ClusterConfig::new(GEO_GOSSIP, secret.clone());
+    let mut cluster = cdn_cluster::ClusterConfig::new(GEO_GOSSIP, secret.clone());
     cluster.seeds = vec![CONTROL_GOSSIP.to_string()];
     geo.cluster = Some(cluster);
     geo.validate()?;

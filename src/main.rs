@@ -4,6 +4,8 @@
 //! (before any port is bound), sets up tracing and signals, and calls the role's
 //! `run`. Everything else lives in the role crates.
 
+#![forbid(unsafe_code)]
+
 mod config;
 mod dev;
 mod ops;
@@ -137,7 +139,7 @@ struct EdgeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let open_files = cdn_control::listener::raise_open_files_limit();
+    let open_files = cdn_node::listener::raise_open_files_limit();
     tracing::debug!(?open_files, "open-files limit");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cdn_control::cluster::{GeoPoint, Member, MemberState, Role};
+use cdn_cluster::{GeoPoint, Member, MemberState, Role};
 use cdn_geo::{Config, Geo, MemberSource, config::Location, config::Network};
 use hickory_proto::{
     op::{Edns, Message, Query, ResponseCode},

@@ -291,7 +291,7 @@ async fn http2_with_prior_knowledge() {
 async fn https_with_alpn() {
     let origin = origin::start_with(|config| {
         config.listen.https = Some("127.0.0.1:0".parse().unwrap());
-        config.tls = Some(cdn_control::tls::TlsConfig { self_signed: true, ..Default::default() });
+        config.tls = Some(cdn_node::tls::TlsConfig { self_signed: true, ..Default::default() });
     })
     .await;
     let c = curl(&["-k", "--http2", &origin.https_url("/hello.txt")]).await;

@@ -13,6 +13,8 @@
 //! - `stats.rs`: counters and latency percentiles.
 //! - `tls.rs`: rustls client configs (ring, ALPN, `--insecure`).
 
+#![forbid(unsafe_code)]
+
 mod client;
 mod stats;
 mod tls;

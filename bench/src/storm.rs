@@ -13,6 +13,8 @@
 //! status and by `X-Cache`, errors (failed connections or requests, non-200 answers,
 //! bodies that do not match `Content-Length`) and per-request latency p50/max.
 
+#![forbid(unsafe_code)]
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,

@@ -15,7 +15,7 @@ pub(crate) fn client_config(proto: Proto, insecure: bool) -> anyhow::Result<rust
     let mut config = if insecure {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(cdn_control::tls::AcceptAnyCertificate::new())
+            .with_custom_certificate_verifier(cdn_node::tls::AcceptAnyCertificate::new())
             .with_no_client_auth()
     } else {
         let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };

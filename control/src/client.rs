@@ -139,7 +139,7 @@ impl ControlClient {
             )),
             ServerTrust::CaFile(path) => builder.with_root_certificates(roots_from(path)?),
             ServerTrust::Insecure => {
-                builder.dangerous().with_custom_certificate_verifier(crate::tls::AcceptAnyCertificate::new())
+                builder.dangerous().with_custom_certificate_verifier(cdn_node::tls::AcceptAnyCertificate::new())
             }
         }
         .with_no_client_auth();

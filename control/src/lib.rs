@@ -1,29 +1,22 @@
-//! The CDN cluster and the plumbing every node shares.
+//! The control role: the control-plane server of the CDN.
 //!
-//! Every role (origin, edge, control, geo) links this crate: it owns what a
-//! *node* of the CDN is, so the other roles do not copy it.
+//! A control node joins the cluster like every role; it takes purges through its
+//! API, keeps them in a durable log, publishes them in gossip and reports when every
+//! edge applied them; it drains and undrains edges and serves the status page.
 //!
 //! # Layout
-//! - [`listener`]: the HTTP/1.1 + HTTP/2 accept loop (TCP or TLS) with limits and
-//!   graceful shutdown, used by every HTTP server in the project.
-//! - [`tls`]: certificates — PEM files or a self-signed certificate for development.
-//! - [`cluster`]: gossip membership and state (chitchat), the view every role reads.
-//! - [`client`]: a typed client of the control API.
-//! - [`admin`]: the per-node admin listener (`/metrics`, `/healthz`, `/readyz`).
-//! - [`server`]: the control node (purge API, routing).
-//! - [`purge`]: purge requests, matching and the durable purge log.
+//! - [`server`]: the control node ([`server::Control`]): config, the `/v1` API, gossip.
+//! - [`purge`]: the API's purge body and its validation; [`purge::log`], the durable log.
+//! - [`client`]: a typed client of the control API (`cdn purge`, `cdn nodes`, `cdn drain`).
+//! - `status`: the status page.
 //! - [`error`]: this crate's error type.
-//! - [`zerocopy`]: large cached bodies in sealed memory files, sent with `sendfile`.
 
-pub mod admin;
+#![forbid(unsafe_code)]
+
 pub mod client;
-pub mod cluster;
 pub mod error;
-pub mod listener;
 pub mod purge;
 pub mod server;
 mod status;
-pub mod tls;
-pub mod zerocopy;
 
-pub use error::{ConfigError, Error};
+pub use error::Error;

@@ -1,12 +1,13 @@
-//! Purges: what an operator asks for, how it is validated, how it travels, and
-//! which cached objects it matches. Pure code (the log and the API do the I/O).
+//! Purges as the API takes them: the request body and its validation into the
+//! [`Target`] that gossip carries (matching lives with [`Target`] in `cdn-cluster`).
 //!
 //! # Layout
 //! - [`log`]: the durable, append-only purge log of a control node.
 
 pub mod log;
 
-use serde::{Deserialize, Serialize};
+pub use cdn_cluster::purge::{PurgeRecord, Target};
+use serde::Deserialize;
 
 /// Most entries (URLs + prefixes + tags) one purge may carry.
 pub const MAX_ENTRIES: usize = 1000;
@@ -32,23 +33,6 @@ pub struct PurgeRequest {
     /// Mark stale (revalidate on next use) instead of deleting.
     #[serde(default)]
     pub soft: bool,
-}
-
-/// What a purge matches, normalised: hosts lowercased, schemes removed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Target {
-    /// `host/path?query`, exact.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub urls: Vec<String>,
-    /// `host/path-prefix`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub prefixes: Vec<String>,
-    /// Tags.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tags: Vec<String>,
-    /// Everything.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub all: bool,
 }
 
 impl PurgeRequest {
@@ -117,39 +101,6 @@ fn normalise_prefix(prefix: &str) -> Result<String, String> {
         format!("http://{host}{path}").parse().map_err(|_| format!("prefix {prefix:?} does not parse"))?;
     let host = uri.host().unwrap_or(host);
     Ok(format!("{}{}", host.to_ascii_lowercase(), path))
-}
-
-impl Target {
-    /// Whether this purge matches the cached object under `key` (`scheme://host/path?query`,
-    /// optionally followed by a variant or slice suffix after `\u{1f}`) tagged `tags`.
-    pub fn matches(&self, key: &str, tags: &[String]) -> bool {
-        if self.all {
-            return true;
-        }
-        let primary = key.split('\u{1f}').next().unwrap_or(key);
-        let without_scheme = primary.split_once("://").map_or(primary, |(_, rest)| rest);
-        self.urls.iter().any(|url| url == without_scheme)
-            || self.prefixes.iter().any(|prefix| without_scheme.starts_with(prefix.as_str()))
-            || self.tags.iter().any(|tag| tags.iter().any(|t| t == tag))
-    }
-}
-
-/// A purge as logged by a control node and carried in gossip.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PurgeRecord {
-    /// `<control node id>-<seq>`.
-    pub id: String,
-    /// Sequence number on the control node that accepted it.
-    pub seq: u64,
-    /// That control node.
-    pub control: String,
-    /// When it was accepted (ms since the Unix epoch).
-    pub created_ms: u64,
-    /// Mark stale instead of deleting.
-    #[serde(default)]
-    pub soft: bool,
-    /// What it matches.
-    pub target: Target,
 }
 
 #[cfg(test)]

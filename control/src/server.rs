@@ -23,13 +23,18 @@ use tokio::{net::TcpListener, sync::Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{
-    ConfigError, Error,
+use cdn_cluster::{Cluster, ClusterConfig, KeyChange, Member, MemberState, NodeInfo, Role, now_ms};
+use cdn_node::{
+    ConfigError,
     admin::{self, Readiness},
-    cluster::{Cluster, ClusterConfig, KeyChange, Member, MemberState, NodeInfo, Role, now_ms},
     listener::{self, Body, Limits, full},
-    purge::{PurgeRecord, PurgeRequest, log::PurgeLog},
+    secret::{constant_time_eq, node_id_problem},
     tls::TlsConfig,
+};
+
+use crate::{
+    Error,
+    purge::{PurgeRecord, PurgeRequest, log::PurgeLog},
 };
 
 /// The `cdn control` configuration. (Its `Debug` leaves the token out.)
@@ -109,9 +114,7 @@ impl Config {
     /// Checks every value, naming the key of each problem.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        if self.node_id.is_empty() || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            problems.push("node_id: must be non-empty letters, digits, '-', '_' or '.'".to_string());
-        }
+        problems.extend(node_id_problem(&self.node_id));
         match (&self.token, &self.token_file) {
             (Some(_), Some(_)) => problems.push("token: set token or token_file, not both".into()),
             (None, None) => problems.push("token: required (or token_file)".into()),
@@ -135,8 +138,8 @@ impl Config {
             (Some(token), _) => Ok(token.clone()),
             (None, Some(path)) => std::fs::read_to_string(path)
                 .map(|t| t.trim().to_string())
-                .map_err(|e| Error::Cluster(format!("token_file {}: {e}", path.display()))),
-            (None, None) => Err(Error::Cluster("no token".into())),
+                .map_err(|source| Error::TokenFile { path: path.clone(), source }),
+            (None, None) => Err(ConfigError { problems: vec!["token: required (or token_file)".into()] }.into()),
         }
     }
 }
@@ -191,10 +194,10 @@ pub struct Control {
 impl Control {
     /// Opens the purge log, binds the listeners and joins the cluster.
     pub async fn bind(config: Config, registry: &Registry) -> Result<Self, Error> {
-        config.validate().map_err(|e| Error::Cluster(e.to_string()))?;
+        config.validate()?;
         let token = config.load_token()?;
         let log = PurgeLog::open(&config.data_dir)
-            .map_err(|e| Error::Cluster(format!("purge log in {}: {e}", config.data_dir.display())))?;
+            .map_err(|source| Error::PurgeLog { dir: config.data_dir.clone(), source })?;
         let api = listener::bind(config.listen.api).await?;
         let admin = match config.listen.admin {
             Some(addr) => Some(listener::bind(addr).await?),
@@ -222,15 +225,13 @@ impl Control {
             }
             None => None,
         };
-        let unauthorized = IntCounter::new("cdn_api_unauthorized_total", "Control API calls refused for a bad token")
-            .map_err(|e| Error::Cluster(e.to_string()))?;
-        registry.register(Box::new(unauthorized.clone())).map_err(|e| Error::Cluster(e.to_string()))?;
+        let unauthorized = IntCounter::new("cdn_api_unauthorized_total", "Control API calls refused for a bad token")?;
+        registry.register(Box::new(unauthorized.clone()))?;
         let log_errors = IntCounter::new(
             "cdn_purge_log_errors_total",
             "Purges refused because the purge log could not be written (disk full, I/O error)",
-        )
-        .map_err(|e| Error::Cluster(e.to_string()))?;
-        registry.register(Box::new(log_errors.clone())).map_err(|e| Error::Cluster(e.to_string()))?;
+        )?;
+        registry.register(Box::new(log_errors.clone()))?;
         let state = Arc::new(State {
             node_id: config.node_id.clone(),
             token,
@@ -343,12 +344,7 @@ fn authorized(state: &State, request: &Request<Incoming>) -> bool {
     else {
         return false;
     };
-    let (given, expected) = (given.trim().as_bytes(), state.token.as_bytes());
-    let mut difference = given.len() ^ expected.len();
-    for (i, b) in expected.iter().enumerate() {
-        difference |= usize::from(b ^ given.get(i).copied().unwrap_or(0));
-    }
-    difference == 0
+    constant_time_eq(given.trim().as_bytes(), state.token.as_bytes())
 }
 
 async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {

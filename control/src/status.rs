@@ -15,12 +15,10 @@ use std::{
 use http::{HeaderValue, Response, header};
 use serde_json::{Value, json};
 
-use crate::{
-    cluster::Role,
-    listener::{Body, full},
-    purge::PurgeRecord,
-    server::{State, applied},
-};
+use cdn_cluster::{Role, purge::PurgeRecord};
+use cdn_node::listener::{Body, full};
+
+use crate::server::{State, applied};
 
 /// Per-edge traffic counters from the previous poll, to turn totals into rates.
 #[derive(Debug, Default)]

@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use tokio::sync::watch;
 
-use cdn_control::listener::BoxError;
+use cdn_node::listener::BoxError;
 
 #[derive(Debug, Default)]
 struct State {
@@ -74,13 +74,13 @@ impl Growing {
     /// whole read buffer it was cut from, 8 KiB or more behind a 1 KiB body. One
     /// copy per fill is cheap; pinned buffers would multiply the cache's real size.
     /// Large bodies go into a sealed memory file, which cleartext connections send
-    /// without copying ([`cdn_control::zerocopy`]).
+    /// without copying ([`cdn_node::zerocopy`]).
     pub(crate) fn concat(&self) -> Option<Bytes> {
         let state = self.lock();
         if !matches!(state.end, Some(Ok(()))) {
             return None;
         }
-        if let Some(sealed) = cdn_control::zerocopy::seal(&state.chunks) {
+        if let Some(sealed) = cdn_node::zerocopy::seal(&state.chunks) {
             return Some(sealed);
         }
         let mut buffer = BytesMut::with_capacity(usize::try_from(state.len).ok()?);
@@ -202,7 +202,7 @@ mod tests {
         big.finish(Ok(()));
         let stored = big.concat().unwrap();
         assert_eq!(&stored[..], &large[..]);
-        assert!(cdn_control::zerocopy::locate(&stored).is_some(), "a large body is sealed for zero-copy sends");
+        assert!(cdn_node::zerocopy::locate(&stored).is_some(), "a large body is sealed for zero-copy sends");
 
         let failing = Growing::new(None);
         let reader = failing.reader(None);

@@ -6,7 +6,7 @@ use std::{
 };
 
 use bytesize::ByteSize;
-use cdn_control::{ConfigError, tls::TlsConfig};
+use cdn_node::{ConfigError, tls::TlsConfig};
 use serde::Deserialize;
 
 /// Everything an edge needs to run.
@@ -40,7 +40,7 @@ pub struct Config {
     #[serde(default)]
     pub quic: Quic,
     /// The cluster to join (purges, routing, health); standalone without it.
-    pub cluster: Option<cdn_control::cluster::ClusterConfig>,
+    pub cluster: Option<cdn_cluster::ClusterConfig>,
 }
 
 /// QUIC congestion controllers quinn offers.
@@ -96,15 +96,8 @@ fn default_region() -> String {
     "default".into()
 }
 
-/// A point on the globe, degrees.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Location {
-    /// Latitude, −90..=90.
-    pub lat: f64,
-    /// Longitude, −180..=180.
-    pub lon: f64,
-}
+/// A point on the globe, degrees (the project's one lat/lon type).
+pub type Location = cdn_node::location::GeoPoint;
 
 /// `[listen]`. Keys left out keep their defaults (HTTP on 127.0.0.1:8081, admin on
 /// 127.0.0.1:9090, no HTTPS or HTTP/3).
@@ -284,8 +277,8 @@ impl Default for Limits {
 }
 
 impl Limits {
-    pub(crate) fn listener(&self) -> cdn_control::listener::Limits {
-        cdn_control::listener::Limits {
+    pub(crate) fn listener(&self) -> cdn_node::listener::Limits {
+        cdn_node::listener::Limits {
             header_read_timeout: self.header_read_timeout,
             max_header_size: usize::try_from(self.max_header_size.as_u64()).unwrap_or(usize::MAX),
             max_concurrent_streams: self.max_concurrent_streams,
@@ -326,15 +319,8 @@ impl Config {
     /// Checks every value, naming the key of each problem.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        if self.node_id.is_empty() || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            problems.push("node_id: must be non-empty letters, digits, '-', '_' or '.'".to_string());
-        }
-        if !(-90.0..=90.0).contains(&self.location.lat) {
-            problems.push(format!("location.lat: {} is not within -90..90", self.location.lat));
-        }
-        if !(-180.0..=180.0).contains(&self.location.lon) {
-            problems.push(format!("location.lon: {} is not within -180..180", self.location.lon));
-        }
+        problems.extend(cdn_node::secret::node_id_problem(&self.node_id));
+        problems.extend(self.location.problems("location"));
         match self.origin.url.parse::<http::Uri>() {
             Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() => {}
             _ => problems.push(format!("origin.url: {:?} is not an http:// or https:// URL", self.origin.url)),

@@ -5,10 +5,19 @@
 pub enum Error {
     /// A listener, certificate or the admin server failed.
     #[error(transparent)]
-    Node(#[from] cdn_control::Error),
+    Node(#[from] cdn_node::Error),
+    /// The edge could not join the cluster.
+    #[error(transparent)]
+    Cluster(#[from] cdn_cluster::Error),
+    /// The certificate cannot serve QUIC (no TLS 1.3 cipher suite QUIC can use).
+    #[error("quic: {0}")]
+    QuicCrypto(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    /// `quic.idle_timeout` is beyond what QUIC can carry.
+    #[error("quic.idle_timeout: too large ({0})")]
+    QuicIdleTimeout(#[from] quinn::VarIntBoundsExceeded),
     /// The configuration is unusable.
     #[error(transparent)]
-    Config(#[from] cdn_control::ConfigError),
+    Config(#[from] cdn_node::ConfigError),
     /// The upstream client could not be built.
     #[error("origin client: {0}")]
     Upstream(String),

@@ -18,7 +18,7 @@ use quinn::{Endpoint, IdleTimeout, TransportConfig, VarInt, congestion};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use cdn_control::listener::{
+use cdn_node::listener::{
     Body, BoxError,
     activity::{Activity, Closed, Reason, RequestGuard, Tracked, Verdict},
 };
@@ -39,17 +39,15 @@ pub(crate) const GSO_MAX_PAYLOAD: u16 = 6500;
 /// Builds the QUIC server configuration: TLS 1.3 only, ALPN `h3`, transport tuned
 /// for video (large windows, the configured congestion controller, GSO).
 pub(crate) fn server_config(
-    key: &cdn_control::tls::CertifiedKey,
+    key: &cdn_node::tls::CertifiedKey,
     quic: &Quic,
     max_streams: u32,
 ) -> Result<quinn::ServerConfig, Error> {
     let tls = key.server_config(&[b"h3"], true)?;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| Error::Node(cdn_control::Error::Tls(e.to_string())))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = TransportConfig::default();
-    let idle = IdleTimeout::try_from(quic.idle_timeout)
-        .map_err(|_| Error::Node(cdn_control::Error::Tls("quic.idle_timeout too large".into())))?;
+    let idle = IdleTimeout::try_from(quic.idle_timeout)?;
     let window = u32::try_from(quic.stream_window.as_u64()).unwrap_or(u32::MAX);
     let connection_window = u32::try_from(quic.connection_window.as_u64()).unwrap_or(u32::MAX);
     transport
@@ -78,7 +76,7 @@ pub(crate) fn server_config(
 pub(crate) fn bind(addr: SocketAddr, config: quinn::ServerConfig, socket_buffer: u64) -> Result<Endpoint, Error> {
     use socket2::{Domain, Protocol as IpProtocol, Socket, Type};
     let addr = if addr.ip().is_unspecified() { SocketAddr::from((Ipv6Addr::UNSPECIFIED, addr.port())) } else { addr };
-    let bind_error = |source| Error::Node(cdn_control::Error::Bind { addr, source });
+    let bind_error = |source| Error::Node(cdn_node::Error::Bind { addr, source });
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(IpProtocol::UDP)).map_err(bind_error)?;
     if addr.is_ipv6() {
         socket.set_only_v6(false).map_err(bind_error)?;
@@ -100,7 +98,7 @@ const H3_EXCESSIVE_LOAD: u32 = 0x107;
 /// connection, lets open requests finish within the grace period, and closes the
 /// endpoint. Connections are closed as the TCP listener closes them: idle, stalled
 /// readers, and clients that cancel most of their requests (see
-/// [`cdn_control::listener::activity`]).
+/// [`cdn_node::listener::activity`]).
 pub(crate) async fn serve(endpoint: Endpoint, pipeline: Arc<Pipeline>, shutdown: CancellationToken, limits: Limits) {
     let grace = limits.grace;
     let limits = Arc::new(limits);

@@ -5,8 +5,6 @@
 //!
 //! # Layout
 //! - [`config`]: the `cdn edge` configuration.
-//! - [`policy`]: RFC 9111 decisions (Cache-Control, storability, freshness, age) —
-//!   pure functions of their inputs and `now`.
 //! - `store`: the moka cache bounded in bytes, with Vary variants.
 //! - `body`: bodies that are read while they fill (streaming, coalescing).
 //! - `pipeline`: key → lookup → coalesce → fetch → store → respond, for every protocol.
@@ -16,6 +14,8 @@
 //! - `server`: listeners and lifecycle ([`Edge`], [`run`]).
 //! - [`metrics`], [`clock`], [`error`].
 
+#![forbid(unsafe_code)]
+
 mod body;
 pub mod clock;
 pub mod config;
@@ -23,7 +23,6 @@ pub mod error;
 mod h3;
 pub mod metrics;
 mod pipeline;
-pub mod policy;
 mod purge;
 mod server;
 mod store;

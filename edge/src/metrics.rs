@@ -124,7 +124,7 @@ impl Metrics {
         registry.register(Box::new(cache_bytes.clone()))?;
         registry.register(Box::new(cache_objects.clone()))?;
         // Process-wide: every listener of this process sends through it.
-        registry.register(Box::new(cdn_control::zerocopy::sent_counter()))?;
+        registry.register(Box::new(cdn_node::zerocopy::sent_counter()))?;
         let requests_by = Protocol::ALL.map(|protocol| {
             CacheResult::ALL.map(|result| requests.with_label_values(&[protocol.as_str(), result.label()]))
         });

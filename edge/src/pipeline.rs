@@ -24,18 +24,19 @@ use http::{
 use http_body_util::BodyExt as _;
 use tracing::debug;
 
-use cdn_control::listener::{Body, BoxError, empty, full};
+use cdn_node::listener::{Body, BoxError, empty, full};
 
 pub(crate) use self::respond::stream_body;
 use self::{
     fill::{Fill, Outcome},
     respond::{SlicedSource, Source},
 };
+use cdn_http::policy::{self, Action, Directives, Settings};
+
 use crate::{
     clock::Clock,
     error::FetchError,
     metrics::{CacheResult, Metrics, Protocol},
-    policy::{self, Action, Directives, Settings},
     store::{Found, Head, Sliced, Store, vary_values},
     upstream::{Upstream, strip_hop_by_hop},
 };
@@ -307,7 +308,7 @@ impl Pipeline {
 
     /// Applies a purge to the cache; in-flight fills started before it will not be
     /// stored.
-    pub(crate) async fn purge(&self, target: &cdn_control::purge::Target, soft: bool) {
+    pub(crate) async fn purge(&self, target: &cdn_cluster::purge::Target, soft: bool) {
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if !soft {
             self.pass_marks.invalidate_all();

@@ -17,11 +17,11 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use cdn_control::{
-    admin::Readiness,
-    cluster::{Cluster, MemberState, Role, now_ms},
+use cdn_cluster::{
+    Cluster, MemberState, Role, now_ms,
     purge::{PurgeRecord, Target},
 };
+use cdn_node::admin::Readiness;
 
 use crate::pipeline::Pipeline;
 

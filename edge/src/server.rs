@@ -10,10 +10,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use cdn_control::{
+use cdn_node::{
     admin::{self, Readiness},
     listener::{self, ConnInfo, activity::Closed},
 };
+
+use cdn_http::policy::Settings;
 
 use crate::{
     Error,
@@ -21,7 +23,6 @@ use crate::{
     config::Config,
     metrics::{Metrics, Protocol},
     pipeline::{Conn, Pipeline},
-    policy::Settings,
     store::Store,
     upstream::Upstream,
 };
@@ -36,7 +37,7 @@ pub struct Edge {
     admin: Option<TcpListener>,
     registry: Registry,
     readiness: Readiness,
-    cluster: Option<Arc<cdn_control::cluster::Cluster>>,
+    cluster: Option<Arc<cdn_cluster::Cluster>>,
     cluster_shutdown: CancellationToken,
     purge_metrics: crate::purge::PurgeMetrics,
     http_addr: Option<SocketAddr>,
@@ -127,14 +128,11 @@ impl Edge {
                         .map(|a| a.ip())
                         .find(|ip| !ip.is_unspecified())
                 });
-                let node = cdn_control::cluster::NodeInfo {
+                let node = cdn_cluster::NodeInfo {
                     node_id: config.node_id.clone(),
-                    role: cdn_control::cluster::Role::Edge,
+                    role: cdn_cluster::Role::Edge,
                     region: Some(config.region.clone()),
-                    location: Some(cdn_control::cluster::GeoPoint {
-                        lat: config.location.lat,
-                        lon: config.location.lon,
-                    }),
+                    location: Some(config.location),
                     public_addr,
                     // An admin bound to all interfaces is announced at the public address.
                     admin: local(admin.as_ref()).map(|addr| match (addr.ip().is_unspecified(), public_addr) {
@@ -142,10 +140,7 @@ impl Edge {
                         _ => addr,
                     }),
                 };
-                Some(
-                    cdn_control::cluster::Cluster::join(cluster_config, node, registry, cluster_shutdown.clone())
-                        .await?,
-                )
+                Some(cdn_cluster::Cluster::join(cluster_config, node, registry, cluster_shutdown.clone()).await?)
             }
             None => None,
         };
@@ -189,7 +184,7 @@ impl Edge {
     }
 
     /// The cluster handle, when the edge joined one.
-    pub fn cluster(&self) -> Option<Arc<cdn_control::cluster::Cluster>> {
+    pub fn cluster(&self) -> Option<Arc<cdn_cluster::Cluster>> {
         self.cluster.clone()
     }
 
@@ -278,7 +273,7 @@ impl Edge {
 async fn maintain(
     pipeline: Arc<Pipeline>,
     readiness: Readiness,
-    cluster: Option<Arc<cdn_control::cluster::Cluster>>,
+    cluster: Option<Arc<cdn_cluster::Cluster>>,
     max_connections: usize,
     shutdown: CancellationToken,
 ) {
@@ -320,7 +315,7 @@ async fn maintain(
             let stats = format!(
                 "{{\"requests\":{requests},\"hits\":{hits},\"bytes\":{},\"ms\":{}}}",
                 metrics.response_bytes.get(),
-                cdn_control::cluster::now_ms()
+                cdn_cluster::now_ms()
             );
             cluster.set("stats", &stats).await;
         }

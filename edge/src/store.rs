@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, StatusCode};
 use moka::future::Cache;
 
-use crate::policy::{Directives, Timing};
+use cdn_http::policy::{Directives, Timing};
 
 /// Separates the primary key from the secondary (variant) key.
 pub(crate) const VARIANT_SEPARATOR: char = '\u{1f}';
@@ -221,7 +221,7 @@ impl Store {
 
     /// Applies a purge: drops (or, `soft`, marks stale) every entry it matches.
     /// Returns how many entries matched (soft) or `None` (hard; counted lazily).
-    pub(crate) async fn purge(&self, target: &cdn_control::purge::Target, soft: bool) -> usize {
+    pub(crate) async fn purge(&self, target: &cdn_cluster::purge::Target, soft: bool) -> usize {
         if target.all && !soft {
             self.cache.invalidate_all();
             return 0;

@@ -9,7 +9,7 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 
-use cdn_control::listener::Body;
+use cdn_node::listener::Body;
 
 use crate::{config, error::FetchError};
 
@@ -56,7 +56,7 @@ impl Upstream {
                 .with_safe_default_protocol_versions()
                 .map_err(|e| e.to_string())?
                 .dangerous()
-                .with_custom_certificate_verifier(cdn_control::tls::AcceptAnyCertificate::new())
+                .with_custom_certificate_verifier(cdn_node::tls::AcceptAnyCertificate::new())
                 .with_no_client_auth()
         } else {
             let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());

@@ -15,14 +15,14 @@ use hickory_proto::op::{Message, MessageType, ResponseCode};
 /// lies inside the representation.
 pub fn range(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let Some(specs) = cdn_origin::range::parse(text) else { return };
+    let Some(specs) = cdn_http::range::parse(text) else { return };
     for len in [0, 1, 2, 100, 1 << 20, u64::MAX / 2] {
-        if let cdn_origin::range::Resolved::Partial(ranges) = cdn_origin::range::resolve(&specs, len) {
+        if let cdn_http::range::Resolved::Partial(ranges) = cdn_http::range::resolve(&specs, len) {
             for r in &ranges {
                 assert!(r.start < r.end && r.end <= len, "{r:?} outside 0..{len}");
-                let _ = cdn_origin::range::content_range(r, len);
+                let _ = cdn_http::range::content_range(r, len);
             }
-            let multipart = cdn_origin::range::Multipart::new(&ranges, len, Some("video/mp4"), "b");
+            let multipart = cdn_http::range::Multipart::new(&ranges, len, Some("video/mp4"), "b");
             assert!(multipart.content_length >= ranges.iter().map(|r| r.end - r.start).sum::<u64>());
         }
     }
@@ -32,12 +32,12 @@ pub fn range(data: &[u8]) {
 pub fn cache_control(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let (request, response) = text.split_once('\n').unwrap_or((text, text));
-    let request = cdn_edge::policy::Directives::parse(request);
-    let response = cdn_edge::policy::Directives::parse(response);
+    let request = cdn_http::policy::Directives::parse(request);
+    let response = cdn_http::policy::Directives::parse(response);
     for (lifetime, age) in [(0, 0), (10, 5), (10, 20), (u32::MAX as u64, 1)] {
         let (lifetime, age) = (Duration::from_secs(lifetime), Duration::from_secs(age));
-        let _ = cdn_edge::policy::evaluate(&request, false, &response, lifetime, age);
-        let _ = cdn_edge::policy::stale_if_error(&request, &response, lifetime, age);
+        let _ = cdn_http::policy::evaluate(&request, false, &response, lifetime, age);
+        let _ = cdn_http::policy::stale_if_error(&request, &response, lifetime, age);
     }
 }
 

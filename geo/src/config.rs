@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use cdn_control::{ConfigError, cluster::GeoPoint};
+use cdn_node::{ConfigError, location::GeoPoint};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -89,7 +89,7 @@ pub struct Config {
     pub rate_limit: u32,
     /// The cluster to join; the edges come from its view. Without it, geo knows no
     /// edges (useful only in tests that supply a member source).
-    pub cluster: Option<cdn_control::cluster::ClusterConfig>,
+    pub cluster: Option<cdn_cluster::ClusterConfig>,
 }
 
 /// `[listen]`.
@@ -108,21 +108,8 @@ impl Default for Listen {
     }
 }
 
-/// A point on the globe, degrees.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Location {
-    /// Latitude, −90..=90.
-    pub lat: f64,
-    /// Longitude, −180..=180.
-    pub lon: f64,
-}
-
-impl From<Location> for GeoPoint {
-    fn from(location: Location) -> Self {
-        Self { lat: location.lat, lon: location.lon }
-    }
-}
+/// A point on the globe, degrees (the project's one lat/lon type).
+pub type Location = GeoPoint;
 
 /// `[[networks]]`: clients in `cidr` are at `location` and/or in `region`.
 ///
@@ -250,9 +237,7 @@ impl Config {
         if let Some(cluster) = &self.cluster {
             problems.extend(cluster.problems("cluster"));
         }
-        if self.node_id.is_empty() || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            problems.push("node_id: must be non-empty letters, digits, '-', '_' or '.'".to_string());
-        }
+        problems.extend(cdn_node::secret::node_id_problem(&self.node_id));
         if let Err(zone_problems) = Zone::from_config(self) {
             problems.extend(zone_problems);
         }
@@ -319,24 +304,14 @@ impl Config {
             if network.location.is_none() && network.region.is_none() {
                 problems.push(format!("{key}: needs a location or a region"));
             }
-            networks.push((
-                cidr,
-                ClientLocation { point: network.location.map(GeoPoint::from), region: network.region.clone() },
-            ));
+            networks.push((cidr, ClientLocation { point: network.location, region: network.region.clone() }));
         }
         if problems.is_empty() { Ok(networks) } else { Err(problems) }
     }
 }
 
 fn location_problems(key: &str, location: Location) -> Vec<String> {
-    let mut problems = Vec::new();
-    if !location.lat.is_finite() || !(-90.0..=90.0).contains(&location.lat) {
-        problems.push(format!("{key}.lat: {} is not within -90..90", location.lat));
-    }
-    if !location.lon.is_finite() || !(-180.0..=180.0).contains(&location.lon) {
-        problems.push(format!("{key}.lon: {} is not within -180..180", location.lon));
-    }
-    problems
+    location.problems(key)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! country: rough population centres, which is what nearest-edge choice cares
 //! about (the United States' is in Missouri, Russia's near Moscow).
 
-use cdn_control::cluster::GeoPoint;
+use cdn_node::location::GeoPoint;
 
 /// ISO 3166-1 alpha-2 code → population centre, degrees.
 const COUNTRIES: &[(&str, f64, f64)] = &[

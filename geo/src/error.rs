@@ -7,10 +7,13 @@ use std::{io, net::SocketAddr, path::PathBuf};
 pub enum Error {
     /// The admin listener failed.
     #[error(transparent)]
-    Node(#[from] cdn_control::Error),
+    Node(#[from] cdn_node::Error),
+    /// The geo node could not join the cluster.
+    #[error(transparent)]
+    Cluster(#[from] cdn_cluster::Error),
     /// The configuration is unusable.
     #[error(transparent)]
-    Config(#[from] cdn_control::ConfigError),
+    Config(#[from] cdn_node::ConfigError),
     /// The DNS socket (UDP or TCP) could not be bound.
     #[error("cannot listen for dns on {addr} ({protocol}): {source}")]
     Bind {

@@ -13,7 +13,7 @@ use std::{
     sync::Arc,
 };
 
-use cdn_control::cluster::{GeoPoint, Member, MemberState, Role};
+use cdn_cluster::{GeoPoint, Member, MemberState, Role};
 use futures_util::{FutureExt, StreamExt};
 use hickory_proto::op::MessageType;
 use hickory_server::{

@@ -34,7 +34,8 @@ use hickory_server::{
 };
 use tracing::{debug, warn};
 
-use cdn_control::{ConfigError, cluster::Member};
+use cdn_cluster::Member;
+use cdn_node::ConfigError;
 
 use crate::{
     config::{Config, MAX_ANSWERS},

@@ -23,6 +23,8 @@
 //! - `fuzzing` (hidden): the server's request path over a fixed zone and cluster,
 //!   for the `dns` fuzz target.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 mod countries;
 pub mod error;

@@ -8,7 +8,7 @@
 
 use std::{borrow::Cow, net::IpAddr};
 
-use cdn_control::cluster::GeoPoint;
+use cdn_node::location::GeoPoint;
 use ipnet::IpNet;
 
 /// Where a client is, as far as edge selection cares.

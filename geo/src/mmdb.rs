@@ -13,7 +13,7 @@ use maxminddb::{Reader, geoip2};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use cdn_control::cluster::GeoPoint;
+use cdn_node::location::GeoPoint;
 
 use crate::{
     countries,

@@ -7,7 +7,7 @@
 //! nearest, so one edge does not take a whole continent while a farther edge idles.
 //! When no edge is healthy, the least-bad ones answer (see [`Health`]).
 
-use cdn_control::cluster::{GeoPoint, Member, MemberState, Role};
+use cdn_cluster::{GeoPoint, Member, MemberState, Role};
 
 use crate::locate::ClientLocation;
 

@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use cdn_control::admin::{self, Readiness};
+use cdn_node::admin::{self, Readiness};
 
 use crate::{
     Error,
@@ -88,7 +88,7 @@ impl Geo {
         let shared = Arc::new(Shared::new(&config, Arc::new(geodb), members, metrics)?);
         let (udp, tcp, dns_addr) = bind_dns(config.listen.dns).await?;
         let admin = match config.listen.admin {
-            Some(addr) => Some(cdn_control::listener::bind(addr).await?),
+            Some(addr) => Some(cdn_node::listener::bind(addr).await?),
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|listener| listener.local_addr().ok());
@@ -165,16 +165,15 @@ pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry
     let cluster_shutdown = CancellationToken::new();
     let members: MemberSource = match &config.cluster {
         Some(cluster_config) => {
-            let node = cdn_control::cluster::NodeInfo {
+            let node = cdn_cluster::NodeInfo {
                 node_id: config.node_id.clone(),
-                role: cdn_control::cluster::Role::Geo,
+                role: cdn_cluster::Role::Geo,
                 region: None,
                 location: None,
                 public_addr: None,
                 admin: config.listen.admin,
             };
-            let cluster =
-                cdn_control::cluster::Cluster::join(cluster_config, node, &registry, cluster_shutdown.clone()).await?;
+            let cluster = cdn_cluster::Cluster::join(cluster_config, node, &registry, cluster_shutdown.clone()).await?;
             cluster.publish_health(true, 0.0).await;
             Arc::new(move || cluster.members())
         }

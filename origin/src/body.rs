@@ -5,7 +5,7 @@
 use std::{collections::VecDeque, io, ops::Range, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use cdn_control::listener::{Body, BoxError};
+use cdn_node::listener::{Body, BoxError};
 use futures_util::{StreamExt as _, stream};
 use http_body::Frame;
 use http_body_util::{BodyExt as _, StreamBody};

@@ -25,7 +25,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use cdn_control::{ConfigError, tls::TlsConfig};
+use cdn_node::{ConfigError, tls::TlsConfig};
 use http::HeaderValue;
 use serde::Deserialize;
 

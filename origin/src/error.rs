@@ -9,7 +9,7 @@ use std::{io, path::PathBuf};
 pub enum Error {
     /// The configuration did not validate.
     #[error("invalid origin configuration: {0}")]
-    Config(#[from] cdn_control::ConfigError),
+    Config(#[from] cdn_node::ConfigError),
     /// The content root could not be resolved.
     #[error("cannot use root {path}: {source}")]
     Root {
@@ -20,7 +20,7 @@ pub enum Error {
     },
     /// A listener could not bind, or TLS could not be set up.
     #[error(transparent)]
-    Node(#[from] cdn_control::Error),
+    Node(#[from] cdn_node::Error),
     /// A listener's local address could not be read.
     #[error("cannot read the local address of the {listener} listener: {source}")]
     LocalAddr {

@@ -20,15 +20,14 @@
 //! - `files`: request paths to files under the root (refusing traversal), content
 //!   types and validators.
 //! - [`generate`]: the deterministic objects under `/_gen/<size>`.
-//! - `conditional`: `If-*` header evaluation (RFC 9110 §13), pure.
-//! - [`range`]: `Range` parsing and resolution, `multipart/byteranges` framing, pure
-//!   (shared with the edge).
 //! - `body`: streaming response bodies from files or generated content.
 //! - `metrics`: the Prometheus metrics.
 
+#![forbid(unsafe_code)]
+
 use std::{fmt, net::SocketAddr, sync::Arc};
 
-use cdn_control::{
+use cdn_node::{
     admin::{self, Readiness},
     listener::{self, ConnInfo, Limits},
 };
@@ -38,13 +37,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 mod body;
-mod conditional;
 pub mod config;
 pub mod error;
 mod files;
 pub mod generate;
 mod metrics;
-pub mod range;
 mod server;
 
 pub use config::{Config, Listen, Rule};

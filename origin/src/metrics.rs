@@ -10,7 +10,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use cdn_control::listener::{Body, BoxError};
+use cdn_node::listener::{Body, BoxError};
 use http::Response;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt as _;
@@ -114,7 +114,7 @@ impl http_body::Body for Metered {
 
 #[cfg(test)]
 mod tests {
-    use cdn_control::listener::full;
+    use cdn_node::listener::full;
     use http::StatusCode;
 
     use super::*;

@@ -8,19 +8,22 @@
 use std::{borrow::Cow, path::PathBuf, sync::Arc, time::SystemTime};
 
 use bytes::Bytes;
-use cdn_control::listener::{Body, ConnInfo, empty, full};
+use cdn_node::listener::{Body, ConnInfo, empty, full};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use cdn_http::{
+    conditional::{self, Decision, Validators},
+    range::{self, Resolved},
+};
+
 use crate::{
     body::{self, Part, Source},
-    conditional::{self, Decision, Validators},
     config::{PathPolicy, Policy},
     files::{self, Lookup},
     generate,
     metrics::Metrics,
-    range::{self, Resolved},
 };
 
 /// What every request handler shares.

@@ -6,10 +6,8 @@
 
 use std::{collections::BTreeSet, io::Write as _, time::Duration};
 
-use cdn_control::{
-    cluster::{Cluster, ClusterConfig, NodeInfo, Role},
-    purge::{PurgeRecord, log::PurgeLog},
-};
+use cdn_cluster::{Cluster, ClusterConfig, NodeInfo, Role, purge::PurgeRecord};
+use cdn_control::purge::log::PurgeLog;
 use http::{Method, StatusCode};
 use prometheus::Registry;
 use serde_json::json;

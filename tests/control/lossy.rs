@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cdn_control::cluster::PacketLoss;
+use cdn_cluster::PacketLoss;
 use http::{Method, StatusCode};
 use serde_json::json;
 

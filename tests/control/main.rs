@@ -20,10 +20,8 @@ mod security;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use cdn_control::{
-    cluster::{Cluster, ClusterConfig, PacketLoss},
-    server::{Config as ControlConfig, Control},
-};
+use cdn_cluster::{Cluster, ClusterConfig, PacketLoss};
+use cdn_control::server::{Config as ControlConfig, Control};
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
@@ -237,11 +235,7 @@ async fn purges_reach_every_edge_and_survive_restarts() {
         api(Method::POST, &format!("http://{}/v1/edges/edge-22/drain", control.api), Some(TOKEN), Some("")).await;
     assert_eq!(status, StatusCode::OK);
     wait_until(|| {
-        control
-            .cluster
-            .members()
-            .iter()
-            .any(|m| m.node_id == "edge-22" && m.state == cdn_control::cluster::MemberState::Drained)
+        control.cluster.members().iter().any(|m| m.node_id == "edge-22" && m.state == cdn_cluster::MemberState::Drained)
     })
     .await;
     let (_, nodes) = api(Method::GET, &format!("http://{}/v1/nodes", control.api), Some(TOKEN), None).await;
@@ -249,11 +243,7 @@ async fn purges_reach_every_edge_and_survive_restarts() {
     assert_eq!(get(&c, &edges[1].url("/other"), &[]).await.status, StatusCode::OK, "a drained edge still serves");
     api(Method::POST, &format!("http://{}/v1/edges/edge-22/undrain", control.api), Some(TOKEN), Some("")).await;
     wait_until(|| {
-        control
-            .cluster
-            .members()
-            .iter()
-            .any(|m| m.node_id == "edge-22" && m.state == cdn_control::cluster::MemberState::Alive)
+        control.cluster.members().iter().any(|m| m.node_id == "edge-22" && m.state == cdn_cluster::MemberState::Alive)
     })
     .await;
     let (status, _) =
@@ -523,11 +513,7 @@ async fn operator_commands_purge_list_and_drain() {
     let out = cdn(&["drain", "edge-61"]).output().await.unwrap();
     assert!(out.status.success());
     wait_until(|| {
-        control
-            .cluster
-            .members()
-            .iter()
-            .any(|m| m.node_id == "edge-61" && m.state == cdn_control::cluster::MemberState::Drained)
+        control.cluster.members().iter().any(|m| m.node_id == "edge-61" && m.state == cdn_cluster::MemberState::Drained)
     })
     .await;
     let out = cdn(&["undrain", "edge-61"]).output().await.unwrap();

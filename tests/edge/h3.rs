@@ -46,7 +46,7 @@ pub(crate) async fn quic_connect_accepting(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(cdn_control::tls::AcceptAnyCertificate::new())
+        .with_custom_certificate_verifier(cdn_node::tls::AcceptAnyCertificate::new())
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"h3".to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();

@@ -85,7 +85,7 @@ pub(crate) async fn start_tls_edge(origin: &str, tweak: impl FnOnce(&mut Config)
         let port = free_port();
         c.listen.https = Some(([127, 0, 0, 1], port).into());
         c.listen.h3 = Some(([127, 0, 0, 1], port).into());
-        c.tls = Some(cdn_control::tls::TlsConfig { self_signed: true, ..Default::default() });
+        c.tls = Some(cdn_node::tls::TlsConfig { self_signed: true, ..Default::default() });
         tweak(c);
     })
     .await
@@ -138,7 +138,7 @@ pub(crate) fn tls_client()
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(cdn_control::tls::AcceptAnyCertificate::new())
+        .with_custom_certificate_verifier(cdn_node::tls::AcceptAnyCertificate::new())
         .with_no_client_auth();
     let _ = provider;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()

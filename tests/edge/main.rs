@@ -59,7 +59,7 @@ async fn miss_then_hit_over_http2_with_tls_and_alpn() {
         let port = harness::free_port();
         c.listen.https = Some(([127, 0, 0, 1], port).into());
         c.listen.h3 = Some(([127, 0, 0, 1], port).into());
-        c.tls = Some(cdn_control::tls::TlsConfig { self_signed: true, ..Default::default() });
+        c.tls = Some(cdn_node::tls::TlsConfig { self_signed: true, ..Default::default() });
     })
     .await;
     let url = format!("https://localhost:{}/b", edge.https.unwrap().port());

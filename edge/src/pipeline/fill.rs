@@ -19,13 +19,14 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use cdn_control::listener::empty;
+use cdn_node::listener::empty;
 
 use super::{CACHE_TAG, Conn, Pipeline, Req, SURROGATE_KEY, path_and_query, surrogate_keys};
+use cdn_http::policy::{self, Directives, Settings, Timing};
+
 use crate::{
     body::Growing,
     error::FetchError,
-    policy::{self, Directives, Settings, Timing},
     store::{Found, Head, Object, Sliced, slice_key, vary_values},
     upstream::strip_hop_by_hop,
 };
@@ -174,10 +175,10 @@ impl Pipeline {
         let first = request
             .get(header::RANGE)
             .and_then(|v| v.to_str().ok())
-            .and_then(cdn_origin::range::parse)
+            .and_then(cdn_http::range::parse)
             .and_then(|specs| specs.into_iter().next());
         match first {
-            Some(cdn_origin::range::Spec::From { first, .. }) => first / self.slice_size,
+            Some(cdn_http::range::Spec::From { first, .. }) => first / self.slice_size,
             _ => 0,
         }
     }

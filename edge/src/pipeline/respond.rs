@@ -9,14 +9,15 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, StreamBody};
 use hyper::body::Frame;
 
-use cdn_control::listener::{Body, BoxError, empty, full};
-use cdn_origin::range;
+use cdn_http::range;
+use cdn_node::listener::{Body, BoxError, empty, full};
 
 use super::{Pipeline, Req, Served, fill::SliceData};
+use cdn_http::policy;
+
 use crate::{
     body::Growing,
     metrics::CacheResult,
-    policy,
     store::{Head, Sliced},
 };
 

@@ -1,6 +1,6 @@
 use std::net::SocketAddr;
 
-use cdn_control::cluster::{GeoPoint, MemberState, Role};
+use cdn_cluster::{GeoPoint, MemberState, Role};
 use hickory_proto::op::{Message, MessageType, Query};
 
 use super::*;

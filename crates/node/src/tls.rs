@@ -70,18 +70,13 @@ impl Clone for CertifiedKey {
 impl CertifiedKey {
     /// Loads a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, Error> {
-        let file_err =
-            |what, path: &Path, e: pem::Error| Error::TlsFile { what, path: path.to_owned(), reason: e.to_string() };
+        let file_err = |what, path: &Path, source: pem::Error| Error::TlsFile { what, path: path.to_owned(), source };
         let chain = CertificateDer::pem_file_iter(cert)
             .map_err(|e| file_err("certificate", cert, e))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| file_err("certificate", cert, e))?;
         if chain.is_empty() {
-            return Err(Error::TlsFile {
-                what: "certificate",
-                path: cert.to_owned(),
-                reason: "no CERTIFICATE block found".into(),
-            });
+            return Err(Error::NoCertificate { path: cert.to_owned() });
         }
         let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err("private key", key, e))?;
         Ok(Self { chain, key })
@@ -90,8 +85,8 @@ impl CertifiedKey {
     /// Generates a self-signed certificate for `localhost`, the given names and addresses.
     pub fn self_signed(names: &[String], ips: &[IpAddr]) -> Result<Self, Error> {
         let (cert, key) = self_signed_pem(names, ips)?;
-        let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).map_err(|e| Error::Tls(e.to_string()))?];
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| Error::Tls(e.to_string()))?;
+        let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes())?];
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes())?;
         Ok(Self { chain, key })
     }
 
@@ -100,7 +95,7 @@ impl CertifiedKey {
     pub fn spki_sha256_base64(&self) -> Result<String, Error> {
         use base64::Engine as _;
         use rcgen::PublicKeyData as _;
-        let pair = rcgen::KeyPair::try_from(&self.key).map_err(|e| Error::Tls(e.to_string()))?;
+        let pair = rcgen::KeyPair::try_from(&self.key)?;
         let digest = ring::digest::digest(&ring::digest::SHA256, &pair.subject_public_key_info());
         Ok(base64::engine::general_purpose::STANDARD.encode(digest.as_ref()))
     }
@@ -113,12 +108,8 @@ impl CertifiedKey {
             builder.with_protocol_versions(&[&rustls::version::TLS13])
         } else {
             builder.with_safe_default_protocol_versions()
-        }
-        .map_err(|e| Error::Tls(e.to_string()))?;
-        let mut config = builder
-            .with_no_client_auth()
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| Error::Tls(e.to_string()))?;
+        }?;
+        let mut config = builder.with_no_client_auth().with_single_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(config)
     }
@@ -179,7 +170,7 @@ pub fn self_signed_pem(names: &[String], ips: &[IpAddr]) -> Result<(String, Stri
     sans.extend(ips.iter().map(IpAddr::to_string));
     sans.sort();
     sans.dedup();
-    let generated = rcgen::generate_simple_self_signed(sans).map_err(|e| Error::Tls(e.to_string()))?;
+    let generated = rcgen::generate_simple_self_signed(sans)?;
     Ok((generated.cert.pem(), generated.signing_key.serialize_pem()))
 }
 

@@ -6,11 +6,21 @@
 //! everyone else's after anti-entropy. Liveness comes from chitchat's phi-accrual
 //! failure detector; "suspect" is ours: alive, but no heartbeat for a while.
 //!
+//! Every role links this crate to join the cluster; what the roles tell each other
+//! through it has a type here ([`purge::PurgeRecord`], ...), so no role spells gossip
+//! keys by hand.
+//!
 //! # Layout
 //! - [`member`]: the view of one node ([`Member`]).
+//! - [`purge`]: what a purge matches ([`purge::Target`]) and the record gossip carries.
 //! - `transport`: HMAC-authenticated UDP datagrams.
+//! - [`error`]: this crate's error type.
 
+#![forbid(unsafe_code)]
+
+pub mod error;
 pub mod member;
+pub mod purge;
 mod transport;
 
 use std::{
@@ -32,7 +42,7 @@ pub use member::{GeoPoint, Member, MemberState, Role};
 #[doc(hidden)]
 pub use transport::PacketLoss;
 
-use crate::Error;
+pub use crate::error::Error;
 
 /// The shared secret that authenticates gossip. Never printed.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -193,13 +203,13 @@ impl Cluster {
         } else {
             bound
         });
-        let rejected =
-            IntCounter::new("cdn_gossip_rejected_total", "Gossip datagrams dropped because they failed authentication")
-                .map_err(|e| Error::Cluster(e.to_string()))?;
-        let members_gauge = IntGaugeVec::new(Opts::new("cdn_cluster_members", "Cluster members by state"), &["state"])
-            .map_err(|e| Error::Cluster(e.to_string()))?;
-        registry.register(Box::new(rejected.clone())).map_err(|e| Error::Cluster(e.to_string()))?;
-        registry.register(Box::new(members_gauge.clone())).map_err(|e| Error::Cluster(e.to_string()))?;
+        let rejected = IntCounter::new(
+            "cdn_gossip_rejected_total",
+            "Gossip datagrams dropped because they failed authentication",
+        )?;
+        let members_gauge = IntGaugeVec::new(Opts::new("cdn_cluster_members", "Cluster members by state"), &["state"])?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(members_gauge.clone()))?;
 
         let generation = now_ms();
         let chitchat_id = ChitchatId::new(node.node_id.clone(), generation, gossip_addr);
@@ -244,7 +254,7 @@ impl Cluster {
         );
         let handle = chitchat::spawn_chitchat(chitchat_config, initial, &transport)
             .await
-            .map_err(|e| Error::Cluster(format!("gossip did not start: {e:#}")))?;
+            .map_err(|source| Error::Start { source })?;
         info!(node_id = %node.node_id, role = node.role.as_str(), gossip = %gossip_addr, seeds = ?config.seeds, "joined the cluster");
         let cluster = Arc::new(Self {
             handle,

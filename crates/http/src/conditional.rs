@@ -8,16 +8,16 @@ use http::{HeaderMap, HeaderValue, Method, header};
 
 /// The validators of the selected representation.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Validators<'a> {
+pub struct Validators<'a> {
     /// The strong entity tag, quotes included (`"abc"`).
-    pub(crate) etag: &'a str,
+    pub etag: &'a str,
     /// The modification time, if known.
-    pub(crate) last_modified: Option<SystemTime>,
+    pub last_modified: Option<SystemTime>,
 }
 
 /// What the preconditions decide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Decision {
+pub enum Decision {
     /// Go on and serve the request.
     Proceed,
     /// 304 Not Modified.
@@ -27,7 +27,7 @@ pub(crate) enum Decision {
 }
 
 /// Evaluates the preconditions of a GET or HEAD in the order of RFC 9110 §13.2.2.
-pub(crate) fn evaluate(method: &Method, headers: &HeaderMap, validators: Validators<'_>) -> Decision {
+pub fn evaluate(method: &Method, headers: &HeaderMap, validators: Validators<'_>) -> Decision {
     let get_or_head = method == Method::GET || method == Method::HEAD;
     // 1. If-Match, else 2. If-Unmodified-Since.
     if headers.contains_key(header::IF_MATCH) {
@@ -57,7 +57,7 @@ pub(crate) fn evaluate(method: &Method, headers: &HeaderMap, validators: Validat
 
 /// Whether an `If-Range` value lets the Range apply (RFC 9110 §13.1.5): a strong
 /// ETag equal to ours, or a date exactly equal to our Last-Modified.
-pub(crate) fn if_range_holds(value: &HeaderValue, validators: Validators<'_>) -> bool {
+pub fn if_range_holds(value: &HeaderValue, validators: Validators<'_>) -> bool {
     let Ok(text) = value.to_str() else { return false };
     let text = text.trim();
     if text.starts_with('"') || text.starts_with("W/") {

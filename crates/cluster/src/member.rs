@@ -2,6 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+pub use cdn_node::location::GeoPoint;
 use serde::Serialize;
 
 /// What a node does.
@@ -53,15 +54,6 @@ pub enum MemberState {
     Dead,
     /// Alive, but taken out of DNS answers by an operator.
     Drained,
-}
-
-/// A point on the globe, degrees.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct GeoPoint {
-    /// Latitude.
-    pub lat: f64,
-    /// Longitude.
-    pub lon: f64,
 }
 
 /// One node of the cluster as seen from here.

@@ -1,0 +1,126 @@
+//! Cache keys: how a cached object is named, and how a purge finds it.
+//!
+//! A primary key is `scheme://host/path?query` (the query left out when the edge
+//! ignores it). Everything stored for one URL — its `Vary` variants and the slices
+//! of a large object — lives under `primary ␟ suffix`, so a purge of a URL matches
+//! every entry whose key's [`url`] is that URL.
+
+use http::{HeaderMap, HeaderName, Uri};
+
+/// Separates a primary key from a variant or slice suffix.
+pub const SEPARATOR: char = '\u{1f}';
+
+/// The header naming an object's surrogate keys (space-separated).
+pub const SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
+/// The header naming an object's cache tags (comma-separated).
+pub const CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
+
+/// The primary cache key: scheme, host, path and (unless ignored) query.
+pub fn primary(scheme: &str, host: &str, uri: &Uri, ignore_query: bool) -> String {
+    let path = if uri.path().is_empty() { "/" } else { uri.path() };
+    match uri.query().filter(|_| !ignore_query) {
+        Some(query) => format!("{scheme}://{host}{path}?{query}"),
+        None => format!("{scheme}://{host}{path}"),
+    }
+}
+
+/// The key of slice `index` of the object under `primary`.
+pub fn slice(primary: &str, index: u64) -> String {
+    format!("{primary}{SEPARATOR}slice:{index}")
+}
+
+/// The key of the variant of `primary` whose varying request headers had `values`.
+pub fn variant(primary: &str, values: &[(HeaderName, String)]) -> String {
+    let mut key = String::with_capacity(primary.len() + 32);
+    key.push_str(primary);
+    key.push(SEPARATOR);
+    for (name, value) in values {
+        key.push_str(name.as_str());
+        key.push('=');
+        key.push_str(value);
+        key.push('\n');
+    }
+    key
+}
+
+/// Whether `key` is `primary` itself or one of its variants or slices.
+pub fn belongs_to(key: &str, primary: &str) -> bool {
+    key.strip_prefix(primary).is_some_and(|rest| rest.is_empty() || rest.starts_with(SEPARATOR))
+}
+
+/// The URL a key stands for, without scheme and suffix: `host/path?query` — what a
+/// purge by URL or prefix is matched against.
+pub fn url(key: &str) -> &str {
+    let primary = key.split(SEPARATOR).next().unwrap_or(key);
+    primary.split_once("://").map_or(primary, |(_, rest)| rest)
+}
+
+/// The request's values of the varying headers, normalised (all field lines joined,
+/// whitespace around commas removed).
+pub fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Vec<(HeaderName, String)> {
+    names
+        .iter()
+        .map(|name| {
+            let joined = request
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .collect::<Vec<_>>()
+                .join(",");
+            (name.clone(), joined)
+        })
+        .collect()
+}
+
+/// Tags from `Surrogate-Key` (space-separated) and `Cache-Tag` (comma-separated),
+/// each once, in order.
+pub fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
+    let mut tags: Vec<String> = Vec::new();
+    let mut add = |tag: &str| {
+        let tag = tag.trim();
+        if !tag.is_empty() && !tags.iter().any(|t| t == tag) {
+            tags.push(tag.to_string());
+        }
+    };
+    for value in headers.get_all(SURROGATE_KEY).iter().filter_map(|v| v.to_str().ok()) {
+        value.split_ascii_whitespace().for_each(&mut add);
+    }
+    for value in headers.get_all(CACHE_TAG).iter().filter_map(|v| v.to_str().ok()) {
+        value.split(',').for_each(&mut add);
+    }
+    tags
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn keys() {
+        let uri: Uri = "/v/a.mp4?x=1".parse().unwrap();
+        assert_eq!(primary("https", "www.cdn.test", &uri, false), "https://www.cdn.test/v/a.mp4?x=1");
+        assert_eq!(primary("https", "www.cdn.test", &uri, true), "https://www.cdn.test/v/a.mp4");
+        let key = primary("https", "h", &uri, false);
+        assert_eq!(url(&key), "h/v/a.mp4?x=1");
+        assert_eq!(url(&slice(&key, 3)), "h/v/a.mp4?x=1");
+        let values = vec![(http::header::ACCEPT_ENCODING, "gzip".to_string())];
+        assert_eq!(url(&variant(&key, &values)), "h/v/a.mp4?x=1");
+        assert!(belongs_to(&slice(&key, 3), &key));
+        assert!(belongs_to(&variant(&key, &values), &key));
+        assert!(belongs_to(&key, &key));
+        assert!(!belongs_to("https://h/v/a.mp4?x=12", &key));
+    }
+
+    #[test]
+    fn tags() {
+        let mut headers = HeaderMap::new();
+        headers.append(SURROGATE_KEY, HeaderValue::from_static("video  home"));
+        headers.append(CACHE_TAG, HeaderValue::from_static("a, b,video"));
+        assert_eq!(surrogate_keys(&headers), vec!["video", "home", "a", "b"]);
+    }
+}

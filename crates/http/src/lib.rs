@@ -1,0 +1,21 @@
+//! The CDN's HTTP protocol code: pure functions of their inputs, no I/O, no clock.
+//!
+//! What the origin and the edge both need to be correct to RFC 9110/9111 lives here
+//! once: a time is always a parameter (`now`), so everything is unit-testable and
+//! fuzzable. The crate has no tokio dependency.
+//!
+//! # Layout
+//! - [`range`]: `Range` parsing and resolution (RFC 9110 §14), `Content-Range`,
+//!   `multipart/byteranges` framing.
+//! - [`conditional`]: `If-Match`, `If-None-Match`, `If-Modified-Since`,
+//!   `If-Unmodified-Since` and `If-Range` evaluation (RFC 9110 §13), entity-tag lists.
+//! - [`policy`]: Cache-Control directives, storability, freshness, age and what to
+//!   do with a stored response (RFC 9111, RFC 5861).
+//! - [`key`]: cache keys (primary, variant, slice), surrogate keys.
+
+#![forbid(unsafe_code)]
+
+pub mod conditional;
+pub mod key;
+pub mod policy;
+pub mod range;
