@@ -1,7 +1,8 @@
 //! A typed client of the control API, for the `cdn purge|nodes|drain` commands,
 //! tests and benchmarks.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use cdn_node::tls::{self, ClientTrust};
+use std::{path::PathBuf, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
@@ -129,20 +130,12 @@ impl ControlClient {
     pub fn with_trust(base: &str, token: &str, trust: &ServerTrust) -> Result<Self, ClientError> {
         let base = base.trim_end_matches('/').to_string();
         base.parse::<http::Uri>().map_err(|e| ClientError::Address(format!("{base}: {e}")))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Address(e.to_string()))?;
-        let tls = match trust {
-            ServerTrust::PublicRoots => builder.with_root_certificates(rustls::RootCertStore::from_iter(
-                webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
-            )),
-            ServerTrust::CaFile(path) => builder.with_root_certificates(roots_from(path)?),
-            ServerTrust::Insecure => {
-                builder.dangerous().with_custom_certificate_verifier(cdn_node::tls::AcceptAnyCertificate::new())
-            }
-        }
-        .with_no_client_auth();
+        let trust = match trust {
+            ServerTrust::PublicRoots => ClientTrust::PublicRoots,
+            ServerTrust::CaFile(path) => ClientTrust::Roots(roots_from(path)?),
+            ServerTrust::Insecure => ClientTrust::AnyCertificate,
+        };
+        let tls = tls::client_config(trust, false, &[]).map_err(|e| ClientError::Address(e.to_string()))?;
         let connector =
             hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
         Ok(Self { base, token: token.to_string(), client: Client::builder(TokioExecutor::new()).build(connector) })

@@ -1,31 +1,41 @@
 //! The edge: a caching reverse proxy in front of an origin.
 //!
-//! HTTP/1.1 and HTTP/2 over TCP (plain or TLS) feed one protocol-agnostic request
-//! pipeline over one byte-bounded cache. Caching follows RFC 9111; ranges RFC 9110.
+//! HTTP/1.1 and HTTP/2 over TCP (plain or TLS) and HTTP/3 over QUIC feed one
+//! protocol-agnostic request pipeline over one byte-bounded cache. Caching follows
+//! RFC 9111 (the decisions are `cdn_http::policy`'s); ranges RFC 9110.
+//!
+//! Modules depend one way: `server` → `h3` → `pipeline` → `respond`, `fetch` →
+//! `cache` → `body`; `purge` talks to `cache` only; `config`, `error`, `metrics`,
+//! `clock` are leaves.
 //!
 //! # Layout
 //! - [`config`]: the `cdn edge` configuration.
-//! - `store`: the moka cache bounded in bytes, with Vary variants.
+//! - `cache`: the one owner of what is stored and what is being fetched — store,
+//!   fills in flight, purge epochs, pass marks (`lookup`, `join_or_start`, `purge`);
+//!   the typed `Cache-Status`.
+//! - `fetch`: origin fetches into the cache (coalesced fills, slices, revalidation).
+//! - `pipeline`: key → lookup → coalesce → fetch → store → respond, for every
+//!   protocol; `pipeline::respond` builds responses from a stored or filling source.
 //! - `body`: bodies that are read while they fill (streaming, coalescing).
-//! - `pipeline`: key → lookup → coalesce → fetch → store → respond, for every protocol.
 //! - `h3`: the HTTP/3 (QUIC) listener feeding the same pipeline.
 //! - `upstream`: the pooled origin client.
-//! - `purge`: applies purges arriving through gossip.
+//! - `purge`: applies purges arriving through gossip to the cache.
 //! - `server`: listeners and lifecycle ([`Edge`], [`run`]).
 //! - [`metrics`], [`clock`], [`error`].
 
 #![forbid(unsafe_code)]
 
 mod body;
+mod cache;
 pub mod clock;
 pub mod config;
 pub mod error;
+mod fetch;
 mod h3;
 pub mod metrics;
 mod pipeline;
 mod purge;
 mod server;
-mod store;
 mod upstream;
 
 pub use clock::Clock;

@@ -2,52 +2,60 @@
 //! key → lookup → coalesce → fetch → store → respond.
 //!
 //! HTTP/1.1, HTTP/2 and HTTP/3 listeners turn their requests into
-//! `http::Request`s and call [`Pipeline::handle`]. Concurrent misses for a key share
-//! one origin fetch (`fill::Fill`); the fill runs in its own task, so a client that goes
-//! away does not abort it for the others, and every waiter streams the body as it
-//! arrives.
+//! `http::Request`s and call [`Pipeline::handle`]. The pipeline decides (with the
+//! policy of `cdn_http::policy`) and delegates: lookups and coalescing to the
+//! [`Cache`], origin fetches to the [`Fetcher`], building the response to `respond`.
 
-mod fill;
 mod respond;
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, PoisonError},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
+use cdn_http::{
+    key::{self, CACHE_TAG, SURROGATE_KEY},
+    policy::{self, Action, Directives},
+};
+use cdn_node::listener::{Body, BoxError, empty, full};
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header, request::Parts,
 };
 use http_body_util::BodyExt as _;
 use tracing::debug;
 
-use cdn_node::listener::{Body, BoxError, empty, full};
-
 pub(crate) use self::respond::stream_body;
-use self::{
-    fill::{Fill, Outcome},
-    respond::{SlicedSource, Source},
-};
-use cdn_http::policy::{self, Action, Directives, Settings};
-
+use self::respond::{SlicedSource, Source};
 use crate::{
+    cache::{
+        Cache, Flight, Found, Head, Outcome, Sliced,
+        status::{CacheStatus, Detail, Fwd},
+    },
     clock::Clock,
     error::FetchError,
+    fetch::{Fetcher, FillRequest, strip_for_shared},
     metrics::{CacheResult, Metrics, Protocol},
-    store::{Found, Head, Sliced, Store, vary_values},
-    upstream::{Upstream, strip_hop_by_hop},
+    upstream::strip_hop_by_hop,
 };
 
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
-const SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
-const CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// The pipeline's settings, from the edge's configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// This edge's id (`X-Served-By`, `Via`).
+    pub(crate) node_id: String,
+    /// Whether the query string is left out of cache keys.
+    pub(crate) ignore_query: bool,
+    /// `Alt-Svc` for TLS responses (the HTTP/3 port), when HTTP/3 is served.
+    pub(crate) alt_svc: Option<HeaderValue>,
+}
 
 /// What a listener knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -72,63 +80,39 @@ struct Req {
 /// The outcome of one request, for headers and metrics.
 struct Served {
     response: Response<Body>,
-    result: CacheResult,
-    status: String,
+    status: CacheStatus,
 }
 
 /// The shared state of the edge's request handling.
 pub(crate) struct Pipeline {
-    node_id: String,
+    settings: Settings,
     served_by: HeaderValue,
-    pub(crate) alt_svc: Option<HeaderValue>,
-    pub(crate) store: Store,
-    inflight: Mutex<HashMap<String, Arc<Fill>>>,
-    upstream: Upstream,
+    cache: Arc<Cache>,
+    fetcher: Arc<Fetcher>,
     pub(crate) metrics: Metrics,
     clock: Clock,
-    settings: Settings,
-    max_object: u64,
-    slice_size: u64,
-    ignore_query: bool,
-    /// Keys recently found uncacheable: requests for them skip coalescing.
-    pass_marks: moka::sync::Cache<String, ()>,
-    /// Bumped by every purge.
-    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Pipeline {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        node_id: String,
-        store: Store,
-        upstream: Upstream,
+        settings: Settings,
+        cache: Arc<Cache>,
+        fetcher: Arc<Fetcher>,
         metrics: Metrics,
         clock: Clock,
-        settings: Settings,
-        max_object: u64,
-        slice_size: u64,
-        ignore_query: bool,
     ) -> Self {
-        let served_by = HeaderValue::from_str(&node_id).unwrap_or_else(|_| HeaderValue::from_static("edge"));
-        Self {
-            node_id,
-            served_by,
-            alt_svc: None,
-            store,
-            inflight: Mutex::default(),
-            upstream,
-            metrics,
-            clock,
-            settings,
-            max_object,
-            slice_size,
-            ignore_query,
-            pass_marks: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(30))
-                .build(),
-            epoch: std::sync::atomic::AtomicU64::new(0),
-        }
+        let served_by = HeaderValue::from_str(&settings.node_id).unwrap_or_else(|_| HeaderValue::from_static("edge"));
+        Self { settings, served_by, cache, fetcher, metrics, clock }
+    }
+
+    /// The cache behind the pipeline.
+    pub(crate) fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Whether the origin answers at all (any HTTP response counts).
+    pub(crate) async fn origin_reachable(&self) -> bool {
+        self.fetcher.origin_reachable().await
     }
 
     /// Handles one client request, whatever protocol it came over.
@@ -139,22 +123,20 @@ impl Pipeline {
     {
         let started = Instant::now();
         let served = self.route(request, conn).await;
-        let Served { mut response, result, status } = served;
+        let Served { mut response, status } = served;
         let headers = response.headers_mut();
         headers.remove(SURROGATE_KEY);
         headers.remove(CACHE_TAG);
-        headers.insert(X_CACHE, HeaderValue::from_static(result.x_cache()));
-        if let Ok(value) = HeaderValue::from_str(&status) {
-            headers.insert(CACHE_STATUS, value);
-        }
+        headers.insert(X_CACHE, HeaderValue::from_static(status.result.x_cache()));
+        headers.insert(CACHE_STATUS, status.header_value());
         headers.insert(X_SERVED_BY, self.served_by.clone());
         if conn.tls
             && conn.protocol != Protocol::H3
-            && let Some(alt_svc) = &self.alt_svc
+            && let Some(alt_svc) = &self.settings.alt_svc
         {
             headers.insert(header::ALT_SVC, alt_svc.clone());
         }
-        self.metrics.count_request(conn.protocol, result);
+        self.metrics.count_request(conn.protocol, status.result);
         self.metrics.duration.observe(started.elapsed().as_secs_f64());
         let counter = self.metrics.response_bytes.clone();
         response.map(|body| {
@@ -187,7 +169,7 @@ impl Pipeline {
             return error(StatusCode::BAD_REQUEST, "missing or invalid host\n", CacheResult::Bypass);
         };
         let scheme = if conn.tls { "https" } else { "http" };
-        let key = cache_key(scheme, &host, request.uri(), self.ignore_query);
+        let key = key::primary(scheme, &host, request.uri(), self.settings.ignore_query);
         let method = request.method().clone();
         if method == Method::GET || method == Method::HEAD {
             let (parts, _) = request.into_parts();
@@ -211,8 +193,7 @@ impl Pipeline {
         if unsafe_method && (served.response.status().is_success() || served.response.status().is_redirection()) {
             self.invalidate_after_unsafe(&key, served.response.headers(), scheme, &host);
         }
-        served.result = CacheResult::Bypass;
-        served.status = "cdn; fwd=bypass".into();
+        served.status = CacheStatus::bypass(None);
         served
     }
 
@@ -221,7 +202,7 @@ impl Pipeline {
     fn invalidate_after_unsafe(&self, key: &str, headers: &HeaderMap, scheme: &str, host: &str) {
         for scheme_variant in ["http", "https"] {
             let other = key.replacen(scheme, scheme_variant, 1);
-            self.store.invalidate_url(&other);
+            self.cache.invalidate_url(&other);
         }
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(uri) = headers.get(&name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<http::Uri>().ok())
@@ -230,36 +211,39 @@ impl Pipeline {
             };
             let same_host = uri.host().is_none_or(|h| h.eq_ignore_ascii_case(host));
             if same_host && uri.path().starts_with('/') {
-                self.store.invalidate_url(&cache_key(scheme, host, &uri, self.ignore_query));
+                self.cache.invalidate_url(&key::primary(scheme, host, &uri, self.settings.ignore_query));
             }
         }
     }
 
     async fn cached(self: &Arc<Self>, req: Req, conn: Conn) -> Served {
-        if self.pass_marks.contains_key(&req.key) {
+        if self.cache.is_pass(&req.key) {
             // Recently uncacheable ("hit-for-pass"): go straight to the origin.
             let mut served = Box::pin(self.forward(&req.parts, conn, empty(), req.scheme)).await;
-            served.result = CacheResult::Bypass;
-            served.status = format!("cdn; fwd=bypass; fwd-status={}", served.response.status().as_u16());
+            served.status = CacheStatus::bypass(Some(served.response.status().as_u16()));
             return served;
         }
         let now = self.clock.now();
-        if let Some(found) = self.store.lookup(&req.key, &req.parts.headers).await {
+        if let Some(found) = self.cache.lookup(&req.key, &req.parts.headers).await {
             let head = found.head().clone();
             let age = head.timing.current_age(now);
-            let action = if head.purged.load(std::sync::atomic::Ordering::Acquire) {
-                Action::Revalidate // soft-purged
-            } else {
-                policy::evaluate(&req.directives, req.pragma_no_cache, &head.directives, head.lifetime, age)
-            };
+            let soft_purged = head.purged.load(std::sync::atomic::Ordering::Acquire);
+            let action = policy::evaluate(
+                &req.directives,
+                req.pragma_no_cache,
+                &head.directives,
+                head.lifetime,
+                age,
+                soft_purged,
+            );
             debug!(key = %req.key, ?action, age = age.as_secs(), "cache lookup");
             let ttl = ttl(head.lifetime, age);
-            let (result, status) = match action {
-                Action::Fresh => (CacheResult::Hit, format!("cdn; hit; ttl={ttl}")),
-                Action::StaleAllowed => (CacheResult::Stale, format!("cdn; hit; ttl={ttl}; detail=max-stale")),
+            let status = match action {
+                Action::Fresh => CacheStatus::hit(CacheResult::Hit, ttl),
+                Action::StaleAllowed => CacheStatus::hit(CacheResult::Stale, ttl).with_detail(Detail::MaxStale),
                 Action::StaleWhileRevalidate => {
                     self.revalidate_in_background(&req, conn, found.clone());
-                    (CacheResult::Stale, format!("cdn; hit; ttl={ttl}; detail=stale-while-revalidate"))
+                    CacheStatus::hit(CacheResult::Stale, ttl).with_detail(Detail::StaleWhileRevalidate)
                 }
                 Action::Revalidate if req.directives.only_if_cached => {
                     return error(StatusCode::GATEWAY_TIMEOUT, "stale and only-if-cached\n", CacheResult::Miss);
@@ -267,7 +251,7 @@ impl Pipeline {
                 Action::Revalidate => return Box::pin(self.fill(req, conn, Some(found))).await,
             };
             let source = self.source(&found, &req, conn);
-            return self.represent(&req, &head, source, age, result, status);
+            return self.represent(&req, &head, source, age, status);
         }
         if req.directives.only_if_cached {
             return error(StatusCode::GATEWAY_TIMEOUT, "not cached (only-if-cached)\n", CacheResult::Miss);
@@ -285,9 +269,9 @@ impl Pipeline {
 
     fn sliced_source(self: &Arc<Self>, sliced: &Arc<Sliced>, req: &Req, conn: Conn) -> SlicedSource {
         let mut headers = self.origin_headers(&req.parts, conn, req.scheme);
-        fill::strip_for_shared(&mut headers);
+        strip_for_shared(&mut headers);
         SlicedSource {
-            pipeline: self.clone(),
+            fetcher: self.fetcher.clone(),
             key: req.key.clone(),
             sliced: sliced.clone(),
             origin: Arc::new((path_and_query(&req.parts.uri), headers)),
@@ -295,35 +279,28 @@ impl Pipeline {
     }
 
     fn revalidate_in_background(self: &Arc<Self>, req: &Req, conn: Conn, stale: Found) {
-        let busy = self.inflight.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&req.key);
-        if !busy {
-            let _ = self.join_or_start(req, conn, Some(stale));
+        if !self.cache.is_filling(&req.key) {
+            let _ = self.fetcher.join_or_start(self.fill_request(req, conn), Some(stale));
         }
     }
 
-    /// The purge epoch (see `fill`).
-    pub(crate) fn purge_epoch(&self) -> u64 {
-        self.epoch.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Applies a purge to the cache; in-flight fills started before it will not be
-    /// stored.
-    pub(crate) async fn purge(&self, target: &cdn_cluster::purge::Target, soft: bool) {
-        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        if !soft {
-            self.pass_marks.invalidate_all();
+    /// What a fill started by `req` sends and remembers.
+    fn fill_request(&self, req: &Req, conn: Conn) -> FillRequest {
+        let mut origin_headers = self.origin_headers(&req.parts, conn, req.scheme);
+        strip_for_shared(&mut origin_headers);
+        FillRequest {
+            key: req.key.clone(),
+            path: path_and_query(&req.parts.uri),
+            origin_headers,
+            client_headers: req.parts.headers.clone(),
+            client_directives: req.directives.clone(),
         }
-        self.store.purge(target, soft).await;
-    }
-
-    /// Remembers for a while that `key` is not cacheable.
-    pub(crate) fn mark_pass(&self, key: &str) {
-        self.pass_marks.insert(key.to_string(), ());
     }
 
     async fn fill(self: &Arc<Self>, req: Req, conn: Conn, stale: Option<Found>) -> Served {
-        let (fill, leader) = self.join_or_start(&req, conn, stale.clone());
-        let outcome = fill.outcome().await;
+        let flight = self.fetcher.join_or_start(self.fill_request(&req, conn), stale.clone());
+        let leader = matches!(flight, Flight::Leader(_));
+        let outcome = flight.fill().clone().outcome().await;
         let now = self.clock.now();
         // A stale object may stand in for an origin failure (RFC 5861 stale-if-error).
         let stale_for_error = |status: Option<StatusCode>| {
@@ -336,11 +313,12 @@ impl Pipeline {
             policy::stale_if_error(&req.directives, &head.directives, head.lifetime, age).then(|| {
                 let ttl = ttl(head.lifetime, age);
                 let source = self.source(stale, &req, conn);
-                let status = format!("cdn; hit; ttl={ttl}; fwd=stale; detail=stale-if-error");
-                self.represent(&req, head, source, age, CacheResult::Stale, status)
+                let status = CacheStatus { fwd: Some(Fwd::Stale), ..CacheStatus::hit(CacheResult::Stale, ttl) }
+                    .with_detail(Detail::StaleIfError);
+                self.represent(&req, head, source, age, status)
             })
         };
-        let fwd = if stale.is_some() { "stale" } else { "miss" };
+        let fwd = if stale.is_some() { Fwd::Stale } else { Fwd::Miss };
         match &*outcome {
             Outcome::Stream { head, body } => {
                 if let Some(served) = stale_for_error(Some(head.status)) {
@@ -350,14 +328,14 @@ impl Pipeline {
                     return self.forward_get(&req, conn).await;
                 }
                 let age = head.timing.current_age(now);
-                let status = format!("cdn; fwd={fwd}; fwd-status={}; stored", head.status.as_u16());
-                self.represent(&req, head, Source::Growing(body.clone()), age, CacheResult::Miss, status)
+                let status = CacheStatus::forward(CacheResult::Miss, fwd, head.status.as_u16()).stored();
+                self.represent(&req, head, Source::Growing(body.clone()), age, status)
             }
             Outcome::Sliced(sliced) => {
                 let age = sliced.head.timing.current_age(now);
-                let status = format!("cdn; fwd={fwd}; fwd-status=206; stored; detail=sliced");
+                let status = CacheStatus::forward(CacheResult::Miss, fwd, 206).stored().with_detail(Detail::Sliced);
                 let source = Source::Sliced(self.sliced_source(sliced, &req, conn));
-                self.represent(&req, &sliced.head, source, age, CacheResult::Miss, status)
+                self.represent(&req, &sliced.head, source, age, status)
             }
             Outcome::Updated(found) => {
                 if !self.vary_matches(found.head(), &req.parts.headers) {
@@ -367,8 +345,8 @@ impl Pipeline {
                 let age = head.timing.current_age(now);
                 let ttl = ttl(head.lifetime, age);
                 let source = self.source(found, &req, conn);
-                let status = format!("cdn; fwd=stale; fwd-status=304; ttl={ttl}");
-                self.represent(&req, head, source, age, CacheResult::Revalidated, status)
+                let status = CacheStatus::forward(CacheResult::Revalidated, Fwd::Stale, 304).with_ttl(ttl);
+                self.represent(&req, head, source, age, status)
             }
             Outcome::Pass { response, status } => {
                 if let Some(served) = stale_for_error(Some(*status)) {
@@ -382,16 +360,12 @@ impl Pipeline {
                         } else {
                             response.map(|body| body.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
                         };
-                        Served {
-                            response,
-                            result: CacheResult::Miss,
-                            status: format!("cdn; fwd=miss; fwd-status={}", status.as_u16()),
-                        }
+                        Served { response, status: CacheStatus::forward(CacheResult::Miss, Fwd::Miss, status.as_u16()) }
                     }
                     None => self.forward_get(&req, conn).await,
                 }
             }
-            Outcome::Slice(_) => fetch_failure(&FetchError::Unreachable("unexpected fill outcome".into())),
+            Outcome::Slice(_) => fetch_failure(&FetchError::Abandoned),
             Outcome::Failed(fetch_error) => {
                 if let Some(served) = stale_for_error(None) {
                     return served;
@@ -401,58 +375,35 @@ impl Pipeline {
         }
     }
 
-    /// Whether the origin answers at all (any HTTP response counts).
-    pub(crate) async fn origin_reachable(&self) -> bool {
-        let Ok(uri) = self.upstream.uri("/") else { return false };
-        let mut request = Request::new(empty());
-        *request.method_mut() = Method::HEAD;
-        *request.uri_mut() = uri;
-        self.upstream.send(request).await.is_ok()
-    }
-
     fn vary_matches(&self, head: &Head, request: &HeaderMap) -> bool {
         if head.vary.is_empty() {
             return true;
         }
         let names: Vec<HeaderName> = head.vary.iter().map(|(name, _)| name.clone()).collect();
-        vary_values(&names, request) == head.vary
+        key::vary_values(&names, request) == head.vary
     }
 
     /// A GET/HEAD sent on its own (not coalesced, not stored).
     async fn forward_get(&self, req: &Req, conn: Conn) -> Served {
         let mut served = self.forward(&req.parts, conn, empty(), req.scheme).await;
-        served.status = format!("cdn; fwd=uri-miss; fwd-status={}", served.response.status().as_u16());
+        if served.status.fwd_status.is_some() {
+            served.status.fwd = Some(Fwd::UriMiss);
+        }
         served
     }
 
     /// Sends a request to the origin as it is and streams the answer back.
     async fn forward(&self, parts: &Parts, conn: Conn, body: Body, scheme: &str) -> Served {
         let headers = self.origin_headers(parts, conn, scheme);
-        let uri = match self.upstream.uri(&path_and_query(&parts.uri)) {
-            Ok(uri) => uri,
-            Err(e) => return fetch_failure(&e),
-        };
-        let mut request = Request::new(body);
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = uri;
-        *request.headers_mut() = headers;
-        match self.upstream.send(request).await {
+        match self.fetcher.forward(parts.method.clone(), &path_and_query(&parts.uri), headers, body).await {
             Ok(response) => {
-                self.metrics.origin_status(response.status().as_u16());
                 let (mut rp, body) = response.into_parts();
                 strip_hop_by_hop(&mut rp.headers);
-                let status = rp.status;
+                let status = CacheStatus::forward(CacheResult::Miss, Fwd::Miss, rp.status.as_u16());
                 let body = body.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
-                Served {
-                    response: Response::from_parts(rp, body),
-                    result: CacheResult::Miss,
-                    status: format!("cdn; fwd=miss; fwd-status={}", status.as_u16()),
-                }
+                Served { response: Response::from_parts(rp, body), status }
             }
-            Err(e) => {
-                self.metrics.origin_error(matches!(e, FetchError::Timeout));
-                fetch_failure(&e)
-            }
+            Err(e) => fetch_failure(&e),
         }
     }
 
@@ -460,7 +411,7 @@ impl Pipeline {
     fn origin_headers(&self, parts: &Parts, conn: Conn, scheme: &str) -> HeaderMap {
         let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers);
-        if let Some(host) = &self.upstream.host {
+        if let Some(host) = self.fetcher.origin_host() {
             headers.insert(header::HOST, host.clone());
         } else if !headers.contains_key(header::HOST)
             && let Some(authority) = parts.uri.authority()
@@ -484,32 +435,14 @@ impl Pipeline {
             _ => "1.1",
         };
         let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-            Some(previous) => format!("{previous}, {version} {}", self.node_id),
-            None => format!("{version} {}", self.node_id),
+            Some(previous) => format!("{previous}, {version} {}", self.settings.node_id),
+            None => format!("{version} {}", self.settings.node_id),
         };
         if let Ok(value) = HeaderValue::from_str(&via) {
             headers.insert(header::VIA, value);
         }
         headers
     }
-}
-
-/// Tags from `Surrogate-Key` (space-separated) and `Cache-Tag` (comma-separated).
-pub(crate) fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
-    let mut tags: Vec<String> = Vec::new();
-    let mut add = |tag: &str| {
-        let tag = tag.trim();
-        if !tag.is_empty() && !tags.iter().any(|t| t == tag) {
-            tags.push(tag.to_string());
-        }
-    };
-    for value in headers.get_all(SURROGATE_KEY).iter().filter_map(|v| v.to_str().ok()) {
-        value.split_ascii_whitespace().for_each(&mut add);
-    }
-    for value in headers.get_all(CACHE_TAG).iter().filter_map(|v| v.to_str().ok()) {
-        value.split(',').for_each(&mut add);
-    }
-    tags
 }
 
 /// Remaining freshness in whole seconds; negative when stale.
@@ -524,14 +457,15 @@ fn error(status: StatusCode, text: &'static str, result: CacheResult) -> Served 
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Served { response, result, status: format!("cdn; fwd=miss; detail={}", status.as_u16()) }
+    Served { response, status: CacheStatus::error(result, status.as_u16()) }
 }
 
+/// The one mapping of origin failures to what the client gets (502 or 504).
 fn fetch_failure(e: &FetchError) -> Served {
-    match e {
-        FetchError::Timeout => error(StatusCode::GATEWAY_TIMEOUT, "origin timed out\n", CacheResult::Miss),
-        FetchError::Unreachable(_) => error(StatusCode::BAD_GATEWAY, "origin unreachable\n", CacheResult::Miss),
-    }
+    debug!(error = %e, "origin fetch failed");
+    let status = e.status();
+    let text = if status == StatusCode::GATEWAY_TIMEOUT { "origin timed out\n" } else { "origin unreachable\n" };
+    error(status, text, CacheResult::Miss)
 }
 
 /// The request's host, lowercased, without port: from the URI (HTTP/2, HTTP/3,
@@ -558,15 +492,6 @@ fn path_and_query(uri: &http::Uri) -> String {
     )
 }
 
-/// The primary cache key: scheme, host, path and (unless ignored) query.
-pub(crate) fn cache_key(scheme: &str, host: &str, uri: &http::Uri, ignore_query: bool) -> String {
-    let path = if uri.path().is_empty() { "/" } else { uri.path() };
-    match uri.query().filter(|_| !ignore_query) {
-        Some(query) => format!("{scheme}://{host}{path}?{query}"),
-        None => format!("{scheme}://{host}{path}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::{
@@ -585,8 +510,8 @@ mod tests {
     #[test]
     fn keys() {
         let uri: http::Uri = "/v/a.mp4?x=1".parse().unwrap();
-        assert_eq!(cache_key("https", "www.cdn.test", &uri, false), "https://www.cdn.test/v/a.mp4?x=1");
-        assert_eq!(cache_key("https", "www.cdn.test", &uri, true), "https://www.cdn.test/v/a.mp4");
+        assert_eq!(key::primary("https", "www.cdn.test", &uri, false), "https://www.cdn.test/v/a.mp4?x=1");
+        assert_eq!(key::primary("https", "www.cdn.test", &uri, true), "https://www.cdn.test/v/a.mp4");
         let request = Request::builder().uri("/x").header("host", "WWW.cdn.test:8443").body(()).unwrap();
         assert_eq!(request_host(&request).as_deref(), Some("www.cdn.test"));
         let request = Request::builder().uri("https://[::1]:8443/x").body(()).unwrap();
@@ -613,11 +538,5 @@ mod tests {
         assert!(if_range_holds(&map(&[("if-range", "Tue, 15 Nov 1994 12:45:26 GMT")]), &stored));
         assert!(!if_range_holds(&map(&[("if-range", "W/\"abc\"")]), &stored));
         assert!(if_range_holds(&map(&[]), &stored));
-    }
-
-    #[test]
-    fn tags() {
-        let headers = map(&[("surrogate-key", "video  home"), ("cache-tag", "a, b,video")]);
-        assert_eq!(surrogate_keys(&headers), vec!["video", "home", "a", "b"]);
     }
 }

@@ -23,7 +23,7 @@ use cdn_cluster::{
 };
 use cdn_node::admin::Readiness;
 
-use crate::pipeline::Pipeline;
+use crate::cache::Cache;
 
 /// Purge metrics of an edge.
 #[derive(Clone)]
@@ -54,7 +54,7 @@ impl PurgeMetrics {
 /// Applies purges from every control node until `shutdown`.
 pub(crate) async fn run(
     cluster: Arc<Cluster>,
-    pipeline: Arc<Pipeline>,
+    cache: Arc<Cache>,
     metrics: PurgeMetrics,
     readiness: Readiness,
     shutdown: CancellationToken,
@@ -73,7 +73,7 @@ pub(crate) async fn run(
         // Drain whatever else arrived, then apply from the full state (anti-entropy
         // and events converge on the same code).
         while events.try_recv().is_ok() {}
-        let synced = apply_pending(&cluster, &pipeline, &metrics, &mut applied).await;
+        let synced = apply_pending(&cluster, &cache, &metrics, &mut applied).await;
         // Ready once caught up with every live control node; with none in sight
         // after a while, serve anyway (an edge must not stay dark without control).
         let ready = synced || started.elapsed() > Duration::from_secs(5);
@@ -85,7 +85,7 @@ pub(crate) async fn run(
 /// live control node and no record is missing.
 async fn apply_pending(
     cluster: &Cluster,
-    pipeline: &Pipeline,
+    cache: &Cache,
     metrics: &PurgeMetrics,
     applied: &mut HashMap<String, u64>,
 ) -> bool {
@@ -134,7 +134,7 @@ async fn apply_pending(
                     "missed purges beyond the retained log: dropping the whole cache"
                 );
                 metrics.flushes.inc();
-                pipeline.purge(&Target { all: true, ..Target::default() }, false).await;
+                cache.purge(&Target::everything(), false);
             }
             done = floor - 1;
         }
@@ -143,7 +143,7 @@ async fn apply_pending(
                 caught_up = false; // a gap: wait for the missing record
                 break;
             }
-            pipeline.purge(&record.target, record.soft).await;
+            cache.purge(&record.target, record.soft);
             metrics.applied.inc();
             let lag_ms = now_ms().saturating_sub(record.created_ms);
             metrics.lag.observe(lag_ms as f64 / 1000.0);

@@ -15,15 +15,14 @@ use cdn_node::{
     listener::{self, ConnInfo, activity::Closed},
 };
 
-use cdn_http::policy::Settings;
-
 use crate::{
     Error,
+    cache::Cache,
     clock::Clock,
     config::Config,
+    fetch::Fetcher,
     metrics::{Metrics, Protocol},
-    pipeline::{Conn, Pipeline},
-    store::Store,
+    pipeline::{self, Conn, Pipeline},
     upstream::Upstream,
 };
 
@@ -57,23 +56,26 @@ impl Edge {
         config.validate()?;
         let metrics = Metrics::register(registry)?;
         let upstream = Upstream::new(&config.origin).map_err(Error::Upstream)?;
-        let store = Store::new(config.cache.memory.as_u64());
-        let settings = Settings {
+        let cache = Arc::new(Cache::new(config.cache.memory.as_u64()));
+        let policy = cdn_http::policy::Settings {
             heuristic_max: config.cache.heuristic_max,
             store_set_cookie: config.cache.store_set_cookie,
-            ..Settings::default()
+            ..cdn_http::policy::Settings::default()
         };
-        let mut pipeline = Pipeline::new(
-            config.node_id.clone(),
-            store,
+        let fetcher = Arc::new(Fetcher::new(
+            cache.clone(),
             upstream,
-            metrics,
-            clock,
-            settings,
+            metrics.clone(),
+            clock.clone(),
+            policy,
             config.cache.max_object.as_u64(),
             config.cache.slice.as_u64(),
-            config.cache.ignore_query,
-        );
+        ));
+        let mut settings = pipeline::Settings {
+            node_id: config.node_id.clone(),
+            ignore_query: config.cache.ignore_query,
+            alt_svc: None,
+        };
 
         let http = match config.listen.http {
             Some(addr) => Some(listener::bind(addr).await?),
@@ -110,7 +112,7 @@ impl Edge {
         if let Some(h3_addr) = h3_addr
             && let Ok(value) = HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", h3_addr.port()))
         {
-            pipeline.alt_svc = Some(value);
+            settings.alt_svc = Some(value);
         }
         let admin = match config.listen.admin {
             Some(addr) => Some(listener::bind(addr).await?),
@@ -150,7 +152,7 @@ impl Edge {
             admin_addr: local(admin.as_ref()),
             h3_addr,
             config,
-            pipeline: Arc::new(pipeline),
+            pipeline: Arc::new(Pipeline::new(settings, cache, fetcher, metrics, clock)),
             http,
             https,
             h3,
@@ -242,7 +244,7 @@ impl Edge {
         if let Some(cluster) = &cluster {
             tasks.spawn(crate::purge::run(
                 cluster.clone(),
-                pipeline.clone(),
+                pipeline.cache().clone(),
                 purge_metrics,
                 readiness.clone(),
                 shutdown.clone(),
@@ -284,9 +286,9 @@ async fn maintain(
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let bytes = pipeline.store.bytes().await;
+        let bytes = pipeline.cache().bytes().await;
         pipeline.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        pipeline.metrics.cache_objects.set(i64::try_from(pipeline.store.objects()).unwrap_or(i64::MAX));
+        pipeline.metrics.cache_objects.set(i64::try_from(pipeline.cache().objects()).unwrap_or(i64::MAX));
         if n.is_multiple_of(5) {
             let reachable = pipeline.origin_reachable().await;
             if !reachable {

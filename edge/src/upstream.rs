@@ -11,7 +11,12 @@ use hyper_util::{
 
 use cdn_node::listener::Body;
 
-use crate::{config, error::FetchError};
+use cdn_node::tls::{self, ClientTrust};
+
+use crate::{
+    config,
+    error::{FetchError, UpstreamSetup},
+};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
 const HOP_BY_HOP: [&str; 8] =
@@ -43,29 +48,15 @@ pub(crate) struct Upstream {
 }
 
 impl Upstream {
-    pub(crate) fn new(config: &config::Origin) -> Result<Self, String> {
-        let base: Uri = config.url.parse().map_err(|e| format!("origin.url: {e}"))?;
+    pub(crate) fn new(config: &config::Origin) -> Result<Self, UpstreamSetup> {
+        let base: Uri = config.url.parse()?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = if config.insecure {
-            rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .dangerous()
-                .with_custom_certificate_verifier(cdn_node::tls::AcceptAnyCertificate::new())
-                .with_no_client_auth()
-        } else {
-            let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth()
-        };
+        let trust = if config.insecure { ClientTrust::AnyCertificate } else { ClientTrust::PublicRoots };
+        let tls = tls::client_config(trust, false, &[])?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -77,7 +68,7 @@ impl Upstream {
             .pool_max_idle_per_host(256)
             .build(connector);
         let host = match &config.host {
-            Some(host) => Some(HeaderValue::from_str(host).map_err(|e| format!("origin.host: {e}"))?),
+            Some(host) => Some(HeaderValue::from_str(host)?),
             None => None,
         };
         let base_path = base.path().trim_end_matches('/').to_string();
@@ -88,23 +79,15 @@ impl Upstream {
     pub(crate) fn uri(&self, path_and_query: &str) -> Result<Uri, FetchError> {
         let mut parts = self.base.clone().into_parts();
         let joined = format!("{}{}", self.base_path, path_and_query);
-        parts.path_and_query = Some(joined.parse().map_err(|e| FetchError::Unreachable(format!("bad path: {e}")))?);
-        Uri::from_parts(parts).map_err(|e| FetchError::Unreachable(format!("bad uri: {e}")))
+        parts.path_and_query = Some(joined.parse().map_err(|e| FetchError::Uri(Arc::new(e)))?);
+        Uri::from_parts(parts).map_err(|e| FetchError::Uri(Arc::new(e)))
     }
 
     /// Sends `request`, waiting at most the configured timeout for the response head.
     pub(crate) async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, FetchError> {
         match tokio::time::timeout(self.timeout, self.client.request(request)).await {
             Err(_) => Err(FetchError::Timeout),
-            Ok(Err(error)) => {
-                let mut message = error.to_string();
-                let mut source = std::error::Error::source(&error);
-                while let Some(inner) = source {
-                    message = format!("{message}: {inner}");
-                    source = inner.source();
-                }
-                Err(FetchError::Unreachable(message))
-            }
+            Ok(Err(error)) => Err(FetchError::upstream(error)),
             Ok(Ok(response)) => Ok(response),
         }
     }

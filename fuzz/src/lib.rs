@@ -36,7 +36,7 @@ pub fn cache_control(data: &[u8]) {
     let response = cdn_http::policy::Directives::parse(response);
     for (lifetime, age) in [(0, 0), (10, 5), (10, 20), (u32::MAX as u64, 1)] {
         let (lifetime, age) = (Duration::from_secs(lifetime), Duration::from_secs(age));
-        let _ = cdn_http::policy::evaluate(&request, false, &response, lifetime, age);
+        let _ = cdn_http::policy::evaluate(&request, false, &response, lifetime, age, false);
         let _ = cdn_http::policy::stale_if_error(&request, &response, lifetime, age);
     }
 }

@@ -183,7 +183,82 @@ impl Default for Settings {
 }
 
 /// Why a response is not stored (for logs and `Cache-Status`'s `detail`).
-pub type Reason = &'static str;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Not a GET.
+    Method,
+    /// A status a cache does not store (1xx, 206, 304).
+    Status,
+    /// `no-store` on either side.
+    NoStore,
+    /// `private`.
+    Private,
+    /// The request had `Authorization` and the response did not allow sharing it.
+    Authorization,
+    /// `Vary: *` (or an unusable Vary).
+    VaryStar,
+    /// `Set-Cookie`, and the edge does not store such responses.
+    SetCookie,
+    /// Neither explicit nor heuristic freshness.
+    NoFreshness,
+    /// Larger than the largest object the cache keeps.
+    TooLarge,
+    /// A server error while a stored response may still serve stale (it must not
+    /// replace that response).
+    ErrorOverStale,
+}
+
+impl Reason {
+    /// The reason as logs and `Cache-Status` spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Method => "method",
+            Self::Status => "status",
+            Self::NoStore => "no-store",
+            Self::Private => "private",
+            Self::Authorization => "authorization",
+            Self::VaryStar => "vary-star",
+            Self::SetCookie => "set-cookie",
+            Self::NoFreshness => "no-freshness",
+            Self::TooLarge => "too-large",
+            Self::ErrorOverStale => "error-over-stale",
+        }
+    }
+
+    /// Whether the URL itself is uncacheable for a while ("hit-for-pass"): requests
+    /// for it then skip coalescing. Not for a response that was only too large or an
+    /// error standing in front of a stale copy.
+    pub fn remember(self) -> bool {
+        !matches!(self, Self::TooLarge | Self::ErrorOverStale)
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a response fetched to fill the cache is kept: [`storable`], no larger
+/// than `max_object` (by its announced length; the body is checked again as it
+/// arrives), and never a server error over a stored response that may still serve
+/// stale (`replacing_stale`: the fill revalidates such a response).
+pub fn keep(
+    storable: Result<(), Reason>,
+    status: StatusCode,
+    content_length: Option<u64>,
+    max_object: u64,
+    replacing_stale: bool,
+) -> Result<(), Reason> {
+    storable?;
+    if content_length.is_some_and(|len| len > max_object) {
+        return Err(Reason::TooLarge);
+    }
+    if replacing_stale && status.is_server_error() {
+        return Err(Reason::ErrorOverStale);
+    }
+    Ok(())
+}
 
 /// Whether a shared cache may store `status`/`headers` received for a request with
 /// `method`, `request` directives and `authorization` (RFC 9111 §3, §3.5).
@@ -197,28 +272,28 @@ pub fn storable(
     settings: &Settings,
 ) -> Result<(), Reason> {
     if method != Method::GET {
-        return Err("method");
+        return Err(Reason::Method);
     }
     if status.is_informational() || status == StatusCode::PARTIAL_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Err("status");
+        return Err(Reason::Status);
     }
     if request.no_store || response.no_store {
-        return Err("no-store");
+        return Err(Reason::NoStore);
     }
     if response.private {
-        return Err("private");
+        return Err(Reason::Private);
     }
     if authorization && !(response.public || response.must_revalidate || response.s_maxage.is_some()) {
-        return Err("authorization");
+        return Err(Reason::Authorization);
     }
     if vary_names(headers).is_none() {
-        return Err("vary-star");
+        return Err(Reason::VaryStar);
     }
     if headers.contains_key(header::SET_COOKIE) && !settings.store_set_cookie {
-        return Err("set-cookie");
+        return Err(Reason::SetCookie);
     }
     let explicit = response.max_age.is_some() || response.s_maxage.is_some() || headers.contains_key(header::EXPIRES);
-    if explicit || response.public || heuristically_cacheable(status) { Ok(()) } else { Err("no-freshness") }
+    if explicit || response.public || heuristically_cacheable(status) { Ok(()) } else { Err(Reason::NoFreshness) }
 }
 
 /// The header names in `Vary`, lowercased; `None` for `Vary: *` (or an invalid name).
@@ -320,14 +395,19 @@ pub enum Action {
 }
 
 /// Decides what to do with a stored response of `lifetime` and `age` given both
-/// sides' directives (RFC 9111 §4, §5.2; RFC 5861).
+/// sides' directives (RFC 9111 §4, §5.2; RFC 5861). A response marked stale by a
+/// soft purge (`invalidated`) is always revalidated before use.
 pub fn evaluate(
     request: &Directives,
     request_pragma_no_cache: bool,
     response: &Directives,
     lifetime: Duration,
     age: Duration,
+    invalidated: bool,
 ) -> Action {
+    if invalidated {
+        return Action::Revalidate;
+    }
     // The caller passes `Pragma: no-cache` only when the request has no Cache-Control
     // (RFC 9111 §5.4: Pragma is ignored when Cache-Control is present).
     let no_cache_request = request.no_cache || request_pragma_no_cache;

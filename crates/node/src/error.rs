@@ -24,7 +24,7 @@ pub enum Error {
         source: rustls_pki_types::pem::Error,
     },
     /// A certificate file held no certificate.
-    #[error("no certificate in {path}")]
+    #[error("cannot load certificate from {path}: no CERTIFICATE block found")]
     NoCertificate {
         /// The file.
         path: PathBuf,

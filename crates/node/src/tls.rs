@@ -115,6 +115,44 @@ impl CertifiedKey {
     }
 }
 
+/// Which server certificates a client accepts.
+#[derive(Debug, Clone)]
+pub enum ClientTrust {
+    /// Certificates from the public web PKI (Mozilla's roots, built in).
+    PublicRoots,
+    /// Certificates from these roots only (a private CA, a node's self-signed cert).
+    Roots(rustls::RootCertStore),
+    /// Any certificate (`--insecure`, tests, an origin configured `insecure`).
+    AnyCertificate,
+}
+
+/// The project's one rustls client configuration: the ring provider, `trust`, TLS
+/// 1.3 only when `tls13_only` (QUIC), and the given ALPN protocols.
+pub fn client_config(
+    trust: ClientTrust,
+    tls13_only: bool,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = Arc::new(ring_provider::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider);
+    let builder = if tls13_only {
+        builder.with_protocol_versions(&[&rustls::version::TLS13])?
+    } else {
+        builder.with_safe_default_protocol_versions()?
+    };
+    let mut config = match trust {
+        ClientTrust::PublicRoots => builder
+            .with_root_certificates(rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned())),
+        ClientTrust::Roots(roots) => builder.with_root_certificates(roots),
+        ClientTrust::AnyCertificate => {
+            builder.dangerous().with_custom_certificate_verifier(AcceptAnyCertificate::new())
+        }
+    }
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
 /// A client-side verifier that accepts any server certificate (it still checks the
 /// handshake signatures). For tests, benchmarks and `origin.insecure = true` only.
 #[derive(Debug)]

@@ -12,13 +12,13 @@ use hyper::body::Frame;
 use cdn_http::range;
 use cdn_node::listener::{Body, BoxError, empty, full};
 
-use super::{Pipeline, Req, Served, fill::SliceData};
+use super::{Pipeline, Req, Served};
 use cdn_http::policy;
 
 use crate::{
     body::Growing,
-    metrics::CacheResult,
-    store::{Head, Sliced},
+    cache::{Head, Sliced, status::CacheStatus},
+    fetch::{Fetcher, SliceData},
 };
 
 /// Where a representation's bytes come from.
@@ -33,7 +33,7 @@ pub(super) enum Source {
 
 /// What reading a sliced object needs.
 pub(super) struct SlicedSource {
-    pub(super) pipeline: Arc<Pipeline>,
+    pub(super) fetcher: Arc<Fetcher>,
     pub(super) key: String,
     pub(super) sliced: Arc<Sliced>,
     /// Path and headers for slice requests to the origin.
@@ -89,7 +89,7 @@ impl Source {
 impl SlicedSource {
     fn clone_ref(&self) -> Self {
         Self {
-            pipeline: self.pipeline.clone(),
+            fetcher: self.fetcher.clone(),
             key: self.key.clone(),
             sliced: self.sliced.clone(),
             origin: self.origin.clone(),
@@ -107,7 +107,7 @@ impl SlicedSource {
         let fetches = stream::iter(first..=last).map(move |index| {
             let source = source.clone_ref();
             async move {
-                let data = source.pipeline.slice(&source.key, &source.sliced, index, &source.origin).await;
+                let data = source.fetcher.slice(&source.key, &source.sliced, index, &source.origin).await;
                 (index, source.sliced.bounds(index), data)
             }
         });
@@ -154,8 +154,7 @@ impl Pipeline {
         head: &Head,
         source: Source,
         age: Duration,
-        result: CacheResult,
-        status: String,
+        status: CacheStatus,
     ) -> Served {
         let parts = &req.parts;
         let mut headers = head.headers.clone();
@@ -178,7 +177,7 @@ impl Pipeline {
                     response.headers_mut().append(name.clone(), value.clone());
                 }
             }
-            return Served { response, result, status };
+            return Served { response, status };
         }
         let len = source.len();
         let head_only = parts.method == Method::HEAD;
@@ -196,7 +195,7 @@ impl Pipeline {
                         }
                         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
                         let response = build(StatusCode::RANGE_NOT_SATISFIABLE, headers, empty());
-                        return Served { response, result, status };
+                        return Served { response, status };
                     }
                     range::Resolved::Partial(ranges) if ranges.len() == 1 => {
                         let r = ranges[0].clone();
@@ -205,7 +204,7 @@ impl Pipeline {
                         }
                         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(r.end - r.start));
                         let body = if head_only { empty() } else { source.range_body(r) };
-                        return Served { response: build(StatusCode::PARTIAL_CONTENT, headers, body), result, status };
+                        return Served { response: build(StatusCode::PARTIAL_CONTENT, headers, body), status };
                     }
                     range::Resolved::Partial(ranges) => {
                         let part_type =
@@ -217,7 +216,7 @@ impl Pipeline {
                         }
                         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(multipart.content_length));
                         let body = if head_only { empty() } else { source.multipart_body(&ranges, &multipart) };
-                        return Served { response: build(StatusCode::PARTIAL_CONTENT, headers, body), result, status };
+                        return Served { response: build(StatusCode::PARTIAL_CONTENT, headers, body), status };
                     }
                 }
             }
@@ -226,7 +225,7 @@ impl Pipeline {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
         let body = if head_only { empty() } else { source.full_body() };
-        Served { response: build(head.status, headers, body), result, status }
+        Served { response: build(head.status, headers, body), status }
     }
 }
 

@@ -5,6 +5,19 @@ use proptest::prelude::*;
 
 use super::*;
 
+#[test]
+fn kept_fills() {
+    let ok = Ok(());
+    assert_eq!(keep(ok, StatusCode::OK, Some(10), 10, false), Ok(()));
+    assert_eq!(keep(ok, StatusCode::OK, Some(11), 10, false), Err(Reason::TooLarge));
+    assert_eq!(keep(ok, StatusCode::OK, None, 10, false), Ok(()), "unknown length: checked as it arrives");
+    assert_eq!(keep(ok, StatusCode::BAD_GATEWAY, None, 10, true), Err(Reason::ErrorOverStale));
+    assert_eq!(keep(ok, StatusCode::NOT_FOUND, None, 10, true), Ok(()), "a 404 replaces a stale copy");
+    assert_eq!(keep(Err(Reason::Private), StatusCode::OK, Some(11), 10, true), Err(Reason::Private));
+    assert!(Reason::Private.remember() && Reason::NoStore.remember());
+    assert!(!Reason::TooLarge.remember() && !Reason::ErrorOverStale.remember());
+}
+
 fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     let mut map = HeaderMap::new();
     for (name, value) in pairs {
@@ -46,22 +59,22 @@ fn storability() {
         storable(&Method::GET, &Directives::parse(req), auth, StatusCode::from_u16(status).unwrap(), &h, &resp, &s)
     };
     assert_eq!(ok("", false, 200, &[("cache-control", "max-age=60")]), Ok(()));
-    assert_eq!(ok("", false, 200, &[("cache-control", "no-store")]), Err("no-store"));
-    assert_eq!(ok("no-store", false, 200, &[("cache-control", "max-age=60")]), Err("no-store"));
-    assert_eq!(ok("", false, 200, &[("cache-control", "private, max-age=60")]), Err("private"));
-    assert_eq!(ok("", true, 200, &[("cache-control", "max-age=60")]), Err("authorization"));
+    assert_eq!(ok("", false, 200, &[("cache-control", "no-store")]), Err(Reason::NoStore));
+    assert_eq!(ok("no-store", false, 200, &[("cache-control", "max-age=60")]), Err(Reason::NoStore));
+    assert_eq!(ok("", false, 200, &[("cache-control", "private, max-age=60")]), Err(Reason::Private));
+    assert_eq!(ok("", true, 200, &[("cache-control", "max-age=60")]), Err(Reason::Authorization));
     assert_eq!(ok("", true, 200, &[("cache-control", "s-maxage=60")]), Ok(()));
     assert_eq!(ok("", true, 200, &[("cache-control", "public, max-age=60")]), Ok(()));
-    assert_eq!(ok("", false, 200, &[("cache-control", "max-age=60"), ("vary", "*")]), Err("vary-star"));
-    assert_eq!(ok("", false, 200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")]), Err("set-cookie"));
-    assert_eq!(ok("", false, 500, &[]), Err("no-freshness"));
+    assert_eq!(ok("", false, 200, &[("cache-control", "max-age=60"), ("vary", "*")]), Err(Reason::VaryStar));
+    assert_eq!(ok("", false, 200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")]), Err(Reason::SetCookie));
+    assert_eq!(ok("", false, 500, &[]), Err(Reason::NoFreshness));
     assert_eq!(ok("", false, 500, &[("cache-control", "max-age=5")]), Ok(()));
-    assert_eq!(ok("", false, 206, &[("cache-control", "max-age=5")]), Err("status"));
+    assert_eq!(ok("", false, 206, &[("cache-control", "max-age=5")]), Err(Reason::Status));
     assert_eq!(ok("", false, 404, &[]), Ok(()));
     let h = headers(&[("cache-control", "max-age=60")]);
     assert_eq!(
         storable(&Method::POST, &Directives::default(), false, StatusCode::OK, &h, &Directives::from_headers(&h), &s),
-        Err("method")
+        Err(Reason::Method)
     );
 }
 
@@ -102,20 +115,23 @@ fn age_calculation() {
 fn evaluation() {
     let d = Directives::parse;
     let s = Duration::from_secs;
-    assert_eq!(evaluate(&d(""), false, &d("max-age=60"), s(60), s(10)), Action::Fresh);
-    assert_eq!(evaluate(&d(""), false, &d("max-age=60"), s(60), s(60)), Action::Revalidate);
-    assert_eq!(evaluate(&d("no-cache"), false, &d("max-age=60"), s(60), s(1)), Action::Revalidate);
-    assert_eq!(evaluate(&d(""), true, &d("max-age=60"), s(60), s(1)), Action::Revalidate);
-    assert_eq!(evaluate(&d("max-age=0"), false, &d("max-age=60"), s(60), s(1)), Action::Revalidate);
-    assert_eq!(evaluate(&d("min-fresh=30"), false, &d("max-age=60"), s(60), s(40)), Action::Revalidate);
-    assert_eq!(evaluate(&d(""), false, &d("no-cache, max-age=60"), s(60), s(1)), Action::Revalidate);
+    assert_eq!(evaluate(&d(""), false, &d("max-age=60"), s(60), s(10), false), Action::Fresh);
+    assert_eq!(evaluate(&d(""), false, &d("max-age=60"), s(60), s(60), false), Action::Revalidate);
+    assert_eq!(evaluate(&d("no-cache"), false, &d("max-age=60"), s(60), s(1), false), Action::Revalidate);
+    assert_eq!(evaluate(&d(""), true, &d("max-age=60"), s(60), s(1), false), Action::Revalidate);
+    assert_eq!(evaluate(&d("max-age=0"), false, &d("max-age=60"), s(60), s(1), false), Action::Revalidate);
+    assert_eq!(evaluate(&d("min-fresh=30"), false, &d("max-age=60"), s(60), s(40), false), Action::Revalidate);
+    assert_eq!(evaluate(&d(""), false, &d("no-cache, max-age=60"), s(60), s(1), false), Action::Revalidate);
     let swr = d("max-age=10, stale-while-revalidate=30");
-    assert_eq!(evaluate(&d(""), false, &swr, s(10), s(20)), Action::StaleWhileRevalidate);
-    assert_eq!(evaluate(&d(""), false, &swr, s(10), s(50)), Action::Revalidate);
+    assert_eq!(evaluate(&d(""), false, &swr, s(10), s(20), false), Action::StaleWhileRevalidate);
+    assert_eq!(evaluate(&d(""), false, &swr, s(10), s(50), false), Action::Revalidate);
     let mr = d("max-age=10, stale-while-revalidate=30, must-revalidate");
-    assert_eq!(evaluate(&d(""), false, &mr, s(10), s(20)), Action::Revalidate);
-    assert_eq!(evaluate(&d("max-stale"), false, &d("max-age=10"), s(10), s(1000)), Action::StaleAllowed);
-    assert_eq!(evaluate(&d("max-stale=5"), false, &d("max-age=10"), s(10), s(20)), Action::Revalidate);
+    assert_eq!(evaluate(&d(""), false, &mr, s(10), s(20), false), Action::Revalidate);
+    assert_eq!(evaluate(&d("max-stale"), false, &d("max-age=10"), s(10), s(1000), false), Action::StaleAllowed);
+    assert_eq!(evaluate(&d("max-stale=5"), false, &d("max-age=10"), s(10), s(20), false), Action::Revalidate);
+    // A soft-purged response is revalidated however fresh it is.
+    assert_eq!(evaluate(&d(""), false, &d("max-age=60"), s(60), s(1), true), Action::Revalidate);
+    assert_eq!(evaluate(&d("max-stale"), false, &swr, s(10), s(20), true), Action::Revalidate);
     assert!(stale_if_error(&d(""), &d("max-age=10, stale-if-error=60"), s(10), s(30)));
     assert!(!stale_if_error(&d(""), &d("max-age=10, stale-if-error=60"), s(10), s(100)));
     assert!(stale_if_error(&d("stale-if-error=600"), &d("max-age=10"), s(10), s(100)));
@@ -138,7 +154,7 @@ proptest! {
 
     #[test]
     fn fresh_iff_age_below_lifetime(lifetime in 0u64..10_000, age in 0u64..10_000) {
-        let action = evaluate(&Directives::default(), false, &Directives::default(), Duration::from_secs(lifetime), Duration::from_secs(age));
+        let action = evaluate(&Directives::default(), false, &Directives::default(), Duration::from_secs(lifetime), Duration::from_secs(age), false);
         prop_assert_eq!(action == Action::Fresh, age < lifetime);
     }
 }

@@ -4,18 +4,20 @@
 //! leaves a small marker (the varying header names) under the primary key and
 //! lives under `primary ␟ secondary`, where the secondary key is the request's
 //! values of those headers. Every entry's key starts with its primary key, so a
-//! purge of a URL drops every variant (and, later, every slice) with one predicate.
+//! purge of a URL drops every variant and every slice with one predicate. The key
+//! format is `cdn_http::key`'s.
 
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use cdn_cluster::purge::Target;
 use http::{HeaderMap, HeaderName, StatusCode};
 use moka::future::Cache;
 
-use cdn_http::policy::{Directives, Timing};
-
-/// Separates the primary key from the secondary (variant) key.
-pub(crate) const VARIANT_SEPARATOR: char = '\u{1f}';
+use cdn_http::{
+    key::{self, vary_values},
+    policy::{Directives, Timing},
+};
 
 /// Everything about a stored response but its body.
 #[derive(Debug)]
@@ -104,42 +106,6 @@ impl Found {
     }
 }
 
-/// The key of slice `index` of `primary`.
-pub(crate) fn slice_key(primary: &str, index: u64) -> String {
-    format!("{primary}{VARIANT_SEPARATOR}slice:{index}")
-}
-
-/// The request's values of the varying headers, normalised (all field lines joined,
-/// whitespace around commas removed).
-pub(crate) fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Vec<(HeaderName, String)> {
-    names
-        .iter()
-        .map(|name| {
-            let joined = request
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .collect::<Vec<_>>()
-                .join(",");
-            (name.clone(), joined)
-        })
-        .collect()
-}
-
-fn secondary_key(values: &[(HeaderName, String)]) -> String {
-    let mut key = String::new();
-    for (name, value) in values {
-        key.push_str(name.as_str());
-        key.push('=');
-        key.push_str(value);
-        key.push('\n');
-    }
-    key
-}
-
 /// The cache.
 #[derive(Clone)]
 pub(crate) struct Store {
@@ -171,8 +137,7 @@ impl Store {
             Entry::Slice(_) => None,
             Entry::Vary(names) => {
                 let values = vary_values(&names, request);
-                let key = format!("{primary}{VARIANT_SEPARATOR}{}", secondary_key(&values));
-                match self.cache.get(&key).await? {
+                match self.cache.get(&key::variant(primary, &values)).await? {
                     Entry::Object(object) if object.head.vary == values => Some(Found::Object(object)),
                     _ => None,
                 }
@@ -187,7 +152,7 @@ impl Store {
 
     /// Slice `index` of `sliced`, if stored with the same validator.
     pub(crate) async fn slice(&self, primary: &str, sliced: &Sliced, index: u64) -> Option<Bytes> {
-        match self.cache.get(&slice_key(primary, index)).await? {
+        match self.cache.get(&key::slice(primary, index)).await? {
             Entry::Slice(slice) if slice.etag == sliced.etag => Some(slice.bytes),
             _ => None,
         }
@@ -195,7 +160,7 @@ impl Store {
 
     /// Stores slice `index` of `primary` with its validator.
     pub(crate) async fn insert_slice(&self, primary: &str, index: u64, etag: Option<http::HeaderValue>, bytes: Bytes) {
-        self.cache.insert(slice_key(primary, index), Entry::Slice(Slice { etag, bytes })).await;
+        self.cache.insert(key::slice(primary, index), Entry::Slice(Slice { etag, bytes })).await;
     }
 
     /// Stores `object` under `primary` (and its variant key when it varies).
@@ -205,23 +170,21 @@ impl Store {
             return;
         }
         let names: Vec<HeaderName> = object.head.vary.iter().map(|(name, _)| name.clone()).collect();
-        let key = format!("{primary}{VARIANT_SEPARATOR}{}", secondary_key(&object.head.vary));
-        self.cache.insert(key, Entry::Object(object)).await;
+        let variant = key::variant(primary, &object.head.vary);
+        self.cache.insert(variant, Entry::Object(object)).await;
         self.cache.insert(primary.to_string(), Entry::Vary(Arc::new(names))).await;
     }
 
     /// Drops `primary` and all its variants.
     pub(crate) fn invalidate_url(&self, primary: &str) {
         let primary = primary.to_string();
-        let _ = self.cache.invalidate_entries_if(move |key, _| {
-            key == &primary
-                || key.strip_prefix(primary.as_str()).is_some_and(|rest| rest.starts_with(VARIANT_SEPARATOR))
-        });
+        let _ = self.cache.invalidate_entries_if(move |stored, _| key::belongs_to(stored, &primary));
     }
 
     /// Applies a purge: drops (or, `soft`, marks stale) every entry it matches.
-    /// Returns how many entries matched (soft) or `None` (hard; counted lazily).
-    pub(crate) async fn purge(&self, target: &cdn_cluster::purge::Target, soft: bool) -> usize {
+    /// Returns how many entries were marked (soft; a hard purge counts 0, its
+    /// entries are dropped lazily).
+    pub(crate) fn purge(&self, target: &Target, soft: bool) -> usize {
         if target.all && !soft {
             self.cache.invalidate_all();
             return 0;

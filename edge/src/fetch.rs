@@ -1,5 +1,5 @@
-//! Origin fetches shared by every request that waits for them (coalescing), and
-//! sliced fills of large objects.
+//! Fetching from the origin: fills shared by every request that waits for them
+//! (coalescing), sliced fills of large objects, revalidations, and plain forwards.
 //!
 //! A miss sends one *probe*: a GET for the slice that covers the first byte the
 //! client wants (`Range: bytes=k·S-(k+1)·S−1`). A 206 tells the total length: a
@@ -8,73 +8,54 @@
 //! origin that ignores ranges answers 200 and the object is filled whole.
 
 use std::{
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex},
     time::SystemTime,
 };
 
 use bytes::Bytes;
+use cdn_http::{
+    key::{CACHE_TAG, SURROGATE_KEY, surrogate_keys, vary_values},
+    policy::{self, Directives, Settings, Timing},
+};
+use cdn_node::listener::{Body, empty};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
-use tokio::sync::watch;
 use tracing::{debug, warn};
-
-use cdn_node::listener::empty;
-
-use super::{CACHE_TAG, Conn, Pipeline, Req, SURROGATE_KEY, path_and_query, surrogate_keys};
-use cdn_http::policy::{self, Directives, Settings, Timing};
 
 use crate::{
     body::Growing,
+    cache::{Cache, Fill, Flight, Found, Head, Object, Outcome, Sliced},
+    clock::Clock,
     error::FetchError,
-    store::{Found, Head, Object, Sliced, slice_key, vary_values},
-    upstream::strip_hop_by_hop,
+    metrics::Metrics,
+    upstream::{Upstream, strip_hop_by_hop},
 };
 
-/// One origin fetch shared by every request that waits for it.
-pub(super) struct Fill {
-    outcome: watch::Sender<Option<Arc<Outcome>>>,
+/// Fetches from the origin into the cache: coalesced fills of whole objects and
+/// slices, revalidations, and requests only forwarded.
+pub(crate) struct Fetcher {
+    cache: Arc<Cache>,
+    upstream: Upstream,
+    metrics: Metrics,
+    clock: Clock,
+    settings: Settings,
+    max_object: u64,
+    slice_size: u64,
 }
 
-impl Fill {
-    fn new() -> Arc<Self> {
-        Arc::new(Self { outcome: watch::Sender::new(None) })
-    }
-
-    fn publish(&self, outcome: Outcome) {
-        self.outcome.send_replace(Some(Arc::new(outcome)));
-    }
-
-    /// Waits for the outcome (the origin's response head, or the failure).
-    pub(super) async fn outcome(self: Arc<Self>) -> Arc<Outcome> {
-        let mut rx = self.outcome.subscribe();
-        drop(self);
-        loop {
-            if let Some(outcome) = rx.borrow_and_update().clone() {
-                return outcome;
-            }
-            if rx.changed().await.is_err() {
-                return Arc::new(Outcome::Failed(FetchError::Unreachable("fill abandoned".into())));
-            }
-        }
-    }
-}
-
-/// What a fill produced, as soon as the origin's response head is known.
-pub(super) enum Outcome {
-    /// A whole storable response, streaming into the cache.
-    Stream { head: Arc<Head>, body: Arc<Growing> },
-    /// A large object: its head is stored, its slices are fetched as they are read.
-    Sliced(Arc<Sliced>),
-    /// One slice, streaming into the cache.
-    Slice(Arc<Growing>),
-    /// A 304 refreshed the stored response.
-    Updated(Found),
-    /// Not shareable. `response` is the origin's answer to exactly the leader's
-    /// request when it can be handed over; everyone else fetches for themselves.
-    Pass { response: Mutex<Option<Response<Incoming>>>, status: StatusCode },
-    /// The origin could not be reached.
-    Failed(FetchError),
+/// What a fill needs from the request that starts it.
+pub(crate) struct FillRequest {
+    /// The cache key.
+    pub(crate) key: String,
+    /// Path and query for the origin.
+    pub(crate) path: String,
+    /// Headers for the origin (see [`strip_for_shared`]).
+    pub(crate) origin_headers: HeaderMap,
+    /// The client's own headers (Vary, Range, Authorization, conditionals).
+    pub(crate) client_headers: HeaderMap,
+    /// The client's Cache-Control.
+    pub(crate) client_directives: Directives,
 }
 
 struct FillJob {
@@ -96,7 +77,7 @@ struct FillJob {
 }
 
 /// Headers a fill must not forward from the client: the fill's answer is shared.
-pub(super) const CLIENT_CONDITIONALS: [HeaderName; 6] = [
+pub(crate) const CLIENT_CONDITIONALS: [HeaderName; 6] = [
     header::IF_NONE_MATCH,
     header::IF_MODIFIED_SINCE,
     header::IF_MATCH,
@@ -109,7 +90,7 @@ pub(super) const CLIENT_CONDITIONALS: [HeaderName; 6] = [
 /// frameworks) use to build responses: forwarded to a shared fill they would let one
 /// client poison the object every client gets. A fill never sends them; requests
 /// the edge only forwards (not stored) still do.
-pub(super) const UNKEYED: [HeaderName; 12] = [
+pub(crate) const UNKEYED: [HeaderName; 12] = [
     HeaderName::from_static("x-forwarded-host"),
     HeaderName::from_static("x-forwarded-server"),
     HeaderName::from_static("x-forwarded-port"),
@@ -126,48 +107,95 @@ pub(super) const UNKEYED: [HeaderName; 12] = [
 
 /// Removes what a shared fill must not forward from its client: conditionals and
 /// ranges (the fill wants the whole representation) and the [`UNKEYED`] headers.
-pub(super) fn strip_for_shared(headers: &mut HeaderMap) {
+pub(crate) fn strip_for_shared(headers: &mut HeaderMap) {
     for name in CLIENT_CONDITIONALS.iter().chain(&UNKEYED) {
         headers.remove(name);
     }
 }
 
-impl Pipeline {
-    /// Joins the fill of `req.key` or starts one; `true` when this request started it.
-    pub(super) fn join_or_start(self: &Arc<Self>, req: &Req, conn: Conn, stale: Option<Found>) -> (Arc<Fill>, bool) {
-        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(fill) = inflight.get(&req.key) {
-            return (fill.clone(), false);
-        }
-        let fill = Fill::new();
-        inflight.insert(req.key.clone(), fill.clone());
-        drop(inflight);
-        let mut headers = self.origin_headers(&req.parts, conn, req.scheme);
-        strip_for_shared(&mut headers);
+impl Fetcher {
+    pub(crate) fn new(
+        cache: Arc<Cache>,
+        upstream: Upstream,
+        metrics: Metrics,
+        clock: Clock,
+        settings: Settings,
+        max_object: u64,
+        slice_size: u64,
+    ) -> Self {
+        Self { cache, upstream, metrics, clock, settings, max_object, slice_size }
+    }
+
+    /// Joins the fill of `request.key` or starts one (in a task of its own, so a
+    /// client that goes away does not abort it for the others). `stale` is the
+    /// stored response being revalidated, if any.
+    pub(crate) fn join_or_start(self: &Arc<Self>, request: FillRequest, stale: Option<Found>) -> Flight {
+        let flight = self.cache.join_or_start(&request.key);
+        let Flight::Leader(fill) = &flight else { return flight };
+        let FillRequest { key, path, mut origin_headers, client_headers, client_directives } = request;
         if let Some(stale) = &stale {
             let head = stale.head();
             if let Some(etag) = head.headers.get(header::ETAG) {
-                headers.insert(header::IF_NONE_MATCH, etag.clone());
+                origin_headers.insert(header::IF_NONE_MATCH, etag.clone());
             }
             if let Some(modified) = head.headers.get(header::LAST_MODIFIED) {
-                headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
+                origin_headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
             }
         }
-        let client_plain = !CLIENT_CONDITIONALS.iter().any(|name| req.parts.headers.contains_key(name));
+        let client_plain = !CLIENT_CONDITIONALS.iter().any(|name| client_headers.contains_key(name));
         let job = FillJob {
             fill: fill.clone(),
-            key: req.key.clone(),
-            path: path_and_query(&req.parts.uri),
-            origin_headers: headers,
-            client_headers: req.parts.headers.clone(),
-            client_directives: req.directives.clone(),
+            key,
+            path,
+            origin_headers,
+            probe: Some(self.probe_index(&client_headers)),
+            client_headers,
+            client_directives,
             client_plain,
             stale,
-            probe: Some(self.probe_index(&req.parts.headers)),
-            epoch: self.purge_epoch(),
+            epoch: self.cache.epoch(),
         };
         tokio::spawn(self.clone().run_fill(job));
-        (fill, true)
+        flight
+    }
+
+    /// The `Host` the origin wants instead of the client's (`origin.host`).
+    pub(crate) fn origin_host(&self) -> Option<&HeaderValue> {
+        self.upstream.host.as_ref()
+    }
+
+    /// Whether the origin answers at all (any HTTP response counts).
+    pub(crate) async fn origin_reachable(&self) -> bool {
+        let Ok(uri) = self.upstream.uri("/") else { return false };
+        let mut request = Request::new(empty());
+        *request.method_mut() = Method::HEAD;
+        *request.uri_mut() = uri;
+        self.upstream.send(request).await.is_ok()
+    }
+
+    /// Sends a request to the origin as it is (not coalesced, not stored).
+    pub(crate) async fn forward(
+        &self,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<Response<Incoming>, FetchError> {
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = self.upstream.uri(path)?;
+        *request.headers_mut() = headers;
+        self.send(request).await
+    }
+
+    /// Sends `request` and counts its outcome.
+    async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, FetchError> {
+        let result = self.upstream.send(request).await;
+        match &result {
+            Ok(response) => self.metrics.origin_status(response.status().as_u16()),
+            Err(e) => self.metrics.origin_error(e.is_timeout()),
+        }
+        result
     }
 
     /// The slice holding the first byte a request wants.
@@ -198,17 +226,12 @@ impl Pipeline {
                 request.headers_mut().insert(header::RANGE, value);
             }
         }
-        let result = self.upstream.send(request).await;
-        match &result {
-            Ok(response) => self.metrics.origin_status(response.status().as_u16()),
-            Err(e) => self.metrics.origin_error(matches!(e, FetchError::Timeout)),
-        }
-        result
+        self.send(request).await
     }
 
     async fn run_fill(self: Arc<Self>, job: FillJob) {
         self.run_fill_inner(&job).await;
-        self.finish_fill(&job.key, &job.fill);
+        self.cache.land(&job.key, &job.fill);
     }
 
     async fn run_fill_inner(self: &Arc<Self>, job: &FillJob) {
@@ -246,7 +269,7 @@ impl Pipeline {
             }
             if probed && rp.status == StatusCode::PARTIAL_CONTENT {
                 let Some((range, total)) = content_range(&rp.headers) else {
-                    job.fill.publish(Outcome::Failed(FetchError::Unreachable("bad content-range from origin".into())));
+                    job.fill.publish(Outcome::Failed(FetchError::BadContentRange));
                     return;
                 };
                 if range.start == 0 && range.end == total && total <= self.slice_size {
@@ -290,16 +313,12 @@ impl Pipeline {
             &rp.headers,
             &directives,
             &self.settings,
-        )
-        .and_then(|()| if content_length.is_some_and(|len| len > self.max_object) { Err("too-large") } else { Ok(()) })
-        // An error never replaces a stored response that may still serve stale.
-        .and_then(|()| {
-            if job.stale.is_some() && rp.status.is_server_error() { Err("error-over-stale") } else { Ok(()) }
-        });
-        if let Err(reason) = storable {
-            debug!(key = %job.key, reason, "not storable");
-            if !matches!(reason, "too-large" | "error-over-stale") {
-                self.mark_pass(&job.key);
+        );
+        let kept = policy::keep(storable, rp.status, content_length, self.max_object, job.stale.is_some());
+        if let Err(reason) = kept {
+            debug!(key = %job.key, %reason, "not storable");
+            if reason.remember() {
+                self.cache.mark_pass(&job.key);
             }
             let status = rp.status;
             // Our request differed from the client's only in headers it did not send.
@@ -328,10 +347,10 @@ impl Pipeline {
         job.fill.publish(Outcome::Stream { head: head.clone(), body: growing.clone() });
         if self.read_into(&job.key, body, &growing, content_length).await
             && growing.len() <= self.max_object
-            && self.purge_epoch() == job.epoch
+            && self.cache.epoch() == job.epoch
             && let Some(bytes) = growing.concat()
         {
-            self.store.insert(&job.key, Object { head, body: bytes }).await;
+            self.cache.insert(&job.key, Object { head, body: bytes }).await;
         }
     }
 
@@ -406,7 +425,8 @@ impl Pipeline {
             &rp.headers,
             &directives,
             &self.settings,
-        )?;
+        )
+        .map_err(policy::Reason::as_str)?;
         let tags = surrogate_keys(&rp.headers);
         rp.headers.remove(SURROGATE_KEY);
         rp.headers.remove(CACHE_TAG);
@@ -424,63 +444,52 @@ impl Pipeline {
             purged: Default::default(),
         });
         let sliced = Arc::new(Sliced { head, total, slice: self.slice_size, etag: etag.clone() });
-        if self.purge_epoch() == job.epoch {
-            self.store.insert_sliced(&job.key, sliced.clone()).await;
+        if self.cache.epoch() == job.epoch {
+            self.cache.insert_sliced(&job.key, sliced.clone()).await;
         }
 
         // The probed slice is a slice fill of its own that readers can join.
-        let slice_fill = Fill::new();
         let slice_key = slice_fill_key(&job.key, &sliced, index);
-        self.inflight.lock().unwrap_or_else(PoisonError::into_inner).insert(slice_key.clone(), slice_fill.clone());
+        let slice_fill = self.cache.join_or_start(&slice_key).fill().clone();
         let growing = Growing::new(Some(range.end - range.start));
         slice_fill.publish(Outcome::Slice(growing.clone()));
         job.fill.publish(Outcome::Sliced(sliced.clone()));
-        self.finish_fill(&job.key, &job.fill);
+        self.cache.land(&job.key, &job.fill);
         if self.read_into(&slice_key, body, &growing, Some(range.end - range.start)).await
             && let Some(bytes) = growing.concat()
         {
-            self.store.insert_slice(&job.key, index, etag, bytes).await;
+            self.cache.insert_slice(&job.key, index, etag, bytes).await;
         }
-        self.finish_fill(&slice_key, &slice_fill);
+        self.cache.land(&slice_key, &slice_fill);
         Ok(())
     }
 
     /// Slice `index` of a sliced object: from the cache, or joined to (or started
     /// as) a coalesced slice fill.
-    pub(super) async fn slice(
+    pub(crate) async fn slice(
         self: &Arc<Self>,
         key: &str,
         sliced: &Arc<Sliced>,
         index: u64,
         origin: &(String, HeaderMap),
     ) -> Result<SliceData, FetchError> {
-        if let Some(bytes) = self.store.slice(key, sliced, index).await {
+        if let Some(bytes) = self.cache.slice(key, sliced, index).await {
             return Ok(SliceData::Stored(bytes));
         }
         let fill_key = slice_fill_key(key, sliced, index);
-        let (fill, leader) = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-            match inflight.get(&fill_key) {
-                Some(fill) => (fill.clone(), false),
-                None => {
-                    let fill = Fill::new();
-                    inflight.insert(fill_key.clone(), fill.clone());
-                    (fill, true)
-                }
-            }
-        };
-        if leader {
-            let (pipeline, key, sliced, origin, fill) =
-                (self.clone(), key.to_string(), sliced.clone(), origin.clone(), fill.clone());
+        let flight = self.cache.join_or_start(&fill_key);
+        let fill = flight.fill().clone();
+        if let Flight::Leader(fill) = flight {
+            let (fetcher, key, sliced, origin) = (self.clone(), key.to_string(), sliced.clone(), origin.clone());
             tokio::spawn(async move {
-                pipeline.run_slice_fill(&key, &sliced, index, &origin, &fill).await;
-                pipeline.finish_fill(&fill_key, &fill);
+                fetcher.run_slice_fill(&key, &sliced, index, &origin, &fill).await;
+                fetcher.cache.land(&fill_key, &fill);
             });
         }
         match &*fill.outcome().await {
             Outcome::Slice(growing) => Ok(SliceData::Filling(growing.clone())),
             Outcome::Failed(e) => Err(e.clone()),
-            _ => Err(FetchError::Unreachable("unexpected slice outcome".into())),
+            _ => Err(FetchError::Abandoned),
         }
     }
 
@@ -500,14 +509,10 @@ impl Pipeline {
         if let Some(etag) = &sliced.etag {
             request.headers_mut().insert(header::IF_MATCH, etag.clone());
         }
-        let response = match self.upstream.send(request).await {
+        let response = match self.send(request).await {
             Ok(response) => response,
-            Err(e) => {
-                self.metrics.origin_error(matches!(e, FetchError::Timeout));
-                return fill.publish(Outcome::Failed(e));
-            }
+            Err(e) => return fill.publish(Outcome::Failed(e)),
         };
-        self.metrics.origin_status(response.status().as_u16());
         let (rp, body) = response.into_parts();
         let same = rp.status == StatusCode::PARTIAL_CONTENT
             && content_range(&rp.headers) == Some((bounds.clone(), sliced.total))
@@ -516,22 +521,15 @@ impl Pipeline {
             // The object changed at the origin (or the origin misbehaves): never splice
             // two versions. Drop the old head and slices; the next request starts over.
             warn!(%key, status = %rp.status, "object changed between slices; dropping it");
-            self.store.invalidate_url(key);
-            return fill.publish(Outcome::Failed(FetchError::Unreachable("object changed at the origin".into())));
+            self.cache.invalidate_url(key);
+            return fill.publish(Outcome::Failed(FetchError::Changed));
         }
         let growing = Growing::new(Some(bounds.end - bounds.start));
         fill.publish(Outcome::Slice(growing.clone()));
         if self.read_into(key, body, &growing, Some(bounds.end - bounds.start)).await
             && let Some(bytes) = growing.concat()
         {
-            self.store.insert_slice(key, index, sliced.etag.clone(), bytes).await;
-        }
-    }
-
-    pub(super) fn finish_fill(&self, key: &str, fill: &Arc<Fill>) {
-        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-        if inflight.get(key).is_some_and(|current| Arc::ptr_eq(current, fill)) {
-            inflight.remove(key);
+            self.cache.insert_slice(key, index, sliced.etag.clone(), bytes).await;
         }
     }
 
@@ -548,13 +546,13 @@ impl Pipeline {
         match stale {
             Found::Object(object) => {
                 let object = Object { head, body: object.body.clone() };
-                self.store.insert(key, object.clone()).await;
+                self.cache.insert(key, object.clone()).await;
                 Found::Object(object)
             }
             Found::Sliced(sliced) => {
                 let sliced =
                     Arc::new(Sliced { head, total: sliced.total, slice: sliced.slice, etag: sliced.etag.clone() });
-                self.store.insert_sliced(key, sliced.clone()).await;
+                self.cache.insert_sliced(key, sliced.clone()).await;
                 Found::Sliced(sliced)
             }
         }
@@ -562,14 +560,14 @@ impl Pipeline {
 }
 
 /// A slice's bytes: stored, or still arriving.
-pub(super) enum SliceData {
+pub(crate) enum SliceData {
     Stored(Bytes),
     Filling(Arc<Growing>),
 }
 
 fn slice_fill_key(key: &str, sliced: &Sliced, index: u64) -> String {
     let etag = sliced.etag.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
-    format!("{}@{etag}", slice_key(key, index))
+    format!("{}@{etag}", cdn_http::key::slice(key, index))
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -577,7 +575,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// `Content-Range: bytes a-b/total` → (a..b+1, total).
-pub(super) fn content_range(headers: &HeaderMap) -> Option<(std::ops::Range<u64>, u64)> {
+pub(crate) fn content_range(headers: &HeaderMap) -> Option<(std::ops::Range<u64>, u64)> {
     let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?.trim();
     let rest = value.strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;

@@ -1,0 +1,173 @@
+//! The edge's cache: the one owner of what is stored and of what is being fetched.
+//!
+//! [`Cache`] holds the store (moka, bounded in bytes), the fills in flight (one per
+//! key: concurrent misses join it), the purge epoch and the "hit-for-pass" marks.
+//! Requests go through [`Cache::lookup`] and [`Cache::join_or_start`]; every purge,
+//! from gossip or from an unsafe request, goes through [`Cache::purge`] or
+//! [`Cache::invalidate_url`] — nothing else changes what is stored except the fills
+//! (`crate::fetch`) writing what they fetched.
+//!
+//! # Layout
+//! - [`store`]: stored objects, Vary variants, sliced objects and their slices.
+//! - [`flight`]: a fill in flight and what it produced ([`Fill`], [`Outcome`]).
+//! - [`status`]: the `Cache-Status` (RFC 9211) and `X-Cache` of a response, typed.
+
+pub(crate) mod flight;
+pub(crate) mod status;
+pub(crate) mod store;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use cdn_cluster::purge::Target;
+use http::{HeaderMap, HeaderValue};
+
+use self::store::Store;
+pub(crate) use self::{
+    flight::{Fill, Outcome},
+    store::{Found, Head, Object, Sliced},
+};
+
+/// How long a key found uncacheable skips coalescing.
+const PASS_TTL: Duration = Duration::from_secs(30);
+
+/// A request's place in a fill: it started it (and the caller runs it) or joined one.
+pub(crate) enum Flight {
+    /// This request started the fill: the caller must run it and then call
+    /// [`Cache::land`].
+    Leader(Arc<Fill>),
+    /// A fill for the key is already under way.
+    Follower(Arc<Fill>),
+}
+
+impl Flight {
+    /// The fill, whoever runs it.
+    pub(crate) fn fill(&self) -> &Arc<Fill> {
+        match self {
+            Self::Leader(fill) | Self::Follower(fill) => fill,
+        }
+    }
+}
+
+/// Everything the edge stores and everything it is fetching.
+pub(crate) struct Cache {
+    store: Store,
+    /// Fills under way, by key (primary keys, and slice keys with their validator).
+    inflight: Mutex<HashMap<String, Arc<Fill>>>,
+    /// Keys recently found uncacheable: requests for them skip coalescing.
+    pass_marks: moka::sync::Cache<String, ()>,
+    /// Bumped by every purge: a fill that started before a purge is not stored.
+    epoch: AtomicU64,
+}
+
+impl Cache {
+    /// A cache holding at most `max_bytes` (weights of bodies, heads and keys).
+    pub(crate) fn new(max_bytes: u64) -> Self {
+        Self {
+            store: Store::new(max_bytes),
+            inflight: Mutex::default(),
+            pass_marks: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(PASS_TTL).build(),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// The stored response for `key` matching the request's headers (Vary).
+    pub(crate) async fn lookup(&self, key: &str, request: &HeaderMap) -> Option<Found> {
+        self.store.lookup(key, request).await
+    }
+
+    /// Joins the fill of `key`, or starts one (the caller then runs it).
+    pub(crate) fn join_or_start(&self, key: &str) -> Flight {
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(fill) = inflight.get(key) {
+            return Flight::Follower(fill.clone());
+        }
+        let fill = Fill::new();
+        inflight.insert(key.to_string(), fill.clone());
+        Flight::Leader(fill)
+    }
+
+    /// Whether a fill for `key` is under way.
+    pub(crate) fn is_filling(&self, key: &str) -> bool {
+        self.inflight.lock().unwrap_or_else(PoisonError::into_inner).contains_key(key)
+    }
+
+    /// Ends the fill of `key` (if `fill` is still the one in flight): later
+    /// requests look the key up again.
+    pub(crate) fn land(&self, key: &str, fill: &Arc<Fill>) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        if inflight.get(key).is_some_and(|current| Arc::ptr_eq(current, fill)) {
+            inflight.remove(key);
+        }
+    }
+
+    /// The purge epoch: a fill remembers it when it starts and stores what it
+    /// fetched only if no purge came in between (its response may be what was purged).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Applies a purge — the one place purges reach the cache. Hard: matching
+    /// entries are dropped; soft: they are marked for revalidation (the policy then
+    /// revalidates them before use). Fills under way are not stored.
+    pub(crate) fn purge(&self, target: &Target, soft: bool) -> usize {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        if !soft {
+            self.pass_marks.invalidate_all();
+        }
+        self.store.purge(target, soft)
+    }
+
+    /// Drops `key` with all its variants and slices (after an unsafe request, or
+    /// an object that changed between slices).
+    pub(crate) fn invalidate_url(&self, key: &str) {
+        self.store.invalidate_url(key);
+    }
+
+    /// Whether `key` was recently found uncacheable.
+    pub(crate) fn is_pass(&self, key: &str) -> bool {
+        self.pass_marks.contains_key(key)
+    }
+
+    /// Remembers for a while that `key` is not cacheable.
+    pub(crate) fn mark_pass(&self, key: &str) {
+        self.pass_marks.insert(key.to_string(), ());
+    }
+
+    /// Stores a whole object under `key` (and its variant key when it varies).
+    pub(crate) async fn insert(&self, key: &str, object: Object) {
+        self.store.insert(key, object).await;
+    }
+
+    /// Stores the head of a sliced object under `key`.
+    pub(crate) async fn insert_sliced(&self, key: &str, sliced: Arc<Sliced>) {
+        self.store.insert_sliced(key, sliced).await;
+    }
+
+    /// Slice `index` of `sliced`, if stored with the same validator.
+    pub(crate) async fn slice(&self, key: &str, sliced: &Sliced, index: u64) -> Option<Bytes> {
+        self.store.slice(key, sliced, index).await
+    }
+
+    /// Stores slice `index` of `key` with its validator.
+    pub(crate) async fn insert_slice(&self, key: &str, index: u64, etag: Option<HeaderValue>, bytes: Bytes) {
+        self.store.insert_slice(key, index, etag, bytes).await;
+    }
+
+    /// Bytes held, after pending maintenance.
+    pub(crate) async fn bytes(&self) -> u64 {
+        self.store.bytes().await
+    }
+
+    /// Entries held.
+    pub(crate) fn objects(&self) -> u64 {
+        self.store.objects()
+    }
+}

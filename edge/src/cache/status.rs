@@ -1,0 +1,183 @@
+//! What the cache did for a response, typed: rendered once as `Cache-Status`
+//! (RFC 9211, cache name `cdn`) and `X-Cache`, and counted in the metrics.
+
+use std::fmt::{self, Write as _};
+
+use http::HeaderValue;
+
+use crate::metrics::CacheResult;
+
+/// Why the request went forward to the origin (RFC 9211 §2.2 `fwd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fwd {
+    /// The cache was not used (uncacheable method or key).
+    Bypass,
+    /// Nothing stored for the key.
+    Miss,
+    /// Something stored, but it could not be used for this request.
+    UriMiss,
+    /// A stored response had to be validated (or could not be).
+    Stale,
+}
+
+impl Fwd {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Bypass => "bypass",
+            Self::Miss => "miss",
+            Self::UriMiss => "uri-miss",
+            Self::Stale => "stale",
+        }
+    }
+}
+
+/// Extra detail (RFC 9211 §2.8 `detail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Detail {
+    /// Served stale because the client allowed it.
+    MaxStale,
+    /// Served stale while the cache refreshes it.
+    StaleWhileRevalidate,
+    /// Served stale because the origin failed.
+    StaleIfError,
+    /// Stored in slices.
+    Sliced,
+    /// The edge answered with this error itself.
+    Error(u16),
+}
+
+impl fmt::Display for Detail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MaxStale => f.write_str("max-stale"),
+            Self::StaleWhileRevalidate => f.write_str("stale-while-revalidate"),
+            Self::StaleIfError => f.write_str("stale-if-error"),
+            Self::Sliced => f.write_str("sliced"),
+            Self::Error(status) => write!(f, "{status}"),
+        }
+    }
+}
+
+/// The cache's account of one response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CacheStatus {
+    /// For `X-Cache` and `cdn_requests_total{cache}`.
+    pub(crate) result: CacheResult,
+    /// Served from storage without going forward.
+    pub(crate) hit: bool,
+    /// Why it went forward.
+    pub(crate) fwd: Option<Fwd>,
+    /// The origin's status, when it went forward.
+    pub(crate) fwd_status: Option<u16>,
+    /// Remaining freshness in seconds (negative when stale).
+    pub(crate) ttl: Option<i64>,
+    /// The origin's response was stored.
+    pub(crate) stored: bool,
+    /// Extra detail.
+    pub(crate) detail: Option<Detail>,
+}
+
+impl CacheStatus {
+    const EMPTY: Self = Self {
+        result: CacheResult::Miss,
+        hit: false,
+        fwd: None,
+        fwd_status: None,
+        ttl: None,
+        stored: false,
+        detail: None,
+    };
+
+    /// Served from the cache (`result` HIT or STALE) with `ttl` left.
+    pub(crate) fn hit(result: CacheResult, ttl: i64) -> Self {
+        Self { result, hit: true, ttl: Some(ttl), ..Self::EMPTY }
+    }
+
+    /// Went forward for `fwd` and got `status` from the origin.
+    pub(crate) fn forward(result: CacheResult, fwd: Fwd, status: u16) -> Self {
+        Self { result, fwd: Some(fwd), fwd_status: Some(status), ..Self::EMPTY }
+    }
+
+    /// Not even sent forward: the edge answered `status` itself.
+    pub(crate) fn error(result: CacheResult, status: u16) -> Self {
+        Self { result, fwd: Some(Fwd::Miss), detail: Some(Detail::Error(status)), ..Self::EMPTY }
+    }
+
+    /// The cache was bypassed (`fwd=bypass`), with the origin's status when known.
+    pub(crate) fn bypass(status: Option<u16>) -> Self {
+        Self { result: CacheResult::Bypass, fwd: Some(Fwd::Bypass), fwd_status: status, ..Self::EMPTY }
+    }
+
+    /// With `detail`.
+    pub(crate) fn with_detail(self, detail: Detail) -> Self {
+        Self { detail: Some(detail), ..self }
+    }
+
+    /// With `ttl`.
+    pub(crate) fn with_ttl(self, ttl: i64) -> Self {
+        Self { ttl: Some(ttl), ..self }
+    }
+
+    /// Marked `stored`.
+    pub(crate) fn stored(self) -> Self {
+        Self { stored: true, ..self }
+    }
+
+    /// The `Cache-Status` field value.
+    pub(crate) fn header_value(&self) -> HeaderValue {
+        let mut text = String::with_capacity(48);
+        let _ = write!(text, "{self}");
+        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("cdn"))
+    }
+}
+
+impl fmt::Display for CacheStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("cdn")?;
+        if self.hit {
+            f.write_str("; hit")?;
+        }
+        if let Some(fwd) = self.fwd {
+            write!(f, "; fwd={}", fwd.as_str())?;
+        }
+        if let Some(status) = self.fwd_status {
+            write!(f, "; fwd-status={status}")?;
+        }
+        if let Some(ttl) = self.ttl {
+            write!(f, "; ttl={ttl}")?;
+        }
+        if self.stored {
+            f.write_str("; stored")?;
+        }
+        if let Some(detail) = self.detail {
+            write!(f, "; detail={detail}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_rfc_9211() {
+        assert_eq!(CacheStatus::hit(CacheResult::Hit, 42).to_string(), "cdn; hit; ttl=42");
+        assert_eq!(
+            CacheStatus::hit(CacheResult::Stale, -3).with_detail(Detail::StaleWhileRevalidate).to_string(),
+            "cdn; hit; ttl=-3; detail=stale-while-revalidate"
+        );
+        assert_eq!(
+            CacheStatus::forward(CacheResult::Miss, Fwd::Miss, 200).stored().to_string(),
+            "cdn; fwd=miss; fwd-status=200; stored"
+        );
+        assert_eq!(
+            CacheStatus::forward(CacheResult::Revalidated, Fwd::Stale, 304).with_ttl(60).to_string(),
+            "cdn; fwd=stale; fwd-status=304; ttl=60"
+        );
+        assert_eq!(CacheStatus::bypass(None).to_string(), "cdn; fwd=bypass");
+        assert_eq!(CacheStatus::bypass(Some(201)).to_string(), "cdn; fwd=bypass; fwd-status=201");
+        assert_eq!(CacheStatus::error(CacheResult::Miss, 504).to_string(), "cdn; fwd=miss; detail=504");
+        assert_eq!(CacheStatus::bypass(None).header_value(), "cdn; fwd=bypass");
+    }
+}
