@@ -9,6 +9,12 @@ use bytesize::ByteSize;
 use cdn_node::{ConfigError, tls::TlsConfig};
 use serde::Deserialize;
 
+/// The largest datagram sent with segmentation offload (GSO). quinn hands the kernel
+/// up to 10 datagrams per `sendmsg`, and Linux refuses a GSO send of more than 64 KiB
+/// (EMSGSIZE): with larger datagrams every batch would be lost, and quinn's path-MTU
+/// discovery would fall back to 1200 bytes. Above this, datagrams go out one by one.
+pub(crate) const GSO_MAX_PAYLOAD: u16 = 6500;
+
 /// Everything an edge needs to run.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,7 +92,7 @@ impl Default for Quic {
             idle_timeout: Duration::from_secs(30),
             stream_window: ByteSize::mib(4),
             connection_window: ByteSize::mib(16),
-            max_udp_payload: crate::h3::GSO_MAX_PAYLOAD,
+            max_udp_payload: GSO_MAX_PAYLOAD,
             socket_buffer: ByteSize::mib(4),
         }
     }

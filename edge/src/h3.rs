@@ -25,16 +25,10 @@ use cdn_node::listener::{
 
 use crate::{
     Error,
-    config::{Congestion, Limits, Quic},
+    config::{Congestion, GSO_MAX_PAYLOAD, Limits, Quic},
     metrics::Protocol,
     pipeline::{Conn, Pipeline},
 };
-
-/// The largest datagram sent with segmentation offload (GSO). quinn hands the kernel
-/// up to 10 datagrams per `sendmsg`, and Linux refuses a GSO send of more than 64 KiB
-/// (EMSGSIZE): with larger datagrams every batch would be lost, and quinn's path-MTU
-/// discovery would fall back to 1200 bytes. Above this, datagrams go out one by one.
-pub(crate) const GSO_MAX_PAYLOAD: u16 = 6500;
 
 /// Builds the QUIC server configuration: TLS 1.3 only, ALPN `h3`, transport tuned
 /// for video (large windows, the configured congestion controller, GSO).
