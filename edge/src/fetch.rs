@@ -39,9 +39,30 @@ pub(crate) struct Fetcher {
     upstream: Upstream,
     metrics: Metrics,
     clock: Clock,
-    settings: Settings,
-    max_object: u64,
-    slice_size: u64,
+    settings: FetchSettings,
+}
+
+/// How the fetcher stores what it fetches.
+#[derive(Debug, Clone)]
+pub(crate) struct FetchSettings {
+    /// The RFC 9111 policy's settings.
+    pub(crate) policy: Settings,
+    /// The largest object stored (`cache.max_object`).
+    pub(crate) max_object: u64,
+    /// Large objects are fetched and stored in slices of this size (`cache.slice`).
+    pub(crate) slice_size: u64,
+}
+
+impl FetchSettings {
+    /// The settings of an edge's `[cache]` section.
+    pub(crate) fn from_config(cache: &crate::config::Cache) -> Self {
+        let policy = Settings {
+            heuristic_max: cache.heuristic_max,
+            store_set_cookie: cache.store_set_cookie,
+            ..Settings::default()
+        };
+        Self { policy, max_object: cache.max_object.as_u64(), slice_size: cache.slice.as_u64() }
+    }
 }
 
 /// What a fill needs from the request that starts it.
@@ -119,11 +140,9 @@ impl Fetcher {
         upstream: Upstream,
         metrics: Metrics,
         clock: Clock,
-        settings: Settings,
-        max_object: u64,
-        slice_size: u64,
+        settings: FetchSettings,
     ) -> Self {
-        Self { cache, upstream, metrics, clock, settings, max_object, slice_size }
+        Self { cache, upstream, metrics, clock, settings }
     }
 
     /// Joins the fill of `request.key` or starts one (in a task of its own, so a
@@ -206,7 +225,7 @@ impl Fetcher {
             .and_then(cdn_http::range::parse)
             .and_then(|specs| specs.into_iter().next());
         match first {
-            Some(cdn_http::range::Spec::From { first, .. }) => first / self.slice_size,
+            Some(cdn_http::range::Spec::From { first, .. }) => first / self.settings.slice_size,
             _ => 0,
         }
     }
@@ -235,7 +254,7 @@ impl Fetcher {
     }
 
     async fn run_fill_inner(self: &Arc<Self>, job: &FillJob) {
-        let mut probe = job.probe.map(|index| index * self.slice_size..(index + 1) * self.slice_size);
+        let mut probe = job.probe.map(|index| index * self.settings.slice_size..(index + 1) * self.settings.slice_size);
         loop {
             let request_time = self.clock.now();
             let response = match self.send_fill(job, probe.clone()).await {
@@ -272,7 +291,7 @@ impl Fetcher {
                     job.fill.publish(Outcome::Failed(FetchError::BadContentRange));
                     return;
                 };
-                if range.start == 0 && range.end == total && total <= self.slice_size {
+                if range.start == 0 && range.end == total && total <= self.settings.slice_size {
                     // The whole object fit in the probe: store it whole.
                     rp.status = StatusCode::OK;
                     rp.headers.remove(header::CONTENT_RANGE);
@@ -312,9 +331,9 @@ impl Fetcher {
             rp.status,
             &rp.headers,
             &directives,
-            &self.settings,
+            &self.settings.policy,
         );
-        let kept = policy::keep(storable, rp.status, content_length, self.max_object, job.stale.is_some());
+        let kept = policy::keep(storable, rp.status, content_length, self.settings.max_object, job.stale.is_some());
         if let Err(reason) = kept {
             debug!(key = %job.key, %reason, "not storable");
             if reason.remember() {
@@ -331,7 +350,8 @@ impl Fetcher {
         rp.headers.remove(SURROGATE_KEY);
         rp.headers.remove(CACHE_TAG);
         let vary = vary_values(&policy::vary_names(&rp.headers).unwrap_or_default(), &job.client_headers);
-        let lifetime = policy::freshness_lifetime(rp.status, &rp.headers, &directives, response_time, &self.settings);
+        let lifetime =
+            policy::freshness_lifetime(rp.status, &rp.headers, &directives, response_time, &self.settings.policy);
         let timing = Timing::new(&rp.headers, request_time, response_time);
         let head = Arc::new(Head {
             status: rp.status,
@@ -346,7 +366,7 @@ impl Fetcher {
         let growing = Growing::new(content_length);
         job.fill.publish(Outcome::Stream { head: head.clone(), body: growing.clone() });
         if self.read_into(&job.key, body, &growing, content_length).await
-            && growing.len() <= self.max_object
+            && growing.len() <= self.settings.max_object
             && self.cache.epoch() == job.epoch
             && let Some(bytes) = growing.concat()
         {
@@ -408,9 +428,9 @@ impl Fetcher {
         if !policy::vary_names(&rp.headers).is_some_and(|names| names.is_empty()) {
             return Err("vary");
         }
-        let index = range.start / self.slice_size;
-        let slice_start = index * self.slice_size;
-        if range != (slice_start..(slice_start + self.slice_size).min(total)) {
+        let index = range.start / self.settings.slice_size;
+        let slice_start = index * self.settings.slice_size;
+        if range != (slice_start..(slice_start + self.settings.slice_size).min(total)) {
             return Err("origin answered another range");
         }
         rp.headers.remove(header::CONTENT_RANGE);
@@ -424,14 +444,14 @@ impl Fetcher {
             StatusCode::OK,
             &rp.headers,
             &directives,
-            &self.settings,
+            &self.settings.policy,
         )
         .map_err(policy::Reason::as_str)?;
         let tags = surrogate_keys(&rp.headers);
         rp.headers.remove(SURROGATE_KEY);
         rp.headers.remove(CACHE_TAG);
         let lifetime =
-            policy::freshness_lifetime(StatusCode::OK, &rp.headers, &directives, response_time, &self.settings);
+            policy::freshness_lifetime(StatusCode::OK, &rp.headers, &directives, response_time, &self.settings.policy);
         let timing = Timing::new(&rp.headers, request_time, response_time);
         let head = Arc::new(Head {
             status: StatusCode::OK,
@@ -443,7 +463,7 @@ impl Fetcher {
             vary: vec![],
             purged: Default::default(),
         });
-        let sliced = Arc::new(Sliced { head, total, slice: self.slice_size, etag: etag.clone() });
+        let sliced = Arc::new(Sliced { head, total, slice: self.settings.slice_size, etag: etag.clone() });
         if self.cache.epoch() == job.epoch {
             self.cache.insert_sliced(&job.key, sliced.clone()).await;
         }
@@ -542,7 +562,7 @@ impl Fetcher {
         request_time: SystemTime,
         response_time: SystemTime,
     ) -> Found {
-        let head = refreshed_head(stale.head(), update, request_time, response_time, &self.settings);
+        let head = refreshed_head(stale.head(), update, request_time, response_time, &self.settings.policy);
         match stale {
             Found::Object(object) => {
                 let object = Object { head, body: object.body.clone() };

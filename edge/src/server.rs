@@ -20,7 +20,7 @@ use crate::{
     cache::Cache,
     clock::Clock,
     config::Config,
-    fetch::Fetcher,
+    fetch::{FetchSettings, Fetcher},
     metrics::{Metrics, Protocol},
     pipeline::{self, Conn, Pipeline},
     upstream::Upstream,
@@ -57,20 +57,8 @@ impl Edge {
         let metrics = Metrics::register(registry)?;
         let upstream = Upstream::new(&config.origin).map_err(Error::Upstream)?;
         let cache = Arc::new(Cache::new(config.cache.memory.as_u64()));
-        let policy = cdn_http::policy::Settings {
-            heuristic_max: config.cache.heuristic_max,
-            store_set_cookie: config.cache.store_set_cookie,
-            ..cdn_http::policy::Settings::default()
-        };
-        let fetcher = Arc::new(Fetcher::new(
-            cache.clone(),
-            upstream,
-            metrics.clone(),
-            clock.clone(),
-            policy,
-            config.cache.max_object.as_u64(),
-            config.cache.slice.as_u64(),
-        ));
+        let fetch_settings = FetchSettings::from_config(&config.cache);
+        let fetcher = Arc::new(Fetcher::new(cache.clone(), upstream, metrics.clone(), clock.clone(), fetch_settings));
         let mut settings = pipeline::Settings {
             node_id: config.node_id.clone(),
             ignore_query: config.cache.ignore_query,
