@@ -29,7 +29,7 @@ use cdn_node::listener::{Body, BoxError, empty, full};
 pub(crate) use self::respond::stream_body;
 use self::{
     fill::{Fill, Outcome},
-    respond::{SlicedSource, Source},
+    respond::{SlicedSource, Source, represent},
 };
 use cdn_http::policy::{self, Action, Directives, Settings};
 
@@ -267,7 +267,7 @@ impl Pipeline {
                 Action::Revalidate => return Box::pin(self.fill(req, conn, Some(found))).await,
             };
             let source = self.source(&found, &req, conn);
-            return self.represent(&req, &head, source, age, result, status);
+            return represent(&req.parts, &head, source, age, result, status);
         }
         if req.directives.only_if_cached {
             return error(StatusCode::GATEWAY_TIMEOUT, "not cached (only-if-cached)\n", CacheResult::Miss);
@@ -286,12 +286,12 @@ impl Pipeline {
     fn sliced_source(self: &Arc<Self>, sliced: &Arc<Sliced>, req: &Req, conn: Conn) -> SlicedSource {
         let mut headers = self.origin_headers(&req.parts, conn, req.scheme);
         fill::strip_for_shared(&mut headers);
-        SlicedSource {
-            pipeline: self.clone(),
-            key: req.key.clone(),
-            sliced: sliced.clone(),
-            origin: Arc::new((path_and_query(&req.parts.uri), headers)),
-        }
+        let origin = Arc::new((path_and_query(&req.parts.uri), headers));
+        let (pipeline, key, object) = (self.clone(), req.key.clone(), sliced.clone());
+        SlicedSource::new(sliced.clone(), move |index| {
+            let (pipeline, key, object, origin) = (pipeline.clone(), key.clone(), object.clone(), origin.clone());
+            Box::pin(async move { pipeline.slice(&key, &object, index, &origin).await })
+        })
     }
 
     fn revalidate_in_background(self: &Arc<Self>, req: &Req, conn: Conn, stale: Found) {
@@ -337,7 +337,7 @@ impl Pipeline {
                 let ttl = ttl(head.lifetime, age);
                 let source = self.source(stale, &req, conn);
                 let status = format!("cdn; hit; ttl={ttl}; fwd=stale; detail=stale-if-error");
-                self.represent(&req, head, source, age, CacheResult::Stale, status)
+                represent(&req.parts, head, source, age, CacheResult::Stale, status)
             })
         };
         let fwd = if stale.is_some() { "stale" } else { "miss" };
@@ -351,13 +351,13 @@ impl Pipeline {
                 }
                 let age = head.timing.current_age(now);
                 let status = format!("cdn; fwd={fwd}; fwd-status={}; stored", head.status.as_u16());
-                self.represent(&req, head, Source::Growing(body.clone()), age, CacheResult::Miss, status)
+                represent(&req.parts, head, Source::Growing(body.clone()), age, CacheResult::Miss, status)
             }
             Outcome::Sliced(sliced) => {
                 let age = sliced.head.timing.current_age(now);
                 let status = format!("cdn; fwd={fwd}; fwd-status=206; stored; detail=sliced");
                 let source = Source::Sliced(self.sliced_source(sliced, &req, conn));
-                self.represent(&req, &sliced.head, source, age, CacheResult::Miss, status)
+                represent(&req.parts, &sliced.head, source, age, CacheResult::Miss, status)
             }
             Outcome::Updated(found) => {
                 if !self.vary_matches(found.head(), &req.parts.headers) {
@@ -368,7 +368,7 @@ impl Pipeline {
                 let ttl = ttl(head.lifetime, age);
                 let source = self.source(found, &req, conn);
                 let status = format!("cdn; fwd=stale; fwd-status=304; ttl={ttl}");
-                self.represent(&req, head, source, age, CacheResult::Revalidated, status)
+                represent(&req.parts, head, source, age, CacheResult::Revalidated, status)
             }
             Outcome::Pass { response, status } => {
                 if let Some(served) = stale_for_error(Some(*status)) {
@@ -569,10 +569,7 @@ pub(crate) fn cache_key(scheme: &str, host: &str, uri: &http::Uri, ignore_query:
 
 #[cfg(test)]
 mod tests {
-    use super::{
-        respond::{if_range_holds, not_modified},
-        *,
-    };
+    use super::*;
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -593,26 +590,6 @@ mod tests {
         assert_eq!(request_host(&request).as_deref(), Some("::1"));
         let request = Request::builder().uri("/x").body(()).unwrap();
         assert_eq!(request_host(&request), None);
-    }
-
-    #[test]
-    fn conditionals() {
-        let stored = map(&[("etag", "\"abc\""), ("last-modified", "Tue, 15 Nov 1994 12:45:26 GMT")]);
-        assert!(not_modified(&map(&[("if-none-match", "\"x\", W/\"abc\"")]), &stored));
-        assert!(not_modified(&map(&[("if-none-match", "*")]), &stored));
-        assert!(!not_modified(&map(&[("if-none-match", "\"x\"")]), &stored));
-        assert!(not_modified(&map(&[("if-modified-since", "Tue, 15 Nov 1994 12:45:26 GMT")]), &stored));
-        assert!(!not_modified(&map(&[("if-modified-since", "Mon, 14 Nov 1994 12:45:26 GMT")]), &stored));
-        // If-None-Match takes precedence over If-Modified-Since.
-        assert!(!not_modified(
-            &map(&[("if-none-match", "\"x\""), ("if-modified-since", "Tue, 15 Nov 1994 12:45:26 GMT")]),
-            &stored
-        ));
-        assert!(if_range_holds(&map(&[("if-range", "\"abc\"")]), &stored));
-        assert!(!if_range_holds(&map(&[("if-range", "\"old\"")]), &stored));
-        assert!(if_range_holds(&map(&[("if-range", "Tue, 15 Nov 1994 12:45:26 GMT")]), &stored));
-        assert!(!if_range_holds(&map(&[("if-range", "W/\"abc\"")]), &stored));
-        assert!(if_range_holds(&map(&[]), &stored));
     }
 
     #[test]
