@@ -4,6 +4,10 @@
 //! GET and HEAD serve a file or a generated object with validators, cache policy,
 //! conditional requests and ranges; OPTIONS answers a CORS preflight; every other
 //! method gets 405. Every response carries the CORS headers browser players need.
+//!
+//! What a conditional or Range request gets (304, 412, 200, 206, multipart, 416) is
+//! decided by [`cdn_http::conditional::evaluate`] and [`cdn_http::range::plan`], the
+//! same as on the edge; this module only builds the body from the file or generator.
 
 use std::{borrow::Cow, path::PathBuf, sync::Arc, time::SystemTime};
 
@@ -15,7 +19,7 @@ use tracing::{debug, warn};
 
 use cdn_http::{
     conditional::{self, Decision, Validators},
-    range::{self, Resolved},
+    range::{self, Plan},
 };
 
 use crate::{
@@ -132,7 +136,7 @@ async fn serve(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap)
         Err(response) => return response,
     };
     let policy = shared.policy.lookup(&representation.rule_path);
-    let validators = Validators { etag: &representation.etag, last_modified: representation.last_modified };
+    let validators = Validators { etag: Some(&representation.etag), last_modified: representation.last_modified };
     match conditional::evaluate(method, headers, validators) {
         Decision::Proceed => {}
         Decision::NotModified => {
@@ -141,63 +145,36 @@ async fn serve(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap)
             insert_validators(response.headers_mut(), &representation, &policy);
             return response;
         }
-        Decision::Failed => return error(StatusCode::PRECONDITION_FAILED, "precondition failed"),
+        Decision::PreconditionFailed => return error(StatusCode::PRECONDITION_FAILED, "precondition failed"),
     }
 
-    let len = representation.len;
-    let resolved = match headers.get(header::RANGE) {
-        Some(value) if method == Method::GET => {
-            let applies = headers.get(header::IF_RANGE).is_none_or(|v| conditional::if_range_holds(v, validators));
-            match value.to_str().ok().filter(|_| applies).and_then(range::parse) {
-                Some(specs) => range::resolve(&specs, len),
-                None => Resolved::Full,
-            }
+    let content_type = representation.content_type.as_ref();
+    let plan = range::plan(method, headers, representation.len, validators, Some(content_type), range::boundary);
+    let (parts, tail) = match &plan {
+        Plan::Full { len } => (vec![Part { head: Bytes::new(), range: 0..*len }], Bytes::new()),
+        Plan::Single { range, .. } => (vec![Part { head: Bytes::new(), range: range.clone() }], Bytes::new()),
+        Plan::Multipart { ranges, framing } => {
+            let parts =
+                framing.heads.iter().zip(ranges).map(|(head, range)| Part { head: head.clone(), range: range.clone() });
+            (parts.collect(), framing.tail.clone())
         }
-        _ => Resolved::Full,
-    };
-
-    let mut response = Response::new(empty());
-    let headers = response.headers_mut();
-    insert_validators(headers, &representation, &policy);
-    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    let content_type = HeaderValue::try_from(representation.content_type.as_ref())
-        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-    let (status, parts, tail) = match resolved {
-        Resolved::Full => {
-            headers.insert(header::CONTENT_TYPE, content_type);
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-            (StatusCode::OK, vec![Part { head: Bytes::new(), range: 0..len }], Bytes::new())
-        }
-        Resolved::Partial(ranges) if ranges.len() == 1 => {
-            let range = ranges[0].clone();
-            headers.insert(header::CONTENT_TYPE, content_type);
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(range.end - range.start));
-            if let Ok(value) = HeaderValue::try_from(range::content_range(&range, len)) {
-                headers.insert(header::CONTENT_RANGE, value);
-            }
-            (StatusCode::PARTIAL_CONTENT, vec![Part { head: Bytes::new(), range }], Bytes::new())
-        }
-        Resolved::Partial(ranges) => {
-            let multipart = range::Multipart::new(&ranges, len, Some(&representation.content_type), &range::boundary());
-            if let Ok(value) = HeaderValue::try_from(multipart.content_type) {
-                headers.insert(header::CONTENT_TYPE, value);
-            }
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(multipart.content_length));
-            let parts = multipart.heads.into_iter().zip(ranges).map(|(head, range)| Part { head, range }).collect();
-            (StatusCode::PARTIAL_CONTENT, parts, multipart.tail)
-        }
-        Resolved::Unsatisfiable => {
+        Plan::Unsatisfiable { .. } => {
             let mut response = error(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
-            let headers = response.headers_mut();
-            headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-            if let Ok(value) = HeaderValue::try_from(range::unsatisfied_range(len)) {
-                headers.insert(header::CONTENT_RANGE, value);
-            }
+            plan.set_headers(response.headers_mut());
             return response;
         }
     };
-    *response.status_mut() = status;
-    if method == Method::GET && (len > 0 || !tail.is_empty()) {
+
+    let mut response = Response::new(empty());
+    *response.status_mut() = plan.status();
+    let headers = response.headers_mut();
+    insert_validators(headers, &representation, &policy);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::try_from(content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    plan.set_headers(headers);
+    if method == Method::GET && (representation.len > 0 || !tail.is_empty()) {
         *response.body_mut() = body::stream(representation.source, parts, tail, representation.rate);
     }
     response

@@ -1,5 +1,6 @@
 //! The edge cache against a mock origin, with real HTTP/1.1 and HTTP/2 clients.
 
+mod conditional;
 mod h3;
 mod hardening;
 mod harness;

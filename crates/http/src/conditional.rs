@@ -1,18 +1,45 @@
 //! Conditional requests (RFC 9110 §13): `If-Match`, `If-Unmodified-Since`,
 //! `If-None-Match`, `If-Modified-Since` and `If-Range`. Pure code: the caller passes
-//! the request headers and the representation's validators, and gets a decision.
+//! the request headers and the representation's [`Validators`] (the origin from a
+//! file, the edge from a stored response's headers), and gets a [`Decision`].
+//!
+//! Entity-tag lists are parsed as RFC 9110 §8.8.3 writes them: an opaque tag is a
+//! quoted string that may contain commas, `W/` marks a weak tag, `*` stands alone; a
+//! malformed list matches nothing (and never panics).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderValue, Method, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 
 /// The validators of the selected representation.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Validators<'a> {
-    /// The strong entity tag, quotes included (`"abc"`).
-    pub etag: &'a str,
+    /// The entity tag as the `ETag` field sends it, quotes included (`"abc"`, or
+    /// `W/"abc"` for a weak one); `None` when the representation has none.
+    pub etag: Option<&'a str>,
     /// The modification time, if known.
     pub last_modified: Option<SystemTime>,
+}
+
+impl<'a> Validators<'a> {
+    /// The validators a stored response carries: its `ETag` and `Last-Modified`
+    /// fields (either ignored when it is not valid).
+    pub fn from_headers(headers: &'a HeaderMap) -> Self {
+        let etag = headers.get(header::ETAG).and_then(|v| v.to_str().ok()).map(str::trim);
+        let last_modified = headers
+            .get(header::LAST_MODIFIED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v.trim()).ok());
+        Self { etag, last_modified }
+    }
+
+    /// Our entity tag, parsed; `None` when absent or malformed.
+    fn tag(&self) -> Option<Tag<'a>> {
+        match parse_tags(self.etag?).as_deref() {
+            Some(&[tag]) => Some(tag),
+            _ => None,
+        }
+    }
 }
 
 /// What the preconditions decide.
@@ -23,30 +50,36 @@ pub enum Decision {
     /// 304 Not Modified.
     NotModified,
     /// 412 Precondition Failed.
-    Failed,
+    PreconditionFailed,
 }
 
-/// Evaluates the preconditions of a GET or HEAD in the order of RFC 9110 §13.2.2.
+/// Evaluates the preconditions of a request in the order of RFC 9110 §13.2.2:
+/// `If-Match`, else `If-Unmodified-Since`; then `If-None-Match`, else (GET and HEAD
+/// only) `If-Modified-Since`. `If-Range` is the range planner's ([`if_range_holds`]).
+///
+/// The caller evaluates only when the response without preconditions would be a 2xx
+/// (RFC 9110 §13.2.1): a representation exists.
 pub fn evaluate(method: &Method, headers: &HeaderMap, validators: Validators<'_>) -> Decision {
     let get_or_head = method == Method::GET || method == Method::HEAD;
+    let ours = validators.tag();
     // 1. If-Match, else 2. If-Unmodified-Since.
     if headers.contains_key(header::IF_MATCH) {
-        if !list_matches(headers, header::IF_MATCH, validators.etag, Comparison::Strong) {
-            return Decision::Failed;
+        if !list_matches(headers, &header::IF_MATCH, ours, Comparison::Strong) {
+            return Decision::PreconditionFailed;
         }
-    } else if let Some(since) = date(headers, header::IF_UNMODIFIED_SINCE)
+    } else if let Some(since) = date(headers, &header::IF_UNMODIFIED_SINCE)
         && let Some(modified) = validators.last_modified
         && seconds(modified) > since
     {
-        return Decision::Failed;
+        return Decision::PreconditionFailed;
     }
     // 3. If-None-Match, else 4. If-Modified-Since (GET and HEAD only).
     if headers.contains_key(header::IF_NONE_MATCH) {
-        if list_matches(headers, header::IF_NONE_MATCH, validators.etag, Comparison::Weak) {
-            return if get_or_head { Decision::NotModified } else { Decision::Failed };
+        if list_matches(headers, &header::IF_NONE_MATCH, ours, Comparison::Weak) {
+            return if get_or_head { Decision::NotModified } else { Decision::PreconditionFailed };
         }
     } else if get_or_head
-        && let Some(since) = date(headers, header::IF_MODIFIED_SINCE)
+        && let Some(since) = date(headers, &header::IF_MODIFIED_SINCE)
         && let Some(modified) = validators.last_modified
         && seconds(modified) <= since
     {
@@ -56,13 +89,13 @@ pub fn evaluate(method: &Method, headers: &HeaderMap, validators: Validators<'_>
 }
 
 /// Whether an `If-Range` value lets the Range apply (RFC 9110 §13.1.5): a strong
-/// ETag equal to ours, or a date exactly equal to our Last-Modified.
+/// entity tag strongly equal to ours, or a date exactly equal to our Last-Modified.
 pub fn if_range_holds(value: &HeaderValue, validators: Validators<'_>) -> bool {
     let Ok(text) = value.to_str() else { return false };
     let text = text.trim();
     if text.starts_with('"') || text.starts_with("W/") {
-        return match parse_tags(text).as_deref() {
-            Some([tag]) => !tag.weak && tag.opaque == validators.etag,
+        return match (parse_tags(text).as_deref(), validators.tag()) {
+            (Some(&[tag]), Some(ours)) => strong_match(tag, ours),
             _ => false,
         };
     }
@@ -70,6 +103,29 @@ pub fn if_range_holds(value: &HeaderValue, validators: Validators<'_>) -> bool {
         (Ok(date), Some(modified)) => seconds(date) == seconds(modified),
         _ => false,
     }
+}
+
+/// The fields of a stored 200 that its 304 carries (RFC 9110 §15.4.5): the ones a
+/// cache uses to update what it holds, and `Last-Modified`.
+pub const NOT_MODIFIED_FIELDS: [HeaderName; 7] = [
+    header::CACHE_CONTROL,
+    header::CONTENT_LOCATION,
+    header::DATE,
+    header::ETAG,
+    header::EXPIRES,
+    header::VARY,
+    header::LAST_MODIFIED,
+];
+
+/// The [`NOT_MODIFIED_FIELDS`] of `headers`, every value kept.
+pub fn not_modified_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    for name in NOT_MODIFIED_FIELDS {
+        for value in headers.get_all(&name) {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    kept
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,21 +141,31 @@ struct Tag<'a> {
     opaque: &'a str,
 }
 
-/// Whether any value of the list header `name` matches our (strong) `etag`.
-/// `*` matches (the representation exists); unparseable lists match nothing.
-fn list_matches(headers: &HeaderMap, name: header::HeaderName, etag: &str, comparison: Comparison) -> bool {
+/// RFC 9110 §8.8.3.2: both strong and character-for-character equal.
+fn strong_match(a: Tag<'_>, b: Tag<'_>) -> bool {
+    !a.weak && !b.weak && a.opaque == b.opaque
+}
+
+/// Whether any value of the list field `name` matches our entity tag: `*` matches
+/// (a representation exists), an unparseable value matches nothing.
+fn list_matches(headers: &HeaderMap, name: &HeaderName, ours: Option<Tag<'_>>, comparison: Comparison) -> bool {
     headers.get_all(name).iter().any(|value| {
         let Ok(text) = value.to_str() else { return false };
         if text.trim() == "*" {
             return true;
         }
+        let Some(ours) = ours else { return false };
         parse_tags(text).is_some_and(|tags| {
-            tags.iter().any(|tag| tag.opaque == etag && (comparison == Comparison::Weak || !tag.weak))
+            tags.iter().any(|&tag| match comparison {
+                Comparison::Strong => strong_match(tag, ours),
+                Comparison::Weak => tag.opaque == ours.opaque,
+            })
         })
     })
 }
 
-/// Parses `#entity-tag`: `"a", W/"b"`. `None` if any element is malformed.
+/// Parses `#entity-tag`: `"a", W/"b", "c,d"`. `None` if any element is malformed
+/// or there is none.
 fn parse_tags(text: &str) -> Option<Vec<Tag<'_>>> {
     let mut tags = Vec::new();
     let mut rest = text;
@@ -115,7 +181,8 @@ fn parse_tags(text: &str) -> Option<Vec<Tag<'_>>> {
         let inner = after.strip_prefix('"')?;
         let close = inner.find('"')?;
         let opaque = &after[..close + 2];
-        if !opaque.bytes().skip(1).take(close).all(|b| b == 0x21 || (0x23..=0x7E).contains(&b) || b >= 0x80) {
+        // etagc = %x21 / %x23-7E / obs-text: a comma is allowed, a space is not.
+        if !inner.as_bytes()[..close].iter().all(|&b| b == 0x21 || (0x23..=0x7E).contains(&b) || b >= 0x80) {
             return None;
         }
         tags.push(Tag { weak, opaque });
@@ -129,7 +196,7 @@ fn parse_tags(text: &str) -> Option<Vec<Tag<'_>>> {
     (!tags.is_empty()).then_some(tags)
 }
 
-fn date(headers: &HeaderMap, name: header::HeaderName) -> Option<u64> {
+fn date(headers: &HeaderMap, name: &HeaderName) -> Option<u64> {
     let value = headers.get(name)?.to_str().ok()?;
     httpdate::parse_http_date(value.trim()).ok().map(seconds)
 }
@@ -143,6 +210,8 @@ fn seconds(time: SystemTime) -> u64 {
 mod tests {
     use std::time::Duration;
 
+    use proptest::prelude::*;
+
     use super::*;
 
     const ETAG: &str = "\"abc\"";
@@ -152,19 +221,23 @@ mod tests {
     }
 
     fn validators() -> Validators<'static> {
-        Validators { etag: ETAG, last_modified: Some(modified()) }
+        Validators { etag: Some(ETAG), last_modified: Some(modified()) }
     }
 
     fn at(secs: i64) -> String {
         httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs((1_700_000_000 + secs) as u64))
     }
 
-    fn decide(method: Method, headers: &[(&'static str, &str)]) -> Decision {
+    fn map(headers: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (name, value) in headers {
             map.append(*name, HeaderValue::from_str(value).unwrap());
         }
-        evaluate(&method, &map, validators())
+        map
+    }
+
+    fn decide(method: Method, headers: &[(&'static str, &str)]) -> Decision {
+        evaluate(&method, &map(headers), validators())
     }
 
     #[test]
@@ -172,7 +245,7 @@ mod tests {
         let tags = parse_tags(r#""a", W/"b",,"c,d" , "" "#).unwrap();
         let opaque: Vec<_> = tags.iter().map(|t| (t.weak, t.opaque)).collect();
         assert_eq!(opaque, [(false, "\"a\""), (true, "\"b\""), (false, "\"c,d\""), (false, "\"\"")]);
-        for bad in ["a", "\"a", "\"a\" b", "W/a", "w/\"a\"", "\"a\"\"b\"", ""] {
+        for bad in ["a", "\"a", "\"a\" b", "W/a", "w/\"a\"", "\"a\"\"b\"", "", " , ", "\"a b\"", "*, \"a\"", "W/"] {
             assert_eq!(parse_tags(bad), None, "{bad}");
         }
     }
@@ -183,16 +256,62 @@ mod tests {
         assert_eq!(decide(Method::GET, &[("if-match", "*")]), Decision::Proceed);
         assert_eq!(decide(Method::GET, &[("if-match", "\"x\", \"abc\"")]), Decision::Proceed);
         assert_eq!(decide(Method::GET, &[("if-match", "\"x\""), ("if-match", "\"abc\"")]), Decision::Proceed);
-        assert_eq!(decide(Method::GET, &[("if-match", "\"x\"")]), Decision::Failed);
+        assert_eq!(decide(Method::GET, &[("if-match", "\"x\"")]), Decision::PreconditionFailed);
+        assert_eq!(decide(Method::HEAD, &[("if-match", "\"x\"")]), Decision::PreconditionFailed);
         // If-Match uses the strong comparison.
-        assert_eq!(decide(Method::GET, &[("if-match", "W/\"abc\"")]), Decision::Failed);
-        assert_eq!(decide(Method::GET, &[("if-match", "garbage")]), Decision::Failed);
+        assert_eq!(decide(Method::GET, &[("if-match", "W/\"abc\"")]), Decision::PreconditionFailed);
+        assert_eq!(decide(Method::GET, &[("if-match", "garbage")]), Decision::PreconditionFailed);
+        assert_eq!(decide(Method::GET, &[("if-match", "")]), Decision::PreconditionFailed);
         assert_eq!(decide(Method::GET, &[("if-unmodified-since", &at(0))]), Decision::Proceed);
         assert_eq!(decide(Method::GET, &[("if-unmodified-since", &at(10))]), Decision::Proceed);
-        assert_eq!(decide(Method::GET, &[("if-unmodified-since", &at(-1))]), Decision::Failed);
+        assert_eq!(decide(Method::GET, &[("if-unmodified-since", &at(-1))]), Decision::PreconditionFailed);
+        assert_eq!(decide(Method::HEAD, &[("if-unmodified-since", &at(-1))]), Decision::PreconditionFailed);
         assert_eq!(decide(Method::GET, &[("if-unmodified-since", "not a date")]), Decision::Proceed);
         // If-Match present: If-Unmodified-Since is not evaluated.
         assert_eq!(decide(Method::GET, &[("if-match", ETAG), ("if-unmodified-since", &at(-100))]), Decision::Proceed);
+        assert_eq!(
+            decide(Method::GET, &[("if-match", "\"x\""), ("if-unmodified-since", &at(100))]),
+            Decision::PreconditionFailed
+        );
+    }
+
+    #[test]
+    fn if_match_against_a_weak_or_missing_etag() {
+        let weak = Validators { etag: Some("W/\"abc\""), last_modified: None };
+        let none = Validators { etag: None, last_modified: None };
+        let malformed = Validators { etag: Some("abc"), last_modified: None };
+        for validators in [weak, none, malformed] {
+            for value in [ETAG, "W/\"abc\""] {
+                let headers = map(&[("if-match", value)]);
+                assert_eq!(evaluate(&Method::GET, &headers, validators), Decision::PreconditionFailed, "{value}");
+            }
+            // `*`: a representation exists.
+            assert_eq!(evaluate(&Method::GET, &map(&[("if-match", "*")]), validators), Decision::Proceed);
+        }
+        // If-None-Match compares weakly: a weak stored tag still matches.
+        assert_eq!(evaluate(&Method::GET, &map(&[("if-none-match", ETAG)]), weak), Decision::NotModified);
+        assert_eq!(evaluate(&Method::GET, &map(&[("if-none-match", ETAG)]), none), Decision::Proceed);
+        assert_eq!(evaluate(&Method::GET, &map(&[("if-none-match", "*")]), none), Decision::NotModified);
+    }
+
+    #[test]
+    fn commas_inside_entity_tags() {
+        let validators = Validators { etag: Some("\"v1,2\""), last_modified: None };
+        let decide = |name: &'static str, value: &str| evaluate(&Method::GET, &map(&[(name, value)]), validators);
+        assert_eq!(decide("if-none-match", "\"x\", \"v1,2\""), Decision::NotModified);
+        assert_eq!(decide("if-none-match", "W/\"v1,2\", \"y\""), Decision::NotModified);
+        // Splitting on commas would see `"v1` and `2"` here, and `"v1` would not match
+        // either; neither does the tag itself.
+        assert_eq!(decide("if-none-match", "\"v1\", \"2\""), Decision::Proceed);
+        assert_eq!(decide("if-none-match", "\"v1,2,3\""), Decision::Proceed);
+        assert_eq!(decide("if-match", "\"a,b\", \"v1,2\""), Decision::Proceed);
+        assert_eq!(decide("if-match", "\"v1\", \"2\""), Decision::PreconditionFailed);
+        // Our tag `"a"` and a client tag `"a,b"`: no match by prefix.
+        let plain = Validators { etag: Some("\"a\""), last_modified: None };
+        let headers = map(&[("if-none-match", "\"a,b\"")]);
+        assert_eq!(evaluate(&Method::GET, &headers, plain), Decision::Proceed);
+        let headers = map(&[("if-range", "\"v1,2\"")]);
+        assert!(if_range_holds(&headers[header::IF_RANGE], validators));
     }
 
     #[test]
@@ -204,7 +323,8 @@ mod tests {
         assert_eq!(decide(Method::GET, &[("if-none-match", "\"x\", W/\"abc\"")]), Decision::NotModified);
         assert_eq!(decide(Method::GET, &[("if-none-match", "*")]), Decision::NotModified);
         assert_eq!(decide(Method::GET, &[("if-none-match", "\"x\"")]), Decision::Proceed);
-        assert_eq!(decide(Method::POST, &[("if-none-match", ETAG)]), Decision::Failed);
+        assert_eq!(decide(Method::GET, &[("if-none-match", "\"x\" garbage, \"abc\"")]), Decision::Proceed);
+        assert_eq!(decide(Method::POST, &[("if-none-match", ETAG)]), Decision::PreconditionFailed);
         assert_eq!(decide(Method::GET, &[("if-modified-since", &at(0))]), Decision::NotModified);
         assert_eq!(decide(Method::GET, &[("if-modified-since", &at(5))]), Decision::NotModified);
         assert_eq!(decide(Method::GET, &[("if-modified-since", &at(-1))]), Decision::Proceed);
@@ -216,17 +336,24 @@ mod tests {
             Decision::Proceed
         );
         // 412 checks come first.
-        assert_eq!(decide(Method::GET, &[("if-match", "\"x\""), ("if-none-match", ETAG)]), Decision::Failed);
+        assert_eq!(
+            decide(Method::GET, &[("if-match", "\"x\""), ("if-none-match", ETAG)]),
+            Decision::PreconditionFailed
+        );
+        assert_eq!(
+            decide(Method::GET, &[("if-unmodified-since", &at(-1)), ("if-none-match", ETAG)]),
+            Decision::PreconditionFailed
+        );
+        // Both pass: then If-None-Match decides.
+        assert_eq!(decide(Method::GET, &[("if-match", ETAG), ("if-none-match", ETAG)]), Decision::NotModified);
         assert_eq!(decide(Method::GET, &[]), Decision::Proceed);
     }
 
     #[test]
     fn without_last_modified_dates_are_ignored() {
-        let mut map = HeaderMap::new();
-        map.insert("if-modified-since", HeaderValue::from_str(&at(0)).unwrap());
-        map.insert("if-unmodified-since", HeaderValue::from_str(&at(-100)).unwrap());
-        let validators = Validators { etag: ETAG, last_modified: None };
-        assert_eq!(evaluate(&Method::GET, &map, validators), Decision::Proceed);
+        let headers = map(&[("if-modified-since", &at(0)), ("if-unmodified-since", &at(-100))]);
+        let validators = Validators { etag: Some(ETAG), last_modified: None };
+        assert_eq!(evaluate(&Method::GET, &headers, validators), Decision::Proceed);
     }
 
     #[test]
@@ -242,5 +369,80 @@ mod tests {
         assert!(!holds(&at(-1)));
         assert!(!holds("garbage"));
         assert!(!if_range_holds(&HeaderValue::from_bytes(b"\xff").unwrap(), validators()));
+        // A stored weak tag never holds.
+        let weak = Validators { etag: Some("W/\"abc\""), last_modified: None };
+        assert!(!if_range_holds(&HeaderValue::from_static("\"abc\""), weak));
+        assert!(!if_range_holds(&HeaderValue::from_static("W/\"abc\""), weak));
+    }
+
+    /// What the edge evaluates: the validators of a stored response's headers.
+    #[test]
+    fn validators_from_stored_headers() {
+        let stored = map(&[("etag", "\"abc\""), ("last-modified", "Tue, 15 Nov 1994 12:45:26 GMT")]);
+        let validators = Validators::from_headers(&stored);
+        assert_eq!(validators.etag, Some("\"abc\""));
+        let decide = |headers: &[(&'static str, &str)]| evaluate(&Method::GET, &map(headers), validators);
+        assert_eq!(decide(&[("if-none-match", "\"x\", W/\"abc\"")]), Decision::NotModified);
+        assert_eq!(decide(&[("if-none-match", "*")]), Decision::NotModified);
+        assert_eq!(decide(&[("if-none-match", "\"x\"")]), Decision::Proceed);
+        assert_eq!(decide(&[("if-modified-since", "Tue, 15 Nov 1994 12:45:26 GMT")]), Decision::NotModified);
+        assert_eq!(decide(&[("if-modified-since", "Mon, 14 Nov 1994 12:45:26 GMT")]), Decision::Proceed);
+        assert_eq!(
+            decide(&[("if-none-match", "\"x\""), ("if-modified-since", "Tue, 15 Nov 1994 12:45:26 GMT")]),
+            Decision::Proceed
+        );
+        assert_eq!(decide(&[("if-unmodified-since", "Mon, 14 Nov 1994 12:45:26 GMT")]), Decision::PreconditionFailed);
+        assert_eq!(decide(&[("if-unmodified-since", "Tue, 15 Nov 1994 12:45:26 GMT")]), Decision::Proceed);
+        let holds = |value: &'static str| if_range_holds(&HeaderValue::from_static(value), validators);
+        assert!(holds("\"abc\""));
+        assert!(!holds("\"old\""));
+        assert!(holds("Tue, 15 Nov 1994 12:45:26 GMT"));
+        assert!(!holds("W/\"abc\""));
+
+        let bad = map(&[("last-modified", "yesterday")]);
+        let validators = Validators::from_headers(&bad);
+        assert_eq!((validators.etag, validators.last_modified), (None, None));
+    }
+
+    #[test]
+    fn a_304_keeps_only_the_update_fields() {
+        let stored = map(&[
+            ("etag", "\"abc\""),
+            ("cache-control", "max-age=60"),
+            ("vary", "accept-encoding"),
+            ("vary", "origin"),
+            ("content-type", "text/plain"),
+            ("content-length", "5"),
+            ("set-cookie", "a=b"),
+        ]);
+        let kept = not_modified_headers(&stored);
+        assert_eq!(kept.len(), 4);
+        assert_eq!(kept.get_all("vary").iter().count(), 2);
+        assert!(!kept.contains_key("content-length") && !kept.contains_key("content-type"));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_fields_never_panic(value in "[ -~]{0,48}", etag in "(W/)?\"[!#-~]{0,8}\"") {
+            let Ok(value) = HeaderValue::from_str(&value) else { return Ok(()) };
+            let validators = Validators { etag: Some(&etag), last_modified: Some(modified()) };
+            for name in [header::IF_MATCH, header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE, header::IF_UNMODIFIED_SINCE] {
+                let mut headers = HeaderMap::new();
+                headers.insert(name, value.clone());
+                let _ = evaluate(&Method::GET, &headers, validators);
+            }
+            let _ = if_range_holds(&value, validators);
+        }
+
+        #[test]
+        fn a_tag_in_a_list_always_matches_itself(opaque in "[!#-~]{0,12}", others in proptest::collection::vec("[!#-~]{0,6}", 0..4)) {
+            let ours = format!("\"{opaque}\"");
+            let mut list: Vec<String> = others.iter().map(|o| format!("\"{o}\"")).collect();
+            list.insert(list.len() / 2, ours.clone());
+            let headers = map(&[("if-none-match", &list.join(", ")), ("if-match", &list.join(","))]);
+            let validators = Validators { etag: Some(&ours), last_modified: None };
+            // If-Match passes, then If-None-Match matches: 304.
+            prop_assert_eq!(evaluate(&Method::GET, &headers, validators), Decision::NotModified);
+        }
     }
 }

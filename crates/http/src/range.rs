@@ -1,10 +1,15 @@
-//! Byte ranges (RFC 9110 §14): parsing `Range`, resolving it against a length, and
-//! framing `multipart/byteranges`. Pure code — no I/O — shared by the origin and the
-//! edge, which serve ranges from files and from the cache respectively.
+//! Byte ranges (RFC 9110 §14): parsing `Range`, resolving it against a length,
+//! framing `multipart/byteranges`, and [`plan`]: what to answer a GET or HEAD of a
+//! representation with (200, 206, multipart 206 or 416, `If-Range` included) and the
+//! framing headers that go with it. Pure code — no I/O — shared by the origin and the
+//! edge, which then build the body from a file and from the cache respectively.
 
 use std::{fmt::Write as _, ops::Range};
 
 use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+
+use crate::conditional::{self, Validators};
 
 /// Most ranges answered in one multipart response; more is treated as abuse and the
 /// whole representation is sent instead (RFC 9110 §14.2 lets a server ignore Range).
@@ -169,6 +174,111 @@ impl Multipart {
     }
 }
 
+/// What to send for a GET or HEAD of a representation, once its preconditions
+/// passed ([`conditional::evaluate`]).
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// 200 with the whole representation: no Range, a Range that is ignored (not a
+    /// GET, bad syntax, too many ranges) or an `If-Range` that does not hold.
+    Full {
+        /// The representation's length.
+        len: u64,
+    },
+    /// 206 with one part.
+    Single {
+        /// The bytes to send.
+        range: Range<u64>,
+        /// The representation's length.
+        len: u64,
+    },
+    /// 206 `multipart/byteranges`: the body is, for each range in order, its head
+    /// from `framing` then its bytes, then `framing.tail`.
+    Multipart {
+        /// The parts' ranges, in the order they are sent.
+        ranges: Vec<Range<u64>>,
+        /// Part heads, closing delimiter, Content-Type and length.
+        framing: Multipart,
+    },
+    /// 416: no range overlaps the representation.
+    Unsatisfiable {
+        /// The representation's length.
+        len: u64,
+    },
+}
+
+/// Decides what a `method` request with `request` headers gets of a representation
+/// of `len` bytes with `validators`: a Range applies to GET only (RFC 9110 §14.2),
+/// when `If-Range` is absent or holds (§13.1.5) and the header parses; otherwise the
+/// whole representation. `part_type` is the representation's Content-Type, which
+/// each multipart part repeats; `boundary` is called only for a multipart answer.
+pub fn plan(
+    method: &Method,
+    request: &HeaderMap,
+    len: u64,
+    validators: Validators<'_>,
+    part_type: Option<&str>,
+    boundary: impl FnOnce() -> String,
+) -> Plan {
+    if method != Method::GET {
+        return Plan::Full { len };
+    }
+    let Some(value) = request.get(header::RANGE) else { return Plan::Full { len } };
+    if request.get(header::IF_RANGE).is_some_and(|v| !conditional::if_range_holds(v, validators)) {
+        return Plan::Full { len };
+    }
+    let Some(specs) = value.to_str().ok().and_then(parse) else { return Plan::Full { len } };
+    match resolve(&specs, len) {
+        Resolved::Full => Plan::Full { len },
+        Resolved::Unsatisfiable => Plan::Unsatisfiable { len },
+        Resolved::Partial(mut ranges) if ranges.len() == 1 => Plan::Single { range: ranges.remove(0), len },
+        Resolved::Partial(ranges) => {
+            let framing = Multipart::new(&ranges, len, part_type, &boundary());
+            Plan::Multipart { ranges, framing }
+        }
+    }
+}
+
+impl Plan {
+    /// The response status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Full { .. } => StatusCode::OK,
+            Self::Single { .. } | Self::Multipart { .. } => StatusCode::PARTIAL_CONTENT,
+            Self::Unsatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+        }
+    }
+
+    /// Sets the framing fields of the response: `Accept-Ranges: bytes`, and
+    /// `Content-Length`, `Content-Range` and (multipart) `Content-Type` as the plan
+    /// needs them; a `Content-Range` that does not belong is removed. A 416's body
+    /// is the server's choice, so its `Content-Length` is left to the caller.
+    pub fn set_headers(&self, headers: &mut HeaderMap) {
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        let content_range = match self {
+            Self::Full { len } => {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(*len));
+                None
+            }
+            Self::Single { range, len } => {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(range.end - range.start));
+                Some(content_range(range, *len))
+            }
+            Self::Multipart { framing, .. } => {
+                if let Ok(value) = HeaderValue::try_from(framing.content_type.as_str()) {
+                    headers.insert(header::CONTENT_TYPE, value);
+                }
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(framing.content_length));
+                None
+            }
+            Self::Unsatisfiable { len } => Some(unsatisfied_range(*len)),
+        };
+        match content_range.and_then(|value| HeaderValue::try_from(value).ok()) {
+            Some(value) => headers.insert(header::CONTENT_RANGE, value),
+            None => headers.remove(header::CONTENT_RANGE),
+        };
+    }
+}
+
 /// A boundary unlikely to appear in content: derived from a per-process counter and
 /// the clock (content is never chosen to collide with it by an attacker who cannot
 /// predict both).
@@ -248,6 +358,87 @@ mod tests {
             text.starts_with("--XYZ\r\nContent-Type: video/mp4\r\nContent-Range: bytes 0-1/100\r\n\r\naa\r\n--XYZ\r\n")
         );
         assert!(text.ends_with("aaaaa\r\n--XYZ--\r\n"));
+    }
+
+    fn request(headers: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    fn plan_for(method: Method, headers: &[(&'static str, &str)]) -> Plan {
+        let validators = Validators { etag: Some("\"e1\""), last_modified: None };
+        plan(&method, &request(headers), 1000, validators, Some("video/mp4"), || "XYZ".into())
+    }
+
+    fn framed(plan: &Plan) -> HeaderMap {
+        let mut headers = request(&[("content-type", "video/mp4"), ("content-range", "bytes 0-1/2")]);
+        plan.set_headers(&mut headers);
+        headers
+    }
+
+    #[test]
+    fn plans_the_answer_to_a_request() {
+        let full = plan_for(Method::GET, &[]);
+        assert!(matches!(full, Plan::Full { len: 1000 }));
+        assert_eq!(full.status(), StatusCode::OK);
+        let headers = framed(&full);
+        assert_eq!(headers["content-length"], "1000");
+        assert_eq!(headers["accept-ranges"], "bytes");
+        assert_eq!(headers["content-type"], "video/mp4");
+        assert!(!headers.contains_key("content-range"));
+
+        let single = plan_for(Method::GET, &[("range", "bytes=10-19")]);
+        assert!(matches!(&single, Plan::Single { range, len: 1000 } if *range == (10..20)));
+        assert_eq!(single.status(), StatusCode::PARTIAL_CONTENT);
+        let headers = framed(&single);
+        assert_eq!(headers["content-length"], "10");
+        assert_eq!(headers["content-range"], "bytes 10-19/1000");
+
+        let multi = plan_for(Method::GET, &[("range", "bytes=0-1,10-11")]);
+        let Plan::Multipart { ranges, framing } = &multi else { panic!("{multi:?}") };
+        assert_eq!(ranges, &[0..2, 10..12]);
+        assert!(framing.heads[0].starts_with(b"--XYZ\r\nContent-Type: video/mp4\r\n"));
+        assert_eq!(multi.status(), StatusCode::PARTIAL_CONTENT);
+        let headers = framed(&multi);
+        assert_eq!(headers["content-type"], "multipart/byteranges; boundary=XYZ");
+        assert_eq!(headers["content-length"], framing.content_length.to_string().as_str());
+        assert!(!headers.contains_key("content-range"));
+
+        let unsatisfiable = plan_for(Method::GET, &[("range", "bytes=1000-")]);
+        assert!(matches!(unsatisfiable, Plan::Unsatisfiable { len: 1000 }));
+        assert_eq!(unsatisfiable.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        let mut headers = HeaderMap::new();
+        unsatisfiable.set_headers(&mut headers);
+        assert_eq!(headers["content-range"], "bytes */1000");
+        assert!(!headers.contains_key("content-length"), "a 416's body is the caller's");
+    }
+
+    #[test]
+    fn plans_ignore_ranges_they_must_ignore() {
+        for headers in [
+            // Range applies to GET only.
+            (Method::HEAD, &[("range", "bytes=0-1")][..]),
+            (Method::POST, &[("range", "bytes=0-1")]),
+            // Bad syntax, another unit.
+            (Method::GET, &[("range", "bytes=9-1")]),
+            (Method::GET, &[("range", "items=0-1")]),
+            // An If-Range that does not hold, even for an unsatisfiable range.
+            (Method::GET, &[("range", "bytes=0-1"), ("if-range", "\"old\"")]),
+            (Method::GET, &[("range", "bytes=5000-"), ("if-range", "\"old\"")]),
+            (Method::GET, &[("range", "bytes=0-1"), ("if-range", "W/\"e1\"")]),
+            (Method::GET, &[("range", "bytes=0-1"), ("if-range", "Thu, 01 Jan 1998 00:00:00 GMT")]),
+        ] {
+            assert!(matches!(plan_for(headers.0.clone(), headers.1), Plan::Full { len: 1000 }), "{headers:?}");
+        }
+        let holds = plan_for(Method::GET, &[("range", "bytes=0-1"), ("if-range", "\"e1\"")]);
+        assert!(matches!(holds, Plan::Single { .. }));
+        // The boundary is only made when needed.
+        let validators = Validators::default();
+        let single = plan(&Method::GET, &request(&[("range", "bytes=0-1")]), 10, validators, None, || unreachable!());
+        assert!(matches!(single, Plan::Single { .. }));
     }
 
     /// The reference: which bytes of `0..len` a spec set selects, computed naively.
