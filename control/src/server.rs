@@ -2,8 +2,9 @@
 //!
 //! Every `/v1` call needs `Authorization: Bearer <token>` (compared in constant
 //! time). A purge is appended to the durable log and fsynced, then published in
-//! gossip as `purge:<seq>` and pushed eagerly to every live edge; edges report
-//! `applied:<control>` back, and the node records when all of them had it.
+//! gossip ([`Cluster::publish_purge`]) and pushed eagerly to every live edge; edges
+//! report what they applied ([`Cluster::applied`]), and the node records when all of
+//! them had it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -23,7 +24,10 @@ use tokio::{net::TcpListener, sync::Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use cdn_cluster::{Cluster, ClusterConfig, KeyChange, Member, MemberState, NodeInfo, Role, now_ms};
+use cdn_cluster::{
+    Cluster, ClusterConfig, Member, MemberState, NodeInfo, Role, now_ms,
+    state::{Key, Topic},
+};
 use cdn_node::{
     ConfigError,
     admin::{self, Readiness},
@@ -271,12 +275,10 @@ impl Control {
             {
                 let log = state.log.lock().await;
                 for record in log.records() {
-                    if let Ok(json) = serde_json::to_string(record) {
-                        cluster.set(&format!("purge:{}", record.seq), &json).await;
-                    }
+                    cluster.publish_purge(record).await;
                 }
                 let floor = log.records().first().map_or(log.next_seq(), |r| r.seq);
-                cluster.set("purge_floor", &floor.to_string()).await;
+                cluster.set_purge_floor(floor).await;
             }
             cluster.publish_health(true, 0.0).await;
             // Ready once the cluster view has other members (or after 5 s alone: the
@@ -391,7 +393,7 @@ async fn purge(state: &Arc<State>, request: Request<Incoming>) -> Response<Body>
         Ok(target) => target,
         Err(e) => return failure(StatusCode::BAD_REQUEST, e),
     };
-    let (record, json) = {
+    let record = {
         let mut log = state.log.lock().await;
         let seq = log.next_seq();
         let record = PurgeRecord {
@@ -401,10 +403,6 @@ async fn purge(state: &Arc<State>, request: Request<Incoming>) -> Response<Body>
             created_ms: now_ms(),
             soft: parsed.soft,
             target,
-        };
-        let json = match serde_json::to_string(&record) {
-            Ok(json) => json,
-            Err(e) => return failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         };
         // Durable before acknowledged: a purge the log cannot hold is refused, and
         // (the log cut back, the number unused) it does not exist anywhere.
@@ -420,7 +418,7 @@ async fn purge(state: &Arc<State>, request: Request<Incoming>) -> Response<Body>
             response.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static("5"));
             return response;
         }
-        (record, json)
+        record
     };
     state.completions.lock().unwrap_or_else(PoisonError::into_inner).insert(
         record.seq,
@@ -433,7 +431,7 @@ async fn purge(state: &Arc<State>, request: Request<Incoming>) -> Response<Body>
         },
     );
     if let Some(cluster) = &state.cluster {
-        cluster.set(&format!("purge:{}", record.seq), &json).await;
+        cluster.publish_purge(&record).await;
         // Eager push: a gossip round with every edge now, not at the next tick.
         for member in cluster.members().iter().filter(|m| m.role == Role::Edge && m.state != MemberState::Dead) {
             cluster.push_to(member.gossip_addr);
@@ -441,18 +439,6 @@ async fn purge(state: &Arc<State>, request: Request<Incoming>) -> Response<Body>
     }
     info!(id = %record.id, soft = record.soft, "purge accepted");
     reply(StatusCode::ACCEPTED, &json!({ "id": record.id, "seq": record.seq }))
-}
-
-/// `applied:<control>` of every edge: node → seq.
-pub(crate) async fn applied(cluster: &Cluster, control: &str) -> BTreeMap<String, u64> {
-    let key = format!("applied:{control}");
-    cluster
-        .values("applied:")
-        .await
-        .into_iter()
-        .filter(|change| change.key == key)
-        .filter_map(|change| Some((change.node_id, change.value.parse().ok()?)))
-        .collect()
 }
 
 fn edges(cluster: &Cluster) -> Vec<Member> {
@@ -468,11 +454,7 @@ async fn purge_status(state: &Arc<State>, id: &str) -> Response<Body> {
         let log = state.log.lock().await;
         seq < log.next_seq()
     } else if let Some(cluster) = &state.cluster {
-        cluster.values("purge").await.iter().any(|c| {
-            c.node_id == control
-                && (c.key == format!("purge:{seq}")
-                    || (c.key == "purge_floor" && c.value.parse().is_ok_and(|f: u64| seq < f)))
-        })
+        cluster.purges().await.get(&control).is_some_and(|purges| purges.knows(seq))
     } else {
         false
     };
@@ -484,7 +466,7 @@ async fn purge_status(state: &Arc<State>, id: &str) -> Response<Body> {
     // purge is not "complete": nobody has confirmed it.
     let mut complete = state.cluster.as_ref().is_some_and(|cluster| !edges(cluster).is_empty());
     if let Some(cluster) = &state.cluster {
-        let applied = applied(cluster, &control).await;
+        let applied = cluster.applied(&control).await;
         for edge in edges(cluster) {
             let done = applied.get(&edge.node_id).is_some_and(|a| *a >= seq);
             complete &= done;
@@ -510,15 +492,10 @@ async fn nodes(state: &Arc<State>) -> Response<Body> {
     let Some(cluster) = &state.cluster else {
         return reply(StatusCode::OK, &json!([]));
     };
-    let all_applied = cluster.values("applied:").await;
+    let all_applied = cluster.applied_all().await;
     let mut out = Vec::new();
     for member in cluster.members().iter() {
-        let mut applied = serde_json::Map::new();
-        for change in all_applied.iter().filter(|c| c.node_id == member.node_id) {
-            if let (Some(control), Ok(seq)) = (change.key.strip_prefix("applied:"), change.value.parse::<u64>()) {
-                applied.insert(control.to_string(), json!(seq));
-            }
-        }
+        let applied = all_applied.get(&member.node_id).cloned().unwrap_or_default();
         let addr = member.public_addr.map_or_else(|| member.gossip_addr.ip().to_string(), |a| a.to_string());
         out.push(json!({
             "node_id": member.node_id,
@@ -531,7 +508,7 @@ async fn nodes(state: &Arc<State>) -> Response<Body> {
             "state": member.state,
             "ready": member.ready,
             "load": member.load,
-            "applied_seq": applied.get(&state.node_id).cloned().unwrap_or(json!(0)),
+            "applied_seq": applied.get(&state.node_id).copied().unwrap_or(0),
             "applied": applied,
         }));
     }
@@ -549,7 +526,7 @@ async fn drain(state: &Arc<State>, node: &str, on: bool) -> Response<Body> {
     if member.role != Role::Edge {
         return failure(StatusCode::BAD_REQUEST, format!("{node} is a {} node, not an edge", member.role.as_str()));
     }
-    cluster.set(&format!("drain:{node}"), &format!("{}:{}", u8::from(on), now_ms())).await;
+    cluster.set_drain(node, on).await;
     for member in members.iter().filter(|m| m.state != MemberState::Dead && m.node_id != state.node_id) {
         cluster.push_to(member.gossip_addr);
     }
@@ -559,14 +536,14 @@ async fn drain(state: &Arc<State>, node: &str, on: bool) -> Response<Body> {
 
 /// Records when every edge has applied each of this node's purges.
 async fn track_completions(state: Arc<State>, cluster: Arc<Cluster>, shutdown: CancellationToken) {
-    let mut changes = cluster.subscribe("applied:").await;
-    let key = format!("applied:{}", state.node_id);
+    let mut changes = cluster.subscribe(Topic::Applied).await;
+    let mine = Key::Applied(state.node_id.clone());
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             change = changes.recv() => match change {
-                Some(KeyChange { key: changed, .. }) if changed != key => continue,
+                Some(change) if change.key != mine => continue,
                 Some(_) => {}
                 None => return,
             },
@@ -583,7 +560,7 @@ async fn track_completions(state: Arc<State>, cluster: Arc<Cluster>, shutdown: C
         if pending.is_empty() {
             continue;
         }
-        let applied = applied(&cluster, &state.node_id).await;
+        let applied = cluster.applied(&state.node_id).await;
         let edges = edges(&cluster);
         let mut completions = state.completions.lock().unwrap_or_else(PoisonError::into_inner);
         for (seq, acked) in pending {
@@ -610,7 +587,7 @@ async fn collect_garbage(state: Arc<State>, cluster: Arc<Cluster>, shutdown: Can
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let applied = applied(&cluster, &state.node_id).await;
+        let applied = cluster.applied(&state.node_id).await;
         let edges = edges(&cluster);
         let min_applied = edges.iter().map(|e| applied.get(&e.node_id).copied().unwrap_or(0)).min().unwrap_or(0);
         let cutoff = now_ms().saturating_sub(u64::try_from(state.retention.as_millis()).unwrap_or(u64::MAX));
@@ -626,9 +603,9 @@ async fn collect_garbage(state: Arc<State>, cluster: Arc<Cluster>, shutdown: Can
         }
         let floor = log.records().first().map_or(log.next_seq(), |r| r.seq);
         drop(log);
-        cluster.set("purge_floor", &floor.to_string()).await;
+        cluster.set_purge_floor(floor).await;
         for seq in &collectable {
-            cluster.delete(&format!("purge:{seq}")).await;
+            cluster.withdraw_purge(*seq).await;
         }
         state.completions.lock().unwrap_or_else(PoisonError::into_inner).retain(|seq, _| !collectable.contains(seq));
         info!(collected = collectable.len(), floor, "purge records collected");

@@ -15,23 +15,16 @@ use std::{
 use http::{HeaderValue, Response, header};
 use serde_json::{Value, json};
 
-use cdn_cluster::{Role, purge::PurgeRecord};
+use cdn_cluster::{Role, purge::PurgeRecord, state::Stats};
 use cdn_node::listener::{Body, full};
 
-use crate::server::{State, applied};
+use crate::server::State;
 
 /// Per-edge traffic counters from the previous poll, to turn totals into rates.
 #[derive(Debug, Default)]
 pub(crate) struct Rates {
-    previous: HashMap<String, (Instant, Counters)>,
+    previous: HashMap<String, (Instant, Stats)>,
     current: HashMap<String, (f64, f64)>,
-}
-
-#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
-struct Counters {
-    requests: u64,
-    hits: u64,
-    bytes: u64,
 }
 
 /// A one-line description of a purge.
@@ -66,13 +59,8 @@ pub(crate) async fn overview(state: &Arc<State>) -> Value {
     let Some(cluster) = &state.cluster else {
         return json!({ "control": state.node_id, "nodes": [], "purges": [] });
     };
-    let stats: HashMap<String, Counters> = cluster
-        .values("stats")
-        .await
-        .into_iter()
-        .filter_map(|change| Some((change.node_id, serde_json::from_str(&change.value).ok()?)))
-        .collect();
-    let applied = applied(cluster, &state.node_id).await;
+    let stats = cluster.stats().await;
+    let applied = cluster.applied(&state.node_id).await;
     let mut nodes = Vec::new();
     {
         let mut rates = state.rates.lock().unwrap_or_else(PoisonError::into_inner);

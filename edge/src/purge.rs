@@ -1,17 +1,13 @@
 //! Applying purges that arrive through gossip.
 //!
-//! Control nodes publish `purge:<seq>` records and a `purge_floor` (the oldest
-//! record they still hold). The edge applies each control node's records in
-//! sequence order, exactly once, publishes `applied:<control>` and pushes that
-//! back to the control node at once. An edge whose last applied purge is older
-//! than a control node's floor has missed purges that were collected: it drops its
-//! whole cache (correct, if costly) and says so.
+//! Control nodes publish purge records and a floor, the oldest record they still
+//! hold ([`Cluster::purges`]). The edge applies each control node's records in
+//! sequence order, exactly once, publishes what it applied ([`Cluster::set_applied`])
+//! and pushes that back to the control node at once. An edge whose last applied
+//! purge is older than a control node's floor has missed purges that were collected:
+//! it drops its whole cache (correct, if costly) and says so.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
 use tokio_util::sync::CancellationToken;
@@ -19,7 +15,8 @@ use tracing::{debug, info, warn};
 
 use cdn_cluster::{
     Cluster, MemberState, Role, now_ms,
-    purge::{PurgeRecord, Target},
+    purge::Target,
+    state::{Purges, Topic},
 };
 use cdn_node::admin::Readiness;
 
@@ -59,7 +56,7 @@ pub(crate) async fn run(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) {
-    let mut events = cluster.subscribe("purge").await;
+    let mut events = cluster.subscribe(Topic::Purges).await;
     let mut applied: HashMap<String, u64> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let started = tokio::time::Instant::now();
@@ -72,7 +69,7 @@ pub(crate) async fn run(
         }
         // Drain whatever else arrived, then apply from the full state (anti-entropy
         // and events converge on the same code).
-        while events.try_recv().is_ok() {}
+        while events.try_recv().is_some() {}
         let synced = apply_pending(&cluster, &cache, &metrics, &mut applied).await;
         // Ready once caught up with every live control node; with none in sight
         // after a while, serve anyway (an edge must not stay dark without control).
@@ -98,32 +95,15 @@ async fn apply_pending(
     if controls.is_empty() {
         return false;
     }
-    let mut records: HashMap<String, BTreeMap<u64, PurgeRecord>> = HashMap::new();
-    let mut floors: HashMap<String, u64> = HashMap::new();
-    for change in cluster.values("purge").await {
-        if change.key == "purge_floor" {
-            if let Ok(floor) = change.value.parse() {
-                floors.insert(change.node_id, floor);
-            }
-        } else if change.key.starts_with("purge:") {
-            match serde_json::from_str::<PurgeRecord>(&change.value) {
-                Ok(record) if record.control == change.node_id => {
-                    records.entry(change.node_id).or_default().insert(record.seq, record);
-                }
-                Ok(_) => warn!(node = %change.node_id, "purge record names another control node; ignored"),
-                Err(error) => warn!(node = %change.node_id, %error, "unreadable purge record; ignored"),
-            }
-        }
-    }
+    let mut purges = cluster.purges().await;
     let mut caught_up = true;
     for control in &controls {
-        let Some(&floor) = floors.get(control) else {
+        let Some(Purges { floor: Some(floor), records: held }) = purges.remove(control) else {
             caught_up = false; // not heard from it yet
             continue;
         };
         let mut done = applied.get(control).copied().unwrap_or(0);
         let before = done;
-        let held = records.remove(control).unwrap_or_default();
         if done + 1 < floor {
             // Purges between `done` and `floor` were collected before we saw them.
             if done > 0 || !held.is_empty() || floor > 1 {
@@ -152,7 +132,7 @@ async fn apply_pending(
         }
         if done != before || !applied.contains_key(control) {
             applied.insert(control.clone(), done);
-            cluster.set(&format!("applied:{control}"), &done.to_string()).await;
+            cluster.set_applied(control, done).await;
             // Tell the control node now rather than at the next gossip round.
             if let Some(member) = cluster.members().iter().find(|m| &m.node_id == control) {
                 cluster.push_to(member.gossip_addr);

@@ -302,12 +302,8 @@ async fn maintain(
                     }
                 }
             }
-            let stats = format!(
-                "{{\"requests\":{requests},\"hits\":{hits},\"bytes\":{},\"ms\":{}}}",
-                metrics.response_bytes.get(),
-                cdn_cluster::now_ms()
-            );
-            cluster.set("stats", &stats).await;
+            let bytes = metrics.response_bytes.get();
+            cluster.publish_stats(cdn_cluster::state::Stats { requests, hits, bytes, ms: cdn_cluster::now_ms() }).await;
         }
         n += 1;
     }

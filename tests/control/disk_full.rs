@@ -18,15 +18,10 @@ use crate::{
     process::{ControlProcess, DataDir, can_mount_tmpfs},
 };
 
-/// The `purge:<seq>` numbers of `control` an observer node sees in gossip.
+/// The sequence numbers of the purge records of `control` an observer node sees in
+/// gossip.
 async fn published(observer: &Cluster, control: &str) -> BTreeSet<u64> {
-    observer
-        .values("purge:")
-        .await
-        .into_iter()
-        .filter(|c| c.node_id == control)
-        .filter_map(|c| c.key.strip_prefix("purge:")?.parse().ok())
-        .collect()
+    observer.purges().await.remove(control).map(|purges| purges.records.into_keys().collect()).unwrap_or_default()
 }
 
 /// The records in the log file, failing on any line that is not a whole record.

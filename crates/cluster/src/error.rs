@@ -1,8 +1,10 @@
-//! Errors of joining the cluster.
+//! Errors of the cluster: joining it, and reading what peers gossip.
 
 use std::{io, net::SocketAddr};
 
-/// What can go wrong when a node joins the cluster.
+use crate::state::Key;
+
+/// What can go wrong when a node joins the cluster, or reads a peer's gossip state.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The gossip socket could not be bound.
@@ -22,5 +24,20 @@ pub enum Error {
         /// chitchat's error.
         #[source]
         source: anyhow::Error,
+    },
+    /// A gossip key this version does not know (a newer peer's); it is ignored.
+    #[error("unknown gossip key {key:?}")]
+    UnknownKey {
+        /// The key as it came.
+        key: String,
+    },
+    /// A gossip value this version cannot read; it is ignored.
+    #[error("unreadable gossip value of {key}: {source}")]
+    BadValue {
+        /// Its key.
+        key: Key,
+        /// What is wrong with it.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }

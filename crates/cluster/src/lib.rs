@@ -1,17 +1,21 @@
 //! The cluster: gossip membership and per-node state (chitchat), joined by every role.
 //!
-//! Each node writes only its own keys (`role`, `region`, `lat`, `lon`,
-//! `public_addr`, `admin`, `ready`, `load`; control nodes also `purge:<seq>`,
-//! `purge_floor` and `drain:<node>`; edges `applied:<control>`), and reads
-//! everyone else's after anti-entropy. Liveness comes from chitchat's phi-accrual
-//! failure detector; "suspect" is ours: alive, but no heartbeat for a while.
+//! Each node writes only its own keys (who it is, whether it is ready and how loaded;
+//! control nodes their purges, floors and drains; edges what they applied), and reads
+//! everyone else's after anti-entropy; [`state`] lists every key and is the one place
+//! they are spelled. Liveness comes from chitchat's phi-accrual failure detector;
+//! "suspect" is ours: alive, but no heartbeat for a while.
 //!
 //! Every role links this crate to join the cluster; what the roles tell each other
-//! through it has a type here ([`purge::PurgeRecord`], ...), so no role spells gossip
-//! keys by hand.
+//! through it has a type here and a typed accessor on [`Cluster`]
+//! ([`publish_purge`](Cluster::publish_purge), [`purges`](Cluster::purges),
+//! [`set_applied`](Cluster::set_applied), [`set_drain`](Cluster::set_drain), ...), so
+//! no role spells gossip keys by hand.
 //!
 //! # Layout
 //! - [`member`]: the view of one node ([`Member`]).
+//! - [`state`]: the typed gossip state ([`state::Key`], [`state::Entry`]): every key,
+//!   its value, their wire encoding.
 //! - [`purge`]: what a purge matches ([`purge::Target`]) and the record gossip carries.
 //! - `transport`: HMAC-authenticated UDP datagrams.
 //! - [`error`]: this crate's error type.
@@ -21,11 +25,13 @@
 pub mod error;
 pub mod member;
 pub mod purge;
+pub mod state;
 mod transport;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt,
+    hash::{Hash as _, Hasher as _},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex as StdMutex, PoisonError},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -39,6 +45,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use member::{GeoPoint, Member, MemberState, Role};
+use purge::PurgeRecord;
+use state::{Drain, Entry, Key, NodeView, Purges, Stats, Topic};
 #[doc(hidden)]
 pub use transport::PacketLoss;
 
@@ -152,15 +160,83 @@ pub struct NodeInfo {
     pub admin: Option<SocketAddr>,
 }
 
-/// A key change seen in gossip: `(node_id, key, value)`.
-#[derive(Debug, Clone)]
-pub struct KeyChange {
+/// A key of some node changed in gossip (see [`Cluster::subscribe`]); read the
+/// state through the typed accessors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
     /// The node that owns the key.
     pub node_id: String,
-    /// The key (with its prefix).
-    pub key: String,
-    /// The new value.
-    pub value: String,
+    /// The key.
+    pub key: Key,
+}
+
+/// Changes of one [`Topic`], as they arrive.
+#[derive(Debug)]
+pub struct Changes {
+    rx: mpsc::UnboundedReceiver<(String, String)>,
+}
+
+impl Changes {
+    /// The next change; `None` once the cluster is gone.
+    pub async fn recv(&mut self) -> Option<Change> {
+        loop {
+            let (node_id, key) = self.rx.recv().await?;
+            if let Some(change) = Self::decode(node_id, &key) {
+                return Some(change);
+            }
+        }
+    }
+
+    /// A change that already arrived, if any.
+    pub fn try_recv(&mut self) -> Option<Change> {
+        while let Ok((node_id, key)) = self.rx.try_recv() {
+            if let Some(change) = Self::decode(node_id, &key) {
+                return Some(change);
+            }
+        }
+        None
+    }
+
+    fn decode(node_id: String, key: &str) -> Option<Change> {
+        match Key::parse(key) {
+            Ok(key) => Some(Change { node_id, key }),
+            Err(error) => {
+                debug!(%error, node = %node_id, "gossip change ignored");
+                None
+            }
+        }
+    }
+}
+
+/// Peers' keys and values this version cannot read. The member view and the
+/// accessors read them again and again; each is logged once.
+#[derive(Default)]
+struct Unreadable(StdMutex<HashSet<(String, String, u64)>>);
+
+impl Unreadable {
+    /// Most remembered at once (then forgotten and logged again).
+    const MAX: usize = 1024;
+
+    fn report(&self, node: &str, key: &str, value: &str, error: &Error) {
+        if !self.first_time(node, key, value) {
+            return;
+        }
+        match error {
+            Error::UnknownKey { .. } => debug!(%error, node, "gossip key ignored (a newer peer?)"),
+            _ => warn!(%error, node, "gossip value ignored"),
+        }
+    }
+
+    /// Whether `node`'s `key` = `value` was not reported yet.
+    fn first_time(&self, node: &str, key: &str, value: &str) -> bool {
+        let mut hasher = std::hash::DefaultHasher::new();
+        value.hash(&mut hasher);
+        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.len() >= Self::MAX {
+            seen.clear();
+        }
+        seen.insert((node.to_string(), key.to_string(), hasher.finish()))
+    }
 }
 
 /// A joined cluster: this node's handle on gossip.
@@ -172,6 +248,7 @@ pub struct Cluster {
     heartbeats: StdMutex<HashMap<ChitchatId, (u64, Instant)>>,
     view: watch::Sender<Arc<Vec<Member>>>,
     members_gauge: IntGaugeVec,
+    unreadable: Unreadable,
 }
 
 impl fmt::Debug for Cluster {
@@ -231,20 +308,7 @@ impl Cluster {
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
         };
-        let mut initial = vec![("role".to_string(), node.role.as_str().to_string()), ("ready".into(), "0".into())];
-        if let Some(region) = &node.region {
-            initial.push(("region".into(), region.clone()));
-        }
-        if let Some(location) = node.location {
-            initial.push(("lat".into(), location.lat.to_string()));
-            initial.push(("lon".into(), location.lon.to_string()));
-        }
-        if let Some(addr) = node.public_addr {
-            initial.push(("public_addr".into(), addr.to_string()));
-        }
-        if let Some(admin) = node.admin {
-            initial.push(("admin".into(), admin.to_string()));
-        }
+        let initial = Entry::announcement(&node).iter().map(|entry| (entry.key().to_string(), entry.value())).collect();
         let transport = transport::AuthTransport::new(
             socket,
             config.secret.bytes(),
@@ -264,6 +328,7 @@ impl Cluster {
             heartbeats: StdMutex::default(),
             view: watch::Sender::new(Arc::new(Vec::new())),
             members_gauge,
+            unreadable: Unreadable::default(),
         });
         tokio::spawn(cluster.clone().refresh_view(config.gossip_interval, shutdown));
         Ok(cluster)
@@ -279,14 +344,23 @@ impl Cluster {
         self.gossip_addr
     }
 
-    /// Sets one of this node's keys.
-    pub async fn set(&self, key: &str, value: &str) {
-        self.handle.with_chitchat(|chitchat| chitchat.self_node_state().set(key, value)).await;
+    /// Sets some of this node's keys, together.
+    async fn set(&self, entries: &[Entry]) {
+        let entries: Vec<(String, String)> = entries.iter().map(|e| (e.key().to_string(), e.value())).collect();
+        self.handle
+            .with_chitchat(|chitchat| {
+                let state = chitchat.self_node_state();
+                for (key, value) in &entries {
+                    state.set(key, value);
+                }
+            })
+            .await;
     }
 
     /// Deletes one of this node's keys (a tombstone other nodes learn about).
-    pub async fn delete(&self, key: &str) {
-        self.handle.with_chitchat(|chitchat| chitchat.self_node_state().delete(key)).await;
+    async fn delete(&self, key: &Key) {
+        let key = key.to_string();
+        self.handle.with_chitchat(|chitchat| chitchat.self_node_state().delete(&key)).await;
     }
 
     /// Starts a gossip round with `addr` now, instead of waiting for the next tick
@@ -297,10 +371,13 @@ impl Cluster {
         }
     }
 
-    /// Every live node's keys starting with `prefix`, with the newest generation of
-    /// each node id: `(node_id, key, value)`.
-    pub async fn values(&self, prefix: &str) -> Vec<KeyChange> {
-        self.handle
+    /// Every live node's entries of `topic`, with the newest generation of each
+    /// node id: `(node_id, entry)`. What this version cannot read is logged and
+    /// left out.
+    async fn entries(&self, topic: Topic) -> Vec<(String, Entry)> {
+        let prefix = topic.prefix();
+        let raw = self
+            .handle
             .with_chitchat(|chitchat| {
                 let live: Vec<ChitchatId> = chitchat.live_nodes().cloned().collect();
                 let mut out = Vec::new();
@@ -308,43 +385,131 @@ impl Cluster {
                     if let Some(state) = chitchat.node_state(id) {
                         for (key, value) in state.key_values() {
                             if key.starts_with(prefix) {
-                                out.push(KeyChange {
-                                    node_id: id.node_id.to_string(),
-                                    key: key.to_string(),
-                                    value: value.to_string(),
-                                });
+                                out.push((id.node_id.to_string(), key.to_string(), value.to_string()));
                             }
                         }
                     }
                 }
                 out
             })
-            .await
+            .await;
+        raw.into_iter()
+            .filter_map(|(node, key, value)| match Entry::parse(&key, &value) {
+                Ok(entry) => Some((node, entry)),
+                Err(error) => {
+                    self.unreadable.report(&node, &key, &value, &error);
+                    None
+                }
+            })
+            .collect()
     }
 
-    /// Changes of keys starting with `prefix` on any node, as they arrive.
-    /// (Deletions are not reported; read [`values`](Self::values) for the state.)
-    pub async fn subscribe(&self, prefix: &str) -> mpsc::UnboundedReceiver<KeyChange> {
+    /// Changes of `topic`'s keys on any node, as they arrive. (Deletions are not
+    /// reported; the accessors read the state.)
+    pub async fn subscribe(&self, topic: Topic) -> Changes {
         let (tx, rx) = mpsc::unbounded_channel();
+        let prefix = topic.prefix();
         let handle = self
             .handle
             .with_chitchat(|chitchat| {
                 let tx = tx.clone();
-                let prefix = prefix.to_string();
-                chitchat.subscribe_event(prefix.clone(), move |event| {
+                chitchat.subscribe_event(prefix, move |event| {
                     // Runs under chitchat's lock: only forward. (chitchat strips the
                     // subscription prefix from the key; put it back.)
-                    let _ = tx.send(KeyChange {
-                        node_id: event.node.node_id.to_string(),
-                        key: format!("{prefix}{}", event.key),
-                        value: event.value.to_string(),
-                    });
+                    let _ = tx.send((event.node.node_id.to_string(), format!("{prefix}{}", event.key)));
                 })
             })
             .await;
         // The subscription lives as long as the process.
         std::mem::forget(handle);
-        rx
+        Changes { rx }
+    }
+
+    /// Publishes a purge this (control) node accepted. Eager push is the caller's.
+    pub async fn publish_purge(&self, record: &PurgeRecord) {
+        self.set(&[Entry::Purge(record.clone())]).await;
+    }
+
+    /// Withdraws a purge record from gossip (collected; the floor says so).
+    pub async fn withdraw_purge(&self, seq: u64) {
+        self.delete(&Key::Purge(seq)).await;
+    }
+
+    /// Publishes the oldest sequence number this (control) node still holds.
+    pub async fn set_purge_floor(&self, floor: u64) {
+        self.set(&[Entry::PurgeFloor(floor)]).await;
+    }
+
+    /// Every live control node's purge records and floor, by control node id. A
+    /// record that names another control node than the one gossiping it is ignored.
+    pub async fn purges(&self) -> BTreeMap<String, Purges> {
+        let mut purges: BTreeMap<String, Purges> = BTreeMap::new();
+        for (node, entry) in self.entries(Topic::Purges).await {
+            match entry {
+                Entry::PurgeFloor(floor) => purges.entry(node).or_default().floor = Some(floor),
+                Entry::Purge(record) if record.control == node => {
+                    purges.entry(node).or_default().records.insert(record.seq, record);
+                }
+                Entry::Purge(record)
+                    if self.unreadable.first_time(&node, &Key::Purge(record.seq).to_string(), &record.control) =>
+                {
+                    warn!(%node, control = %record.control, seq = record.seq, "purge record names another control node; ignored");
+                }
+                _ => {}
+            }
+        }
+        purges
+    }
+
+    /// Publishes the last purge of `control` this (edge) node applied.
+    pub async fn set_applied(&self, control: &str, seq: u64) {
+        self.set(&[Entry::Applied { control: control.to_string(), seq }]).await;
+    }
+
+    /// Each live node's last applied purge of `control`: node id → seq.
+    pub async fn applied(&self, control: &str) -> BTreeMap<String, u64> {
+        self.entries(Topic::Applied)
+            .await
+            .into_iter()
+            .filter_map(|(node, entry)| match entry {
+                Entry::Applied { control: of, seq } if of == control => Some((node, seq)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Each live node's last applied purge of every control node: node id →
+    /// control node id → seq.
+    pub async fn applied_all(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        let mut applied: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (node, entry) in self.entries(Topic::Applied).await {
+            if let Entry::Applied { control, seq } = entry {
+                applied.entry(node).or_default().insert(control, seq);
+            }
+        }
+        applied
+    }
+
+    /// Drains (or undrains) `node`, as of now: this (control) node's word on it.
+    pub async fn set_drain(&self, node: &str, drained: bool) {
+        self.set(&[Entry::Drain { node: node.to_string(), drain: Drain { drained, at_ms: now_ms() } }]).await;
+    }
+
+    /// Publishes this (edge) node's traffic counters.
+    pub async fn publish_stats(&self, stats: Stats) {
+        self.set(&[Entry::Stats(stats)]).await;
+    }
+
+    /// Every live node's traffic counters, by node id.
+    pub async fn stats(&self) -> BTreeMap<String, Stats> {
+        self.entries(Topic::Stats)
+            .await
+            .into_iter()
+            .filter_map(|(node, entry)| match entry {
+                Entry::Stats(stats) => Some((node, stats)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The member view, refreshed every gossip interval.
@@ -388,68 +553,74 @@ impl Cluster {
 
     async fn compute_members(&self) -> Vec<Member> {
         let now = Instant::now();
-        let (nodes, drains) = self
+        let nodes = self
             .handle
             .with_chitchat(|chitchat| {
-                let live: std::collections::HashSet<ChitchatId> = chitchat.live_nodes().cloned().collect();
+                let live: HashSet<ChitchatId> = chitchat.live_nodes().cloned().collect();
                 let all: Vec<ChitchatId> = chitchat.node_states().keys().cloned().collect();
                 let mut nodes = Vec::new();
-                let mut drains: HashMap<String, (bool, u64)> = HashMap::new();
                 for id in newest_generations(all.iter()) {
                     let Some(state) = chitchat.node_state(id) else { continue };
-                    let values: HashMap<String, String> =
-                        state.key_values().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-                    if values.get("role").map(String::as_str) == Some("control") {
-                        for (key, value) in &values {
-                            if let Some(target) = key.strip_prefix("drain:") {
-                                let (on, at) = parse_drain(value);
-                                let entry = drains.entry(target.to_string()).or_insert((on, at));
-                                if at > entry.1 {
-                                    *entry = (on, at);
-                                }
-                            }
-                        }
-                    }
+                    // Only the member view's keys: purge records are many and large.
+                    let values: Vec<(Key, String)> = state
+                        .key_values()
+                        .filter_map(|(key, value)| {
+                            Key::parse(key).ok().filter(Key::describes_member).map(|key| (key, value.to_string()))
+                        })
+                        .collect();
                     nodes.push((id.clone(), live.contains(id), state.heartbeat(), values));
                 }
-                (nodes, drains)
+                nodes
             })
             .await;
-        let mut heartbeats = self.heartbeats.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut members = Vec::with_capacity(nodes.len());
+        let mut views = Vec::with_capacity(nodes.len());
+        let mut drains: HashMap<String, Drain> = HashMap::new();
         for (id, live, heartbeat, values) in nodes {
+            let mut view = NodeView::default();
+            for (key, value) in values {
+                match Entry::decode(key.clone(), &value) {
+                    Ok(entry) => view.add(entry),
+                    Err(error) => self.unreadable.report(&id.node_id, &key.to_string(), &value, &error),
+                }
+            }
+            if view.role == Some(Role::Control) {
+                for (node, drain) in &view.drains {
+                    let newest = drains.entry(node.clone()).or_insert(*drain);
+                    if drain.at_ms > newest.at_ms {
+                        *newest = *drain;
+                    }
+                }
+            }
+            views.push((id, live, heartbeat, view));
+        }
+        let mut heartbeats = self.heartbeats.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut members = Vec::with_capacity(views.len());
+        for (id, live, heartbeat, view) in views {
             let beat = u64::from(heartbeat);
             let entry = heartbeats.entry(id.clone()).or_insert((beat, now));
             if entry.0 != beat {
                 *entry = (beat, now);
             }
             let silent = *id.node_id != *self.node_id && now.duration_since(entry.1) > self.suspect_after;
-            let drained = drains.get(&*id.node_id).is_some_and(|(on, _)| *on);
+            let drained = drains.get(&*id.node_id).is_some_and(|drain| drain.drained);
             let state = match (live, silent, drained) {
                 (false, _, _) => MemberState::Dead,
                 (true, true, _) => MemberState::Suspect,
                 (true, false, true) => MemberState::Drained,
                 (true, false, false) => MemberState::Alive,
             };
-            let Some(role) = values.get("role").and_then(|r| Role::parse(r)) else { continue };
-            let location = match (values.get("lat"), values.get("lon")) {
-                (Some(lat), Some(lon)) => match (lat.parse(), lon.parse()) {
-                    (Ok(lat), Ok(lon)) => Some(GeoPoint { lat, lon }),
-                    _ => None,
-                },
-                _ => None,
-            };
+            let Some(role) = view.role else { continue };
             members.push(Member {
                 node_id: id.node_id.to_string(),
                 role,
-                region: values.get("region").cloned().unwrap_or_default(),
-                location,
-                public_addr: values.get("public_addr").and_then(|v| v.parse().ok()),
-                admin_addr: values.get("admin").and_then(|v| v.parse().ok()),
+                region: view.region.clone().unwrap_or_default(),
+                location: view.location(),
+                public_addr: view.public_addr,
+                admin_addr: view.admin,
                 gossip_addr: id.gossip_advertise_addr,
                 state,
-                ready: values.get("ready").map(String::as_str) == Some("1"),
-                load: values.get("load").and_then(|v| v.parse().ok()).unwrap_or(0.0),
+                ready: view.ready,
+                load: view.load,
             });
         }
         members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -458,21 +629,8 @@ impl Cluster {
 
     /// Publishes readiness and load (call periodically).
     pub async fn publish_health(&self, ready: bool, load: f64) {
-        let load = format!("{:.3}", load.clamp(0.0, 1.0));
-        self.handle
-            .with_chitchat(|chitchat| {
-                let state = chitchat.self_node_state();
-                state.set("ready", if ready { "1" } else { "0" });
-                state.set("load", &load);
-            })
-            .await;
+        self.set(&[Entry::Ready(ready), Entry::Load(load)]).await;
     }
-}
-
-/// `"1:<ms>"` → (drained, when).
-fn parse_drain(value: &str) -> (bool, u64) {
-    let (on, at) = value.split_once(':').unwrap_or((value, "0"));
-    (on == "1", at.parse().unwrap_or(0))
 }
 
 /// Of several generations of one node id (restarts), only the newest.
@@ -530,10 +688,10 @@ mod tests {
         let _ = registry;
         assert!(wait_for(&a, |m| m.iter().any(|m| m.node_id == "b" && m.state == MemberState::Alive)).await);
         assert!(wait_for(&b, |m| m.iter().any(|m| m.node_id == "a" && m.role == Role::Control)).await);
-        b.set("applied:a", "7").await;
+        b.set_applied("a", 7).await;
         let mut seen = false;
         for _ in 0..100 {
-            if a.values("applied:").await.iter().any(|k| k.node_id == "b" && k.value == "7") {
+            if a.applied("a").await.get("b") == Some(&7) {
                 seen = true;
                 break;
             }
@@ -544,6 +702,102 @@ mod tests {
         assert!(!a.members().iter().any(|m| m.node_id == "x"), "the outsider never joined");
         assert!(outsider.members().iter().all(|m| m.node_id == "x"), "and learned nothing");
         shutdown.cancel();
+    }
+
+    /// Polls `what` until it holds (or gives up after 5 s).
+    async fn eventually<F: Future<Output = bool>>(what: impl Fn() -> F) -> bool {
+        for _ in 0..250 {
+            if what().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn typed_state_travels_and_unreadable_values_are_skipped() {
+        let shutdown = CancellationToken::new();
+        let secret = "a-shared-secret-of-enough-bytes";
+        let first = ClusterConfig::new("127.0.0.1:0".parse().unwrap(), secret);
+        let control =
+            Cluster::join(&first, node("c", Role::Control), &Registry::new(), shutdown.clone()).await.unwrap();
+        let mut second = ClusterConfig::new("127.0.0.1:0".parse().unwrap(), secret);
+        second.seeds = vec![control.gossip_addr().to_string()];
+        let edge = Cluster::join(&second, node("e", Role::Edge), &Registry::new(), shutdown.clone()).await.unwrap();
+        let mut changes = edge.subscribe(Topic::Purges).await;
+
+        let record = |seq| PurgeRecord {
+            id: format!("c-{seq}"),
+            seq,
+            control: "c".into(),
+            created_ms: 1_700_000_000_000,
+            soft: false,
+            target: purge::Target::everything(),
+        };
+        control.publish_purge(&record(2)).await;
+        control.publish_purge(&record(3)).await;
+        control.set_purge_floor(2).await;
+        control.set_drain("e", true).await;
+        // What a newer (or broken) peer might write: skipped, nothing else lost.
+        control
+            .handle
+            .with_chitchat(|chitchat| {
+                let state = chitchat.self_node_state();
+                state.set("purge:4", "{not a record");
+                state.set("purge:5", serde_json::to_string(&PurgeRecord { control: "x".into(), ..record(5) }).unwrap());
+                state.set("purge_v2:1", "anything");
+                state.set("load", "busy");
+            })
+            .await;
+
+        let expected = Purges { floor: Some(2), records: [(2, record(2)), (3, record(3))].into() };
+        assert!(eventually(|| async { edge.purges().await.get("c") == Some(&expected) }).await);
+        assert_eq!(edge.purges().await.len(), 1, "only control nodes publish purges");
+        let change = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await.unwrap().unwrap();
+        assert_eq!(change.node_id, "c");
+        assert!(matches!(change.key, Key::Purge(_) | Key::PurgeFloor), "{change:?}");
+
+        assert!(
+            eventually(|| async { edge.members().iter().any(|m| m.node_id == "e" && m.state == MemberState::Drained) })
+                .await
+        );
+        assert!(eventually(|| async { edge.members().iter().any(|m| m.node_id == "c" && m.load == 0.0) }).await);
+
+        edge.set_applied("c", 3).await;
+        edge.publish_stats(Stats { requests: 5, hits: 4, bytes: 3, ms: 2 }).await;
+        assert!(eventually(|| async { control.applied("c").await.get("e") == Some(&3) }).await);
+        assert_eq!(control.applied_all().await.get("e"), Some(&[("c".to_string(), 3)].into()));
+        assert!(control.applied("other").await.is_empty());
+        assert!(eventually(|| async { control.stats().await.get("e").is_some_and(|s| s.requests == 5) }).await);
+
+        control.set_drain("e", false).await;
+        control.set_purge_floor(3).await;
+        control.withdraw_purge(2).await;
+        assert!(
+            eventually(|| async { edge.members().iter().any(|m| m.node_id == "e" && m.state == MemberState::Alive) })
+                .await
+        );
+        assert!(
+            eventually(|| async {
+                edge.purges().await.get("c").is_some_and(|p| !p.records.contains_key(&2) && p.knows(2))
+            })
+            .await
+        );
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn each_unreadable_value_is_reported_once() {
+        let unreadable = Unreadable::default();
+        assert!(unreadable.first_time("a", "load", "busy"));
+        assert!(!unreadable.first_time("a", "load", "busy"), "read again every gossip interval: not logged again");
+        assert!(unreadable.first_time("a", "load", "idle"), "a new value is");
+        assert!(unreadable.first_time("b", "load", "busy"), "and so is another node's");
+        for n in 0..Unreadable::MAX {
+            unreadable.first_time("c", &n.to_string(), "");
+        }
+        assert!(unreadable.0.lock().unwrap().len() <= Unreadable::MAX, "bounded");
     }
 
     #[test]
@@ -561,12 +815,5 @@ mod tests {
         let problems = config.problems("cluster");
         assert!(problems.iter().any(|p| p.starts_with("cluster.secret")));
         assert!(problems.iter().any(|p| p.starts_with("cluster.seeds")));
-    }
-
-    #[test]
-    fn drain_values() {
-        assert_eq!(parse_drain("1:1700"), (true, 1700));
-        assert_eq!(parse_drain("0:1800"), (false, 1800));
-        assert_eq!(parse_drain("junk"), (false, 0));
     }
 }

@@ -1,0 +1,643 @@
+//! The gossip state, typed: every key a node writes, what its value means, and the
+//! one place both are spelled on the wire.
+//!
+//! chitchat carries string keys and string values; this module turns them into a
+//! [`Key`] and an [`Entry`] and back, and nothing else in the workspace spells them
+//! ([`Cluster`](crate::Cluster) reads and writes them through typed accessors). The
+//! wire format is a contract between versions — a cluster is upgraded one node at a
+//! time — so it does not change: what this version cannot read (an unknown key, a
+//! malformed value; a newer peer, a broken one) is an [`Error`] the reader logs and
+//! skips, never a panic.
+//!
+//! Each node writes only its own keys:
+//!
+//! | key | value | written by |
+//! |---|---|---|
+//! | `role` | `origin`, `edge`, `control` or `geo` | every node, when it joins |
+//! | `region` | text | nodes with a region (edges) |
+//! | `lat`, `lon` | degrees, as Rust prints an `f64` | nodes with a location (edges) |
+//! | `public_addr` | IP address | nodes DNS hands out (edges) |
+//! | `admin` | `ip:port` | nodes with an admin listener |
+//! | `ready` | `1` or `0` (`0` when it joins) | every node |
+//! | `load` | `0.000` ..= `1.000` | every node |
+//! | `stats` | JSON [`Stats`] | edges |
+//! | `purge:<seq>` | JSON [`PurgeRecord`] whose `seq` is `<seq>` | control nodes |
+//! | `purge_floor` | the oldest `<seq>` still held (or the next one) | control nodes |
+//! | `applied:<control>` | the last `<seq>` of `<control>` applied | edges |
+//! | `drain:<node>` | `1:<ms>` drained or `0:<ms>` undrained, at `<ms>` since the Unix epoch | control nodes |
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::Error,
+    member::{GeoPoint, Role},
+    purge::PurgeRecord,
+};
+
+/// A key of a node's gossip state.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    /// `role`.
+    Role,
+    /// `region`.
+    Region,
+    /// `lat`.
+    Lat,
+    /// `lon`.
+    Lon,
+    /// `public_addr`.
+    PublicAddr,
+    /// `admin`.
+    Admin,
+    /// `ready`.
+    Ready,
+    /// `load`.
+    Load,
+    /// `stats`.
+    Stats,
+    /// `purge:<seq>`.
+    Purge(u64),
+    /// `purge_floor`.
+    PurgeFloor,
+    /// `applied:<control>`.
+    Applied(String),
+    /// `drain:<node>`.
+    Drain(String),
+}
+
+impl Key {
+    /// Reads a key from the wire; [`Error::UnknownKey`] for one this version does
+    /// not know.
+    pub fn parse(key: &str) -> Result<Self, Error> {
+        let known = match key {
+            "role" => Some(Self::Role),
+            "region" => Some(Self::Region),
+            "lat" => Some(Self::Lat),
+            "lon" => Some(Self::Lon),
+            "public_addr" => Some(Self::PublicAddr),
+            "admin" => Some(Self::Admin),
+            "ready" => Some(Self::Ready),
+            "load" => Some(Self::Load),
+            "stats" => Some(Self::Stats),
+            "purge_floor" => Some(Self::PurgeFloor),
+            _ => {
+                if let Some(seq) = key.strip_prefix("purge:") {
+                    seq.parse().ok().map(Self::Purge)
+                } else if let Some(control) = key.strip_prefix("applied:") {
+                    (!control.is_empty()).then(|| Self::Applied(control.to_string()))
+                } else if let Some(node) = key.strip_prefix("drain:") {
+                    (!node.is_empty()).then(|| Self::Drain(node.to_string()))
+                } else {
+                    None
+                }
+            }
+        };
+        known.ok_or_else(|| Error::UnknownKey { key: key.to_string() })
+    }
+
+    /// Whether the member view ([`Member`](crate::Member)) is made of this key.
+    pub(crate) fn describes_member(&self) -> bool {
+        matches!(
+            self,
+            Self::Role
+                | Self::Region
+                | Self::Lat
+                | Self::Lon
+                | Self::PublicAddr
+                | Self::Admin
+                | Self::Ready
+                | Self::Load
+                | Self::Drain(_)
+        )
+    }
+}
+
+/// The key as it is on the wire.
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Role => f.write_str("role"),
+            Self::Region => f.write_str("region"),
+            Self::Lat => f.write_str("lat"),
+            Self::Lon => f.write_str("lon"),
+            Self::PublicAddr => f.write_str("public_addr"),
+            Self::Admin => f.write_str("admin"),
+            Self::Ready => f.write_str("ready"),
+            Self::Load => f.write_str("load"),
+            Self::Stats => f.write_str("stats"),
+            Self::Purge(seq) => write!(f, "purge:{seq}"),
+            Self::PurgeFloor => f.write_str("purge_floor"),
+            Self::Applied(control) => write!(f, "applied:{control}"),
+            Self::Drain(node) => write!(f, "drain:{node}"),
+        }
+    }
+}
+
+/// A family of keys, to read or to [`subscribe`](crate::Cluster::subscribe) to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// Purge records and floors ([`Key::Purge`], [`Key::PurgeFloor`]).
+    Purges,
+    /// Applied sequences ([`Key::Applied`]).
+    Applied,
+    /// Traffic counters ([`Key::Stats`]).
+    Stats,
+}
+
+impl Topic {
+    /// The prefix every key of the family starts with on the wire.
+    pub(crate) fn prefix(self) -> &'static str {
+        match self {
+            Self::Purges => "purge",
+            Self::Applied => "applied:",
+            Self::Stats => "stats",
+        }
+    }
+}
+
+/// Whether an operator took an edge out of DNS answers, and when (set by a control
+/// node; of several control nodes' word on one edge, the newest counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    /// Out of DNS answers.
+    pub drained: bool,
+    /// When it was decided, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// An edge's traffic counters since it started, for the control node's status page
+/// (which turns them into rates).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Requests answered.
+    pub requests: u64,
+    /// Of which cache hits.
+    pub hits: u64,
+    /// Response bytes sent.
+    pub bytes: u64,
+    /// When the counters were read, ms since the Unix epoch.
+    #[serde(default)]
+    pub ms: u64,
+}
+
+/// What one control node holds in gossip: its purge records and its floor.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Purges {
+    /// The oldest sequence number still held (records below it were collected);
+    /// `None` until the control node published it.
+    pub floor: Option<u64>,
+    /// Its records by sequence number.
+    pub records: BTreeMap<u64, PurgeRecord>,
+}
+
+impl Purges {
+    /// Whether purge `seq` was published: held now, or collected below the floor.
+    pub fn knows(&self, seq: u64) -> bool {
+        self.records.contains_key(&seq) || self.floor.is_some_and(|floor| seq < floor)
+    }
+}
+
+/// One key of a node's gossip state with its value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry {
+    /// What the node does.
+    Role(Role),
+    /// Its region.
+    Region(String),
+    /// Its latitude.
+    Lat(f64),
+    /// Its longitude.
+    Lon(f64),
+    /// The address DNS hands out.
+    PublicAddr(IpAddr),
+    /// Its admin listener.
+    Admin(SocketAddr),
+    /// Whether it can take traffic.
+    Ready(bool),
+    /// Its load, 0.0 (idle) ..= 1.0 (full); written with three decimals, clamped.
+    Load(f64),
+    /// Its traffic counters.
+    Stats(Stats),
+    /// A purge a control node accepted, under its sequence number.
+    Purge(PurgeRecord),
+    /// The oldest sequence number a control node still holds.
+    PurgeFloor(u64),
+    /// The last purge of `control` this node applied.
+    Applied {
+        /// The control node.
+        control: String,
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// A control node's word on draining `node`.
+    Drain {
+        /// The drained (or undrained) node.
+        node: String,
+        /// Drained or not, and when.
+        drain: Drain,
+    },
+}
+
+impl Entry {
+    /// Its key.
+    pub fn key(&self) -> Key {
+        match self {
+            Self::Role(_) => Key::Role,
+            Self::Region(_) => Key::Region,
+            Self::Lat(_) => Key::Lat,
+            Self::Lon(_) => Key::Lon,
+            Self::PublicAddr(_) => Key::PublicAddr,
+            Self::Admin(_) => Key::Admin,
+            Self::Ready(_) => Key::Ready,
+            Self::Load(_) => Key::Load,
+            Self::Stats(_) => Key::Stats,
+            Self::Purge(record) => Key::Purge(record.seq),
+            Self::PurgeFloor(_) => Key::PurgeFloor,
+            Self::Applied { control, .. } => Key::Applied(control.clone()),
+            Self::Drain { node, .. } => Key::Drain(node.clone()),
+        }
+    }
+
+    /// Its value as it is on the wire.
+    pub fn value(&self) -> String {
+        match self {
+            Self::Role(role) => role.as_str().to_string(),
+            Self::Region(region) => region.clone(),
+            Self::Lat(degrees) | Self::Lon(degrees) => degrees.to_string(),
+            Self::PublicAddr(addr) => addr.to_string(),
+            Self::Admin(addr) => addr.to_string(),
+            Self::Ready(ready) => if *ready { "1" } else { "0" }.to_string(),
+            Self::Load(load) => format!("{:.3}", load.clamp(0.0, 1.0)),
+            // Structs of strings, numbers and booleans: serde_json cannot fail on them.
+            Self::Stats(stats) => serde_json::to_string(stats).expect("Stats serializes"),
+            Self::Purge(record) => serde_json::to_string(record).expect("PurgeRecord serializes"),
+            Self::PurgeFloor(seq) | Self::Applied { seq, .. } => seq.to_string(),
+            Self::Drain { drain, .. } => format!("{}:{}", u8::from(drain.drained), drain.at_ms),
+        }
+    }
+
+    /// Reads the value of `key`; [`Error::BadValue`] when it does not parse.
+    pub fn decode(key: Key, value: &str) -> Result<Self, Error> {
+        let bad = |key: Key, source: Box<dyn std::error::Error + Send + Sync>| Error::BadValue { key, source };
+        match key {
+            Key::Role => match Role::parse(value) {
+                Some(role) => Ok(Self::Role(role)),
+                None => Err(bad(key, format!("unknown role {value:?}").into())),
+            },
+            Key::Region => Ok(Self::Region(value.to_string())),
+            Key::Lat => value.parse().map(Self::Lat).map_err(|e| bad(key, e.into())),
+            Key::Lon => value.parse().map(Self::Lon).map_err(|e| bad(key, e.into())),
+            Key::PublicAddr => value.parse().map(Self::PublicAddr).map_err(|e| bad(key, e.into())),
+            Key::Admin => value.parse().map(Self::Admin).map_err(|e| bad(key, e.into())),
+            Key::Ready => match value {
+                "1" => Ok(Self::Ready(true)),
+                "0" => Ok(Self::Ready(false)),
+                _ => Err(bad(key, "expected 1 or 0".into())),
+            },
+            Key::Load => value.parse().map(Self::Load).map_err(|e| bad(key, e.into())),
+            Key::Stats => serde_json::from_str(value).map(Self::Stats).map_err(|e| bad(key, e.into())),
+            Key::Purge(seq) => match serde_json::from_str::<PurgeRecord>(value) {
+                Ok(record) if record.seq == seq => Ok(Self::Purge(record)),
+                Ok(record) => Err(bad(key, format!("the record says seq {}", record.seq).into())),
+                Err(e) => Err(bad(key, e.into())),
+            },
+            Key::PurgeFloor => value.parse().map(Self::PurgeFloor).map_err(|e| bad(key, e.into())),
+            Key::Applied(control) => match value.parse() {
+                Ok(seq) => Ok(Self::Applied { control, seq }),
+                Err(e) => Err(bad(Key::Applied(control), e.into())),
+            },
+            Key::Drain(node) => {
+                let drained = match value.split_once(':') {
+                    Some(("1", at)) => at.parse().map(|at_ms| Drain { drained: true, at_ms }),
+                    Some(("0", at)) => at.parse().map(|at_ms| Drain { drained: false, at_ms }),
+                    _ => return Err(bad(Key::Drain(node), "expected 1:<ms> or 0:<ms>".into())),
+                };
+                match drained {
+                    Ok(drain) => Ok(Self::Drain { node, drain }),
+                    Err(e) => Err(bad(Key::Drain(node), e.into())),
+                }
+            }
+        }
+    }
+
+    /// Reads a key and its value from the wire.
+    pub fn parse(key: &str, value: &str) -> Result<Self, Error> {
+        Self::decode(Key::parse(key)?, value)
+    }
+
+    /// What a node writes about itself when it joins (not ready yet).
+    pub(crate) fn announcement(node: &crate::NodeInfo) -> Vec<Self> {
+        let mut entries = vec![Self::Role(node.role), Self::Ready(false)];
+        entries.extend(node.region.clone().map(Self::Region));
+        if let Some(location) = node.location {
+            entries.extend([Self::Lat(location.lat), Self::Lon(location.lon)]);
+        }
+        entries.extend(node.public_addr.map(Self::PublicAddr));
+        entries.extend(node.admin.map(Self::Admin));
+        entries
+    }
+}
+
+/// One node's member-view keys ([`Key::describes_member`]), decoded; absent or
+/// unreadable keys keep their defaults (not ready, no load, no location).
+#[derive(Debug, Default)]
+pub(crate) struct NodeView {
+    pub(crate) role: Option<Role>,
+    pub(crate) region: Option<String>,
+    lat: Option<f64>,
+    lon: Option<f64>,
+    pub(crate) public_addr: Option<IpAddr>,
+    pub(crate) admin: Option<SocketAddr>,
+    pub(crate) ready: bool,
+    pub(crate) load: f64,
+    /// Its word on draining other nodes (counts only if it is a control node).
+    pub(crate) drains: Vec<(String, Drain)>,
+}
+
+impl NodeView {
+    /// Takes one entry into the view (entries of other families are left out).
+    pub(crate) fn add(&mut self, entry: Entry) {
+        match entry {
+            Entry::Role(role) => self.role = Some(role),
+            Entry::Region(region) => self.region = Some(region),
+            Entry::Lat(lat) => self.lat = Some(lat),
+            Entry::Lon(lon) => self.lon = Some(lon),
+            Entry::PublicAddr(addr) => self.public_addr = Some(addr),
+            Entry::Admin(addr) => self.admin = Some(addr),
+            Entry::Ready(ready) => self.ready = ready,
+            Entry::Load(load) => self.load = load,
+            Entry::Drain { node, drain } => self.drains.push((node, drain)),
+            Entry::Stats(_) | Entry::Purge(_) | Entry::PurgeFloor(_) | Entry::Applied { .. } => {}
+        }
+    }
+
+    /// Where the node is, if it said both coordinates.
+    pub(crate) fn location(&self) -> Option<GeoPoint> {
+        Some(GeoPoint { lat: self.lat?, lon: self.lon? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{NodeInfo, purge::Target};
+
+    fn record(seq: u64) -> PurgeRecord {
+        PurgeRecord {
+            id: format!("c1-{seq}"),
+            seq,
+            control: "c1".into(),
+            created_ms: 1_700_000_000_000,
+            soft: true,
+            target: Target { urls: vec!["www.cdn.test/v/a.mp4?x=1".into()], ..Target::default() },
+        }
+    }
+
+    fn wire(entry: &Entry) -> (String, String) {
+        (entry.key().to_string(), entry.value())
+    }
+
+    /// The exact strings on the wire: older and newer versions read these.
+    #[test]
+    fn wire_format() {
+        let cases = [
+            (Entry::Role(Role::Edge), "role", "edge"),
+            (Entry::Role(Role::Control), "role", "control"),
+            (Entry::Region("eu-west".into()), "region", "eu-west"),
+            (Entry::Lat(48.8566), "lat", "48.8566"),
+            (Entry::Lon(-0.5), "lon", "-0.5"),
+            (Entry::Lat(10.0), "lat", "10"),
+            (Entry::PublicAddr([127, 0, 0, 11].into()), "public_addr", "127.0.0.11"),
+            (Entry::PublicAddr("2001:db8::1".parse().unwrap()), "public_addr", "2001:db8::1"),
+            (Entry::Admin("127.0.0.11:9090".parse().unwrap()), "admin", "127.0.0.11:9090"),
+            (Entry::Ready(true), "ready", "1"),
+            (Entry::Ready(false), "ready", "0"),
+            (Entry::Load(0.25), "load", "0.250"),
+            (Entry::Load(1.7), "load", "1.000"),
+            (Entry::Load(-1.0), "load", "0.000"),
+            (
+                Entry::Stats(Stats { requests: 10, hits: 7, bytes: 4096, ms: 1_700_000_000_000 }),
+                "stats",
+                r#"{"requests":10,"hits":7,"bytes":4096,"ms":1700000000000}"#,
+            ),
+            (
+                Entry::Purge(record(7)),
+                "purge:7",
+                r#"{"id":"c1-7","seq":7,"control":"c1","created_ms":1700000000000,"soft":true,"target":{"urls":["www.cdn.test/v/a.mp4?x=1"]}}"#,
+            ),
+            (Entry::PurgeFloor(3), "purge_floor", "3"),
+            (Entry::Applied { control: "control-1".into(), seq: 42 }, "applied:control-1", "42"),
+            (
+                Entry::Drain { node: "edge-2".into(), drain: Drain { drained: true, at_ms: 1700 } },
+                "drain:edge-2",
+                "1:1700",
+            ),
+            (
+                Entry::Drain { node: "edge-2".into(), drain: Drain { drained: false, at_ms: 1800 } },
+                "drain:edge-2",
+                "0:1800",
+            ),
+        ];
+        for (entry, key, value) in cases {
+            assert_eq!(wire(&entry), (key.to_string(), value.to_string()), "{entry:?}");
+        }
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let entries = [
+            Entry::Role(Role::Origin),
+            Entry::Role(Role::Geo),
+            Entry::Region("ap-south".into()),
+            Entry::Lat(-33.8688),
+            Entry::Lon(151.2093),
+            Entry::PublicAddr("::1".parse().unwrap()),
+            Entry::Admin("[::1]:9001".parse().unwrap()),
+            Entry::Ready(true),
+            Entry::Ready(false),
+            Entry::Load(0.5),
+            Entry::Load(0.0),
+            Entry::Stats(Stats { requests: 1, hits: 0, bytes: u64::MAX, ms: 5 }),
+            Entry::Purge(record(1)),
+            Entry::Purge(PurgeRecord { soft: false, target: Target::everything(), ..record(u64::MAX) }),
+            Entry::PurgeFloor(0),
+            Entry::Applied { control: "c.1_x".into(), seq: 0 },
+            Entry::Drain { node: "e".into(), drain: Drain { drained: true, at_ms: 0 } },
+        ];
+        for entry in entries {
+            let (key, value) = wire(&entry);
+            assert_eq!(Key::parse(&key).unwrap(), entry.key(), "{key}");
+            assert_eq!(Entry::parse(&key, &value).unwrap(), entry, "{key} = {value}");
+        }
+    }
+
+    #[test]
+    fn what_older_versions_wrote_still_reads() {
+        // The edge's stats before they had a type, and a record without `soft`.
+        let stats = Entry::parse("stats", r#"{"requests":3,"hits":1,"bytes":9,"ms":12}"#).unwrap();
+        assert_eq!(stats, Entry::Stats(Stats { requests: 3, hits: 1, bytes: 9, ms: 12 }));
+        let old = r#"{"id":"c-2","seq":2,"control":"c","created_ms":5,"target":{"all":true}}"#;
+        let Entry::Purge(record) = Entry::parse("purge:2", old).unwrap() else { panic!("a purge") };
+        assert!(!record.soft && record.target.all);
+    }
+
+    #[test]
+    fn newer_fields_are_ignored() {
+        let stats = Entry::parse("stats", r#"{"requests":3,"hits":1,"bytes":9,"ms":12,"errors":4}"#).unwrap();
+        assert_eq!(stats, Entry::Stats(Stats { requests: 3, hits: 1, bytes: 9, ms: 12 }));
+        let record = r#"{"id":"c-2","seq":2,"control":"c","created_ms":5,"target":{"all":true},"priority":1}"#;
+        assert!(Entry::parse("purge:2", record).is_ok());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors_not_panics() {
+        for key in ["certs", "purge:", "purge:x", "purge:-1", "applied:", "drain:", "Role", "purge_floors", ""] {
+            assert!(matches!(Key::parse(key), Err(Error::UnknownKey { .. })), "{key}");
+        }
+        let bad = [
+            ("role", "shield"),
+            ("lat", "north"),
+            ("lon", ""),
+            ("public_addr", "localhost"),
+            ("admin", "127.0.0.1"),
+            ("ready", "yes"),
+            ("ready", ""),
+            ("load", "busy"),
+            ("stats", "{"),
+            ("stats", r#"{"requests":1}"#),
+            ("purge:1", "not json"),
+            ("purge:1", &serde_json::to_string(&record(2)).unwrap()),
+            ("purge_floor", "-1"),
+            ("applied:c1", "seven"),
+            ("drain:e1", "junk"),
+            ("drain:e1", "1"),
+            ("drain:e1", "2:1700"),
+            ("drain:e1", "1:soon"),
+        ];
+        for (key, value) in bad {
+            let error = Entry::parse(key, value).unwrap_err();
+            assert!(matches!(error, Error::BadValue { .. }), "{key} = {value}: {error}");
+            assert!(error.to_string().contains(key), "{error}");
+        }
+    }
+
+    #[test]
+    fn the_announcement_of_a_node() {
+        let node = NodeInfo {
+            node_id: "edge-1".into(),
+            role: Role::Edge,
+            region: Some("us-east".into()),
+            location: Some(GeoPoint { lat: 40.7, lon: -74.0 }),
+            public_addr: Some([10, 0, 0, 1].into()),
+            admin: Some("10.0.0.1:9090".parse().unwrap()),
+        };
+        let wire: Vec<(String, String)> = Entry::announcement(&node).iter().map(wire).collect();
+        let expected = [
+            ("role", "edge"),
+            ("ready", "0"),
+            ("region", "us-east"),
+            ("lat", "40.7"),
+            ("lon", "-74"),
+            ("public_addr", "10.0.0.1"),
+            ("admin", "10.0.0.1:9090"),
+        ];
+        assert_eq!(wire, expected.map(|(k, v)| (k.to_string(), v.to_string())));
+        let control =
+            NodeInfo { role: Role::Control, region: None, location: None, public_addr: None, admin: None, ..node };
+        assert_eq!(Entry::announcement(&control), [Entry::Role(Role::Control), Entry::Ready(false)]);
+    }
+
+    #[test]
+    fn a_node_view() {
+        let mut view = NodeView::default();
+        assert!(!view.ready && view.load == 0.0 && view.location().is_none());
+        for (key, value) in [("role", "edge"), ("lat", "1.5"), ("ready", "1"), ("load", "0.750"), ("drain:e", "1:5")] {
+            view.add(Entry::parse(key, value).unwrap());
+        }
+        assert_eq!(view.role, Some(Role::Edge));
+        assert!(view.location().is_none(), "one coordinate is no location");
+        view.add(Entry::Lon(2.5));
+        assert_eq!(view.location(), Some(GeoPoint { lat: 1.5, lon: 2.5 }));
+        assert!(view.ready && view.load == 0.75);
+        assert_eq!(view.drains, [("e".to_string(), Drain { drained: true, at_ms: 5 })]);
+        view.add(Entry::PurgeFloor(3));
+        view.add(Entry::Applied { control: "c".into(), seq: 1 });
+        assert_eq!(view.drains.len(), 1);
+    }
+
+    #[test]
+    fn purges_know_collected_and_held_records() {
+        let mut purges = Purges::default();
+        assert!(!purges.knows(0));
+        purges.floor = Some(5);
+        purges.records.insert(6, record(6));
+        assert!(purges.knows(4) && purges.knows(6));
+        assert!(!purges.knows(5) && !purges.knows(7));
+    }
+
+    #[test]
+    fn member_keys() {
+        for key in ["role", "region", "lat", "lon", "public_addr", "admin", "ready", "load", "drain:e"] {
+            assert!(Key::parse(key).unwrap().describes_member(), "{key}");
+        }
+        for key in ["stats", "purge:1", "purge_floor", "applied:c"] {
+            assert!(!Key::parse(key).unwrap().describes_member(), "{key}");
+        }
+    }
+
+    #[test]
+    fn topics_cover_their_keys() {
+        let cases = [
+            (Topic::Purges, Key::Purge(3)),
+            (Topic::Purges, Key::PurgeFloor),
+            (Topic::Applied, Key::Applied("c".into())),
+            (Topic::Stats, Key::Stats),
+        ];
+        for (topic, key) in cases {
+            assert!(key.to_string().starts_with(topic.prefix()), "{topic:?} {key}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_keys_and_values_never_panic(key in ".{0,24}", value in ".{0,64}") {
+            let _ = Entry::parse(&key, &value);
+            for prefix in ["purge:", "applied:", "drain:", ""] {
+                for known in ["role", "lat", "ready", "load", "stats", "purge_floor", "1", "c"] {
+                    let _ = Entry::parse(&format!("{prefix}{known}"), &value);
+                }
+            }
+        }
+
+        #[test]
+        fn keys_round_trip(seq in any::<u64>(), node in "[a-zA-Z0-9._-]{1,20}") {
+            for key in [Key::Purge(seq), Key::Applied(node.clone()), Key::Drain(node.clone())] {
+                prop_assert_eq!(Key::parse(&key.to_string()).unwrap(), key);
+            }
+        }
+
+        #[test]
+        fn numbers_round_trip(seq in any::<u64>(), lat in -90.0f64..=90.0, load in 0.0f64..=1.0, at_ms in any::<u64>()) {
+            for entry in [
+                Entry::PurgeFloor(seq),
+                Entry::Applied { control: "c".into(), seq },
+                Entry::Lat(lat),
+                Entry::Drain { node: "e".into(), drain: Drain { drained: seq % 2 == 0, at_ms } },
+            ] {
+                let (key, value) = wire(&entry);
+                prop_assert_eq!(Entry::parse(&key, &value).unwrap(), entry);
+            }
+            // Load travels with three decimals.
+            let Entry::Load(read) = Entry::parse("load", &Entry::Load(load).value()).unwrap() else { panic!("a load") };
+            prop_assert!((read - load).abs() <= 0.0005);
+        }
+    }
+}
