@@ -5,9 +5,12 @@
 use std::{io::Write as _, path::PathBuf, time::Duration};
 
 use clap::Args;
-use serde_json::{Value, json};
 
-use cdn_control::client::{ControlClient, ServerTrust};
+use cdn_control::{
+    api::{EdgeProgress, NodeView, PurgeState},
+    client::{ControlClient, ServerTrust},
+    purge::PurgeRequest,
+};
 
 /// Where the control API is and how to authenticate.
 #[derive(Debug, Args)]
@@ -85,15 +88,8 @@ pub(crate) struct DrainArgs {
 
 pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
     let client = args.api.client()?;
-    let mut body = json!({ "soft": args.soft });
-    if args.all {
-        body["all"] = json!(true);
-    }
-    for (key, values) in [("urls", &args.urls), ("prefixes", &args.prefixes), ("tags", &args.tags)] {
-        if !values.is_empty() {
-            body[key] = json!(values);
-        }
-    }
+    let body =
+        PurgeRequest { urls: args.urls, prefixes: args.prefixes, tags: args.tags, all: args.all, soft: args.soft };
     let ack = client.purge(&body).await?;
     println!("purge {} accepted (seq {})", ack.id, ack.seq);
     if !args.wait {
@@ -104,11 +100,11 @@ pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
     loop {
         let status = client.status(&ack.id).await?;
         for (edge, state) in &status.edges {
-            if state == "applied" && shown.insert(edge.clone()) {
+            if *state == EdgeProgress::Applied && shown.insert(edge.clone()) {
                 println!("  {edge:<20} applied   (+{} ms)", started.elapsed().as_millis());
             }
         }
-        if status.status == "complete" {
+        if status.status == PurgeState::Complete {
             match status.completed_ms {
                 Some(ms) => println!("complete on {} edges in {ms} ms", status.edges.len()),
                 None => println!("complete on {} edges", status.edges.len()),
@@ -121,7 +117,7 @@ pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
             status
                 .edges
                 .iter()
-                .filter(|(_, s)| *s != "applied")
+                .filter(|(_, s)| **s != EdgeProgress::Applied)
                 .map(|(e, _)| e.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -133,7 +129,7 @@ pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
 pub(crate) async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
     let nodes = args.api.client()?.nodes().await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&Value::Array(nodes))?);
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
         return Ok(());
     }
     print!("{}", table(&nodes));
@@ -141,24 +137,20 @@ pub(crate) async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
 }
 
 /// The `cdn nodes` table.
-fn table(nodes: &[Value]) -> String {
-    let text = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    };
+fn table(nodes: &[NodeView]) -> String {
     let mut rows =
         vec![["NODE", "ROLE", "REGION", "ADDR", "STATE", "READY", "LOAD", "APPLIED"].map(String::from).to_vec()];
     for node in nodes {
+        let state = serde_json::to_value(node.state).ok().and_then(|v| v.as_str().map(str::to_owned));
         rows.push(vec![
-            text(&node["node_id"]),
-            text(&node["role"]),
-            text(&node["region"]).replace("\"\"", "-"),
-            text(&node["addr"]),
-            text(&node["state"]),
-            if node["ready"] == json!(true) { "yes".into() } else { "no".into() },
-            node["load"].as_f64().map_or("-".into(), |l| format!("{:.0}%", l * 100.0)),
-            text(&node["applied_seq"]),
+            node.node_id.clone(),
+            node.role.as_str().to_string(),
+            if node.region.is_empty() { "-".into() } else { node.region.clone() },
+            node.addr.clone(),
+            state.unwrap_or_else(|| "-".into()),
+            if node.ready { "yes".into() } else { "no".into() },
+            format!("{:.0}%", node.load * 100.0),
+            node.applied_seq.to_string(),
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
@@ -180,15 +172,20 @@ pub(crate) async fn drain(args: DrainArgs, on: bool) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
 
     #[test]
     fn nodes_table_aligns_columns() {
+        let node = |value: Value| -> NodeView { serde_json::from_value(value).unwrap() };
         let nodes = vec![
-            json!({"node_id": "us-east", "role": "edge", "region": "us-east", "addr": "127.0.0.11",
-                   "state": "alive", "ready": true, "load": 0.25, "applied_seq": 7}),
-            json!({"node_id": "control", "role": "control", "region": "", "addr": "127.0.0.1",
-                   "state": "alive", "ready": true, "load": 0.0, "applied_seq": 0}),
+            node(json!({"node_id": "us-east", "role": "edge", "region": "us-east", "addr": "127.0.0.11",
+                   "gossip_addr": "127.0.0.11:7946", "admin_addr": null, "location": null,
+                   "state": "alive", "ready": true, "load": 0.25, "applied_seq": 7, "applied": {}})),
+            node(json!({"node_id": "control", "role": "control", "region": "", "addr": "127.0.0.1",
+                   "gossip_addr": "127.0.0.1:7946", "admin_addr": null, "location": null,
+                   "state": "alive", "ready": true, "load": 0.0, "applied_seq": 0, "applied": {}})),
         ];
         let out = table(&nodes);
         let lines: Vec<&str> = out.lines().collect();

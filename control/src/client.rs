@@ -2,13 +2,15 @@
 //! tests and benchmarks.
 
 use cdn_node::tls::{self, ClientTrust};
+
+pub use crate::api::{NodeView, PurgeAck, PurgeStatus};
+use crate::purge::PurgeRequest;
 use std::{path::PathBuf, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use serde::Deserialize;
 use serde_json::Value;
 
 /// What went wrong talking to the control API.
@@ -89,28 +91,6 @@ fn roots_from(path: &std::path::Path) -> Result<rustls::RootCertStore, ClientErr
     Ok(roots)
 }
 
-/// `202` answer of a purge.
-#[derive(Debug, Clone, Deserialize)]
-pub struct PurgeAck {
-    /// `<control>-<seq>`.
-    pub id: String,
-    /// Sequence number.
-    pub seq: u64,
-}
-
-/// `GET /v1/purge/{id}`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct PurgeStatus {
-    /// The purge.
-    pub id: String,
-    /// `pending` or `complete`.
-    pub status: String,
-    /// Edge → `applied` | `pending`.
-    pub edges: std::collections::BTreeMap<String, String>,
-    /// Acknowledgement to last edge, when complete and measured by this node.
-    pub completed_ms: Option<u64>,
-}
-
 /// A client of one control node.
 pub struct ControlClient {
     base: String,
@@ -165,8 +145,9 @@ impl ControlClient {
     }
 
     /// `POST /v1/purge` with a body as documented (`urls`, `prefixes`, `tags`, `all`, `soft`).
-    pub async fn purge(&self, body: &Value) -> Result<PurgeAck, ClientError> {
-        let value = self.call(Method::POST, "/v1/purge", Some(body.to_string())).await?;
+    pub async fn purge(&self, body: &PurgeRequest) -> Result<PurgeAck, ClientError> {
+        let body = serde_json::to_string(body).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let value = self.call(Method::POST, "/v1/purge", Some(body)).await?;
         serde_json::from_value(value).map_err(|e| ClientError::Unexpected(e.to_string()))
     }
 
@@ -176,12 +157,10 @@ impl ControlClient {
         serde_json::from_value(value).map_err(|e| ClientError::Unexpected(e.to_string()))
     }
 
-    /// `GET /v1/nodes`, as JSON objects.
-    pub async fn nodes(&self) -> Result<Vec<Value>, ClientError> {
-        match self.call(Method::GET, "/v1/nodes", None).await? {
-            Value::Array(nodes) => Ok(nodes),
-            other => Err(ClientError::Unexpected(other.to_string())),
-        }
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, ClientError> {
+        let value = self.call(Method::GET, "/v1/nodes", None).await?;
+        serde_json::from_value(value).map_err(|e| ClientError::Unexpected(e.to_string()))
     }
 
     /// `POST /v1/edges/{node}/drain` (or `undrain`).

@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`server`]: the control node ([`server::Control`]): config, the `/v1` API, gossip.
+//! - [`api`]: the API's answers, typed (shared by the server and the client).
 //! - [`purge`]: the API's purge body and its validation; [`purge::log`], the durable log.
 //! - [`client`]: a typed client of the control API (`cdn purge`, `cdn nodes`, `cdn drain`).
 //! - `status`: the status page.
@@ -13,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod client;
 pub mod error;
 pub mod purge;

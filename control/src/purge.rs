@@ -7,7 +7,7 @@
 pub mod log;
 
 pub use cdn_cluster::purge::{PurgeRecord, Target};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Most entries (URLs + prefixes + tags) one purge may carry.
 pub const MAX_ENTRIES: usize = 1000;
@@ -15,7 +15,7 @@ pub const MAX_ENTRIES: usize = 1000;
 pub const MAX_ENTRY_LEN: usize = 2048;
 
 /// The body of `POST /v1/purge`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PurgeRequest {
     /// Absolute URLs.

@@ -19,7 +19,6 @@ use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use prometheus::{IntCounter, Registry};
 use serde::Deserialize;
-use serde_json::json;
 use tokio::{net::TcpListener, sync::Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -38,6 +37,7 @@ use cdn_node::{
 
 use crate::{
     Error,
+    api::{ApiError, DrainAck, EdgeProgress, NodeView, PurgeAck, PurgeState, PurgeStatus},
     purge::{PurgeRecord, PurgeRequest, log::PurgeLog},
 };
 
@@ -324,8 +324,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry
     Control::bind(config, &registry).await?.serve(shutdown).await
 }
 
-fn reply(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(full(body.to_string()));
+fn reply(status: StatusCode, body: &impl serde::Serialize) -> Response<Body> {
+    // Serialising these plain structs cannot fail; an empty object would be the fallback.
+    let text = serde_json::to_string(body).unwrap_or_else(|_| "{}".into());
+    let mut response = Response::new(full(text));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     response.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
@@ -333,7 +335,7 @@ fn reply(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
 }
 
 fn failure(status: StatusCode, message: impl Into<String>) -> Response<Body> {
-    reply(status, &json!({ "error": message.into() }))
+    reply(status, &ApiError { error: message.into() })
 }
 
 /// Constant-time token check.
@@ -438,7 +440,7 @@ async fn purge(state: &Arc<State>, request: Request<Incoming>) -> Response<Body>
         }
     }
     info!(id = %record.id, soft = record.soft, "purge accepted");
-    reply(StatusCode::ACCEPTED, &json!({ "id": record.id, "seq": record.seq }))
+    reply(StatusCode::ACCEPTED, &PurgeAck { id: record.id, seq: record.seq })
 }
 
 fn edges(cluster: &Cluster) -> Vec<Member> {
@@ -461,7 +463,7 @@ async fn purge_status(state: &Arc<State>, id: &str) -> Response<Body> {
     if !known {
         return failure(StatusCode::NOT_FOUND, format!("no purge {id}"));
     }
-    let mut status_of = serde_json::Map::new();
+    let mut edges_progress = BTreeMap::new();
     // With no edge in sight (a control node that just started, or a partition) a
     // purge is not "complete": nobody has confirmed it.
     let mut complete = state.cluster.as_ref().is_some_and(|cluster| !edges(cluster).is_empty());
@@ -470,49 +472,42 @@ async fn purge_status(state: &Arc<State>, id: &str) -> Response<Body> {
         for edge in edges(cluster) {
             let done = applied.get(&edge.node_id).is_some_and(|a| *a >= seq);
             complete &= done;
-            status_of.insert(edge.node_id.clone(), json!(if done { "applied" } else { "pending" }));
+            edges_progress
+                .insert(edge.node_id.clone(), if done { EdgeProgress::Applied } else { EdgeProgress::Pending });
         }
     }
     let completed_ms =
         state.completions.lock().unwrap_or_else(PoisonError::into_inner).get(&seq).and_then(|c| c.completed_ms);
     let completed_ms = if control == state.node_id { completed_ms } else { None };
-    reply(
-        StatusCode::OK,
-        &json!({
-            "id": id,
-            "seq": seq,
-            "status": if complete { "complete" } else { "pending" },
-            "edges": status_of,
-            "completed_ms": completed_ms,
-        }),
-    )
+    let status = if complete { PurgeState::Complete } else { PurgeState::Pending };
+    reply(StatusCode::OK, &PurgeStatus { id: id.to_string(), seq, status, edges: edges_progress, completed_ms })
 }
 
 async fn nodes(state: &Arc<State>) -> Response<Body> {
     let Some(cluster) = &state.cluster else {
-        return reply(StatusCode::OK, &json!([]));
+        return reply(StatusCode::OK, &Vec::<NodeView>::new());
     };
     let all_applied = cluster.applied_all().await;
     let mut out = Vec::new();
     for member in cluster.members().iter() {
         let applied = all_applied.get(&member.node_id).cloned().unwrap_or_default();
         let addr = member.public_addr.map_or_else(|| member.gossip_addr.ip().to_string(), |a| a.to_string());
-        out.push(json!({
-            "node_id": member.node_id,
-            "role": member.role,
-            "region": member.region,
-            "addr": addr,
-            "gossip_addr": member.gossip_addr.to_string(),
-            "admin_addr": member.admin_addr.map(|a| a.to_string()),
-            "location": member.location,
-            "state": member.state,
-            "ready": member.ready,
-            "load": member.load,
-            "applied_seq": applied.get(&state.node_id).copied().unwrap_or(0),
-            "applied": applied,
-        }));
+        out.push(NodeView {
+            node_id: member.node_id.clone(),
+            role: member.role,
+            region: member.region.clone(),
+            addr,
+            gossip_addr: member.gossip_addr.to_string(),
+            admin_addr: member.admin_addr.map(|a| a.to_string()),
+            location: member.location,
+            state: member.state,
+            ready: member.ready,
+            load: member.load,
+            applied_seq: applied.get(&state.node_id).copied().unwrap_or(0),
+            applied,
+        });
     }
-    reply(StatusCode::OK, &serde_json::Value::Array(out))
+    reply(StatusCode::OK, &out)
 }
 
 async fn drain(state: &Arc<State>, node: &str, on: bool) -> Response<Body> {
@@ -531,7 +526,7 @@ async fn drain(state: &Arc<State>, node: &str, on: bool) -> Response<Body> {
         cluster.push_to(member.gossip_addr);
     }
     info!(node, drained = on, "routing changed");
-    reply(StatusCode::OK, &json!({ "node_id": node, "drained": on }))
+    reply(StatusCode::OK, &DrainAck { node_id: node.to_string(), drained: on })
 }
 
 /// Records when every edge has applied each of this node's purges.

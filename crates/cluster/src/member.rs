@@ -3,10 +3,10 @@
 use std::net::{IpAddr, SocketAddr};
 
 pub use cdn_node::location::GeoPoint;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What a node does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Content server.
@@ -43,7 +43,7 @@ impl Role {
 }
 
 /// Liveness as the cluster sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemberState {
     /// Heartbeats arrive.
