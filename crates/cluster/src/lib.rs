@@ -40,6 +40,7 @@ use tracing::{debug, info, warn};
 
 pub use member::{GeoPoint, Member, MemberState, Role};
 #[doc(hidden)]
+#[cfg(feature = "test-util")]
 pub use transport::PacketLoss;
 
 pub use crate::error::Error;
@@ -85,9 +86,10 @@ pub struct ClusterConfig {
     /// A node alive but silent this long is reported `suspect` (and left out of DNS).
     #[serde(default = "default_suspect", with = "humantime_serde")]
     pub suspect_after: Duration,
-    /// Test hook: gossip datagrams this node drops on purpose (lossy networks,
-    /// partitions). Not settable from a config file.
+    /// Test hook (feature `test-util`): gossip datagrams this node drops on purpose
+    /// (lossy networks, partitions). Not settable from a config file.
     #[doc(hidden)]
+    #[cfg(feature = "test-util")]
     #[serde(skip)]
     pub loss: PacketLoss,
 }
@@ -110,6 +112,7 @@ impl ClusterConfig {
             advertise: None,
             gossip_interval: default_interval(),
             suspect_after: default_suspect(),
+            #[cfg(feature = "test-util")]
             loss: PacketLoss::default(),
         }
     }
@@ -249,6 +252,7 @@ impl Cluster {
             socket,
             config.secret.bytes(),
             rejected,
+            #[cfg(feature = "test-util")]
             config.loss.clone(),
             shutdown.clone(),
         );
