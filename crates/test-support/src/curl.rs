@@ -112,3 +112,27 @@ fn parse_header_dump(path: &Path) -> Vec<(String, String)> {
         .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock_origin::{MockOrigin, Route};
+
+    #[tokio::test]
+    async fn what_came_and_whether_all_of_it_came() {
+        let origin = MockOrigin::start().await;
+        origin.route("/a", Route::ok("max-age=60", "{\"ok\": true}").header("x-cache", "HIT"));
+        let got = curl(&[&format!("{}/a", origin.url())]).await;
+        assert!(got.success, "{got:?}");
+        assert_eq!((got.status, got.version.as_str(), got.x_cache()), (200, "1.1", "HIT"));
+        assert_eq!(got.header("Cache-Control"), "max-age=60");
+        assert_eq!(got.json()["ok"], true);
+        let missing = curl(&[&format!("{}/none", origin.url())]).await;
+        assert_eq!((missing.success, missing.status, missing.header("x-cache")), (true, 404, ""));
+        // Nothing listens: no response, and curl says so.
+        let url = format!("http://127.0.0.1:{}/", crate::net::free_port());
+        let refused = tokio::task::spawn_blocking(move || curl_blocking(&["--max-time", "2", &url])).await.unwrap();
+        assert_eq!((refused.success, refused.status), (false, 0), "{refused:?}");
+        assert!(!refused.stderr.is_empty());
+    }
+}
