@@ -34,6 +34,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use cdn_test_support::{
+    curl::{Curl, curl_blocking},
+    metrics, wait,
+};
 use serde_json::{Value, json};
 
 /// The API token in deploy/config/token.
@@ -131,17 +135,6 @@ fn compose_command() -> Option<Vec<String>> {
     }
 }
 
-fn wait_until<T>(what: &str, timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = f() {
-            return value;
-        }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        sleep(every);
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -157,59 +150,18 @@ fn quantile(values: &[f64], q: f64) -> f64 {
 // ---------------------------------------------------------------------------------
 // HTTP through curl
 
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
-    fn x_cache(&self) -> &str {
-        self.header("x-cache").unwrap_or("-")
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
-    }
-}
-
-/// One request with curl; `None` when no HTTP answer came (connection refused, timeout).
-fn curl(args: &[&str]) -> Option<Resp> {
+/// One request with curl (any certificate); `None` when no whole HTTP answer came
+/// (connection refused, timeout).
+fn curl(args: &[&str]) -> Option<Curl> {
     curl_within(10, args)
 }
 
-fn curl_within(max_secs: u32, args: &[&str]) -> Option<Resp> {
+fn curl_within(max_secs: u32, args: &[&str]) -> Option<Curl> {
     let max = max_secs.to_string();
-    let out = output(Command::new("curl").args(["-s", "-k", "-D", "-", "--max-time", &max]).args(args));
-    if !out.status.success() {
-        return None;
-    }
-    // Skip interim (1xx) heads; the last head before the body is the answer.
-    let mut rest = out.stdout.as_slice();
-    loop {
-        let split = rest.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(rest.len());
-        let head = String::from_utf8_lossy(&rest[..split]).into_owned();
-        let body = rest.get(split + 4..).unwrap_or_default();
-        let mut lines = head.lines();
-        let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-        if (100..200).contains(&status) && body.starts_with(b"HTTP/") {
-            rest = body;
-            continue;
-        }
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
-        return Some(Resp { status, headers, body: body.to_vec() });
-    }
+    let mut all = vec!["-k", "--max-time", &max];
+    all.extend_from_slice(args);
+    let resp = curl_blocking(&all);
+    resp.success.then_some(resp)
 }
 
 // ---------------------------------------------------------------------------------
@@ -281,11 +233,11 @@ impl Cluster {
     }
 
     /// GET `path` from an edge's published HTTP (or HTTPS) port, as `www.cdn.test`.
-    fn get(edge: &Edge, path: &str, https: bool) -> Resp {
+    fn get(edge: &Edge, path: &str, https: bool) -> Curl {
         Self::get_within(10, edge, path, https)
     }
 
-    fn get_within(max_secs: u32, edge: &Edge, path: &str, https: bool) -> Resp {
+    fn get_within(max_secs: u32, edge: &Edge, path: &str, https: bool) -> Curl {
         let url = if https {
             format!("https://{PUBLISH}.{}:8443{path}", edge.octet)
         } else {
@@ -301,14 +253,11 @@ impl Cluster {
 
     fn metric(edge: &Edge, name: &str) -> f64 {
         let resp = curl(&[&Self::url(edge.octet, 9090, "/metrics")]).expect("metrics");
-        resp.text()
-            .lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0)
+        metrics::sum(&resp.text(), name, &[])
     }
 
     /// A control API call on control node `n` (1 or 2).
-    fn api(n: u8, method: &str, path: &str, body: Option<&Value>) -> Option<Resp> {
+    fn api(n: u8, method: &str, path: &str, body: Option<&Value>) -> Option<Curl> {
         let url = Self::url(n + 1, 9000, path);
         let auth = format!("Authorization: Bearer {TOKEN}");
         let mut args = vec!["-X", method, "-H", &auth, &url];
@@ -341,7 +290,7 @@ impl Cluster {
     /// Waits until control `n` reports purge `id` complete; the status and the time waited.
     fn wait_complete(n: u8, id: &str, timeout: Duration) -> (Value, Duration) {
         let start = Instant::now();
-        let status = wait_until(&format!("purge {id} complete"), timeout, Duration::from_millis(10), || {
+        let status = wait::blocking(&format!("purge {id} complete"), timeout, Duration::from_millis(10), || {
             Self::purge_status(n, id).filter(|v| v["status"] == "complete")
         });
         (status, start.elapsed())
@@ -356,7 +305,7 @@ impl Cluster {
         let start = Instant::now();
         let mut premature: Option<Value> = None;
         let status =
-            wait_until(&format!("purge {id} applied on all six edges"), timeout, Duration::from_millis(10), || {
+            wait::blocking(&format!("purge {id} applied on all six edges"), timeout, Duration::from_millis(10), || {
                 let status = Self::purge_status(n, id).filter(|v| v["status"] == "complete")?;
                 if EDGES.iter().all(|e| status["edges"][e.id] == "applied") {
                     return Some(status);
@@ -465,7 +414,7 @@ impl Cluster {
     fn wait_healthy(&self, timeout: Duration) {
         let ids: Vec<String> = self.compose(&["ps", "-q"]).lines().map(String::from).collect();
         assert_eq!(ids.len(), 10, "containers of the project: {ids:?}");
-        wait_until("every container healthy", timeout, Duration::from_millis(500), || {
+        wait::blocking("every container healthy", timeout, Duration::from_millis(500), || {
             let out = run(Command::new("docker")
                 .args([
                     "inspect",
@@ -551,7 +500,7 @@ fn remove_stale_projects(root: &Path, compose: &[String], image: &str) {
 
 /// Waits until control node `n` sees all six edges alive and ready.
 fn wait_for_six_edges(n: u8) {
-    wait_until(
+    wait::blocking(
         &format!("six edges alive and ready in control-{n}'s view"),
         Duration::from_secs(30),
         Duration::from_millis(100),
@@ -669,21 +618,21 @@ fn multi_region_deployment() {
         let path = "/_gen/4096?k=each-edge";
         let first = Cluster::get(e, path, false);
         assert_eq!((first.status, first.x_cache()), (200, "MISS"), "{}: first GET {path}", e.id);
-        assert_eq!(first.header("x-served-by"), Some(e.id));
+        assert_eq!(first.header("x-served-by"), e.id);
         assert_eq!(first.body.len(), 4096);
         let second = Cluster::get(e, path, false);
         assert_eq!((second.status, second.x_cache()), (200, "HIT"), "{}: second GET {path}", e.id);
         let tls1 = Cluster::get(e, "/hello.txt", true);
         let tls2 = Cluster::get(e, "/hello.txt", true);
         assert_eq!((tls1.status, tls1.x_cache(), tls2.x_cache()), (200, "MISS", "HIT"), "{}: HTTPS /hello.txt", e.id);
-        assert!(tls2.header("alt-svc").is_some_and(|v| v.contains("h3=")), "{}: Alt-Svc", e.id);
+        assert!(tls2.header("alt-svc").contains("h3="), "{}: Alt-Svc", e.id);
     }
     step("1. each of the six edges: MISS then HIT (HTTP and HTTPS)", t0);
 
     // 2. Geo-DNS: each region's client subnet gets that region's edges (UDP and TCP).
     for (region, _) in REGIONS {
         let want = region_edges(region);
-        let got = wait_until(
+        let got = wait::blocking(
             &format!("geo answer for {region}"),
             Duration::from_secs(10),
             Duration::from_millis(200),
@@ -742,14 +691,15 @@ fn multi_region_deployment() {
     let kill_started = Instant::now();
     let mut kill =
         Command::new("docker").args(["kill", &victim_id]).stdout(Stdio::null()).spawn().expect("docker kill");
-    let killed = wait_until("the edge's process to die", Duration::from_secs(20), Duration::from_millis(2), || {
+    let killed = wait::blocking("the edge's process to die", Duration::from_secs(20), Duration::from_millis(2), || {
         let stat = std::fs::read_to_string(format!("/proc/{victim_pid}/stat")).unwrap_or_default();
         let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
         matches!(state, None | Some('Z' | 'X')).then(Instant::now)
     });
-    let gone = wait_until("geo to drop the killed edge", Duration::from_secs(15), Duration::from_millis(50), || {
-        Cluster::dig_region(victim.region).filter(|a| !a.is_empty() && !a.contains(&victim.public_ip()))
-    });
+    let gone =
+        wait::blocking("geo to drop the killed edge", Duration::from_secs(15), Duration::from_millis(50), || {
+            Cluster::dig_region(victim.region).filter(|a| !a.is_empty() && !a.contains(&victim.public_ip()))
+        });
     let gone_at = Instant::now();
     let dns_gone = gone_at - killed;
     assert!(kill.wait().expect("docker kill").success(), "docker kill failed");
@@ -774,9 +724,10 @@ fn multi_region_deployment() {
     let restarted = Instant::now();
     run(Command::new("docker").args(["start", &victim_id]));
     cluster.add_wan_delay(victim);
-    let ready_at = wait_until("the restarted edge ready", Duration::from_secs(30), Duration::from_millis(20), || {
-        (Cluster::readyz(victim) == Some(200)).then(Instant::now)
-    });
+    let ready_at =
+        wait::blocking("the restarted edge ready", Duration::from_secs(30), Duration::from_millis(20), || {
+            (Cluster::readyz(victim) == Some(200)).then(Instant::now)
+        });
     let applied_when_ready = Cluster::metric(victim, "cdn_purges_applied_total");
     eprintln!(
         "docker: RESULT restarted edge ready after {:.0} ms, having applied {applied_when_ready} purges \
@@ -788,12 +739,13 @@ fn multi_region_deployment() {
         applied_when_ready >= total_issued as f64,
         "ready with {applied_when_ready} purges applied of {total_issued} issued"
     );
-    let back = wait_until("geo to answer with it again", Duration::from_secs(15), Duration::from_millis(100), || {
-        Cluster::dig_region(victim.region).filter(|a| a.contains(&victim.public_ip()))
-    });
+    let back =
+        wait::blocking("geo to answer with it again", Duration::from_secs(15), Duration::from_millis(100), || {
+            Cluster::dig_region(victim.region).filter(|a| a.contains(&victim.public_ip()))
+        });
     assert_eq!(back, region_edges(victim.region));
     for (n, seq) in cluster.issued.clone() {
-        wait_until(
+        wait::blocking(
             "control sees the restarted edge's applied purges",
             Duration::from_secs(10),
             Duration::from_millis(100),
@@ -833,7 +785,7 @@ fn multi_region_deployment() {
     // unreachable. (The edge first waits out its origin `timeout`, 10 s in
     // deploy/config, on the kept-alive connection the partition black-holed.)
     sleep(Duration::from_millis(2500).saturating_sub(partitioned.elapsed()));
-    let stale: Vec<(Resp, Duration)> = std::thread::scope(|scope| {
+    let stale: Vec<(Curl, Duration)> = std::thread::scope(|scope| {
         let asks: Vec<_> = cut
             .iter()
             .map(|e| {
@@ -854,7 +806,7 @@ fn multi_region_deployment() {
         );
     }
     // Let the failure detectors declare them dead, so the heal is a real rejoin.
-    wait_until("the cut-off edges declared dead", Duration::from_secs(30), Duration::from_millis(200), || {
+    wait::blocking("the cut-off edges declared dead", Duration::from_secs(30), Duration::from_millis(200), || {
         cut.iter()
             .all(|e| Cluster::node(2, e.id).is_some_and(|v| v["state"] == "dead" || v["state"] == "suspect"))
             .then_some(())
@@ -874,7 +826,7 @@ fn multi_region_deployment() {
     }
     for e in &cut {
         for (n, seq) in cluster.issued.clone() {
-            wait_until(
+            wait::blocking(
                 &format!("{} to apply control-{n}'s purges after the heal", e.id),
                 Duration::from_secs(30),
                 Duration::from_millis(50),
@@ -891,7 +843,7 @@ fn multi_region_deployment() {
         let resp = Cluster::get(e, kept, false);
         assert_eq!(resp.x_cache(), "HIT", "{}: an object nobody purged survives", e.id);
     }
-    wait_until("geo to hand out the us edges again", Duration::from_secs(20), Duration::from_millis(100), || {
+    wait::blocking("geo to hand out the us edges again", Duration::from_secs(20), Duration::from_millis(100), || {
         Cluster::dig_region("us").filter(|a| *a == region_edges("us"))
     });
     eprintln!(
@@ -918,7 +870,7 @@ fn multi_region_deployment() {
     // A new container on the same volume: only the data_dir carries the log over.
     cluster.compose(&["rm", "-f", "control-1"]);
     cluster.compose(&["up", "-d", "--no-deps", "--no-color", "control-1"]);
-    wait_until("control-1 back", Duration::from_secs(60), Duration::from_millis(200), || {
+    wait::blocking("control-1 back", Duration::from_secs(60), Duration::from_millis(200), || {
         Cluster::api(1, "GET", "/v1/nodes", None).filter(|r| r.status == 200)
     });
     // A control node that has just (re)joined reports a purge complete once every

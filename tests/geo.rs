@@ -1,17 +1,19 @@
-//! The geo role end to end: a real `cdn_geo::Geo` on loopback, asked by hickory
-//! (raw messages over UDP and TCP, and hickory's resolver) and by `dig`.
+//! The geo role end to end: a real `cdn_geo::Geo` on loopback (`TestGeo` from
+//! `cdn-test-support`), asked by hickory (raw messages over UDP and TCP, and
+//! hickory's resolver) and by `dig`.
 
 #[path = "../geo/src/mmdb/writer.rs"]
 mod mmdb_writer;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use cdn_cluster::{GeoPoint, Member, MemberState, Role};
 use cdn_geo::{Config, Geo, MemberSource, config::Location, config::Network};
+use cdn_test_support::geo::{Dig, TIMEOUT, TestGeo};
 use hickory_proto::{
     op::{Edns, Message, Query, ResponseCode},
     rr::{
@@ -23,12 +25,10 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpStream, UdpSocket},
 };
-use tokio_util::sync::CancellationToken;
 
 const NYC: GeoPoint = GeoPoint { lat: 40.71, lon: -74.01 };
 const DUBLIN: GeoPoint = GeoPoint { lat: 53.35, lon: -6.26 };
 const MUMBAI: GeoPoint = GeoPoint { lat: 19.08, lon: 72.88 };
-const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn edge(id: &str, region: &str, at: GeoPoint, ip: &str) -> Member {
     Member {
@@ -67,62 +67,6 @@ fn config() -> Config {
         });
     }
     config
-}
-
-/// A running geo-DNS, stopped when dropped.
-struct Running {
-    dns: SocketAddr,
-    admin: SocketAddr,
-    members: Arc<Mutex<Vec<Member>>>,
-    registry: prometheus::Registry,
-    shutdown: CancellationToken,
-    task: Option<tokio::task::JoinHandle<Result<(), cdn_geo::Error>>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-impl Running {
-    async fn start(config: Config, members: Vec<Member>) -> Self {
-        let members = Arc::new(Mutex::new(members));
-        let source: MemberSource = {
-            let members = members.clone();
-            Arc::new(move || Arc::new(members.lock().unwrap().clone()))
-        };
-        let registry = prometheus::Registry::new();
-        let geo = Geo::bind(config, &registry, source).await.expect("geo binds");
-        let dns = geo.dns_addr();
-        let admin = geo.admin_addr().expect("admin listener");
-        let shutdown = CancellationToken::new();
-        let task = Some(tokio::spawn(geo.serve(shutdown.clone())));
-        Self { dns, admin, members, registry, shutdown, task }
-    }
-
-    fn port(&self) -> String {
-        self.dns.port().to_string()
-    }
-
-    fn counter(&self, name: &str, label: Option<(&str, &str)>) -> f64 {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|family| family.name() == name)
-            .flat_map(|family| family.get_metric().iter())
-            .filter(|metric| {
-                label.is_none_or(|(k, v)| metric.get_label().iter().any(|l| l.name() == k && l.value() == v))
-            })
-            .map(|metric| metric.get_counter().get_value())
-            .sum()
-    }
-
-    async fn stop(mut self) {
-        self.shutdown.cancel();
-        let task = self.task.take().unwrap();
-        tokio::time::timeout(TIMEOUT, task).await.expect("stops in time").unwrap().expect("serve ends cleanly");
-    }
 }
 
 /// A query for `name`/`qtype` with EDNS (payload 1232) and optionally ECS.
@@ -184,56 +128,16 @@ fn ecs(message: &Message) -> Option<ClientSubnet> {
     }
 }
 
-/// What dig printed.
-struct Dig {
-    out: String,
-}
-
-impl Dig {
-    fn status(&self) -> &str {
-        self.out.split("status: ").nth(1).and_then(|rest| rest.split(',').next()).unwrap_or("")
-    }
-
-    fn flags(&self) -> Vec<&str> {
-        let flags = self.out.split(";; flags: ").nth(1).and_then(|rest| rest.split(';').next()).unwrap_or("");
-        flags.split_whitespace().collect()
-    }
-
-    /// The records of the ANSWER section, each as whitespace-separated fields.
-    fn answers(&self) -> Vec<Vec<&str>> {
-        let Some(section) = self.out.split(";; ANSWER SECTION:\n").nth(1) else { return Vec::new() };
-        section.lines().take_while(|line| !line.trim().is_empty()).map(|l| l.split_whitespace().collect()).collect()
-    }
-
-    fn a_records(&self) -> Vec<&str> {
-        self.answers()
-            .into_iter()
-            .filter(|fields| fields.get(3) == Some(&"A"))
-            .filter_map(|f| f.get(4).copied())
-            .collect()
-    }
-}
-
-async fn dig(server: &Running, args: &[&str]) -> Dig {
-    let output = tokio::time::timeout(
-        TIMEOUT,
-        tokio::process::Command::new("dig")
-            .args(["@127.0.0.1", "-p", &server.port(), "+time=3", "+tries=1", "+norecurse"])
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("dig timed out")
-    .expect("dig runs (scripts/test-deps.sh installs dnsutils)");
-    let out = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "dig {args:?} failed: {out}{}", String::from_utf8_lossy(&output.stderr));
-    Dig { out }
+/// `dig` at `server`; it must get an answer.
+async fn dig(server: &TestGeo, args: &[&str]) -> Dig {
+    let dig = cdn_test_support::geo::dig(server.dns, args).await;
+    assert!(dig.success, "dig {args:?} failed: {}{}", dig.out, dig.stderr);
+    dig
 }
 
 #[tokio::test]
 async fn ecs_from_each_region_gets_that_regions_edge_first() {
-    let geo = Running::start(config(), three_edges()).await;
+    let geo = TestGeo::start(config(), three_edges()).await;
     for (subnet, first, region) in [
         ("10.1.7.0/24", "127.0.0.11", "us-east"),
         ("10.2.3.0/24", "127.0.0.12", "eu-west"),
@@ -256,13 +160,13 @@ async fn ecs_from_each_region_gets_that_regions_edge_first() {
         assert!(out.flags().contains(&"aa"), "{}", out.out);
         assert_eq!(out.a_records().first().copied(), Some(first), "{}", out.out);
         assert!(out.out.contains(&format!("CLIENT-SUBNET: {subnet}/16")), "scope echoed: {}", out.out);
-        assert!(geo.counter("cdn_dns_answers_total", Some(("region", region))) >= 2.0);
+        assert!(geo.metric("cdn_dns_answers_total", &[("region", region)]) >= 2.0);
     }
     // Without ECS the source address (127.0.0.1) is unknown: the default region.
     let response = udp(geo.dns, &query("www.cdn.test.", RecordType::A, None)).await;
     assert_eq!(addrs(&response)[0], "127.0.0.12");
     assert!(ecs(&response).is_none());
-    assert!(geo.counter("cdn_dns_queries_total", Some(("rcode", "noerror"))) >= 7.0);
+    assert!(geo.metric("cdn_dns_queries_total", &[("rcode", "noerror")]) >= 7.0);
     geo.stop().await;
 }
 
@@ -273,7 +177,7 @@ async fn hickory_resolver_gets_the_default_region_over_udp() {
         config::{NameServerConfig, ResolverConfig, ResolverOpts},
         net::runtime::TokioRuntimeProvider,
     };
-    let geo = Running::start(config(), three_edges()).await;
+    let geo = TestGeo::start(config(), three_edges()).await;
     let mut server = NameServerConfig::udp_and_tcp(IpAddr::from([127, 0, 0, 1]));
     for connection in &mut server.connections {
         connection.port = geo.dns.port();
@@ -304,7 +208,7 @@ async fn hickory_resolver_gets_the_default_region_over_udp() {
 
 #[tokio::test]
 async fn zone_basics_with_dig() {
-    let geo = Running::start(config(), three_edges()).await;
+    let geo = TestGeo::start(config(), three_edges()).await;
     let soa = dig(&geo, &["cdn.test", "SOA"]).await;
     assert_eq!(soa.status(), "NOERROR", "{}", soa.out);
     assert!(soa.flags().contains(&"aa"), "{}", soa.out);
@@ -340,8 +244,8 @@ async fn zone_basics_with_dig() {
     // Over TCP too.
     let over_tcp = dig(&geo, &["www.cdn.test", "A", "+tcp", "+subnet=10.3.0.0/24"]).await;
     assert_eq!(over_tcp.a_records().first().copied(), Some("127.0.0.13"), "{}", over_tcp.out);
-    assert!(geo.counter("cdn_dns_queries_total", Some(("rcode", "nxdomain"))) >= 1.0);
-    assert!(geo.counter("cdn_dns_queries_total", Some(("rcode", "refused"))) >= 1.0);
+    assert!(geo.metric("cdn_dns_queries_total", &[("rcode", "nxdomain")]) >= 1.0);
+    assert!(geo.metric("cdn_dns_queries_total", &[("rcode", "refused")]) >= 1.0);
     geo.stop().await;
 }
 
@@ -355,7 +259,7 @@ async fn large_answers_set_tc_over_udp_and_come_whole_over_tcp() {
             edge(&format!("edge-{i}"), "r", at, &format!("127.1.0.{}", i + 1))
         })
         .collect();
-    let geo = Running::start(config, edges).await;
+    let geo = TestGeo::start(config, edges).await;
 
     let truncated = dig(&geo, &["www.cdn.test", "A", "+notcp", "+ignore"]).await;
     assert!(truncated.flags().contains(&"tc"), "{}", truncated.out);
@@ -373,13 +277,13 @@ async fn large_answers_set_tc_over_udp_and_come_whole_over_tcp() {
     assert!(ecs(&response).is_some(), "the OPT record survives truncation");
     let response = tcp(geo.dns, &query("www.cdn.test.", RecordType::A, Some("10.2.0.0/24"))).await;
     assert_eq!(addrs(&response).len(), 40);
-    assert!(geo.counter("cdn_dns_truncated_total", None) >= 3.0);
+    assert!(geo.metric("cdn_dns_truncated_total", &[]) >= 3.0);
     geo.stop().await;
 }
 
 #[tokio::test]
 async fn unhealthy_edges_leave_the_next_answer_and_least_bad_answer_when_none_is_healthy() {
-    let geo = Running::start(config(), three_edges()).await;
+    let geo = TestGeo::start(config(), three_edges()).await;
     let from_dublin = query("www.cdn.test.", RecordType::A, Some("10.2.0.0/24"));
     assert_eq!(addrs(&udp(geo.dns, &from_dublin).await)[0], "127.0.0.12");
 
@@ -397,13 +301,13 @@ async fn unhealthy_edges_leave_the_next_answer_and_least_bad_answer_when_none_is
     let response = udp(geo.dns, &from_dublin).await;
     assert_eq!(response.metadata.response_code, ResponseCode::NoError);
     assert_eq!(addrs(&response), ["127.0.0.12", "127.0.0.11"], "least-bad edges, nearest first");
-    assert!(geo.counter("cdn_dns_degraded_answers_total", None) >= 1.0);
+    assert!(geo.metric("cdn_dns_degraded_answers_total", &[]) >= 1.0);
     geo.stop().await;
 }
 
 #[tokio::test]
 async fn garbage_gets_no_panic_and_the_server_keeps_answering() {
-    let geo = Running::start(config(), three_edges()).await;
+    let geo = TestGeo::start(config(), three_edges()).await;
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let valid = query("www.cdn.test.", RecordType::A, Some("10.1.0.0/24")).to_vec().unwrap();
     let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
@@ -449,7 +353,7 @@ async fn garbage_gets_no_panic_and_the_server_keeps_answering() {
 async fn udp_responses_are_rate_limited_per_client_network() {
     let mut config = config();
     config.rate_limit = 5;
-    let geo = Running::start(config, three_edges()).await;
+    let geo = TestGeo::start(config, three_edges()).await;
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let message = query("www.cdn.test.", RecordType::A, None);
     for _ in 0..30 {
@@ -469,7 +373,7 @@ async fn udp_responses_are_rate_limited_per_client_network() {
     assert!((5..=7).contains(&full), "about one second's worth answered: {full}");
     assert!(slipped >= 5, "every second limited response slips: {slipped}");
     assert!(full + slipped < 30, "the rest are dropped");
-    assert!(geo.counter("cdn_dns_rate_limited_total", None) >= 20.0);
+    assert!(geo.metric("cdn_dns_rate_limited_total", &[]) >= 20.0);
     // TCP is not limited.
     let response = tcp(geo.dns, &message).await;
     assert_eq!(addrs(&response).len(), 2);
@@ -494,7 +398,7 @@ async fn mmdb_locates_clients_and_reloads_when_the_file_changes() {
     config.geoip_db = Some(path.clone());
     config.geoip_reload = Duration::from_millis(200);
     config.default_region = Some("us-east".into());
-    let geo = Running::start(config, three_edges()).await;
+    let geo = TestGeo::start(config, three_edges()).await;
 
     let from_london = query("www.cdn.test.", RecordType::A, Some("81.2.69.0/24"));
     let response = udp(geo.dns, &from_london).await;
@@ -531,7 +435,7 @@ async fn mmdb_locates_clients_and_reloads_when_the_file_changes() {
 
 #[tokio::test]
 async fn admin_serves_metrics_and_readiness() {
-    let geo = Running::start(config(), three_edges()).await;
+    let geo = TestGeo::start(config(), three_edges()).await;
     udp(geo.dns, &query("www.cdn.test.", RecordType::A, Some("10.1.0.0/24"))).await;
     for (path, expect) in
         [("/readyz", "200 OK"), ("/metrics", "cdn_dns_queries_total{rcode=\"noerror\"} 1"), ("/healthz", "200 OK")]

@@ -25,7 +25,9 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 fn dashboards_and_alerts_use_registered_metrics() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut source = String::new();
-    for dir in ["edge/src", "control/src", "geo/src", "origin/src"] {
+    // The roles and the libraries that register metrics for them (connections,
+    // zero-copy sends, cluster members).
+    for dir in ["edge/src", "control/src", "geo/src", "origin/src", "crates/node/src", "crates/cluster/src"] {
         for entry in walk(&root.join(dir)) {
             source.push_str(&std::fs::read_to_string(entry).unwrap());
         }

@@ -1,15 +1,15 @@
 //! The origin role end to end: a real `cdn_origin::Origin` on loopback, driven by
 //! hyper (HTTP/1.1 and h2c) and by curl.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use http::{Method, StatusCode, Version};
-use support::{
-    client::{self, Http, Protocol, curl, parse_content_range, parse_http_date, parse_multipart},
+use cdn_test_support::{
+    client::{client, get, h2c_client, send},
+    curl::curl,
+    multipart::{parse_content_range, parse_http_date, parse_multipart},
     origin::{self, SAMPLE_LEN, sample_bytes},
 };
+use http::{Method, StatusCode, Version};
 
 #[tokio::test]
 async fn serves_files_with_validators_and_policy() {
@@ -21,9 +21,9 @@ async fn serves_files_with_validators_and_policy() {
         });
     })
     .await;
-    let http = Http::new(Protocol::Http1);
+    let http = client();
 
-    let r = http.get(&origin.url("/hello.txt?cache=bust"), &[]).await;
+    let r = get(&http, &origin.url("/hello.txt?cache=bust"), &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(&r.body[..], b"hello, world\n");
     assert_eq!(r.header("content-type"), "text/plain; charset=utf-8");
@@ -40,23 +40,23 @@ async fn serves_files_with_validators_and_policy() {
     assert!(on_disk.duration_since(modified).unwrap() < Duration::from_secs(1));
     parse_http_date(r.header("date")).expect("Date is an HTTP date");
 
-    let r = http.get(&origin.url("/v/sample.mp4"), &[]).await;
+    let r = get(&http, &origin.url("/v/sample.mp4"), &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("content-type"), "video/mp4");
     assert_eq!(r.header("cache-control"), "public, max-age=86400");
     assert_eq!(r.header("surrogate-key"), "video sample");
     assert_eq!(r.body, sample_bytes(SAMPLE_LEN));
 
-    let r = http.get(&origin.url("/data.json"), &[]).await;
+    let r = get(&http, &origin.url("/data.json"), &[]).await;
     assert_eq!(r.header("content-type"), "application/json");
-    let r = http.get(&origin.url("/"), &[]).await;
+    let r = get(&http, &origin.url("/"), &[]).await;
     assert_eq!((r.status, r.header("content-type")), (StatusCode::OK, "text/html; charset=utf-8"));
     assert!(std::str::from_utf8(&r.body).unwrap().contains("<h1>home</h1>"));
-    let r = http.get(&origin.url("/v/"), &[]).await;
+    let r = get(&http, &origin.url("/v/"), &[]).await;
     assert_eq!(&r.body[..], b"<h1>videos</h1>\n");
     assert_eq!(r.header("surrogate-key"), "video sample");
     for missing in ["/nope.txt", "/dir/", "/hello.txt/"] {
-        let r = http.get(&origin.url(missing), &[]).await;
+        let r = get(&http, &origin.url(missing), &[]).await;
         assert_eq!(r.status, StatusCode::NOT_FOUND, "{missing}");
         assert_eq!(r.header("access-control-allow-origin"), "*");
     }
@@ -66,35 +66,35 @@ async fn serves_files_with_validators_and_policy() {
 #[tokio::test]
 async fn conditional_requests() {
     let origin = origin::start_with_content().await;
-    let http = Http::new(Protocol::Http1);
+    let http = client();
     let url = origin.url("/v/sample.mp4");
-    let first = http.get(&url, &[]).await;
+    let first = get(&http, &url, &[]).await;
     let etag = first.header("etag").to_owned();
     let modified = first.header("last-modified").to_owned();
 
-    let r = http.get(&url, &[("if-none-match", &etag)]).await;
+    let r = get(&http, &url, &[("if-none-match", &etag)]).await;
     assert_eq!(r.status, StatusCode::NOT_MODIFIED);
     assert!(r.body.is_empty());
     assert_eq!(r.header("etag"), etag);
     assert_eq!(r.header("last-modified"), modified);
     assert_eq!(r.header("cache-control"), "public, max-age=60");
     assert!(!r.header("date").is_empty());
-    let r = http.get(&url, &[("if-none-match", &format!("\"nope\", W/{etag}"))]).await;
+    let r = get(&http, &url, &[("if-none-match", &format!("\"nope\", W/{etag}"))]).await;
     assert_eq!(r.status, StatusCode::NOT_MODIFIED, "weak comparison");
-    let r = http.get(&url, &[("if-none-match", "*")]).await;
+    let r = get(&http, &url, &[("if-none-match", "*")]).await;
     assert_eq!(r.status, StatusCode::NOT_MODIFIED);
-    let r = http.get(&url, &[("if-none-match", "\"other\"")]).await;
+    let r = get(&http, &url, &[("if-none-match", "\"other\"")]).await;
     assert_eq!((r.status, r.body.len()), (StatusCode::OK, SAMPLE_LEN));
-    let r = http.get(&url, &[("if-modified-since", &modified)]).await;
+    let r = get(&http, &url, &[("if-modified-since", &modified)]).await;
     assert_eq!(r.status, StatusCode::NOT_MODIFIED);
-    let r = http.get(&url, &[("if-modified-since", "Sat, 01 Jan 2000 00:00:00 GMT")]).await;
+    let r = get(&http, &url, &[("if-modified-since", "Sat, 01 Jan 2000 00:00:00 GMT")]).await;
     assert_eq!(r.status, StatusCode::OK);
 
-    let r = http.get(&url, &[("if-match", "\"other\"")]).await;
+    let r = get(&http, &url, &[("if-match", "\"other\"")]).await;
     assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
-    let r = http.get(&url, &[("if-match", &etag)]).await;
+    let r = get(&http, &url, &[("if-match", &etag)]).await;
     assert_eq!(r.status, StatusCode::OK);
-    let r = http.get(&url, &[("if-unmodified-since", "Sat, 01 Jan 2000 00:00:00 GMT")]).await;
+    let r = get(&http, &url, &[("if-unmodified-since", "Sat, 01 Jan 2000 00:00:00 GMT")]).await;
     assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
 
     // curl agrees.
@@ -105,7 +105,7 @@ async fn conditional_requests() {
 
     // A changed file gets a new ETag; the old one no longer matches.
     std::fs::write(origin.root.join("v/sample.mp4"), b"changed").unwrap();
-    let r = http.get(&url, &[("if-none-match", &etag)]).await;
+    let r = get(&http, &url, &[("if-none-match", &etag)]).await;
     assert_eq!((r.status, &r.body[..]), (StatusCode::OK, &b"changed"[..]));
     assert_ne!(r.header("etag"), etag);
     origin.stop().await.unwrap();
@@ -114,7 +114,7 @@ async fn conditional_requests() {
 #[tokio::test]
 async fn byte_ranges() {
     let origin = origin::start_with_content().await;
-    let http = Http::new(Protocol::Http1);
+    let http = client();
     let url = origin.url("/v/sample.mp4");
     let all = sample_bytes(SAMPLE_LEN);
     let len = SAMPLE_LEN as u64;
@@ -122,7 +122,7 @@ async fn byte_ranges() {
     for (spec, start, end) in
         [("bytes=0-99", 0, 100), ("bytes=-100", SAMPLE_LEN - 100, SAMPLE_LEN), ("bytes=100-", 100, SAMPLE_LEN)]
     {
-        let r = http.get(&url, &[("range", spec)]).await;
+        let r = get(&http, &url, &[("range", spec)]).await;
         assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{spec}");
         assert_eq!(r.header("content-range"), format!("bytes {}-{}/{len}", start, end - 1), "{spec}");
         assert_eq!(r.header("content-length"), (end - start).to_string(), "{spec}");
@@ -135,7 +135,7 @@ async fn byte_ranges() {
     }
 
     // Two ranges: multipart/byteranges with an exact Content-Length.
-    let r = http.get(&url, &[("range", "bytes=0-9, 200000-200099")]).await;
+    let r = get(&http, &url, &[("range", "bytes=0-9, 200000-200099")]).await;
     assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(r.header("content-length"), r.body.len().to_string());
     let content_type = r.header("content-type");
@@ -153,31 +153,31 @@ async fn byte_ranges() {
     assert_eq!(parse_multipart(c.header("content-type"), &c.body), parts);
 
     // Past the end: 416 with the length.
-    let r = http.get(&url, &[("range", &format!("bytes={len}-"))]).await;
+    let r = get(&http, &url, &[("range", &format!("bytes={len}-"))]).await;
     assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(r.header("content-range"), format!("bytes */{len}"));
     let c = curl(&["-r", "999999999-", &url]).await;
     assert_eq!((c.status, c.header("content-range")), (416, format!("bytes */{len}").as_str()));
 
     // If-Range: the current validator applies the range, a stale one sends everything.
-    let full = http.get(&url, &[]).await;
+    let full = get(&http, &url, &[]).await;
     let etag = full.header("etag").to_owned();
     let modified = full.header("last-modified").to_owned();
     for validator in [&etag, &modified] {
-        let r = http.get(&url, &[("range", "bytes=5-9"), ("if-range", validator)]).await;
+        let r = get(&http, &url, &[("range", "bytes=5-9"), ("if-range", validator)]).await;
         assert_eq!((r.status, &r.body[..]), (StatusCode::PARTIAL_CONTENT, &all[5..10]), "{validator}");
     }
     for stale in ["\"stale\"", "W/\"weak\"", "Sat, 01 Jan 2000 00:00:00 GMT"] {
-        let r = http.get(&url, &[("range", "bytes=5-9"), ("if-range", stale)]).await;
+        let r = get(&http, &url, &[("range", "bytes=5-9"), ("if-range", stale)]).await;
         assert_eq!((r.status, r.body.len()), (StatusCode::OK, SAMPLE_LEN), "{stale}");
     }
     let c = curl(&["-r", "5-9", "-H", "If-Range: \"stale\"", &url]).await;
     assert_eq!((c.status, c.body.len()), (200, SAMPLE_LEN));
 
     // Range on HEAD is ignored; a syntactically bad Range is ignored.
-    let r = http.request(Method::HEAD, &url, &[("range", "bytes=0-1")]).await;
+    let r = send(&http, Method::HEAD, &url, &[("range", "bytes=0-1")]).await;
     assert_eq!((r.status, r.header("content-length")), (StatusCode::OK, SAMPLE_LEN.to_string().as_str()));
-    let r = http.get(&url, &[("range", "bytes=9-1")]).await;
+    let r = get(&http, &url, &[("range", "bytes=9-1")]).await;
     assert_eq!(r.status, StatusCode::OK);
     origin.stop().await.unwrap();
 }
@@ -202,18 +202,18 @@ async fn path_traversal_is_refused() {
         "/leak.txt",
         "/leakdir/secret.txt",
     ];
-    let http = Http::new(Protocol::Http1);
+    let http = client();
     for path in attempts {
-        let r = http.get(&origin.url(path), &[]).await;
+        let r = get(&http, &origin.url(path), &[]).await;
         assert_eq!(r.status, StatusCode::NOT_FOUND, "hyper {path}");
         assert!(!r.body.windows(6).any(|w| w == b"secret" || w == b"root:x"), "{path}");
         let c = curl(&["--path-as-is", &origin.url(path)]).await;
         assert_eq!(c.status, 404, "curl {path}: {c:?}");
     }
-    let r = http.get(&origin.url("/%ff%fe"), &[]).await;
+    let r = get(&http, &origin.url("/%ff%fe"), &[]).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     // A symlink that stays inside the root is served.
-    let r = http.get(&origin.url("/alias.txt"), &[]).await;
+    let r = get(&http, &origin.url("/alias.txt"), &[]).await;
     assert_eq!((r.status, &r.body[..]), (StatusCode::OK, &b"hello, world\n"[..]));
     origin.stop().await.unwrap();
 }
@@ -221,10 +221,10 @@ async fn path_traversal_is_refused() {
 #[tokio::test]
 async fn head_options_and_other_methods() {
     let origin = origin::start_with_content().await;
-    let http = Http::new(Protocol::Http1);
+    let http = client();
     let url = origin.url("/v/sample.mp4");
 
-    let r = http.request(Method::HEAD, &url, &[]).await;
+    let r = send(&http, Method::HEAD, &url, &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.body.is_empty());
     assert_eq!(r.header("content-length"), SAMPLE_LEN.to_string());
@@ -235,17 +235,17 @@ async fn head_options_and_other_methods() {
     // With -I curl writes the headers where the body would go: nothing else came.
     assert!(c.body.starts_with(b"HTTP/1.1 200") && c.body.len() < 2000, "{c:?}");
 
-    let r = http
-        .request(
-            Method::OPTIONS,
-            &url,
-            &[
-                ("origin", "https://player.example"),
-                ("access-control-request-method", "GET"),
-                ("access-control-request-headers", "range"),
-            ],
-        )
-        .await;
+    let r = send(
+        &http,
+        Method::OPTIONS,
+        &url,
+        &[
+            ("origin", "https://player.example"),
+            ("access-control-request-method", "GET"),
+            ("access-control-request-headers", "range"),
+        ],
+    )
+    .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     assert_eq!(r.header("access-control-allow-origin"), "*");
     assert!(r.header("access-control-allow-methods").contains("GET"));
@@ -261,7 +261,7 @@ async fn head_options_and_other_methods() {
         assert_eq!(c.header("allow"), "GET, HEAD, OPTIONS");
     }
     // The file is untouched.
-    assert_eq!(http.get(&url, &[]).await.body.len(), SAMPLE_LEN);
+    assert_eq!(get(&http, &url, &[]).await.body.len(), SAMPLE_LEN);
     origin.stop().await.unwrap();
 }
 
@@ -278,11 +278,11 @@ async fn http2_with_prior_knowledge() {
     let c = curl(&["--http2-prior-knowledge", "-I", &url]).await;
     assert_eq!((c.status, c.header("content-length")), (200, SAMPLE_LEN.to_string().as_str()));
 
-    let h2 = Http::new(Protocol::H2c);
-    let r = h2.get(&url, &[("range", "bytes=-5")]).await;
+    let h2 = h2c_client();
+    let r = get(&h2, &url, &[("range", "bytes=-5")]).await;
     assert_eq!((r.status, r.version), (StatusCode::PARTIAL_CONTENT, Version::HTTP_2));
     assert_eq!(r.body, sample_bytes(SAMPLE_LEN)[SAMPLE_LEN - 5..]);
-    let r = h2.get(&origin.url("/_gen/1000000"), &[]).await;
+    let r = get(&h2, &origin.url("/_gen/1000000"), &[]).await;
     assert_eq!(r.body, cdn_origin::generate::content(0..1_000_000, 0));
     origin.stop().await.unwrap();
 }
@@ -305,8 +305,8 @@ async fn https_with_alpn() {
 #[tokio::test]
 async fn generated_objects() {
     let origin = origin::start_with_content().await;
-    let http = Http::new(Protocol::Http1);
-    let r = http.get(&origin.url("/_gen/1000000"), &[]).await;
+    let http = client();
+    let r = get(&http, &origin.url("/_gen/1000000"), &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("content-length"), "1000000");
     assert_eq!(r.header("content-type"), "application/octet-stream");
@@ -315,14 +315,14 @@ async fn generated_objects() {
     assert!(r.body.iter().enumerate().take(5000).all(|(i, b)| *b == cdn_origin::generate::byte_at(i as u64, 0)));
 
     // Another seed: other bytes, another ETag, and the old validator no longer matches.
-    let r = http.get(&origin.url("/_gen/1MiB?v=7"), &[("if-none-match", "\"gen-1048576-0\"")]).await;
+    let r = get(&http, &origin.url("/_gen/1MiB?v=7"), &[("if-none-match", "\"gen-1048576-0\"")]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("etag"), "\"gen-1048576-7\"");
     assert_eq!(r.body, cdn_origin::generate::content(0..1_048_576, 7));
-    let r = http.get(&origin.url("/_gen/1MiB?v=7"), &[("if-none-match", "\"gen-1048576-7\"")]).await;
+    let r = get(&http, &origin.url("/_gen/1MiB?v=7"), &[("if-none-match", "\"gen-1048576-7\"")]).await;
     assert_eq!(r.status, StatusCode::NOT_MODIFIED);
 
-    let r = http.get(&origin.url("/_gen/10GiB"), &[("range", "bytes=5000000000-5000000099")]).await;
+    let r = get(&http, &origin.url("/_gen/10GiB"), &[("range", "bytes=5000000000-5000000099")]).await;
     assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
     let (range, complete) = parse_content_range(r.header("content-range")).unwrap();
     assert_eq!((range.clone(), complete), (5_000_000_000..5_000_000_100, 10 << 30));
@@ -333,17 +333,17 @@ async fn generated_objects() {
 
     // rate= trickles the body.
     let start = Instant::now();
-    let r = http.get(&origin.url("/_gen/30000?rate=100000"), &[]).await;
+    let r = get(&http, &origin.url("/_gen/30000?rate=100000"), &[]).await;
     assert_eq!(r.body.len(), 30_000);
     assert!(start.elapsed() >= Duration::from_millis(200), "{:?}", start.elapsed());
 
     for (path, status) in [("/_gen/abc", 404), ("/_gen/1/2", 404), ("/_gen/65GiB", 400), ("/_gen/1?rate=0", 400)] {
-        assert_eq!(http.get(&origin.url(path), &[]).await.status.as_u16(), status, "{path}");
+        assert_eq!(get(&http, &origin.url(path), &[]).await.status.as_u16(), status, "{path}");
     }
     origin.stop().await.unwrap();
 
     let off = origin::start_with(|config| config.generate = false).await;
-    let r = client::get(&off.url("/_gen/1000000")).await;
+    let r = get(&client(), &off.url("/_gen/1000000"), &[]).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     off.stop().await.unwrap();
 }
@@ -351,11 +351,11 @@ async fn generated_objects() {
 #[tokio::test]
 async fn admin_shows_metrics() {
     let origin = origin::start_with_content().await;
-    let http = Http::new(Protocol::Http1);
-    http.get(&origin.url("/hello.txt"), &[]).await;
-    http.get(&origin.url("/hello.txt"), &[]).await;
-    http.get(&origin.url("/missing"), &[]).await;
-    let r = http.get(&origin.admin_url("/metrics"), &[]).await;
+    let http = client();
+    get(&http, &origin.url("/hello.txt"), &[]).await;
+    get(&http, &origin.url("/hello.txt"), &[]).await;
+    get(&http, &origin.url("/missing"), &[]).await;
+    let r = get(&http, &origin.admin_url("/metrics"), &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     let text = String::from_utf8(r.body.to_vec()).unwrap();
     for line in [
@@ -367,8 +367,8 @@ async fn admin_shows_metrics() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
     }
-    assert_eq!(http.get(&origin.admin_url("/healthz"), &[]).await.status, StatusCode::OK);
-    assert_eq!(http.get(&origin.admin_url("/readyz"), &[]).await.status, StatusCode::OK);
+    assert_eq!(get(&http, &origin.admin_url("/healthz"), &[]).await.status, StatusCode::OK);
+    assert_eq!(get(&http, &origin.admin_url("/readyz"), &[]).await.status, StatusCode::OK);
     // The same numbers are in the registry the test passed in.
     let families = origin.registry.gather();
     assert!(families.iter().any(|f| f.name() == "cdn_origin_responses_total"));
@@ -381,10 +381,10 @@ async fn cancelling_the_token_stops_serve() {
     let url = origin.url("/hello.txt");
     let admin = origin.admin_url("/healthz");
     // Keep-alive connections open on both protocols.
-    let h1 = Http::new(Protocol::Http1);
-    let h2 = Http::new(Protocol::H2c);
-    assert_eq!(h1.get(&url, &[]).await.status, StatusCode::OK);
-    assert_eq!(h2.get(&url, &[]).await.status, StatusCode::OK);
+    let h1 = client();
+    let h2 = h2c_client();
+    assert_eq!(get(&h1, &url, &[]).await.status, StatusCode::OK);
+    assert_eq!(get(&h2, &url, &[]).await.status, StatusCode::OK);
     let start = Instant::now();
     origin.stop_within(Duration::from_secs(5)).await.unwrap();
     assert!(start.elapsed() < Duration::from_secs(5));
@@ -413,27 +413,27 @@ async fn the_example_config_serves_the_demo_content() {
     config.listen.http = "127.0.0.1:0".parse().unwrap();
     config.listen.admin = Some("127.0.0.1:0".parse().unwrap());
     let origin = origin::start(config).await;
-    let http = Http::new(Protocol::Http1);
+    let http = client();
 
-    let r = http.get(&origin.url("/"), &[]).await;
+    let r = get(&http, &origin.url("/"), &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("content-type"), "text/html; charset=utf-8");
     assert_eq!(r.header("cache-control"), "public, max-age=10, stale-while-revalidate=30");
     let page = String::from_utf8(r.body.to_vec()).unwrap();
     for reference in ["v/demo.webm", "v/demo.mp4", "hello.txt", "info.json"] {
         assert!(page.contains(&format!("\"{reference}\"")), "{reference}");
-        let r = http.request(Method::HEAD, &origin.url(&format!("/{reference}")), &[]).await;
+        let r = send(&http, Method::HEAD, &origin.url(&format!("/{reference}")), &[]).await;
         assert_eq!(r.status, StatusCode::OK, "{reference}");
     }
     assert!(!page.contains("<script src"), "self-contained page");
-    let r = http.get(&origin.url("/v/demo.webm"), &[("range", "bytes=0-3")]).await;
+    let r = get(&http, &origin.url("/v/demo.webm"), &[("range", "bytes=0-3")]).await;
     assert_eq!((r.status, &r.body[..]), (StatusCode::PARTIAL_CONTENT, &[0x1a, 0x45, 0xdf, 0xa3][..]), "EBML magic");
     assert_eq!(r.header("content-type"), "video/webm");
     assert_eq!(r.header("cache-control"), "public, max-age=86400");
     assert_eq!(r.header("surrogate-key"), "video demo");
-    let r = http.get(&origin.url("/v/demo.mp4"), &[("range", "bytes=4-7")]).await;
+    let r = get(&http, &origin.url("/v/demo.mp4"), &[("range", "bytes=4-7")]).await;
     assert_eq!((&r.body[..], r.header("content-type")), (&b"ftyp"[..], "video/mp4"));
-    let r = http.get(&origin.url("/info.json"), &[]).await;
+    let r = get(&http, &origin.url("/info.json"), &[]).await;
     assert_eq!((r.header("content-type"), r.header("cache-control")), ("application/json", "public, max-age=60"));
     origin.stop().await.unwrap();
 }

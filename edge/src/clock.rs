@@ -25,7 +25,9 @@ impl Clock {
         SystemTime::now() + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
     }
 
-    /// Moves this clock (and its clones) forward by `by`.
+    /// Moves this clock (and its clones) forward by `by`. Test hook (feature
+    /// `test-util`), with [`Edge::bind_with_clock`](crate::Edge::bind_with_clock).
+    #[cfg(feature = "test-util")]
     pub fn advance(&self, by: Duration) {
         let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
         self.offset_ms.fetch_add(ms, Ordering::Relaxed);

@@ -48,11 +48,17 @@ pub struct Edge {
 impl Edge {
     /// Binds the edge's listeners with the system clock.
     pub async fn bind(config: Config, registry: &Registry) -> Result<Self, Error> {
-        Self::bind_with_clock(config, registry, Clock::system()).await
+        Self::bind_clocked(config, registry, Clock::system()).await
     }
 
-    /// Binds the edge's listeners; the cache reads time from `clock`.
+    /// Binds the edge's listeners; the cache reads time from `clock`, which a test
+    /// moves with [`Clock::advance`]. Test hook (feature `test-util`).
+    #[cfg(feature = "test-util")]
     pub async fn bind_with_clock(config: Config, registry: &Registry, clock: Clock) -> Result<Self, Error> {
+        Self::bind_clocked(config, registry, clock).await
+    }
+
+    async fn bind_clocked(config: Config, registry: &Registry, clock: Clock) -> Result<Self, Error> {
         config.validate()?;
         let metrics = Metrics::register(registry)?;
         let upstream = Upstream::new(&config.origin).map_err(Error::Upstream)?;

@@ -20,8 +20,8 @@
 //! - `handler`: one query → one response (ECS, EDNS, truncation, rate limit).
 //! - `server`: sockets and lifecycle ([`Geo`]).
 //! - `metrics`, [`error`].
-//! - `fuzzing` (hidden): the server's request path over a fixed zone and cluster,
-//!   for the `dns` fuzz target.
+//! - `fuzzing` (feature `test-util`): the server's request path over a fixed zone
+//!   and cluster, for the `dns` fuzz target.
 
 #![forbid(unsafe_code)]
 
@@ -29,6 +29,7 @@ pub mod config;
 mod countries;
 pub mod error;
 #[doc(hidden)]
+#[cfg(feature = "test-util")]
 pub mod fuzzing;
 mod handler;
 pub mod locate;

@@ -13,10 +13,12 @@ use prometheus::Registry;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    SECRET, TOKEN, api,
-    process::{ControlProcess, DataDir, can_mount_tmpfs},
+use cdn_test_support::{
+    control::{SECRET, TOKEN, api},
+    metrics,
 };
+
+use crate::process::{ControlProcess, DataDir, can_mount_tmpfs};
 
 /// The sequence numbers of the purge records of `control` an observer node sees in
 /// gossip.
@@ -160,15 +162,9 @@ async fn a_full_disk_refuses_purges_and_loses_nothing() {
     assert_eq!(reopened.next_seq(), last_accepted + 2);
 
     // Operators see it.
-    let metrics = metrics_of(control.admin).await;
+    let metrics = metrics::scrape(control.admin).await;
     assert!(metrics.contains("cdn_purge_log_errors_total 6"), "{metrics}");
     let output = control.stop().await;
     assert!(output.contains("purge log append failed"), "{output}");
     shutdown.cancel();
-}
-
-async fn metrics_of(admin: std::net::SocketAddr) -> String {
-    let client = crate::harness::client();
-    let reply = crate::harness::get(&client, &format!("http://{admin}/metrics"), &[]).await;
-    String::from_utf8_lossy(&reply.body).into_owned()
 }

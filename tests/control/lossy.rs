@@ -12,11 +12,11 @@ use cdn_cluster::PacketLoss;
 use http::{Method, StatusCode};
 use serde_json::json;
 
-use crate::{
-    RunningControl, TOKEN, api,
-    harness::{TestEdge, client, get},
+use cdn_test_support::{
+    client::{client, get},
+    control::{SECRET, TOKEN, TestControl, api, wait_for_edges},
+    edge::TestEdge,
     mock_origin::{MockOrigin, Route},
-    start_edge_with_loss, wait_for_edges,
 };
 
 /// Purges applied so far by `edge` (each edge applies one control node's purges in
@@ -40,7 +40,7 @@ async fn purges_reach_every_edge_under_heavy_packet_loss() {
     let data = tempfile::tempdir().unwrap();
     let control_loss = PacketLoss::new(1);
     let control =
-        RunningControl::start_with(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap(), |c| {
+        TestControl::start_with(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap(), |c| {
             c.cluster.as_mut().unwrap().loss = control_loss.clone()
         })
         .await;
@@ -49,7 +49,7 @@ async fn purges_reach_every_edge_under_heavy_packet_loss() {
     let mut losses = vec![control_loss];
     for last in [71u8, 72, 73] {
         let loss = PacketLoss::new(u64::from(last));
-        edges.push(start_edge_with_loss([127, 0, 0, last], &origin.url(), seed, crate::SECRET, loss.clone()).await);
+        edges.push(TestEdge::join_with_loss([127, 0, 0, last], &origin.url(), seed, SECRET, loss.clone()).await);
         losses.push(loss);
     }
     wait_for_edges(&control, &["edge-71", "edge-72", "edge-73"]).await;
@@ -183,13 +183,12 @@ async fn edges_serve_while_cut_off_from_control_and_catch_up_afterwards() {
         origin.route(path, Route::ok("max-age=600", format!("body of {path}")).header("surrogate-key", tag));
     }
     let data = tempfile::tempdir().unwrap();
-    let control =
-        RunningControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
+    let control = TestControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
     let (api_addr, seed) = (control.api, control.cluster.gossip_addr());
     let cut_off = PacketLoss::new(81);
     let edges = [
-        start_edge_with_loss([127, 0, 0, 81], &origin.url(), seed, crate::SECRET, cut_off.clone()).await,
-        start_edge_with_loss([127, 0, 0, 82], &origin.url(), seed, crate::SECRET, PacketLoss::default()).await,
+        TestEdge::join_with_loss([127, 0, 0, 81], &origin.url(), seed, SECRET, cut_off.clone()).await,
+        TestEdge::join_with_loss([127, 0, 0, 82], &origin.url(), seed, SECRET, PacketLoss::default()).await,
     ];
     let edges_started = Instant::now();
     wait_for_edges(&control, &["edge-81", "edge-82"]).await;
@@ -239,7 +238,7 @@ async fn edges_serve_while_cut_off_from_control_and_catch_up_afterwards() {
         assert_eq!(ready(edge).await, Ok(()), "ready without control");
     }
     // It comes back (same addresses, same log): the edges rejoin and take its purges.
-    let control = RunningControl::start(data.path(), api_addr, seed).await;
+    let control = TestControl::start(data.path(), api_addr, seed).await;
     wait_for_edges(&control, &["edge-81", "edge-82"]).await;
     let (status, reply) =
         api(Method::POST, &format!("http://{api_addr}/v1/purge"), Some(TOKEN), Some(r#"{"tags": ["b"]}"#)).await;

@@ -7,127 +7,29 @@
 //! (TLS for the API, the admin listener's address, no secrets in logs or metrics);
 //! `process` runs a control node as a real process.
 
-#[path = "../edge/harness.rs"]
-mod harness;
-#[path = "../edge/mock_origin.rs"]
-mod mock_origin;
-
 mod disk_full;
 mod lossy;
 mod process;
 mod security;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use bytes::Bytes;
-use cdn_cluster::{Cluster, ClusterConfig, PacketLoss};
-use cdn_control::server::{Config as ControlConfig, Control};
+use cdn_cluster::{ClusterConfig, MemberState};
+use cdn_test_support::{
+    client::{client, get},
+    control::{SECRET, TOKEN, TestControl, api, wait_for_edges, wait_for_state},
+    edge::TestEdge,
+    geo::dig as dig_at,
+    mock_origin::{MockOrigin, Route},
+    net::free_port,
+};
 use http::{Method, StatusCode};
-use http_body_util::{BodyExt as _, Full};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use prometheus::Registry;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use harness::{TestEdge, client, get};
-use mock_origin::{MockOrigin, Route};
-
-const TOKEN: &str = "test-token-0123456789";
-const SECRET: &str = "cluster-secret-for-tests";
-
-struct RunningControl {
-    api: SocketAddr,
-    registry: Registry,
-    cluster: Arc<Cluster>,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RunningControl {
-    async fn start(data_dir: &std::path::Path, api: SocketAddr, gossip: SocketAddr) -> Self {
-        Self::start_with(data_dir, api, gossip, |_| {}).await
-    }
-
-    /// [`start`](Self::start), with the config changed by `tweak` first.
-    async fn start_with(
-        data_dir: &std::path::Path,
-        api: SocketAddr,
-        gossip: SocketAddr,
-        tweak: impl FnOnce(&mut ControlConfig),
-    ) -> Self {
-        let mut config = ControlConfig::new("control-1", data_dir, TOKEN);
-        config.listen.api = api;
-        config.listen.admin = None;
-        config.retention = Duration::from_secs(3600);
-        config.cluster = Some(ClusterConfig::new(gossip, SECRET));
-        tweak(&mut config);
-        let registry = Registry::new();
-        let control = Control::bind(config, &registry).await.expect("control binds");
-        let (api, cluster) = (control.api_addr(), control.cluster().unwrap());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move { control.serve(shutdown).await.unwrap() }
-        });
-        Self { api, registry, cluster, shutdown, task }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-}
-
-async fn api(method: Method, url: &str, token: Option<&str>, body: Option<&str>) -> (StatusCode, Value) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut request = http::Request::builder().method(method).uri(url);
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let request = request.body(Full::new(Bytes::from(body.unwrap_or("").to_string()))).unwrap();
-    let response = client.request(request).await.expect("api call");
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-}
-
-async fn start_edge(ip: [u8; 4], origin: &str, seed: SocketAddr, secret: &str) -> TestEdge {
-    start_edge_with_loss(ip, origin, seed, secret, PacketLoss::default()).await
-}
-
-/// An edge whose gossip drops what `loss` says (a clone the test keeps and changes).
-async fn start_edge_with_loss(ip: [u8; 4], origin: &str, seed: SocketAddr, secret: &str, loss: PacketLoss) -> TestEdge {
-    TestEdge::start(origin, |c| {
-        c.node_id = format!("edge-{}", ip[3]);
-        c.listen.http = Some((ip, 0).into());
-        c.listen.admin = Some((ip, 0).into());
-        let mut cluster = ClusterConfig::new((ip, 0).into(), secret);
-        cluster.seeds = vec![seed.to_string()];
-        cluster.loss = loss;
-        c.cluster = Some(cluster);
-    })
-    .await
-}
-
-/// Waits until `/v1/nodes` shows these edges alive and caught up.
-async fn wait_for_edges(control: &RunningControl, edges: &[&str]) {
-    for _ in 0..200 {
-        let (_, nodes) = api(Method::GET, &format!("http://{}/v1/nodes", control.api), Some(TOKEN), None).await;
-        let ready = edges.iter().all(|id| {
-            nodes.as_array().is_some_and(|nodes| {
-                nodes.iter().any(|n| n["node_id"] == *id && n["state"] == "alive" && n["ready"] == true)
-            })
-        });
-        if ready {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("edges {edges:?} did not join");
-}
-
 /// Purges and waits until every edge applied it; returns the purge's id.
-async fn purge(control: &RunningControl, body: Value) -> String {
+async fn purge(control: &TestControl, body: Value) -> String {
     let (status, reply) =
         api(Method::POST, &format!("http://{}/v1/purge", control.api), Some(TOKEN), Some(&body.to_string())).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{reply}");
@@ -152,12 +54,11 @@ async fn purges_reach_every_edge_and_survive_restarts() {
         origin.route(path, route);
     }
     let data = tempfile::tempdir().unwrap();
-    let control =
-        RunningControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
+    let control = TestControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
     let seed = control.cluster.gossip_addr();
     let mut edges = Vec::new();
     for last in [21u8, 22, 23] {
-        edges.push(start_edge([127, 0, 0, last], &origin.url(), seed, SECRET).await);
+        edges.push(TestEdge::join([127, 0, 0, last], &origin.url(), seed, SECRET).await);
     }
     wait_for_edges(&control, &["edge-21", "edge-22", "edge-23"]).await;
     let c = client();
@@ -234,18 +135,12 @@ async fn purges_reach_every_edge_and_survive_restarts() {
     let (status, _) =
         api(Method::POST, &format!("http://{}/v1/edges/edge-22/drain", control.api), Some(TOKEN), Some("")).await;
     assert_eq!(status, StatusCode::OK);
-    wait_until(|| {
-        control.cluster.members().iter().any(|m| m.node_id == "edge-22" && m.state == cdn_cluster::MemberState::Drained)
-    })
-    .await;
+    wait_for_state(&control, "edge-22", MemberState::Drained).await;
     let (_, nodes) = api(Method::GET, &format!("http://{}/v1/nodes", control.api), Some(TOKEN), None).await;
     assert!(nodes.as_array().unwrap().iter().any(|n| n["node_id"] == "edge-22" && n["state"] == "drained"), "{nodes}");
     assert_eq!(get(&c, &edges[1].url("/other"), &[]).await.status, StatusCode::OK, "a drained edge still serves");
     api(Method::POST, &format!("http://{}/v1/edges/edge-22/undrain", control.api), Some(TOKEN), Some("")).await;
-    wait_until(|| {
-        control.cluster.members().iter().any(|m| m.node_id == "edge-22" && m.state == cdn_cluster::MemberState::Alive)
-    })
-    .await;
+    wait_for_state(&control, "edge-22", MemberState::Alive).await;
     let (status, _) =
         api(Method::POST, &format!("http://{}/v1/edges/nobody/drain", control.api), Some(TOKEN), Some("")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -263,7 +158,7 @@ async fn purges_reach_every_edge_and_survive_restarts() {
     }
     let latest: u64 = missed.rsplit('-').next().unwrap().parse().unwrap();
     let std::net::IpAddr::V4(v4) = down_ip else { unreachable!() };
-    let back = start_edge(v4.octets(), &origin.url(), seed, SECRET).await;
+    let back = TestEdge::join(v4.octets(), &origin.url(), seed, SECRET).await;
     let readyz = format!("http://{}/readyz", back.admin);
     let mut ready_at_seq = None;
     for _ in 0..200 {
@@ -293,7 +188,7 @@ async fn purges_reach_every_edge_and_survive_restarts() {
     let gossip = control.cluster.gossip_addr();
     control.stop().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let control = RunningControl::start(data.path(), api_addr, gossip).await;
+    let control = TestControl::start(data.path(), api_addr, gossip).await;
     let (status, reply) =
         api(Method::GET, &format!("http://{}/v1/purge/{last_id}", control.api), Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::OK, "{reply}");
@@ -312,30 +207,23 @@ async fn purges_reach_every_edge_and_survive_restarts() {
 async fn a_node_with_another_secret_never_joins() {
     let origin = MockOrigin::start().await;
     let data = tempfile::tempdir().unwrap();
-    let control =
-        RunningControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
+    let control = TestControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
     let seed = control.cluster.gossip_addr();
-    let good = start_edge([127, 0, 0, 31], &origin.url(), seed, SECRET).await;
-    let intruder = start_edge([127, 0, 0, 32], &origin.url(), seed, "not-the-cluster-secret-xyz").await;
+    let good = TestEdge::join([127, 0, 0, 31], &origin.url(), seed, SECRET).await;
+    let intruder = TestEdge::join([127, 0, 0, 32], &origin.url(), seed, "not-the-cluster-secret-xyz").await;
     wait_for_edges(&control, &["edge-31"]).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (_, nodes) = api(Method::GET, &format!("http://{}/v1/nodes", control.api), Some(TOKEN), None).await;
     assert!(!nodes.as_array().unwrap().iter().any(|n| n["node_id"] == "edge-32"), "{nodes}");
     // Its datagrams were counted as rejected.
-    let rejected: f64 = control
-        .registry
-        .gather()
-        .iter()
-        .filter(|f| f.name() == "cdn_gossip_rejected_total")
-        .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()).collect::<Vec<_>>())
-        .sum();
+    let rejected = control.metric("cdn_gossip_rejected_total", &[]);
     assert!(rejected > 0.0, "rejected datagrams are counted");
     intruder.stop().await;
     good.stop().await;
     control.stop().await;
 }
 
-async fn back_applied(control: &RunningControl, node: &str) -> u64 {
+async fn back_applied(control: &TestControl, node: &str) -> u64 {
     let (_, nodes) = api(Method::GET, &format!("http://{}/v1/nodes", control.api), Some(TOKEN), None).await;
     nodes
         .as_array()
@@ -344,35 +232,9 @@ async fn back_applied(control: &RunningControl, node: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn wait_until(condition: impl Fn() -> bool) {
-    for _ in 0..200 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("condition not met in 5 s");
-}
-
 /// `dig +short` for `www.cdn.test A` from a client in `subnet`.
 async fn dig(dns: SocketAddr, subnet: &str) -> Vec<String> {
-    let output = tokio::process::Command::new("dig")
-        .args([
-            &format!("@{}", dns.ip()),
-            "-p",
-            &dns.port().to_string(),
-            "www.cdn.test",
-            "A",
-            "+short",
-            "+time=1",
-            "+tries=1",
-        ])
-        .arg(format!("+subnet={subnet}"))
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("dig runs (scripts/test-deps.sh installs dnsutils)");
-    String::from_utf8_lossy(&output.stdout).lines().map(str::to_string).filter(|l| !l.starts_with(';')).collect()
+    dig_at(dns, &["www.cdn.test", "A", "+short", "+time=1", "+tries=1", &format!("+subnet={subnet}")]).await.short()
 }
 
 /// Waits (up to 10 s) until `check` holds for the answer; returns how long it took.
@@ -392,15 +254,14 @@ async fn until_answer(dns: SocketAddr, subnet: &str, check: impl Fn(&[String]) -
 async fn geo_dns_follows_the_cluster_drains_and_deaths() {
     let origin = MockOrigin::start().await;
     let data = tempfile::tempdir().unwrap();
-    let control =
-        RunningControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
+    let control = TestControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
     let seed = control.cluster.gossip_addr();
 
     // Geo, in-process, joined to the cluster.
     let mut geo = cdn_geo::Config::new("cdn.test.");
     geo.listen.dns = "127.0.0.1:0".parse().unwrap();
     geo.listen.admin = None;
-    let port = harness::free_port();
+    let port = free_port();
     geo.listen.dns = ([127, 0, 0, 1], port).into();
     geo.networks = vec![
         cdn_geo::config::Network {
@@ -486,9 +347,8 @@ async fn operator_commands_purge_list_and_drain() {
     let origin = MockOrigin::start().await;
     origin.route("/x", Route::ok("max-age=600", "x").header("surrogate-key", "ops"));
     let data = tempfile::tempdir().unwrap();
-    let control =
-        RunningControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
-    let edge = start_edge([127, 0, 0, 61], &origin.url(), control.cluster.gossip_addr(), SECRET).await;
+    let control = TestControl::start(data.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).await;
+    let edge = TestEdge::join([127, 0, 0, 61], &origin.url(), control.cluster.gossip_addr(), SECRET).await;
     wait_for_edges(&control, &["edge-61"]).await;
     let c = client();
     get(&c, &edge.url("/x"), &[]).await;
@@ -512,10 +372,7 @@ async fn operator_commands_purge_list_and_drain() {
     assert!(text.starts_with("NODE") && text.contains("edge-61") && text.contains("control-1"), "{text}");
     let out = cdn(&["drain", "edge-61"]).output().await.unwrap();
     assert!(out.status.success());
-    wait_until(|| {
-        control.cluster.members().iter().any(|m| m.node_id == "edge-61" && m.state == cdn_cluster::MemberState::Drained)
-    })
-    .await;
+    wait_for_state(&control, "edge-61", MemberState::Drained).await;
     let out = cdn(&["undrain", "edge-61"]).output().await.unwrap();
     assert!(out.status.success());
     // The status page and its data: the page is public, the data needs the token.

@@ -13,7 +13,7 @@ use std::{
 use http::{Method, StatusCode};
 use tokio::{io::AsyncReadExt as _, process::Child};
 
-use crate::{api, harness::free_port};
+use cdn_test_support::{control::api, net::free_port};
 
 /// Where the process keeps its data directory.
 pub(crate) enum DataDir {

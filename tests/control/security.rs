@@ -12,13 +12,14 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use rustls_pki_types::{CertificateDer, pem::PemObject as _};
 use serde_json::Value;
 
-use crate::{
-    RunningControl, SECRET, TOKEN, api,
-    harness::{client, get},
+use cdn_test_support::{
+    client::{client, get, https_client},
+    control::{SECRET, TOKEN, TestControl, api},
+    edge::TestEdge,
     mock_origin::{MockOrigin, Route},
-    process::{ControlProcess, DataDir},
-    start_edge,
 };
+
+use crate::process::{ControlProcess, DataDir};
 
 /// `GET url` over https trusting only `ca`, with `token` if given.
 async fn https_get(url: &str, ca: &std::path::Path, token: Option<&str>) -> Result<(StatusCode, Value), String> {
@@ -31,13 +32,7 @@ async fn https_get(url: &str, ca: &std::path::Path, token: Option<&str>) -> Resu
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .build();
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let client = https_client::<Full<Bytes>>(tls);
     let mut request = http::Request::builder().uri(url);
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
@@ -57,14 +52,14 @@ async fn the_control_api_over_tls() {
     std::fs::write(&key_file, key).unwrap();
     let origin = MockOrigin::start().await;
     origin.route("/x", Route::ok("max-age=600", "x").header("surrogate-key", "tls-tag"));
-    let control = RunningControl::start_with(
+    let control = TestControl::start_with(
         &dir.path().join("data"),
         "127.0.0.1:0".parse().unwrap(),
         "127.0.0.1:0".parse().unwrap(),
         |c| c.tls = Some(TlsConfig { cert: Some(cert_file.clone()), key: Some(key_file.clone()), self_signed: false }),
     )
     .await;
-    let edge = start_edge([127, 0, 0, 91], &origin.url(), control.cluster.gossip_addr(), SECRET).await;
+    let edge = TestEdge::join([127, 0, 0, 91], &origin.url(), control.cluster.gossip_addr(), SECRET).await;
     let mut joined = false;
     for _ in 0..200 {
         let (_, nodes) =
@@ -184,7 +179,7 @@ async fn the_token_and_gossip_secret_never_reach_logs_or_metrics() {
     .await;
     // A cluster at work: an edge joins, purges flow, calls succeed and fail.
     let origin = MockOrigin::start().await;
-    let edge = start_edge([127, 0, 0, 95], &origin.url(), control.gossip, SECRET).await;
+    let edge = TestEdge::join([127, 0, 0, 95], &origin.url(), control.gossip, SECRET).await;
     let base = format!("http://{}", control.api);
     for _ in 0..100 {
         let (_, nodes) = api(Method::GET, &format!("{base}/v1/nodes"), Some(TOKEN), None).await;
@@ -202,7 +197,7 @@ async fn the_token_and_gossip_secret_never_reach_logs_or_metrics() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     api(Method::POST, &format!("{base}/v1/purge"), Some(TOKEN), Some("{bad json")).await;
     // A node with another secret knocks.
-    let intruder = start_edge([127, 0, 0, 96], &origin.url(), control.gossip, "another-secret-entirely-xyz").await;
+    let intruder = TestEdge::join([127, 0, 0, 96], &origin.url(), control.gossip, "another-secret-entirely-xyz").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let metrics = get(&client(), &format!("http://{}/metrics", control.admin), &[]).await;
     let metrics = String::from_utf8_lossy(&metrics.body).into_owned();

@@ -7,8 +7,9 @@ use http::StatusCode;
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    harness::{Reply, TestEdge, client, get, send},
+use cdn_test_support::{
+    client::{Reply, client, get, send},
+    edge::TestEdge,
     mock_origin::{MockOrigin, Route},
 };
 

@@ -1,94 +1,16 @@
-//! HTTP/3: a quinn + h3 client, and aioquic's client as a peer nobody here wrote.
+//! HTTP/3: a quinn + h3 client (`cdn_test_support::http3`), and aioquic's client as
+//! a peer nobody here wrote.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::time::Duration;
 
-use bytes::{Buf as _, Bytes, BytesMut};
-use http::{HeaderMap, StatusCode};
-
-use crate::{
-    harness::start_tls_edge,
+use bytes::Bytes;
+use cdn_test_support::{
+    client::tls_client,
+    edge::start_tls_edge,
+    http3::H3Client,
     mock_origin::{MockOrigin, Route},
 };
-
-pub(crate) struct H3Reply {
-    pub(crate) status: StatusCode,
-    pub(crate) headers: HeaderMap,
-    pub(crate) body: Bytes,
-}
-
-impl H3Reply {
-    fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map_or("", |v| v.to_str().unwrap_or(""))
-    }
-}
-
-/// An HTTP/3 client connection (quinn + h3) to `addr`.
-pub(crate) struct H3Client {
-    send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
-    port: u16,
-    connection: quinn::Connection,
-    _endpoint: quinn::Endpoint,
-}
-
-/// A QUIC connection with ALPN h3 to `addr`, certificate not checked, and the
-/// endpoint that carries it.
-pub(crate) async fn quic_connect(addr: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
-    quic_connect_accepting(addr, 1472).await
-}
-
-/// [`quic_connect`], with a client that accepts UDP payloads up to `max_udp_payload`
-/// (its `max_udp_payload_size` transport parameter; quinn's default is 1472).
-pub(crate) async fn quic_connect_accepting(
-    addr: SocketAddr,
-    max_udp_payload: u16,
-) -> (quinn::Endpoint, quinn::Connection) {
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(cdn_node::tls::AcceptAnyCertificate::new())
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint_config = quinn::EndpointConfig::default();
-    endpoint_config.max_udp_payload_size(max_udp_payload).unwrap();
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut endpoint = quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime)).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let connection = endpoint.connect(addr, "localhost").unwrap().await.expect("quic handshake");
-    (endpoint, connection)
-}
-
-impl H3Client {
-    pub(crate) async fn connect(addr: SocketAddr) -> Self {
-        Self::connect_accepting(addr, 1472).await
-    }
-
-    /// A client that accepts UDP payloads up to `max_udp_payload`.
-    pub(crate) async fn connect_accepting(addr: SocketAddr, max_udp_payload: u16) -> Self {
-        let (endpoint, connection) = quic_connect_accepting(addr, max_udp_payload).await;
-        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(connection.clone())).await.unwrap();
-        tokio::spawn(async move {
-            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-        });
-        Self { send, port: addr.port(), connection, _endpoint: endpoint }
-    }
-
-    pub(crate) async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> H3Reply {
-        let mut request = http::Request::get(format!("https://localhost:{}{path}", self.port));
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let mut stream = self.send.send_request(request.body(()).unwrap()).await.unwrap();
-        stream.finish().await.unwrap();
-        let response = stream.recv_response().await.unwrap();
-        let mut body = BytesMut::new();
-        while let Some(mut chunk) = stream.recv_data().await.unwrap() {
-            body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
-        }
-        H3Reply { status: response.status(), headers: response.headers().clone(), body: body.freeze() }
-    }
-}
+use http::StatusCode;
 
 #[tokio::test]
 async fn miss_hit_range_and_a_large_body_over_http3() {
@@ -118,7 +40,7 @@ async fn miss_hit_range_and_a_large_body_over_http3() {
     // The same cache behind all protocols: the h3 fill is a hit over h2 (same
     // scheme and host, so the same key).
     let url = format!("https://localhost:{}/h3", edge.https.unwrap().port());
-    let h2 = crate::harness::tls_client()
+    let h2 = tls_client()
         .request(http::Request::get(url).body(http_body_util::Empty::<Bytes>::new()).unwrap())
         .await
         .unwrap();

@@ -6,9 +6,11 @@ use bytes::Bytes;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::{
-    harness::{TestEdge, client, get},
+use cdn_test_support::{
+    client::{client, get, h2c_client, unpooled_client},
+    edge::TestEdge,
     mock_origin::{MockOrigin, Route},
+    net::raw_request,
 };
 
 #[tokio::test]
@@ -42,10 +44,7 @@ async fn slowloris_connections_are_cut_and_good_clients_keep_their_latency() {
     })
     .await;
     // A fresh connection per good request: each one's head is timed like the attackers'.
-    let c: crate::harness::HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build_http();
+    let c = unpooled_client();
     get(&c, &edge.url("/ok"), &[]).await;
     // 200 connections trickle a request head a byte at a time.
     let addr = edge.http;
@@ -125,8 +124,7 @@ async fn keep_alive_lasts_the_idle_timeout_while_slow_heads_are_cut() {
     assert!(second.starts_with("HTTP/1.1 200"), "an idle keep-alive connection was cut early: {second:?}");
 
     // HTTP/2 (prior knowledge) is never taken for a slow HTTP/1 head.
-    let h2c: crate::harness::HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
+    let h2c = h2c_client();
     assert_eq!(get(&h2c, &edge.url("/ok"), &[]).await.status, StatusCode::OK);
     tokio::time::sleep(head_timeout * 2).await;
     assert_eq!(get(&h2c, &edge.url("/ok"), &[]).await.status, StatusCode::OK);
@@ -221,8 +219,7 @@ async fn the_cache_key_is_the_path_the_origin_sees() {
     assert_eq!(&get(&c, &edge.url("/ok"), &[]).await.body[..], b"ok");
     for (path, body) in [("/a/../ok", &b"dot-dot"[..]), ("/%6Fk", &b"encoded"[..])] {
         let reply =
-            crate::raw_request(edge.http, &format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
-                .await;
+            raw_request(edge.http, &format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")).await;
         assert!(reply.starts_with("HTTP/1.1 200"), "{path}: {reply}");
         assert!(reply.ends_with(std::str::from_utf8(body).unwrap()), "{path}: {reply}");
         assert_eq!(origin.hits(path), 1, "{path} went to the origin as sent");

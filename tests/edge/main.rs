@@ -1,10 +1,9 @@
 //! The edge cache against a mock origin, with real HTTP/1.1 and HTTP/2 clients.
+//! The edges, the mock origin and the clients come from `cdn-test-support`.
 
 mod conditional;
 mod h3;
 mod hardening;
-mod harness;
-mod mock_origin;
 mod overload;
 mod ranges;
 mod zerocopy;
@@ -12,11 +11,14 @@ mod zerocopy;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cdn_test_support::{
+    client::{client, get, send, tls_client},
+    edge::TestEdge,
+    mock_origin::{MockOrigin, Route},
+    net::{free_port, raw_request},
+};
 use http::{StatusCode, Version};
 use http_body_util::{BodyExt as _, Empty};
-
-use harness::{TestEdge, client, get, send, tls_client};
-use mock_origin::{MockOrigin, Route};
 
 #[tokio::test]
 async fn miss_then_hit_with_age_over_http1() {
@@ -57,7 +59,7 @@ async fn miss_then_hit_over_http2_with_tls_and_alpn() {
     let origin = MockOrigin::start().await;
     origin.route("/b", Route::ok("max-age=60", "over h2"));
     let edge = TestEdge::start(&origin.url(), |c| {
-        let port = harness::free_port();
+        let port = free_port();
         c.listen.https = Some(([127, 0, 0, 1], port).into());
         c.listen.h3 = Some(([127, 0, 0, 1], port).into());
         c.tls = Some(cdn_node::tls::TlsConfig { self_signed: true, ..Default::default() });
@@ -390,13 +392,4 @@ async fn ranges_are_served_from_the_cache() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body.len(), 1000);
     edge.stop().await;
-}
-
-pub(crate) async fn raw_request(addr: std::net::SocketAddr, raw: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(raw.as_bytes()).await.unwrap();
-    let mut buffer = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await.unwrap().unwrap_or(0);
-    String::from_utf8_lossy(&buffer[..n]).into_owned()
 }

@@ -17,23 +17,19 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{
-    h3::quic_connect,
-    harness::{HttpClient, TestEdge, get, start_tls_edge},
+use cdn_test_support::{
+    client::{client, get, send, unpooled_client},
+    edge::{TestEdge, start_tls_edge},
+    http3::{H3Client, quic_connect},
+    metrics,
     mock_origin::{MockOrigin, Route},
+    net::free_port,
+    wait,
 };
-
-/// A client that opens a connection per request, so no pooled connection races the
-/// edge's idle timeout.
-fn fresh_client() -> HttpClient {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build_http()
-}
 
 /// p50 and p99 of `n` sequential GETs of `url`, each of which must be 200.
 async fn good_client_latency(url: &str, n: usize) -> (Duration, Duration) {
-    let client = fresh_client();
+    let client = unpooled_client();
     let mut latencies = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
@@ -69,7 +65,7 @@ struct EdgeProcess {
 impl EdgeProcess {
     async fn start(origin: &str, limits: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = |_| crate::harness::free_port();
+        let port = |_| free_port();
         let (http, tls, admin): (SocketAddr, SocketAddr, SocketAddr) =
             (([127, 0, 0, 1], port(0)).into(), ([127, 0, 0, 1], port(1)).into(), ([127, 0, 0, 1], port(2)).into());
         let config = dir.path().join("edge.toml");
@@ -90,17 +86,15 @@ impl EdgeProcess {
             .spawn()
             .expect("cdn edge starts");
         let edge = Self { child, http, h3: tls, admin, _dir: dir };
-        let client = fresh_client();
-        for _ in 0..200 {
+        let client = unpooled_client();
+        wait::until("cdn edge to come up", Duration::from_secs(10), Duration::from_millis(50), async || {
             let request = http::Request::get(format!("http://{admin}/healthz"))
                 .body(http_body_util::Empty::<bytes::Bytes>::new())
                 .unwrap();
-            if client.request(request).await.is_ok_and(|r| r.status() == StatusCode::OK) {
-                return edge;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("cdn edge did not come up");
+            client.request(request).await.is_ok_and(|r| r.status() == StatusCode::OK).then_some(())
+        })
+        .await;
+        edge
     }
 
     fn url(&self, path: &str) -> String {
@@ -114,17 +108,7 @@ impl EdgeProcess {
 
     /// The sum of the samples of `name` whose labels include `labels`, from /metrics.
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let text = get(&fresh_client(), &format!("http://{}/metrics", self.admin), &[]).await.body;
-        let text = String::from_utf8_lossy(&text).into_owned();
-        text.lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| {
-                let (series, value) = line.rsplit_once(' ')?;
-                let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-                (metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-                    .then(|| value.parse::<f64>().ok())?
-            })
-            .sum()
+        metrics::sum(&metrics::scrape(self.admin).await, name, labels)
     }
 }
 
@@ -209,7 +193,7 @@ async fn idle_connection_floods_are_closed_after_the_idle_timeout() {
     origin.route("/ok", Route::ok("max-age=600", "fine"));
     let idle = Duration::from_secs(5);
     let edge = EdgeProcess::start(&origin.url(), "idle_timeout = \"5s\"").await;
-    get(&fresh_client(), &edge.url("/ok"), &[]).await;
+    get(&unpooled_client(), &edge.url("/ok"), &[]).await;
     let before = edge.rss();
 
     // 50 HTTP/3 connections that only do the handshake, 300 HTTP/2 connections that
@@ -286,7 +270,7 @@ async fn readers_that_stop_are_cut_and_slow_steady_readers_are_not() {
     let size = 16 * 1024 * 1024;
     origin.route("/big", Route::ok("max-age=600", vec![b'v'; size]));
     let edge = EdgeProcess::start(&origin.url(), "send_timeout = \"1s\"").await;
-    assert_eq!(get(&fresh_client(), &edge.url("/big"), &[]).await.body.len(), size);
+    assert_eq!(get(&unpooled_client(), &edge.url("/big"), &[]).await.body.len(), size);
     let before = edge.rss();
 
     // 30 HTTP/1.1 clients ask for 16 MiB and read nothing; 10 HTTP/2 clients do the
@@ -364,7 +348,7 @@ async fn an_h2_rapid_reset_flood_is_cut_and_others_keep_being_served() {
     origin.route("/pass", Route::ok("no-store", "x").delay(Duration::from_millis(200)));
     origin.route("/ok", Route::ok("max-age=600", "fine"));
     let edge = TestEdge::start(&origin.url(), |_| {}).await;
-    get(&fresh_client(), &edge.url("/ok"), &[]).await;
+    get(&unpooled_client(), &edge.url("/ok"), &[]).await;
 
     let good = tokio::spawn({
         let url = edge.url("/ok");
@@ -401,7 +385,7 @@ async fn an_h2_stream_flood_is_held_to_the_stream_limit() {
     origin.route("/pass", Route::ok("no-store", "x").delay(Duration::from_secs(2)));
     origin.route("/ok", Route::ok("max-age=600", "fine"));
     let edge = TestEdge::start(&origin.url(), |c| c.limits.max_concurrent_streams = 50).await;
-    get(&fresh_client(), &edge.url("/ok"), &[]).await;
+    get(&unpooled_client(), &edge.url("/ok"), &[]).await;
 
     // 2000 streams opened at once, ignoring the advertised limit of 50.
     let stream = h2c(edge.http, &[]).await;
@@ -463,7 +447,7 @@ async fn an_h3_rapid_reset_flood_is_cut() {
     );
     assert!(origin.hits("/pass") < 1000);
     // Others still get served over HTTP/3.
-    let mut client = crate::h3::H3Client::connect(edge.h3.unwrap()).await;
+    let mut client = H3Client::connect(edge.h3.unwrap()).await;
     assert_eq!(client.get("/ok", &[]).await.status, StatusCode::OK);
     edge.stop().await;
 }
@@ -512,13 +496,13 @@ async fn a_keep_alive_client_is_never_taken_for_a_flood() {
     let origin = MockOrigin::start().await;
     origin.route("/s", Route::ok("max-age=600", vec![b's'; 100_000]).header("etag", "\"s\""));
     let edge = TestEdge::start(&origin.url(), |_| {}).await;
-    let c = crate::harness::client();
+    let c = client();
     for i in 0..150 {
         let reply = get(&c, &edge.url(&format!("/s?{i}")), &[]).await;
         assert_eq!((reply.status, reply.body.len()), (StatusCode::OK, 100_000), "request {i}");
     }
     for i in 0..150 {
-        let reply = crate::harness::send(&c, "HEAD", &edge.url(&format!("/s?{i}")), &[]).await;
+        let reply = send(&c, "HEAD", &edge.url(&format!("/s?{i}")), &[]).await;
         assert_eq!(reply.status, StatusCode::OK, "HEAD {i}");
         let reply = get(&c, &edge.url(&format!("/s?{i}")), &[("if-none-match", "\"s\"")]).await;
         assert_eq!(reply.status, StatusCode::NOT_MODIFIED, "conditional {i}");

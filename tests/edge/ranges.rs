@@ -1,65 +1,21 @@
 //! Byte ranges and sliced storage: video seeking against a real origin.
 
-use std::{net::SocketAddr, ops::Range, time::Duration};
+use std::{ops::Range, time::Duration};
 
 use bytes::Bytes;
-use http::StatusCode;
-use prometheus::Registry;
-use tokio_util::sync::CancellationToken;
-
-use crate::{
-    harness::{TestEdge, client, get},
+use cdn_test_support::{
+    client::{client, get, send},
+    edge::TestEdge,
     mock_origin::{MockOrigin, Route},
+    multipart::parse_multipart,
+    origin::{self, TestOrigin},
 };
+use http::StatusCode;
 
-/// A real origin with generated content; counts its responses.
-struct GenOrigin {
-    addr: SocketAddr,
-    registry: Registry,
-    shutdown: CancellationToken,
-}
-
-impl GenOrigin {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = cdn_origin::Config::new(dir.keep());
-        config.listen.http = "127.0.0.1:0".parse().unwrap();
-        config.listen.admin = None;
-        config.generate = true;
-        let registry = Registry::new();
-        let origin = cdn_origin::Origin::bind(config, &registry).await.unwrap();
-        let addr = origin.http_addr();
-        let shutdown = CancellationToken::new();
-        tokio::spawn(origin.serve(shutdown.clone()));
-        Self { addr, registry, shutdown }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Successful (2xx) responses the origin sent; the edge's readiness probe of
-    /// `/` gets a 404 and is not counted.
-    fn responses(&self) -> u64 {
-        let mut total = 0.0;
-        for family in self.registry.gather() {
-            if family.name() == "cdn_origin_responses_total" {
-                total += family
-                    .get_metric()
-                    .iter()
-                    .filter(|m| m.get_label().iter().any(|l| l.value() == "2xx"))
-                    .map(|m| m.get_counter().get_value())
-                    .sum::<f64>();
-            }
-        }
-        total as u64
-    }
-}
-
-impl Drop for GenOrigin {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
+/// Successful (2xx) responses the origin sent; the edge's readiness probe of
+/// `/` gets a 404 and is not counted.
+fn responses(origin: &TestOrigin) -> u64 {
+    origin.metric("cdn_origin_responses_total", &[("status", "2xx")]) as u64
 }
 
 fn expected(range: Range<u64>) -> Vec<u8> {
@@ -72,32 +28,32 @@ async fn edge_for(origin: &str) -> TestEdge {
 
 #[tokio::test]
 async fn first_bytes_of_an_uncached_object_cost_one_slice() {
-    let origin = GenOrigin::start().await;
-    let edge = edge_for(&origin.url()).await;
+    let origin = origin::start_generator().await;
+    let edge = edge_for(&origin.url("")).await;
     let c = client();
     let r = get(&c, &edge.url("/_gen/10MiB"), &[("range", "bytes=0-1")]).await;
     assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(r.body, expected(0..2));
     assert_eq!(r.header("content-range"), format!("bytes 0-1/{}", 10 << 20));
     assert_eq!(r.x_cache(), "MISS");
-    assert_eq!(origin.responses(), 1, "one slice request");
+    assert_eq!(responses(&origin), 1, "one slice request");
     // bytes=0- on a miss is a 206 too (Safari and Chrome start with it).
     let r = get(&c, &edge.url("/_gen/3MiB"), &[("range", "bytes=0-")]).await;
     assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(r.body.len(), 3 << 20);
     assert!(r.body == expected(0..3 << 20));
     // Now cached: the same range again costs nothing.
-    let before = origin.responses();
+    let before = responses(&origin);
     let r = get(&c, &edge.url("/_gen/10MiB"), &[("range", "bytes=0-1")]).await;
     assert_eq!((r.status, r.x_cache()), (StatusCode::PARTIAL_CONTENT, "HIT"));
-    assert_eq!(origin.responses(), before);
+    assert_eq!(responses(&origin), before);
     edge.stop().await;
 }
 
 #[tokio::test]
 async fn a_seek_into_a_large_uncached_object_fetches_only_covering_slices() {
-    let origin = GenOrigin::start().await;
-    let edge = edge_for(&origin.url()).await;
+    let origin = origin::start_generator().await;
+    let edge = edge_for(&origin.url("")).await;
     let c = client();
     let size: u64 = 200 << 20;
     let (start, end) = (100_000_000u64, 101_000_000u64);
@@ -106,37 +62,37 @@ async fn a_seek_into_a_large_uncached_object_fetches_only_covering_slices() {
     assert_eq!(r.header("content-range"), format!("bytes {start}-{}/{size}", end - 1));
     assert!(r.body == expected(start..end), "byte-exact");
     // 100,000,000..101,000,000 spans slices 95 and 96 of 1 MiB.
-    assert_eq!(origin.responses(), 2);
+    assert_eq!(responses(&origin), 2);
     // HEAD of the object is answered from the stored head.
-    let h = crate::harness::send(&c, "HEAD", &edge.url("/_gen/200MiB"), &[]).await;
+    let h = send(&c, "HEAD", &edge.url("/_gen/200MiB"), &[]).await;
     assert_eq!(h.header("content-length"), size.to_string());
     assert_eq!(h.x_cache(), "HIT");
-    assert_eq!(origin.responses(), 2);
+    assert_eq!(responses(&origin), 2);
     edge.stop().await;
 }
 
 #[tokio::test]
 async fn whole_large_object_streams_slice_after_slice() {
-    let origin = GenOrigin::start().await;
-    let edge = edge_for(&origin.url()).await;
+    let origin = origin::start_generator().await;
+    let edge = edge_for(&origin.url("")).await;
     let c = client();
     let size = 5 * (1 << 20) + 12345;
     let r = get(&c, &edge.url(&format!("/_gen/{size}")), &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body.len(), size as usize);
     assert!(r.body == expected(0..size), "byte-exact");
-    assert_eq!(origin.responses(), 6, "one request per slice");
+    assert_eq!(responses(&origin), 6, "one request per slice");
     let again = get(&c, &edge.url(&format!("/_gen/{size}")), &[]).await;
     assert_eq!(again.x_cache(), "HIT");
     assert!(again.body == r.body);
-    assert_eq!(origin.responses(), 6);
+    assert_eq!(responses(&origin), 6);
     edge.stop().await;
 }
 
 #[tokio::test]
 async fn multipart_ranges_416_and_if_range() {
-    let origin = GenOrigin::start().await;
-    let edge = edge_for(&origin.url()).await;
+    let origin = origin::start_generator().await;
+    let edge = edge_for(&origin.url("")).await;
     let c = client();
     let url = edge.url("/_gen/3MiB");
     let full = get(&c, &url, &[]).await;
@@ -144,14 +100,12 @@ async fn multipart_ranges_416_and_if_range() {
     assert!(etag.starts_with('"'));
     let r = get(&c, &url, &[("range", "bytes=0-9,2097150-2097160")]).await;
     assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
-    let content_type = r.header("content-type").to_string();
-    let boundary = content_type.split("boundary=").nth(1).expect("multipart boundary");
-    let parts = parse_multipart(&r.body, boundary);
+    let parts = parse_multipart(r.header("content-type"), &r.body);
     assert_eq!(parts.len(), 2);
-    assert_eq!(parts[0].0, "bytes 0-9/3145728");
-    assert_eq!(parts[0].1, expected(0..10));
-    assert_eq!(parts[1].0, "bytes 2097150-2097160/3145728");
-    assert_eq!(parts[1].1, expected(2_097_150..2_097_161));
+    assert_eq!((parts[0].range.clone(), parts[0].complete_length), (0..10, 3145728));
+    assert_eq!(parts[0].body, expected(0..10));
+    assert_eq!((parts[1].range.clone(), parts[1].complete_length), (2_097_150..2_097_161, 3145728));
+    assert_eq!(parts[1].body, expected(2_097_150..2_097_161));
     assert_eq!(r.header("content-length"), r.body.len().to_string());
     let r = get(&c, &url, &[("range", "bytes=4000000-")]).await;
     assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
@@ -167,8 +121,8 @@ async fn multipart_ranges_416_and_if_range() {
 
 #[tokio::test]
 async fn concurrent_random_ranges_fetch_each_slice_once() {
-    let origin = GenOrigin::start().await;
-    let edge = edge_for(&origin.url()).await;
+    let origin = origin::start_generator().await;
+    let edge = edge_for(&origin.url("")).await;
     let c = client();
     let size: u64 = 32 << 20;
     let mut seed: u64 = 42;
@@ -194,7 +148,7 @@ async fn concurrent_random_ranges_fetch_each_slice_once() {
     for task in tasks {
         task.await.unwrap();
     }
-    let fetched = origin.responses();
+    let fetched = responses(&origin);
     // Each distinct slice at most once, plus the probe that learned the length
     // (which is itself a slice request).
     assert!(fetched <= slices.len() as u64 + 1, "{fetched} origin requests for {} distinct slices", slices.len());
@@ -236,10 +190,10 @@ async fn an_object_replaced_between_slices_is_never_spliced() {
 
 #[tokio::test]
 async fn cors_for_players_passes_through() {
-    let origin = GenOrigin::start().await;
-    let edge = edge_for(&origin.url()).await;
+    let origin = origin::start_generator().await;
+    let edge = edge_for(&origin.url("")).await;
     let c = client();
-    let preflight = crate::harness::send(
+    let preflight = send(
         &c,
         "OPTIONS",
         &edge.url("/_gen/2MiB"),
@@ -262,25 +216,4 @@ async fn cors_for_players_passes_through() {
     assert_eq!(r.header("access-control-allow-origin"), "*");
     assert!(r.header("access-control-expose-headers").contains("Content-Range"));
     edge.stop().await;
-}
-
-/// `(content-range, bytes)` of each part.
-fn parse_multipart(body: &[u8], boundary: &str) -> Vec<(String, Vec<u8>)> {
-    let delimiter = format!("--{boundary}");
-    let text = body;
-    let mut parts = Vec::new();
-    let positions: Vec<usize> =
-        text.windows(delimiter.len()).enumerate().filter(|(_, w)| *w == delimiter.as_bytes()).map(|(i, _)| i).collect();
-    for pair in positions.windows(2) {
-        let part = &text[pair[0] + delimiter.len()..pair[1]];
-        let split = part.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-        let headers = String::from_utf8_lossy(&part[..split]).to_string();
-        let content_range = headers
-            .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-range: ").map(|_| l[15..].trim().to_string()))
-            .unwrap();
-        let data = &part[split + 4..part.len() - 2];
-        parts.push((content_range, data.to_vec()));
-    }
-    parts
 }

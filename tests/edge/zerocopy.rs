@@ -1,5 +1,5 @@
 //! Large cached bodies leave cleartext connections with `sendfile` from sealed memory
-//! files (control/src/zerocopy.rs); every byte must still arrive, in order, over
+//! files (crates/node/src/zerocopy.rs); every byte must still arrive, in order, over
 //! every protocol, however slowly the client reads.
 
 use std::time::Duration;
@@ -10,8 +10,9 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
-use crate::{
-    harness::{TestEdge, client, get, start_tls_edge, tls_client},
+use cdn_test_support::{
+    client::{HttpClient, client, get, h2c_client, tls_client},
+    edge::{TestEdge, start_tls_edge},
     mock_origin::{MockOrigin, Route},
 };
 
@@ -65,7 +66,7 @@ async fn exchange(stream: &mut TcpStream, request: &str, chunk: usize) -> Raw {
 
 /// Fetches `path` until the edge answers it from its cache (the fill stores the
 /// object just after the last byte went out), checking every answer.
-async fn warm(c: &crate::harness::HttpClient, url: &str, expected: &Bytes) {
+async fn warm(c: &HttpClient, url: &str, expected: &Bytes) {
     for _ in 0..100 {
         let reply = get(c, url, &[]).await;
         assert!(reply.body == expected, "{url}: body differs from the origin's");
@@ -166,9 +167,7 @@ async fn sealed_bodies_are_byte_exact_over_h2c_and_tls() {
         let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
         assert!(body == whole, "TLS h2 round {round} differs");
     }
-    let h2c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<http_body_util::Empty<Bytes>>();
+    let h2c = h2c_client();
     let reply = get(&h2c, &edge.url("/whole"), &[]).await;
     assert_eq!(reply.version, http::Version::HTTP_2);
     assert_eq!(reply.x_cache(), "HIT");

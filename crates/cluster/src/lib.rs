@@ -48,6 +48,7 @@ pub use member::{GeoPoint, Member, MemberState, Role};
 use purge::PurgeRecord;
 use state::{Drain, Entry, Key, NodeView, Purges, Stats, Topic};
 #[doc(hidden)]
+#[cfg(feature = "test-util")]
 pub use transport::PacketLoss;
 
 pub use crate::error::Error;
@@ -93,9 +94,10 @@ pub struct ClusterConfig {
     /// A node alive but silent this long is reported `suspect` (and left out of DNS).
     #[serde(default = "default_suspect", with = "humantime_serde")]
     pub suspect_after: Duration,
-    /// Test hook: gossip datagrams this node drops on purpose (lossy networks,
-    /// partitions). Not settable from a config file.
+    /// Test hook (feature `test-util`): gossip datagrams this node drops on purpose
+    /// (lossy networks, partitions). Not settable from a config file.
     #[doc(hidden)]
+    #[cfg(feature = "test-util")]
     #[serde(skip)]
     pub loss: PacketLoss,
 }
@@ -118,6 +120,7 @@ impl ClusterConfig {
             advertise: None,
             gossip_interval: default_interval(),
             suspect_after: default_suspect(),
+            #[cfg(feature = "test-util")]
             loss: PacketLoss::default(),
         }
     }
@@ -313,6 +316,7 @@ impl Cluster {
             socket,
             config.secret.bytes(),
             rejected,
+            #[cfg(feature = "test-util")]
             config.loss.clone(),
             shutdown.clone(),
         );

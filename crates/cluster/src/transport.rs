@@ -15,17 +15,19 @@
 //! counted, so an outsider can neither join, fake a node nor inject a purge.
 //! (Replays of genuine datagrams are harmless: chitchat state is versioned.)
 //!
-//! The relay is also where tests make the network bad: a [`PacketLoss`] drops a
-//! share of the datagrams going out and coming in (up to all of them, a partition).
+//! The relay is also where tests make the network bad: a `PacketLoss` (feature
+//! `test-util`) drops a share of the datagrams going out and coming in (up to all
+//! of them, a partition).
 
 use std::{
     collections::HashMap,
-    fmt,
     net::{Ipv4Addr, SocketAddr},
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicU32, AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError},
+};
+#[cfg(feature = "test-util")]
+use std::{
+    fmt,
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
 use anyhow::Context as _;
@@ -71,9 +73,11 @@ fn open<'a>(key: &hmac::Key, datagram: &'a [u8]) -> Option<&'a [u8]> {
 /// node runs. Decisions come from a seeded generator (splitmix64): the same seed
 /// gives the same sequence of drops for the same sequence of datagrams.
 #[doc(hidden)]
+#[cfg(feature = "test-util")]
 #[derive(Clone, Default)]
 pub struct PacketLoss(Arc<LossState>);
 
+#[cfg(feature = "test-util")]
 #[derive(Default)]
 struct LossState {
     /// Parts per million of outgoing datagrams dropped.
@@ -84,6 +88,7 @@ struct LossState {
     dropped: AtomicU64,
 }
 
+#[cfg(feature = "test-util")]
 impl PacketLoss {
     /// No loss yet; decisions drawn from `seed`.
     pub fn new(seed: u64) -> Self {
@@ -130,6 +135,7 @@ impl PacketLoss {
     }
 }
 
+#[cfg(feature = "test-util")]
 impl fmt::Debug for PacketLoss {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PacketLoss")
@@ -153,6 +159,7 @@ struct Relay {
     key: hmac::Key,
     rejected: IntCounter,
     pipes: Mutex<Pipes>,
+    #[cfg(feature = "test-util")]
     loss: PacketLoss,
     shutdown: CancellationToken,
 }
@@ -187,6 +194,7 @@ impl Relay {
                 if from != relay.inner {
                     continue;
                 }
+                #[cfg(feature = "test-util")]
                 if relay.loss.drop_outgoing() {
                     continue;
                 }
@@ -224,6 +232,7 @@ impl Relay {
                 debug!(from = %peer, len, "gossip datagram failed authentication, dropped");
                 continue;
             };
+            #[cfg(feature = "test-util")]
             if self.loss.drop_incoming() {
                 continue;
             }
@@ -242,21 +251,29 @@ pub(crate) struct AuthTransport {
     public: Mutex<Option<UdpSocket>>,
     key: hmac::Key,
     rejected: IntCounter,
+    #[cfg(feature = "test-util")]
     loss: PacketLoss,
     shutdown: CancellationToken,
 }
 
 impl AuthTransport {
-    /// `public` is the bound gossip socket peers send to; `loss` drops datagrams on
-    /// purpose (none unless a test sets it).
+    /// `public` is the bound gossip socket peers send to; `loss` (feature
+    /// `test-util`) drops datagrams on purpose (none unless a test sets it).
     pub(crate) fn new(
         public: UdpSocket,
         secret: &[u8],
         rejected: IntCounter,
-        loss: PacketLoss,
+        #[cfg(feature = "test-util")] loss: PacketLoss,
         shutdown: CancellationToken,
     ) -> Self {
-        Self { public: Mutex::new(Some(public)), key: key(secret), rejected, loss, shutdown }
+        Self {
+            public: Mutex::new(Some(public)),
+            key: key(secret),
+            rejected,
+            #[cfg(feature = "test-util")]
+            loss,
+            shutdown,
+        }
     }
 }
 
@@ -277,6 +294,7 @@ impl Transport for AuthTransport {
             key: self.key.clone(),
             rejected: self.rejected.clone(),
             pipes: Mutex::default(),
+            #[cfg(feature = "test-util")]
             loss: self.loss.clone(),
             shutdown: self.shutdown.clone(),
         });
@@ -346,6 +364,7 @@ mod tests {
         assert_eq!(open(&a, &[]), None);
     }
 
+    #[cfg(feature = "test-util")]
     #[test]
     fn loss_drops_about_the_share_asked_for_and_is_repeatable() {
         let count = |loss: &PacketLoss| (0..10_000).filter(|_| loss.drop_outgoing()).count();

@@ -1,4 +1,8 @@
-//! A real origin on loopback, over a temporary content directory.
+//! A real origin (`cdn_origin::Origin`) in-process on loopback, over a temporary
+//! content directory, and the sample content it serves.
+//!
+//! Moved from tests/support/origin.rs; also replaces tests/edge/ranges.rs's
+//! `GenOrigin` ([`start_generator`]).
 
 use std::{
     net::SocketAddr,
@@ -12,17 +16,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Length of `/v/sample.mp4` in [`content_dir`].
-pub(crate) const SAMPLE_LEN: usize = 300_000;
+pub const SAMPLE_LEN: usize = 300_000;
 
 /// Deterministic bytes for sample files: byte `i` of every sample.
-pub(crate) fn sample_bytes(len: usize) -> Vec<u8> {
+pub fn sample_bytes(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8).collect()
 }
 
 /// A content directory with a few files:
 /// `/index.html`, `/hello.txt`, `/data.json`, `/v/sample.mp4` ([`SAMPLE_LEN`] bytes of
 /// [`sample_bytes`]), `/v/index.html`, `/empty.txt`, `/dir/` (no index).
-pub(crate) fn content_dir() -> TempDir {
+pub fn content_dir() -> TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     let root = dir.path();
     std::fs::create_dir_all(root.join("v")).expect("mkdir");
@@ -37,7 +41,7 @@ pub(crate) fn content_dir() -> TempDir {
 }
 
 /// A config serving `root` on `127.0.0.1:0` (admin too), with `generate = true`.
-pub(crate) fn config(root: &Path) -> cdn_origin::Config {
+pub fn config(root: &Path) -> cdn_origin::Config {
     let mut config = cdn_origin::Config::new(root);
     config.listen.http = SocketAddr::from(([127, 0, 0, 1], 0));
     config.listen.admin = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -46,13 +50,13 @@ pub(crate) fn config(root: &Path) -> cdn_origin::Config {
 }
 
 /// A running origin; stopped (token cancelled) when dropped.
-pub(crate) struct TestOrigin {
-    pub(crate) http: SocketAddr,
-    pub(crate) https: Option<SocketAddr>,
-    pub(crate) admin: Option<SocketAddr>,
-    pub(crate) root: PathBuf,
-    pub(crate) registry: Registry,
-    pub(crate) shutdown: CancellationToken,
+pub struct TestOrigin {
+    pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub root: PathBuf,
+    pub registry: Registry,
+    pub shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), cdn_origin::Error>>>,
     /// The content directory, when the origin owns it.
     dir: Option<TempDir>,
@@ -60,22 +64,22 @@ pub(crate) struct TestOrigin {
 
 impl TestOrigin {
     /// `http://127.0.0.1:port` + `path`.
-    pub(crate) fn url(&self, path: &str) -> String {
+    pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http)
     }
 
     /// `https://127.0.0.1:port` + `path`, when HTTPS is configured.
-    pub(crate) fn https_url(&self, path: &str) -> String {
+    pub fn https_url(&self, path: &str) -> String {
         format!("https://{}{path}", self.https.expect("origin has no https listener"))
     }
 
     /// The admin listener's `path`.
-    pub(crate) fn admin_url(&self, path: &str) -> String {
+    pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin.expect("origin has no admin listener"))
     }
 
     /// Cancels the token and waits (at most `within`) for `serve` to return.
-    pub(crate) async fn stop_within(mut self, within: Duration) -> Result<(), cdn_origin::Error> {
+    pub async fn stop_within(mut self, within: Duration) -> Result<(), cdn_origin::Error> {
         self.shutdown.cancel();
         let task = self.task.take().expect("running");
         match tokio::time::timeout(within, task).await {
@@ -85,8 +89,13 @@ impl TestOrigin {
     }
 
     /// Stops the origin, failing the test if that takes more than 15 s.
-    pub(crate) async fn stop(self) -> Result<(), cdn_origin::Error> {
+    pub async fn stop(self) -> Result<(), cdn_origin::Error> {
         self.stop_within(Duration::from_secs(15)).await
+    }
+
+    /// The sum of the samples of metric `name` whose labels include `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        crate::metrics::sum_in(&self.registry, name, labels)
     }
 }
 
@@ -97,7 +106,7 @@ impl Drop for TestOrigin {
 }
 
 /// Binds and serves `config` on a task of the current runtime.
-pub(crate) async fn start(config: cdn_origin::Config) -> TestOrigin {
+pub async fn start(config: cdn_origin::Config) -> TestOrigin {
     let root = config.root.clone();
     let registry = Registry::new();
     let origin = cdn_origin::Origin::bind(config, &registry).await.expect("origin binds");
@@ -108,13 +117,24 @@ pub(crate) async fn start(config: cdn_origin::Config) -> TestOrigin {
 }
 
 /// An origin over a fresh [`content_dir`], `generate = true`.
-pub(crate) async fn start_with_content() -> TestOrigin {
+pub async fn start_with_content() -> TestOrigin {
     start_with(|_| {}).await
 }
 
 /// An origin over a fresh [`content_dir`] with a config adjusted by `adjust`.
-pub(crate) async fn start_with(adjust: impl FnOnce(&mut cdn_origin::Config)) -> TestOrigin {
-    let dir = content_dir();
+pub async fn start_with(adjust: impl FnOnce(&mut cdn_origin::Config)) -> TestOrigin {
+    start_in(content_dir(), adjust).await
+}
+
+/// An origin over an empty directory, without an admin listener: only generated
+/// objects (`/_gen/<size>`) exist, and `/` is a 404 (so an edge's readiness probe
+/// is not counted among the 2xx responses).
+pub async fn start_generator() -> TestOrigin {
+    start_in(tempfile::tempdir().expect("temp dir"), |config| config.listen.admin = None).await
+}
+
+/// An origin that owns `dir` and serves it with a config adjusted by `adjust`.
+async fn start_in(dir: TempDir, adjust: impl FnOnce(&mut cdn_origin::Config)) -> TestOrigin {
     let mut config = config(dir.path());
     adjust(&mut config);
     let mut origin = start(config).await;

@@ -1,6 +1,9 @@
 //! A programmable origin for edge tests: routes with fixed responses, delays,
-#![allow(dead_code)]
-//! trickled bodies and ETag revalidation; it counts every request it sees.
+//! trickled or cut-short bodies, single ranges and ETag revalidation; it counts
+//! every request it sees and keeps the last headers of each.
+//!
+//! Moved from tests/edge/mock_origin.rs (which tests/control/main.rs also pulled
+//! in with `#[path]`).
 
 use std::{
     collections::HashMap,
@@ -22,24 +25,25 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One route's behaviour.
 #[derive(Clone, Debug)]
-pub(crate) struct Route {
-    pub(crate) status: u16,
-    pub(crate) headers: Vec<(String, String)>,
-    pub(crate) body: Bytes,
+pub struct Route {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
     /// Wait before sending the response head.
-    pub(crate) delay: Duration,
+    pub delay: Duration,
     /// Send the body in chunks of this size with this pause between them.
-    pub(crate) trickle: Option<(usize, Duration)>,
+    pub trickle: Option<(usize, Duration)>,
     /// Answer `If-None-Match` equal to this route's ETag with 304.
-    pub(crate) revalidate: bool,
+    pub revalidate: bool,
     /// Answer single `Range` requests with 206.
-    pub(crate) ranges: bool,
+    pub ranges: bool,
     /// Announce this Content-Length but send only `body` (a reset mid-body).
-    pub(crate) announce: Option<usize>,
+    pub announce: Option<usize>,
 }
 
 impl Route {
-    pub(crate) fn ok(cache_control: &str, body: impl Into<Bytes>) -> Self {
+    /// A 200 with `Cache-Control: cache_control` and `body`, at once.
+    pub fn ok(cache_control: &str, body: impl Into<Bytes>) -> Self {
         Self {
             status: 200,
             headers: vec![("cache-control".into(), cache_control.into())],
@@ -52,38 +56,44 @@ impl Route {
         }
     }
 
-    pub(crate) fn header(mut self, name: &str, value: &str) -> Self {
+    /// Adds a response header.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.into(), value.into()));
         self
     }
 
-    pub(crate) fn status(mut self, status: u16) -> Self {
+    /// Answers with `status` instead of 200.
+    pub fn status(mut self, status: u16) -> Self {
         self.status = status;
         self
     }
 
-    pub(crate) fn delay(mut self, delay: Duration) -> Self {
+    /// Waits `delay` before the response head.
+    pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
         self
     }
 
-    pub(crate) fn trickle(mut self, chunk: usize, pause: Duration) -> Self {
+    /// Sends the body in `chunk`-byte pieces, `pause` apart.
+    pub fn trickle(mut self, chunk: usize, pause: Duration) -> Self {
         self.trickle = Some((chunk, pause));
         self
     }
 
     /// Announces `len` bytes but sends only the body: the connection breaks mid-body.
-    pub(crate) fn truncated(mut self, len: usize) -> Self {
+    pub fn truncated(mut self, len: usize) -> Self {
         self.announce = Some(len);
         self
     }
 
-    pub(crate) fn ranges(mut self) -> Self {
+    /// Answers single `Range` requests with 206.
+    pub fn ranges(mut self) -> Self {
         self.ranges = true;
         self
     }
 
-    pub(crate) fn revalidate(mut self) -> Self {
+    /// Answers a matching `If-None-Match` with 304.
+    pub fn revalidate(mut self) -> Self {
         self.revalidate = true;
         self
     }
@@ -101,19 +111,21 @@ struct State {
     last_headers: HashMap<String, HeaderMap>,
 }
 
-/// A running mock origin.
-pub(crate) struct MockOrigin {
-    pub(crate) addr: SocketAddr,
+/// A running mock origin; [`stop`](Self::stop) ends it.
+pub struct MockOrigin {
+    pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     stop: CancellationToken,
 }
 
 impl MockOrigin {
-    pub(crate) async fn start() -> Self {
+    /// A mock origin on 127.0.0.1, any port.
+    pub async fn start() -> Self {
         Self::start_on("127.0.0.1:0".parse().unwrap()).await
     }
 
-    pub(crate) async fn start_on(addr: SocketAddr) -> Self {
+    /// A mock origin on `addr`.
+    pub async fn start_on(addr: SocketAddr) -> Self {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
@@ -146,34 +158,38 @@ impl MockOrigin {
         Self { addr, state, stop }
     }
 
-    pub(crate) fn url(&self) -> String {
+    /// `http://<addr>`, no trailing slash.
+    pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Dates this origin's responses with `clock` (the edge's, in tests that move it).
-    pub(crate) fn use_clock(&self, clock: cdn_edge::Clock) {
+    pub fn use_clock(&self, clock: cdn_edge::Clock) {
         self.state.lock().unwrap().clock = Some(clock);
     }
 
-    pub(crate) fn route(&self, path: &str, route: Route) {
+    /// Sets (or replaces) the route for `path` (a path, or a path and query).
+    pub fn route(&self, path: &str, route: Route) {
         self.state.lock().unwrap().routes.insert(path.to_string(), route);
     }
 
     /// Requests seen for `path_and_query`.
-    pub(crate) fn hits(&self, path: &str) -> usize {
+    pub fn hits(&self, path: &str) -> usize {
         self.state.lock().unwrap().hits.get(path).copied().unwrap_or(0)
     }
 
-    pub(crate) fn reset_hits(&self) {
+    /// Forgets the requests counted so far.
+    pub fn reset_hits(&self) {
         self.state.lock().unwrap().hits.clear();
     }
 
-    pub(crate) fn last_headers(&self, path: &str) -> HeaderMap {
+    /// The headers of the last request for `path` (empty if none came).
+    pub fn last_headers(&self, path: &str) -> HeaderMap {
         self.state.lock().unwrap().last_headers.get(path).cloned().unwrap_or_default()
     }
 
     /// Stops accepting and drops every open connection.
-    pub(crate) fn stop(&self) {
+    pub fn stop(&self) {
         self.stop.cancel();
     }
 }

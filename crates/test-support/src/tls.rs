@@ -1,0 +1,19 @@
+//! The one rustls client config of the tests: it accepts any server certificate
+//! (the servers under test present self-signed ones), on the ring provider.
+//!
+//! Replaces the configs built by hand in tests/edge/harness.rs (`tls_client`) and
+//! tests/edge/h3.rs (`quic_connect_accepting`); the verifier is cdn-node's
+//! [`AcceptAnyCertificate`](cdn_node::tls::AcceptAnyCertificate).
+
+use std::sync::Arc;
+
+/// TLS 1.2 and 1.3, no client certificate, no ALPN (callers set
+/// `alpn_protocols`: hyper-rustls does, [`crate::http3`] asks for `h3`).
+pub fn any_certificate() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(cdn_node::tls::AcceptAnyCertificate::new())
+        .with_no_client_auth()
+}
