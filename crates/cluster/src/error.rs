@@ -1,8 +1,8 @@
-//! Errors of joining the cluster.
+//! Errors of joining the cluster, and of a cluster that stopped working.
 
 use std::{io, net::SocketAddr};
 
-/// What can go wrong when a node joins the cluster.
+/// What can go wrong when a node joins the cluster, or while it is in it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The gossip socket could not be bound.
@@ -23,4 +23,7 @@ pub enum Error {
         #[source]
         source: anyhow::Error,
     },
+    /// The member view stopped being refreshed while the node was running.
+    #[error("the cluster's member view stopped being refreshed")]
+    ViewStopped,
 }

@@ -14,6 +14,11 @@
 //! - [`member`]: the view of one node ([`Member`]).
 //! - [`purge`]: what a purge matches ([`purge::Target`]) and the record gossip carries.
 //! - `transport`: HMAC-authenticated UDP datagrams.
+//!
+//! The cluster's own tasks (the member view's refresh, the gossip relay) are tracked
+//! here, not orphaned: they end with the token given to [`Cluster::join`], and
+//! [`Cluster::stopped`] waits for them; a role runs [`Cluster::supervise`] under its
+//! supervisor, so a member view that stops refreshing stops the role.
 //! - [`error`]: this crate's error type.
 
 #![forbid(unsafe_code)]
@@ -35,7 +40,7 @@ use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig
 use prometheus::{IntCounter, IntGaugeVec, Opts, Registry};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 pub use member::{GeoPoint, Member, MemberState, Role};
@@ -172,6 +177,13 @@ pub struct Cluster {
     heartbeats: StdMutex<HashMap<ChitchatId, (u64, Instant)>>,
     view: watch::Sender<Arc<Vec<Member>>>,
     members_gauge: IntGaugeVec,
+    /// The cluster's own tasks (the member view, the gossip relay); see
+    /// [`stopped`](Self::stopped).
+    tasks: TaskTracker,
+    /// The token given to [`join`](Self::join).
+    shutdown: CancellationToken,
+    /// Cancelled when the member view stops being refreshed, for whatever reason.
+    view_stopped: CancellationToken,
 }
 
 impl fmt::Debug for Cluster {
@@ -245,12 +257,14 @@ impl Cluster {
         if let Some(admin) = node.admin {
             initial.push(("admin".into(), admin.to_string()));
         }
+        let tasks = TaskTracker::new();
         let transport = transport::AuthTransport::new(
             socket,
             config.secret.bytes(),
             rejected,
             config.loss.clone(),
             shutdown.clone(),
+            tasks.clone(),
         );
         let handle = chitchat::spawn_chitchat(chitchat_config, initial, &transport)
             .await
@@ -264,9 +278,33 @@ impl Cluster {
             heartbeats: StdMutex::default(),
             view: watch::Sender::new(Arc::new(Vec::new())),
             members_gauge,
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+            view_stopped: CancellationToken::new(),
         });
-        tokio::spawn(cluster.clone().refresh_view(config.gossip_interval, shutdown));
+        tasks.spawn(cluster.clone().refresh_view(config.gossip_interval, shutdown));
+        // Tasks spawned later (the relay's pipes) are still tracked; `stopped` can
+        // return once they have all ended.
+        tasks.close();
         Ok(cluster)
+    }
+
+    /// Runs until `until` is cancelled; an error when the cluster's member view
+    /// stops being refreshed before that (its task panicked), so that the role's
+    /// supervisor stops a node that would otherwise act on a frozen view.
+    pub async fn supervise(self: Arc<Self>, until: CancellationToken) -> Result<(), Error> {
+        tokio::select! {
+            () = until.cancelled() => Ok(()),
+            () = self.view_stopped.cancelled() => {
+                if self.shutdown.is_cancelled() { Ok(()) } else { Err(Error::ViewStopped) }
+            }
+        }
+    }
+
+    /// Waits for the cluster's own tasks to end, once the token given to
+    /// [`join`](Self::join) is cancelled (the node has then left the gossip).
+    pub async fn stopped(&self) {
+        self.tasks.wait().await;
     }
 
     /// This node's id.
@@ -358,6 +396,8 @@ impl Cluster {
     }
 
     async fn refresh_view(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        // Dropped when this task ends, also by a panic: `supervise` notices.
+        let _stopped = self.view_stopped.clone().drop_guard();
         let mut tick = tokio::time::interval(interval.max(Duration::from_millis(50)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -544,6 +584,27 @@ mod tests {
         assert!(!a.members().iter().any(|m| m.node_id == "x"), "the outsider never joined");
         assert!(outsider.members().iter().all(|m| m.node_id == "x"), "and learned nothing");
         shutdown.cancel();
+        for cluster in [a, b, outsider] {
+            tokio::time::timeout(Duration::from_secs(5), cluster.stopped()).await.expect("the cluster's tasks end");
+        }
+    }
+
+    #[tokio::test]
+    async fn supervise_fails_when_the_member_view_stops_before_shutdown() {
+        let shutdown = CancellationToken::new();
+        let config = ClusterConfig::new("127.0.0.1:0".parse().unwrap(), "a-shared-secret-of-enough-bytes");
+        let cluster = Cluster::join(&config, node("a", Role::Edge), &Registry::new(), shutdown.clone()).await.unwrap();
+        let until = CancellationToken::new();
+        let supervised = tokio::spawn(cluster.clone().supervise(until.clone()));
+        until.cancel();
+        assert!(supervised.await.unwrap().is_ok(), "ends with the role");
+        // As if the refresh task had panicked.
+        cluster.view_stopped.cancel();
+        let error = cluster.clone().supervise(CancellationToken::new()).await.unwrap_err();
+        assert!(matches!(error, Error::ViewStopped), "{error}");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), cluster.stopped()).await.expect("the cluster's tasks end");
+        cluster.clone().supervise(CancellationToken::new()).await.expect("after shutdown, a stopped view is fine");
     }
 
     #[test]

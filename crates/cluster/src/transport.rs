@@ -37,7 +37,7 @@ use chitchat::{
 use prometheus::IntCounter;
 use ring::hmac;
 use tokio::net::UdpSocket;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::debug;
 
 /// Bytes of the (truncated) HMAC-SHA256 tag appended to each datagram.
@@ -155,6 +155,7 @@ struct Relay {
     pipes: Mutex<Pipes>,
     loss: PacketLoss,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl Relay {
@@ -175,7 +176,7 @@ impl Relay {
         }
         let relay = self.clone();
         let outgoing = pipe.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             // chitchat → pipe → seal → peer.
             let mut buffer = vec![0u8; MAX_DATAGRAM];
             loop {
@@ -244,19 +245,22 @@ pub(crate) struct AuthTransport {
     rejected: IntCounter,
     loss: PacketLoss,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl AuthTransport {
     /// `public` is the bound gossip socket peers send to; `loss` drops datagrams on
-    /// purpose (none unless a test sets it).
+    /// purpose (none unless a test sets it). The relay's tasks end with `shutdown`
+    /// and are tracked in `tasks`.
     pub(crate) fn new(
         public: UdpSocket,
         secret: &[u8],
         rejected: IntCounter,
         loss: PacketLoss,
         shutdown: CancellationToken,
+        tasks: TaskTracker,
     ) -> Self {
-        Self { public: Mutex::new(Some(public)), key: key(secret), rejected, loss, shutdown }
+        Self { public: Mutex::new(Some(public)), key: key(secret), rejected, loss, shutdown, tasks }
     }
 }
 
@@ -279,8 +283,9 @@ impl Transport for AuthTransport {
             pipes: Mutex::default(),
             loss: self.loss.clone(),
             shutdown: self.shutdown.clone(),
+            tasks: self.tasks.clone(),
         });
-        tokio::spawn(relay.clone().incoming());
+        self.tasks.spawn(relay.clone().incoming());
         Ok(Box::new(AuthSocket { inner, relay, public_addr }))
     }
 }
