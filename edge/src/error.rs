@@ -24,6 +24,9 @@ pub enum Error {
     /// A metric could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// A task failed (a listener panicked or stopped accepting); the edge stopped.
+    #[error(transparent)]
+    Task(#[from] cdn_node::supervise::TaskFailed),
 }
 
 /// Why an origin fetch failed; decides 502 or 504 for the client.
