@@ -300,7 +300,7 @@ impl Faults {
 #[cfg(not(feature = "test-util"))]
 #[doc(hidden)]
 #[derive(Debug, Clone, Default)]
-pub struct Faults;
+pub struct Faults(());
 
 #[cfg(not(feature = "test-util"))]
 impl Faults {
