@@ -41,7 +41,7 @@ use prometheus::{IntCounter, IntGaugeVec, Opts, Registry};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 pub use member::{GeoPoint, Member, MemberState, Role};
 #[doc(hidden)]
@@ -529,8 +529,10 @@ fn newest_generations<'a>(ids: impl Iterator<Item = &'a ChitchatId>) -> Vec<&'a 
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // Usually already stopped: the member view's task leaves the gossip when the
+        // join token is cancelled, and roles wait for it (`stopped`) before dropping.
         if self.handle.initiate_shutdown().is_err() {
-            warn!("gossip already stopped");
+            debug!("gossip already stopped");
         }
     }
 }
