@@ -5,14 +5,17 @@
 //! 8443, admin 9090). A self-signed certificate for all of them is made on first
 //! run and kept in the dev data directory, so a browser told to trust it once keeps
 //! trusting it.
+//!
+//! Each role runs as one task of a [`Supervisor`]: when a role fails (one of its own
+//! tasks failed), every role stops gracefully and `cdn dev` exits with 1.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use anyhow::Context as _;
+use cdn_node::supervise::Supervisor;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -94,7 +97,8 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
     let tls = cdn_node::tls::TlsConfig { cert: Some(cert.clone()), key: Some(key.clone()), self_signed: false };
     let spki = cdn_node::tls::CertifiedKey::from_pem_files(&cert, &key)?.spki_sha256_base64()?;
 
-    let mut tasks = tokio::task::JoinSet::new();
+    // Each role is one task: a role that fails (returns its error) stops the others.
+    let mut roles = Supervisor::new("dev", shutdown.clone(), None);
     let token = args.token.clone().unwrap_or_else(cdn_control::server::random_token);
     // A new gossip secret per run: nothing outside this process can join.
     let secret = cdn_control::server::random_token();
@@ -117,20 +121,14 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
     ];
     origin.validate()?;
     let origin = cdn_origin::Origin::bind(origin, &prometheus::Registry::new()).await.context("origin")?;
-    tasks.spawn({
-        let shutdown = shutdown.clone();
-        async move { origin.serve(shutdown).await.map_err(anyhow::Error::from) }
-    });
+    roles.spawn("origin", origin.serve(shutdown.clone()));
 
     let mut control = cdn_control::server::Config::new("control", args.data_dir.join("control"), token.clone());
     control.listen.api = CONTROL_API;
     control.listen.admin = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9001)));
     control.cluster = Some(cdn_cluster::ClusterConfig::new(CONTROL_GOSSIP, secret.clone()));
     let control = cdn_control::server::Control::bind(control, &prometheus::Registry::new()).await.context("control")?;
-    tasks.spawn({
-        let shutdown = shutdown.clone();
-        async move { control.serve(shutdown).await.map_err(anyhow::Error::from) }
-    });
+    roles.spawn("control", control.serve(shutdown.clone()));
 
     for edge in &EDGES {
         let mut config = cdn_edge::Config::new(edge.node_id, format!("http://{ORIGIN}"));
@@ -150,10 +148,7 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
         let bound = cdn_edge::Edge::bind(config, &prometheus::Registry::new())
             .await
             .with_context(|| format!("edge {}", edge.node_id))?;
-        tasks.spawn({
-            let shutdown = shutdown.clone();
-            async move { bound.serve(shutdown).await.map_err(anyhow::Error::from) }
-        });
+        roles.spawn(edge.node_id, bound.serve(shutdown.clone()));
     }
 
     let mut geo = cdn_geo::Config::new("cdn.test.");
@@ -172,34 +167,13 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
     cluster.seeds = vec![CONTROL_GOSSIP.to_string()];
     geo.cluster = Some(cluster);
     geo.validate()?;
-    tasks.spawn({
-        let shutdown = shutdown.clone();
-        async move { cdn_geo::run(geo, shutdown, prometheus::Registry::new()).await.map_err(anyhow::Error::from) }
-    });
+    roles.spawn("geo", cdn_geo::run(geo, shutdown.clone(), prometheus::Registry::new()));
 
     print_banner(&spki, &token);
 
-    // Stop everything when one role fails or on Ctrl-C.
-    let mut result = Ok(());
-    tokio::select! {
-        () = shutdown.cancelled() => {}
-        Some(joined) = tasks.join_next() => {
-            result = joined.context("a role panicked").and_then(|r| r);
-            shutdown.cancel();
-        }
-    }
-    let drained = tokio::time::timeout(Duration::from_secs(15), async {
-        while let Some(joined) = tasks.join_next().await {
-            if let Ok(Err(error)) = joined {
-                tracing::warn!(%error, "role stopped with an error");
-            }
-        }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("roles did not stop within 15 s");
-    }
-    result
+    // Until Ctrl-C, or until one role fails: then the others stop gracefully too.
+    roles.run().await?;
+    Ok(())
 }
 
 fn print_banner(spki: &str, token: &str) {

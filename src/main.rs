@@ -3,6 +3,11 @@
 //! The binary is thin: it parses arguments, loads and validates the role's config
 //! (before any port is bound), sets up tracing and signals, and calls the role's
 //! `run`. Everything else lives in the role crates.
+//!
+//! Exit codes: 0 after a graceful shutdown (SIGINT/SIGTERM); 1 when a role fails —
+//! it cannot bind, or one of its tasks failed while serving (its supervisor first
+//! stops the other tasks gracefully; in `cdn dev` every role stops); 2 for a bad
+//! config or flag, before any port is bound; 130 on a second signal.
 
 #![forbid(unsafe_code)]
 

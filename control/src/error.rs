@@ -33,4 +33,7 @@ pub enum Error {
     /// A metric could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// A task failed (the API listener panicked, ...); the node stopped.
+    #[error(transparent)]
+    Task(#[from] cdn_node::supervise::TaskFailed),
 }

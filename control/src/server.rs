@@ -5,6 +5,9 @@
 //! gossip ([`Cluster::publish_purge`]) and pushed eagerly to every live edge; edges
 //! report what they applied ([`Cluster::applied`]), and the node records when all of
 //! them had it.
+//!
+//! The API, the admin listener and the background loops run under one
+//! [`Supervisor`]: one that fails stops the node.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -32,6 +35,7 @@ use cdn_node::{
     admin::{self, Readiness},
     listener::{self, Body, Limits, full},
     secret::{constant_time_eq, node_id_problem},
+    supervise::{Faults, Supervisor},
     tls::TlsConfig,
 };
 
@@ -193,6 +197,7 @@ pub struct Control {
     admin: Option<TcpListener>,
     registry: Registry,
     cluster_shutdown: CancellationToken,
+    faults: Faults,
 }
 
 impl Control {
@@ -247,7 +252,7 @@ impl Control {
             unauthorized,
             log_errors,
         });
-        Ok(Self { state, api, tls, admin, registry: registry.clone(), cluster_shutdown })
+        Ok(Self { state, api, tls, admin, registry: registry.clone(), cluster_shutdown, faults: Faults::default() })
     }
 
     /// The API address.
@@ -265,11 +270,23 @@ impl Control {
         self.state.cluster.clone()
     }
 
+    /// Test hook: makes a named task (`api`, `admin`, `completions`, `gc`,
+    /// `cluster`) panic on demand (with `cdn-node`'s `test-util` feature;
+    /// otherwise inert).
+    #[doc(hidden)]
+    pub fn faults(&self) -> Faults {
+        self.faults.clone()
+    }
+
     /// Serves until `shutdown`.
+    ///
+    /// Every task runs under one [`Supervisor`]: when one fails, `/readyz` turns
+    /// 503, the others stop gracefully, and `serve` returns [`Error::Task`] naming it.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self { state, api, tls, admin, registry, cluster_shutdown } = self;
+        let Self { state, api, tls, admin, registry, cluster_shutdown, faults } = self;
         let readiness = Readiness::new();
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut tasks = Supervisor::new("control", shutdown.child_token(), Some(readiness.clone())).with_faults(faults);
+        let token = tasks.token();
         if let Some(cluster) = &state.cluster {
             // Republish what the log holds (after a restart) before taking calls.
             {
@@ -284,8 +301,8 @@ impl Control {
             // Ready once the cluster view has other members (or after 5 s alone: the
             // first control node of a new cluster).
             readiness.set("cluster", false);
-            tasks.spawn({
-                let (cluster, readiness, shutdown) = (cluster.clone(), readiness.clone(), shutdown.clone());
+            tasks.spawn_job("cluster-ready", {
+                let (cluster, readiness, shutdown) = (cluster.clone(), readiness.clone(), token.clone());
                 async move {
                     let started = Instant::now();
                     while !shutdown.is_cancelled() {
@@ -298,11 +315,13 @@ impl Control {
                     }
                 }
             });
-            tasks.spawn(track_completions(state.clone(), cluster.clone(), shutdown.clone()));
-            tasks.spawn(collect_garbage(state.clone(), cluster.clone(), shutdown.clone()));
+            tasks.spawn("completions", track_completions(state.clone(), cluster.clone(), token.clone()));
+            tasks.spawn("gc", collect_garbage(state.clone(), cluster.clone(), token.clone()));
+            tasks.spawn("cluster", cluster.clone().supervise(token.clone()));
         }
         if let Some(admin) = admin {
-            tasks.spawn(admin::serve(admin, registry, readiness.clone(), shutdown.clone()));
+            // Stops after the others: `/readyz` says 503 while the API drains.
+            tasks.spawn_last("admin", admin::serve(admin, registry, readiness.clone(), tasks.last_token()));
         }
         let handler_state = state.clone();
         let handler = move |request: Request<Incoming>, _| {
@@ -310,16 +329,17 @@ impl Control {
             async move { handle(&state, request).await }
         };
         info!(node_id = %state.node_id, "control node started");
-        tasks.spawn(listener::serve("control-api", api, tls, Limits::default(), shutdown.clone(), handler));
-        shutdown.cancelled().await;
-        readiness.set("shutdown", false);
-        while tasks.join_next().await.is_some() {}
+        tasks.spawn("api", listener::serve("control-api", api, tls, Limits::default(), token, handler));
+        let result = tasks.run().await;
         cluster_shutdown.cancel();
-        Ok(())
+        if let Some(cluster) = &state.cluster {
+            cluster.stopped().await;
+        }
+        Ok(result?)
     }
 }
 
-/// Binds and serves a control node until `shutdown`.
+/// Binds and serves a control node until `shutdown`; an error when a task failed.
 pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry) -> Result<(), Error> {
     Control::bind(config, &registry).await?.serve(shutdown).await
 }

@@ -29,6 +29,9 @@ pub enum Error {
     /// A metric could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// A task failed (a listener panicked or stopped accepting); the edge stopped.
+    #[error(transparent)]
+    Task(#[from] cdn_node::supervise::TaskFailed),
 }
 
 /// Why the origin client could not be built.

@@ -1,5 +1,6 @@
 //! The edge's listeners and lifecycle: bind everything first, then serve until
-//! shutdown.
+//! shutdown. Every task (listeners, admin, purge applier, maintenance, the cluster
+//! view) runs under one [`Supervisor`]: one that fails stops the edge.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -13,6 +14,7 @@ use tracing::{info, warn};
 use cdn_node::{
     admin::{self, Readiness},
     listener::{self, ConnInfo, activity::Closed},
+    supervise::{Faults, Supervisor},
 };
 
 use crate::{
@@ -39,6 +41,7 @@ pub struct Edge {
     cluster: Option<Arc<cdn_cluster::Cluster>>,
     cluster_shutdown: CancellationToken,
     purge_metrics: crate::purge::PurgeMetrics,
+    faults: Faults,
     http_addr: Option<SocketAddr>,
     https_addr: Option<SocketAddr>,
     h3_addr: Option<SocketAddr>,
@@ -156,6 +159,7 @@ impl Edge {
             cluster,
             cluster_shutdown,
             purge_metrics,
+            faults: Faults::default(),
         })
     }
 
@@ -189,7 +193,19 @@ impl Edge {
         self.readiness.clone()
     }
 
+    /// Test hook: makes a named task (`http`, `https`, `h3`, `admin`, `purges`,
+    /// `maintain`, `cluster`) panic on demand (with `cdn-node`'s `test-util`
+    /// feature; otherwise inert).
+    #[doc(hidden)]
+    pub fn faults(&self) -> Faults {
+        self.faults.clone()
+    }
+
     /// Serves until `shutdown` is cancelled, then drains within the grace period.
+    ///
+    /// Every task runs under one [`Supervisor`]: when one fails (a listener panics
+    /// or stops accepting), `/readyz` turns 503, the cluster hears the edge is not
+    /// ready, the others drain, and `serve` returns [`Error::Task`] naming it.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
         let Self {
             config,
@@ -203,14 +219,15 @@ impl Edge {
             cluster,
             cluster_shutdown,
             purge_metrics,
+            faults,
             ..
         } = self;
         let mut limits = config.limits.listener();
         limits.connections = Some(pipeline.metrics.connections.with_label_values(&["tcp"]));
         limits.closed = Some(Closed::of(&pipeline.metrics.connections_closed, "tcp"));
-        let mut tasks = tokio::task::JoinSet::new();
-        readiness.set("shutdown", true);
         readiness.set("origin", false);
+        let mut tasks = Supervisor::new("edge", shutdown.child_token(), Some(readiness.clone())).with_faults(faults);
+        let token = tasks.token();
 
         let handler = {
             let pipeline = pipeline.clone();
@@ -224,48 +241,50 @@ impl Edge {
             }
         };
         if let Some(listener) = http {
-            tasks.spawn(listener::serve("http", listener, None, limits.clone(), shutdown.clone(), handler.clone()));
+            tasks
+                .spawn("http", listener::serve("http", listener, None, limits.clone(), token.clone(), handler.clone()));
         }
         if let Some((listener, tls)) = https {
-            tasks.spawn(listener::serve("https", listener, Some(tls), limits.clone(), shutdown.clone(), handler));
+            tasks.spawn("https", listener::serve("https", listener, Some(tls), limits.clone(), token.clone(), handler));
         }
         if let Some(endpoint) = h3 {
-            tasks.spawn(crate::h3::serve(endpoint, pipeline.clone(), shutdown.clone(), config.limits.clone()));
+            tasks.spawn("h3", crate::h3::serve(endpoint, pipeline.clone(), token.clone(), config.limits.clone()));
         }
         if let Some(listener) = admin {
-            tasks.spawn(admin::serve(listener, registry, readiness.clone(), shutdown.clone()));
+            // Stops after the others: `/readyz` says 503 while they drain.
+            tasks.spawn_last("admin", admin::serve(listener, registry, readiness.clone(), tasks.last_token()));
         }
         if let Some(cluster) = &cluster {
-            tasks.spawn(crate::purge::run(
-                cluster.clone(),
-                pipeline.cache().clone(),
-                purge_metrics,
-                readiness.clone(),
-                shutdown.clone(),
-            ));
+            tasks.spawn(
+                "purges",
+                crate::purge::run(
+                    cluster.clone(),
+                    pipeline.cache().clone(),
+                    purge_metrics,
+                    readiness.clone(),
+                    token.clone(),
+                ),
+            );
+            tasks.spawn("cluster", cluster.clone().supervise(token.clone()));
         }
-        tasks.spawn(maintain(
-            pipeline.clone(),
-            readiness.clone(),
-            cluster.clone(),
-            config.limits.max_connections,
-            shutdown.clone(),
-        ));
+        tasks.spawn(
+            "maintain",
+            maintain(pipeline.clone(), readiness.clone(), cluster.clone(), config.limits.max_connections, token),
+        );
         info!(node_id = %config.node_id, region = %config.region, origin = %config.origin.url, "edge started");
-        shutdown.cancelled().await;
-        readiness.set("shutdown", false);
-        if let Some(cluster) = &cluster {
-            // Tell the cluster first, so geo stops sending users here.
-            cluster.publish_health(false, 1.0).await;
-        }
-        while tasks.join_next().await.is_some() {}
+        let result = tasks.run().await;
+        // The cluster goes last: peers saw "not ready" while the listeners drained.
         cluster_shutdown.cancel();
-        Ok(())
+        if let Some(cluster) = &cluster {
+            cluster.stopped().await;
+        }
+        Ok(result?)
     }
 }
 
 /// Keeps the cache gauges current, checks that the origin answers, and publishes
-/// readiness and load to the cluster.
+/// readiness and load to the cluster; on shutdown, tells the cluster first that
+/// the edge is not ready (so geo stops sending users here).
 async fn maintain(
     pipeline: Arc<Pipeline>,
     readiness: Readiness,
@@ -277,7 +296,7 @@ async fn maintain(
     let mut n: u64 = 0;
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
         let bytes = pipeline.cache().bytes().await;
@@ -313,9 +332,12 @@ async fn maintain(
         }
         n += 1;
     }
+    if let Some(cluster) = &cluster {
+        cluster.publish_health(false, 1.0).await;
+    }
 }
 
-/// Binds and serves an edge until `shutdown`.
+/// Binds and serves an edge until `shutdown`; an error when a task failed.
 pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry) -> Result<(), Error> {
     Edge::bind(config, &registry).await?.serve(shutdown).await
 }

@@ -35,7 +35,8 @@ pub enum Error {
     /// A metric could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    /// The DNS server stopped on its own.
-    #[error("dns server failed: {0}")]
-    Serve(String),
+    /// A task failed (the DNS server stopped on its own or with an error, a task
+    /// panicked); the node stopped.
+    #[error(transparent)]
+    Task(#[from] cdn_node::supervise::TaskFailed),
 }

@@ -1,5 +1,6 @@
 //! The geo-DNS's sockets and lifecycle: bind everything first, then serve until
-//! shutdown.
+//! shutdown. The DNS server, the admin listener, the GeoIP reloader and the
+//! cluster view run under one [`Supervisor`]: one that fails stops the node.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -9,7 +10,10 @@ use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use cdn_node::admin::{self, Readiness};
+use cdn_node::{
+    admin::{self, Readiness},
+    supervise::{Faults, Supervisor},
+};
 
 use crate::{
     Error,
@@ -35,6 +39,10 @@ pub struct Geo {
     admin_addr: Option<SocketAddr>,
     registry: Registry,
     readiness: Readiness,
+    faults: Faults,
+    /// The cluster whose view `members` reads (set by [`run`]), supervised with the
+    /// other tasks.
+    cluster: Option<Arc<cdn_cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for Geo {
@@ -102,6 +110,8 @@ impl Geo {
             admin_addr,
             registry: registry.clone(),
             readiness: Readiness::new(),
+            faults: Faults::default(),
+            cluster: None,
         })
     }
 
@@ -115,21 +125,47 @@ impl Geo {
         self.admin_addr
     }
 
+    /// Test hook: makes a named task (`dns`, `admin`, `geoip-reload`, `cluster`)
+    /// panic on demand (with `cdn-node`'s `test-util` feature; otherwise inert).
+    #[doc(hidden)]
+    pub fn faults(&self) -> Faults {
+        self.faults.clone()
+    }
+
     /// Serves DNS (and the admin endpoints) until `shutdown` is cancelled.
+    ///
+    /// Every task runs under one [`Supervisor`]: when one fails (the DNS server
+    /// stops on its own, a task panics), `/readyz` turns 503, the others stop
+    /// gracefully, and `serve` returns [`Error::Task`] naming it.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self { config, shared, udp, tcp, admin, dns_addr, registry, readiness, .. } = self;
-        // Our own tasks stop with `shutdown`, or when the DNS listeners fail.
-        let stop = shutdown.child_token();
-        let mut tasks = tokio::task::JoinSet::new();
-        readiness.set("shutdown", true);
+        let Self { config, shared, udp, tcp, admin, dns_addr, registry, readiness, faults, cluster, .. } = self;
+        let mut tasks = Supervisor::new("geo", shutdown.child_token(), Some(readiness.clone())).with_faults(faults);
+        let token = tasks.token();
         if let Some(listener) = admin {
-            tasks.spawn(admin::serve(listener, registry, readiness.clone(), stop.clone()));
+            // Stops after the others: `/readyz` says 503 while DNS drains.
+            tasks.spawn_last("admin", admin::serve(listener, registry, readiness, tasks.last_token()));
         }
-        tasks.spawn(shared.geodb.clone().watch(config.geoip_reload, stop.clone()));
+        if config.geoip_db.is_some() {
+            tasks.spawn("geoip-reload", shared.geodb.clone().watch(config.geoip_reload, token.clone()));
+        }
+        if let Some(cluster) = &cluster {
+            tasks.spawn("cluster", cluster.clone().supervise(token.clone()));
+        }
 
         let mut server = Server::new(Handler(shared));
         server.register_socket(udp);
         server.register_listener(tcp, TCP_IDLE, TCP_QUEUE);
+        // The DNS server ending on its own (Ok or not) before shutdown fails the role.
+        tasks.spawn("dns", async move {
+            let ended = tokio::select! {
+                result = server.block_until_done() => Some(result),
+                () = token.cancelled() => None,
+            };
+            match ended {
+                Some(result) => result,
+                None => server.shutdown_gracefully().await,
+            }
+        });
         info!(
             node_id = %config.node_id,
             zone = %config.zone,
@@ -137,33 +173,18 @@ impl Geo {
             geoip_db = ?config.geoip_db,
             "geo-dns started"
         );
-        let ended = tokio::select! {
-            result = server.block_until_done() => Some(result),
-            () = shutdown.cancelled() => None,
-        };
-        readiness.set("shutdown", false);
-        let result = match ended {
-            // A listener stopped on its own: stop the rest too.
-            Some(result) => {
-                stop.cancel();
-                result
-                    .map_err(|error| Error::Serve(error.to_string()))
-                    .and_then(|()| Err(Error::Serve("the dns listeners stopped".into())))
-            }
-            None => server.shutdown_gracefully().await.map_err(|error| Error::Serve(error.to_string())),
-        };
-        stop.cancel();
-        while tasks.join_next().await.is_some() {}
+        let result = tasks.run().await;
         info!(node_id = %config.node_id, "geo-dns stopped");
-        result
+        Ok(result?)
     }
 }
 
 /// Joins the cluster (when configured), binds, and serves until `shutdown`; the
-/// answers come from the cluster's live view of the edges.
+/// answers come from the cluster's live view of the edges. An error when a task
+/// failed (the cluster leaves the gossip after the DNS listeners stopped).
 pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry) -> Result<(), Error> {
     let cluster_shutdown = CancellationToken::new();
-    let members: MemberSource = match &config.cluster {
+    let (members, cluster): (MemberSource, _) = match &config.cluster {
         Some(cluster_config) => {
             let node = cdn_cluster::NodeInfo {
                 node_id: config.node_id.clone(),
@@ -175,11 +196,21 @@ pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry
             };
             let cluster = cdn_cluster::Cluster::join(cluster_config, node, &registry, cluster_shutdown.clone()).await?;
             cluster.publish_health(true, 0.0).await;
-            Arc::new(move || cluster.members())
+            let view = cluster.clone();
+            (Arc::new(move || view.members()), Some(cluster))
         }
-        None => Arc::new(|| Arc::new(Vec::new())),
+        None => (Arc::new(|| Arc::new(Vec::new())), None),
     };
-    let result = Geo::bind(config, &registry, members).await?.serve(shutdown).await;
+    let result = match Geo::bind(config, &registry, members).await {
+        Ok(mut geo) => {
+            geo.cluster.clone_from(&cluster);
+            geo.serve(shutdown).await
+        }
+        Err(error) => Err(error),
+    };
     cluster_shutdown.cancel();
+    if let Some(cluster) = cluster {
+        cluster.stopped().await;
+    }
     result
 }

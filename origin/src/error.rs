@@ -32,12 +32,7 @@ pub enum Error {
     /// The metrics could not be registered (a name already taken in the registry).
     #[error("cannot register origin metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    /// A listener task panicked.
-    #[error("{listener} listener task failed: {source}")]
-    Task {
-        /// Which listener.
-        listener: &'static str,
-        /// The join error.
-        source: tokio::task::JoinError,
-    },
+    /// A listener failed (panicked or stopped accepting); the origin stopped.
+    #[error(transparent)]
+    Task(#[from] cdn_node::supervise::TaskFailed),
 }

@@ -3,6 +3,9 @@
 //! per-path `Cache-Control` and surrogate keys — over HTTP/1.1 and HTTP/2, plain
 //! (h2c by preface) or TLS (ALPN), plus generated objects of any size for tests.
 //!
+//! The listeners run under one [`Supervisor`]: when one fails, `/readyz` turns 503,
+//! the others stop gracefully and [`Origin::serve`] returns the error.
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), cdn_origin::Error> {
 //! let registry = prometheus::Registry::new();
@@ -30,11 +33,12 @@ use std::{fmt, net::SocketAddr, sync::Arc};
 use cdn_node::{
     admin::{self, Readiness},
     listener::{self, ConnInfo, Limits},
+    supervise::{Faults, Supervisor},
 };
 use prometheus::Registry;
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 mod body;
 pub mod config;
@@ -57,6 +61,7 @@ pub struct Origin {
     admin_addr: Option<SocketAddr>,
     shared: Arc<server::Shared>,
     registry: Registry,
+    faults: Faults,
 }
 
 impl fmt::Debug for Origin {
@@ -104,7 +109,17 @@ impl Origin {
         let admin_addr = admin.as_ref().map(|l| local_addr(l, "admin")).transpose()?;
 
         let shared = Arc::new(server::Shared { root, generate: config.generate, policy, metrics });
-        Ok(Self { http, https, admin, http_addr, https_addr, admin_addr, shared, registry: registry.clone() })
+        Ok(Self {
+            http,
+            https,
+            admin,
+            http_addr,
+            https_addr,
+            admin_addr,
+            shared,
+            registry: registry.clone(),
+            faults: Faults::default(),
+        })
     }
 
     /// The plain HTTP listener's address (HTTP/1.1 and h2c).
@@ -122,44 +137,47 @@ impl Origin {
         self.admin_addr
     }
 
+    /// Test hook: makes a named task (`http`, `https`, `admin`) panic on demand
+    /// (with `cdn-node`'s `test-util` feature; otherwise inert).
+    #[doc(hidden)]
+    pub fn faults(&self) -> Faults {
+        self.faults.clone()
+    }
+
     /// Serves until `shutdown` is cancelled, then lets open connections finish
     /// (within the listener's grace period) and returns.
+    ///
+    /// The listeners run under one [`Supervisor`]: when one fails (panics or stops
+    /// accepting), `/readyz` turns 503, the others shut down gracefully, and `serve`
+    /// returns [`Error::Task`] naming it.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self { http, https, admin, shared, registry, .. } = self;
+        let Self { http, https, admin, shared, registry, faults, .. } = self;
         info!(root = %shared.root.display(), generate = shared.generate, "origin serving");
-        let token = shutdown.child_token();
-        let mut tasks = JoinSet::new();
-        let mut names = Vec::new();
+        let readiness = Readiness::new();
+        readiness.set("origin", true);
+        let mut tasks = Supervisor::new("origin", shutdown.child_token(), Some(readiness.clone())).with_faults(faults);
+        let token = tasks.token();
 
         let handler = move |request: http::Request<hyper::body::Incoming>, conn: ConnInfo| {
             server::handle(shared.clone(), request, conn)
         };
-        let http_task = listener::serve("origin-http", http, None, Limits::default(), token.clone(), handler.clone());
-        names.push((tasks.spawn(http_task).id(), "http"));
+        tasks.spawn(
+            "http",
+            listener::serve("origin-http", http, None, Limits::default(), token.clone(), handler.clone()),
+        );
         if let Some((listener, tls)) = https {
-            let https_task =
-                listener::serve("origin-https", listener, Some(tls), Limits::default(), token.clone(), handler);
-            names.push((tasks.spawn(https_task).id(), "https"));
+            tasks.spawn(
+                "https",
+                listener::serve("origin-https", listener, Some(tls), Limits::default(), token, handler),
+            );
         }
         if let Some(listener) = admin {
-            let readiness = Readiness::new();
-            readiness.set("origin", true);
-            names.push((tasks.spawn(admin::serve(listener, registry, readiness, token.clone())).id(), "admin"));
+            // Stops after the others: `/readyz` says 503 while they drain.
+            tasks.spawn_last("admin", admin::serve(listener, registry, readiness, tasks.last_token()));
         }
-
-        let mut result = Ok(());
-        while let Some(joined) = tasks.join_next().await {
-            if let Err(source) = joined {
-                let listener = names.iter().find(|(id, _)| *id == source.id()).map_or("origin", |(_, name)| *name);
-                warn!(error = %source, listener, "listener task failed, stopping the origin");
-                token.cancel();
-                if result.is_ok() {
-                    result = Err(Error::Task { listener, source });
-                }
-            }
-        }
+        let result = tasks.run().await;
         info!("origin stopped");
-        result
+        Ok(result?)
     }
 }
 
@@ -167,7 +185,7 @@ fn local_addr(listener: &TcpListener, name: &'static str) -> Result<SocketAddr, 
     listener.local_addr().map_err(|source| Error::LocalAddr { listener: name, source })
 }
 
-/// Binds and serves until `shutdown` is cancelled.
+/// Binds and serves until `shutdown` is cancelled; an error when a listener failed.
 pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry) -> Result<(), Error> {
     Origin::bind(config, &registry).await?.serve(shutdown).await
 }

@@ -1,10 +1,12 @@
-//! Errors of the cluster: joining it, and reading what peers gossip.
+//! Errors of the cluster: joining it, reading what peers gossip, and a cluster that
+//! stopped working.
 
 use std::{io, net::SocketAddr};
 
 use crate::state::Key;
 
-/// What can go wrong when a node joins the cluster, or reads a peer's gossip state.
+/// What can go wrong when a node joins the cluster, reads a peer's gossip state, or
+/// while it is in it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The gossip socket could not be bound.
@@ -40,4 +42,7 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The member view stopped being refreshed while the node was running.
+    #[error("the cluster's member view stopped being refreshed")]
+    ViewStopped,
 }

@@ -18,6 +18,11 @@
 //!   its value, their wire encoding.
 //! - [`purge`]: what a purge matches ([`purge::Target`]) and the record gossip carries.
 //! - `transport`: HMAC-authenticated UDP datagrams.
+//!
+//! The cluster's own tasks (the member view's refresh, the gossip relay) are tracked
+//! here, not orphaned: they end with the token given to [`Cluster::join`], and
+//! [`Cluster::stopped`] waits for them; a role runs [`Cluster::supervise`] under its
+//! supervisor, so a member view that stops refreshing stops the role.
 //! - [`error`]: this crate's error type.
 
 #![forbid(unsafe_code)]
@@ -41,7 +46,7 @@ use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig
 use prometheus::{IntCounter, IntGaugeVec, Opts, Registry};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 pub use member::{GeoPoint, Member, MemberState, Role};
@@ -252,6 +257,13 @@ pub struct Cluster {
     view: watch::Sender<Arc<Vec<Member>>>,
     members_gauge: IntGaugeVec,
     unreadable: Unreadable,
+    /// The cluster's own tasks (the member view, the gossip relay); see
+    /// [`stopped`](Self::stopped).
+    tasks: TaskTracker,
+    /// The token given to [`join`](Self::join).
+    shutdown: CancellationToken,
+    /// Cancelled when the member view stops being refreshed, for whatever reason.
+    view_stopped: CancellationToken,
 }
 
 impl fmt::Debug for Cluster {
@@ -312,6 +324,7 @@ impl Cluster {
             protocol_version: ProtocolVersion::V0,
         };
         let initial = Entry::announcement(&node).iter().map(|entry| (entry.key().to_string(), entry.value())).collect();
+        let tasks = TaskTracker::new();
         let transport = transport::AuthTransport::new(
             socket,
             config.secret.bytes(),
@@ -319,6 +332,7 @@ impl Cluster {
             #[cfg(feature = "test-util")]
             config.loss.clone(),
             shutdown.clone(),
+            tasks.clone(),
         );
         let handle = chitchat::spawn_chitchat(chitchat_config, initial, &transport)
             .await
@@ -333,9 +347,33 @@ impl Cluster {
             view: watch::Sender::new(Arc::new(Vec::new())),
             members_gauge,
             unreadable: Unreadable::default(),
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+            view_stopped: CancellationToken::new(),
         });
-        tokio::spawn(cluster.clone().refresh_view(config.gossip_interval, shutdown));
+        tasks.spawn(cluster.clone().refresh_view(config.gossip_interval, shutdown));
+        // Tasks spawned later (the relay's pipes) are still tracked; `stopped` can
+        // return once they have all ended.
+        tasks.close();
         Ok(cluster)
+    }
+
+    /// Runs until `until` is cancelled; an error when the cluster's member view
+    /// stops being refreshed before that (its task panicked), so that the role's
+    /// supervisor stops a node that would otherwise act on a frozen view.
+    pub async fn supervise(self: Arc<Self>, until: CancellationToken) -> Result<(), Error> {
+        tokio::select! {
+            () = until.cancelled() => Ok(()),
+            () = self.view_stopped.cancelled() => {
+                if self.shutdown.is_cancelled() { Ok(()) } else { Err(Error::ViewStopped) }
+            }
+        }
+    }
+
+    /// Waits for the cluster's own tasks to end, once the token given to
+    /// [`join`](Self::join) is cancelled (the node has then left the gossip).
+    pub async fn stopped(&self) {
+        self.tasks.wait().await;
     }
 
     /// This node's id.
@@ -527,6 +565,8 @@ impl Cluster {
     }
 
     async fn refresh_view(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        // Dropped when this task ends, also by a panic: `supervise` notices.
+        let _stopped = self.view_stopped.clone().drop_guard();
         let mut tick = tokio::time::interval(interval.max(Duration::from_millis(50)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -651,8 +691,10 @@ fn newest_generations<'a>(ids: impl Iterator<Item = &'a ChitchatId>) -> Vec<&'a 
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // Usually already stopped: the member view's task leaves the gossip when the
+        // join token is cancelled, and roles wait for it (`stopped`) before dropping.
         if self.handle.initiate_shutdown().is_err() {
-            warn!("gossip already stopped");
+            debug!("gossip already stopped");
         }
     }
 }
@@ -706,6 +748,27 @@ mod tests {
         assert!(!a.members().iter().any(|m| m.node_id == "x"), "the outsider never joined");
         assert!(outsider.members().iter().all(|m| m.node_id == "x"), "and learned nothing");
         shutdown.cancel();
+        for cluster in [a, b, outsider] {
+            tokio::time::timeout(Duration::from_secs(5), cluster.stopped()).await.expect("the cluster's tasks end");
+        }
+    }
+
+    #[tokio::test]
+    async fn supervise_fails_when_the_member_view_stops_before_shutdown() {
+        let shutdown = CancellationToken::new();
+        let config = ClusterConfig::new("127.0.0.1:0".parse().unwrap(), "a-shared-secret-of-enough-bytes");
+        let cluster = Cluster::join(&config, node("a", Role::Edge), &Registry::new(), shutdown.clone()).await.unwrap();
+        let until = CancellationToken::new();
+        let supervised = tokio::spawn(cluster.clone().supervise(until.clone()));
+        until.cancel();
+        assert!(supervised.await.unwrap().is_ok(), "ends with the role");
+        // As if the refresh task had panicked.
+        cluster.view_stopped.cancel();
+        let error = cluster.clone().supervise(CancellationToken::new()).await.unwrap_err();
+        assert!(matches!(error, Error::ViewStopped), "{error}");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), cluster.stopped()).await.expect("the cluster's tasks end");
+        cluster.clone().supervise(CancellationToken::new()).await.expect("after shutdown, a stopped view is fine");
     }
 
     /// Polls `what` until it holds (or gives up after 5 s).

@@ -39,7 +39,7 @@ use chitchat::{
 use prometheus::IntCounter;
 use ring::hmac;
 use tokio::net::UdpSocket;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::debug;
 
 /// Bytes of the (truncated) HMAC-SHA256 tag appended to each datagram.
@@ -162,6 +162,7 @@ struct Relay {
     #[cfg(feature = "test-util")]
     loss: PacketLoss,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl Relay {
@@ -182,7 +183,7 @@ impl Relay {
         }
         let relay = self.clone();
         let outgoing = pipe.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             // chitchat → pipe → seal → peer.
             let mut buffer = vec![0u8; MAX_DATAGRAM];
             loop {
@@ -254,17 +255,20 @@ pub(crate) struct AuthTransport {
     #[cfg(feature = "test-util")]
     loss: PacketLoss,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl AuthTransport {
     /// `public` is the bound gossip socket peers send to; `loss` (feature
-    /// `test-util`) drops datagrams on purpose (none unless a test sets it).
+    /// `test-util`) drops datagrams on purpose (none unless a test sets it). The
+    /// relay's tasks end with `shutdown` and are tracked in `tasks`.
     pub(crate) fn new(
         public: UdpSocket,
         secret: &[u8],
         rejected: IntCounter,
         #[cfg(feature = "test-util")] loss: PacketLoss,
         shutdown: CancellationToken,
+        tasks: TaskTracker,
     ) -> Self {
         Self {
             public: Mutex::new(Some(public)),
@@ -273,6 +277,7 @@ impl AuthTransport {
             #[cfg(feature = "test-util")]
             loss,
             shutdown,
+            tasks,
         }
     }
 }
@@ -297,8 +302,9 @@ impl Transport for AuthTransport {
             #[cfg(feature = "test-util")]
             loss: self.loss.clone(),
             shutdown: self.shutdown.clone(),
+            tasks: self.tasks.clone(),
         });
-        tokio::spawn(relay.clone().incoming());
+        self.tasks.spawn(relay.clone().incoming());
         Ok(Box::new(AuthSocket { inner, relay, public_addr }))
     }
 }

@@ -3,10 +3,13 @@
 //! `/healthz` answers 200 while the process serves at all; `/readyz` answers 200
 //! only while the role says it can take traffic (see [`Readiness`]) and 503 with the
 //! reasons otherwise — a load balancer or the geo-DNS takes a node out on 503.
+//!
+//! Roles run [`serve`] under their supervisor as the task that stops last
+//! ([`crate::supervise::Supervisor::spawn_last`]), so `/readyz` answers 503 while
+//! the other listeners drain.
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
 };
 
@@ -96,18 +99,6 @@ pub async fn serve(listener: TcpListener, registry: Registry, readiness: Readine
         async move { response }
     })
     .await;
-}
-
-/// Binds `addr` and serves the admin endpoints on it in a background task.
-pub async fn spawn(
-    addr: SocketAddr,
-    registry: Registry,
-    readiness: Readiness,
-    shutdown: CancellationToken,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), crate::Error> {
-    let listener = listener::bind(addr).await?;
-    let local = listener.local_addr().map_err(|source| crate::Error::Bind { addr, source })?;
-    Ok((local, tokio::spawn(serve(listener, registry, readiness, shutdown))))
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ pub mod error;
 pub mod listener;
 pub mod location;
 pub mod secret;
-
+pub mod supervise;
 pub mod tls;
 pub mod zerocopy;
 
