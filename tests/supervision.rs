@@ -9,6 +9,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use cdn_node::supervise::{Cause, TaskFailed};
+use cdn_test_support::wait;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -37,11 +38,7 @@ async fn refused(addr: SocketAddr) -> bool {
 
 /// Polls `check` until it holds, failing the test after [`WITHIN`].
 async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {WITHIN:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait::until(what, WITHIN, Duration::from_millis(50), async || check().await.then_some(())).await;
 }
 
 /// Waits for a role's `serve`/`run` to return, failing the test after [`WITHIN`].
