@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use cdn_test_support::{
-    client::{client, get, send, unpooled_client},
+    client::{client, get, h2c_client, send, unpooled_client},
     edge::{TestEdge, start_tls_edge},
     http3::{H3Client, quic_connect},
     metrics,
@@ -271,6 +271,15 @@ async fn readers_that_stop_are_cut_and_slow_steady_readers_are_not() {
     origin.route("/big", Route::ok("max-age=600", vec![b'v'; size]));
     let edge = EdgeProcess::start(&origin.url(), "send_timeout = \"1s\"").await;
     assert_eq!(get(&unpooled_client(), &edge.url("/big"), &[]).await.body.len(), size);
+    // The baseline is taken once the object is stored (sealed) and read once through
+    // a copying path (h2c), so the fill's own buffers, which come and go with its
+    // task, are not counted as the readers' growth.
+    wait::until("the object is stored", Duration::from_secs(10), Duration::from_millis(50), async || {
+        let reply = get(&h2c_client(), &edge.url("/big"), &[]).await;
+        (reply.x_cache() == "HIT" && reply.body.len() == size).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let before = edge.rss();
 
     // 30 HTTP/1.1 clients ask for 16 MiB and read nothing; 10 HTTP/2 clients do the
