@@ -13,15 +13,33 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::Value;
 
-/// What went wrong talking to the control API.
+/// What went wrong talking to the control API; each variant keeps its cause
+/// (`{:#}` prints the whole chain, as the `cdn` commands do).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The base URL or a path does not parse.
-    #[error("bad control address: {0}")]
-    Address(String),
-    /// No answer.
-    #[error("control API unreachable: {0}")]
-    Unreachable(String),
+    /// The base URL does not parse.
+    #[error("bad control address {base:?}")]
+    Address {
+        /// What was given.
+        base: String,
+        /// Why it does not parse.
+        source: http::uri::InvalidUri,
+    },
+    /// A request could not be built (a node id or purge id that is no URL path).
+    #[error("bad request")]
+    Request(#[from] http::Error),
+    /// rustls refused the client's TLS settings.
+    #[error("tls setup failed")]
+    Tls(#[from] rustls::Error),
+    /// No connection, or no answer.
+    #[error("control API unreachable")]
+    Unreachable(#[source] hyper_util::client::legacy::Error),
+    /// No answer within 10 s.
+    #[error("control API unreachable: timed out")]
+    Timeout,
+    /// The answer broke off.
+    #[error("control API answer cut short")]
+    Body(#[source] hyper::Error),
     /// The API refused the call.
     #[error("{status}: {message}")]
     Refused {
@@ -31,16 +49,30 @@ pub enum ClientError {
         message: String,
     },
     /// The answer is not what the API promises.
-    #[error("unexpected answer: {0}")]
-    Unexpected(String),
+    #[error("unexpected answer")]
+    Unexpected(#[source] serde_json::Error),
     /// The certificates to trust could not be loaded.
-    #[error("cannot load trusted certificates from {path}: {reason}")]
+    #[error("cannot load trusted certificates from {path}")]
     Trust {
         /// The PEM file.
         path: PathBuf,
         /// Why.
-        reason: String,
+        source: TrustError,
     },
+}
+
+/// Why a file of trusted certificates could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// The file is not readable PEM.
+    #[error(transparent)]
+    Pem(#[from] rustls_pki_types::pem::Error),
+    /// It holds no certificate.
+    #[error("no CERTIFICATE block found")]
+    Empty,
+    /// rustls refused a certificate as a trust anchor.
+    #[error(transparent)]
+    Anchor(#[from] rustls::Error),
 }
 
 /// How the client checks the certificate of an `https://` control node.
@@ -57,38 +89,21 @@ pub enum ServerTrust {
     Insecure,
 }
 
-/// An error with its causes (`client error (Connect): invalid peer certificate: UnknownIssuer`):
-/// hyper's own text alone does not say why a connection failed.
-fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        cause = inner.source();
-    }
-    text
-}
-
 /// The certificates of a PEM file, as trust anchors.
 fn roots_from(path: &std::path::Path) -> Result<rustls::RootCertStore, ClientError> {
     use rustls_pki_types::{CertificateDer, pem::PemObject as _};
-    let trust_error = |reason: String| ClientError::Trust { path: path.to_owned(), reason };
-    let certificates = CertificateDer::pem_file_iter(path)
-        .map_err(|e| trust_error(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| trust_error(e.to_string()))?;
-    if certificates.is_empty() {
-        return Err(trust_error("no CERTIFICATE block found".into()));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in certificates {
-        roots.add(certificate).map_err(|e| trust_error(e.to_string()))?;
-    }
-    Ok(roots)
+    let load = || -> Result<rustls::RootCertStore, TrustError> {
+        let certificates = CertificateDer::pem_file_iter(path)?.collect::<Result<Vec<_>, _>>()?;
+        if certificates.is_empty() {
+            return Err(TrustError::Empty);
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in certificates {
+            roots.add(certificate)?;
+        }
+        Ok(roots)
+    };
+    load().map_err(|source| ClientError::Trust { path: path.to_owned(), source })
 }
 
 /// A client of one control node.
@@ -109,13 +124,15 @@ impl ControlClient {
     /// of an `https://` base as `trust` says.
     pub fn with_trust(base: &str, token: &str, trust: &ServerTrust) -> Result<Self, ClientError> {
         let base = base.trim_end_matches('/').to_string();
-        base.parse::<http::Uri>().map_err(|e| ClientError::Address(format!("{base}: {e}")))?;
+        if let Err(source) = base.parse::<http::Uri>() {
+            return Err(ClientError::Address { base, source });
+        }
         let trust = match trust {
             ServerTrust::PublicRoots => ClientTrust::PublicRoots,
             ServerTrust::CaFile(path) => ClientTrust::Roots(roots_from(path)?),
             ServerTrust::Insecure => ClientTrust::AnyCertificate,
         };
-        let tls = tls::client_config(trust, false, &[]).map_err(|e| ClientError::Address(e.to_string()))?;
+        let tls = tls::client_config(trust, false, &[])?;
         let connector =
             hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
         Ok(Self { base, token: token.to_string(), client: Client::builder(TokioExecutor::new()).build(connector) })
@@ -127,15 +144,13 @@ impl ControlClient {
             .uri(format!("{}{path}", self.base))
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
             .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::Address(e.to_string()))?;
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
             .await
-            .map_err(|_| ClientError::Unreachable("timed out".into()))?
-            .map_err(|e| ClientError::Unreachable(with_causes(&e)))?;
+            .map_err(|_| ClientError::Timeout)?
+            .map_err(ClientError::Unreachable)?;
         let status = response.status();
-        let bytes =
-            response.into_body().collect().await.map_err(|e| ClientError::Unreachable(e.to_string()))?.to_bytes();
+        let bytes = response.into_body().collect().await.map_err(ClientError::Body)?.to_bytes();
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if !status.is_success() {
             let message = value["error"].as_str().unwrap_or("no error text").to_string();
@@ -146,21 +161,21 @@ impl ControlClient {
 
     /// `POST /v1/purge` with a body as documented (`urls`, `prefixes`, `tags`, `all`, `soft`).
     pub async fn purge(&self, body: &PurgeRequest) -> Result<PurgeAck, ClientError> {
-        let body = serde_json::to_string(body).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let body = serde_json::to_string(body).map_err(ClientError::Unexpected)?;
         let value = self.call(Method::POST, "/v1/purge", Some(body)).await?;
-        serde_json::from_value(value).map_err(|e| ClientError::Unexpected(e.to_string()))
+        serde_json::from_value(value).map_err(ClientError::Unexpected)
     }
 
     /// `GET /v1/purge/{id}`.
     pub async fn status(&self, id: &str) -> Result<PurgeStatus, ClientError> {
         let value = self.call(Method::GET, &format!("/v1/purge/{id}"), None).await?;
-        serde_json::from_value(value).map_err(|e| ClientError::Unexpected(e.to_string()))
+        serde_json::from_value(value).map_err(ClientError::Unexpected)
     }
 
     /// `GET /v1/nodes`.
     pub async fn nodes(&self) -> Result<Vec<NodeView>, ClientError> {
         let value = self.call(Method::GET, "/v1/nodes", None).await?;
-        serde_json::from_value(value).map_err(|e| ClientError::Unexpected(e.to_string()))
+        serde_json::from_value(value).map_err(ClientError::Unexpected)
     }
 
     /// `POST /v1/edges/{node}/drain` (or `undrain`).
