@@ -25,12 +25,12 @@ pub enum Error {
         source: io::Error,
     },
     /// The GeoIP database could not be loaded at start.
-    #[error("geoip_db: cannot load {path}: {reason}")]
+    #[error("geoip_db: cannot load {path}: {source}")]
     GeoDb {
         /// The `.mmdb` file.
         path: PathBuf,
         /// Why.
-        reason: String,
+        source: crate::mmdb::GeoDbError,
     },
     /// A metric could not be registered.
     #[error("metrics: {0}")]

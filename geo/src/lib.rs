@@ -43,4 +43,5 @@ mod zone;
 pub use config::Config;
 pub use error::Error;
 pub use handler::MemberSource;
+pub use mmdb::GeoDbError;
 pub use server::{Geo, run};

@@ -44,12 +44,12 @@ fn valid(point: GeoPoint) -> Option<GeoPoint> {
 
 impl Mmdb {
     /// Parses a database held in memory.
-    pub(crate) fn from_bytes(bytes: Vec<u8>) -> Result<Self, String> {
+    pub(crate) fn from_bytes(bytes: Vec<u8>) -> Result<Self, GeoDbError> {
         // The reader validates the file; the guard is for a reader bug on a hostile file.
         match catch_unwind(AssertUnwindSafe(|| Reader::from_source(bytes))) {
             Ok(Ok(reader)) => Ok(Self { reader }),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err("the database reader panicked".into()),
+            Ok(Err(error)) => Err(GeoDbError::Invalid(error)),
+            Err(_) => Err(GeoDbError::ReaderPanicked),
         }
     }
 
@@ -110,12 +110,27 @@ pub(crate) struct GeoDb {
     stamp: Mutex<Option<Stamp>>,
 }
 
-async fn load(path: &Path) -> Result<(Mmdb, Stamp), String> {
-    let metadata = tokio::fs::metadata(path).await.map_err(|error| error.to_string())?;
-    let bytes = tokio::fs::read(path).await.map_err(|error| error.to_string())?;
-    let db = tokio::task::spawn_blocking(move || Mmdb::from_bytes(bytes))
-        .await
-        .map_err(|error| format!("loading task failed: {error}"))??;
+/// Why a database file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum GeoDbError {
+    /// The file could not be read.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The file is not a valid MaxMind database.
+    #[error(transparent)]
+    Invalid(maxminddb::MaxMindDbError),
+    /// The reader panicked on the file (a reader bug; the file is refused).
+    #[error("the database reader panicked")]
+    ReaderPanicked,
+    /// The loading task did not finish.
+    #[error("loading task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+async fn load(path: &Path) -> Result<(Mmdb, Stamp), GeoDbError> {
+    let metadata = tokio::fs::metadata(path).await?;
+    let bytes = tokio::fs::read(path).await?;
+    let db = tokio::task::spawn_blocking(move || Mmdb::from_bytes(bytes)).await??;
     Ok((db, Stamp::of(&metadata)))
 }
 
@@ -126,7 +141,7 @@ impl GeoDb {
     }
 
     /// Loads the database at `path`.
-    pub(crate) async fn open(path: &Path) -> Result<Self, String> {
+    pub(crate) async fn open(path: &Path) -> Result<Self, GeoDbError> {
         let (db, stamp) = load(path).await?;
         info!(path = %path.display(), database_type = db.database_type(), "geoip database loaded");
         Ok(Self {
@@ -143,9 +158,9 @@ impl GeoDb {
 
     /// Loads the file again when it changed since the last load; keeps the old
     /// database when the new file does not load (and retries on the next call).
-    pub(crate) async fn reload_if_changed(&self) -> Result<bool, String> {
+    pub(crate) async fn reload_if_changed(&self) -> Result<bool, GeoDbError> {
         let Some(path) = &self.path else { return Ok(false) };
-        let metadata = tokio::fs::metadata(path).await.map_err(|error| error.to_string())?;
+        let metadata = tokio::fs::metadata(path).await?;
         let stamp = Stamp::of(&metadata);
         if *self.stamp.lock().unwrap_or_else(PoisonError::into_inner) == Some(stamp) {
             return Ok(false);

@@ -89,7 +89,7 @@ impl Geo {
     pub async fn bind(config: Config, registry: &Registry, members: MemberSource) -> Result<Self, Error> {
         config.validate()?;
         let geodb = match &config.geoip_db {
-            Some(path) => GeoDb::open(path).await.map_err(|reason| Error::GeoDb { path: path.clone(), reason })?,
+            Some(path) => GeoDb::open(path).await.map_err(|source| Error::GeoDb { path: path.clone(), source })?,
             None => GeoDb::none(),
         };
         let metrics = Metrics::register(registry)?;
