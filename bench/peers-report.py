@@ -2,16 +2,19 @@
 """Markdown tables of a bench/run-peers.sh run: peers-report.py bench/out/peers-<time>.jsonl
 
 One table per scenario found in the file, medians over the rounds, with the edge's
-ratio to each peer. CPU columns are % of one CPU over the run's wall time; "other" is
-CPU the rest of the machine used meanwhile (the load generator included where it is not
-reported separately): distrust cells where it is high.
+ratio to each peer (and to `edge-base`, an older build of the edge, when the run had
+BASELINE=...). For req/s and MB/s also the ratio round by round (the edge's run ÷ the
+other server's run of the same round): its median and its range (min–max). CPU
+columns are % of one CPU over the run's wall time; "other" is CPU the rest of the
+machine used meanwhile (the load generator included where it is not reported
+separately): distrust cells where it is high.
 """
 
 import json
 import statistics
 import sys
 
-SERVERS = ("edge", "nginx", "varnish")
+SERVERS = ("edge", "edge-base", "nginx", "varnish")
 
 
 def med(rows, key):
@@ -34,10 +37,30 @@ def ratio(a, b):
     return f"**{a / b:.2f}**" if a and b else "—"
 
 
+def per_server_cpu(r):
+    """Requests served per CPU-second the server used (None when it used none)."""
+    return r["requests"] / r["server_cpu_s"] if r["server_cpu_s"] > 0 else None
+
+
+def round_ratios(rows_by, server, key):
+    """The edge's value ÷ SERVER's, per round (rep) both ran: "median (min–max)".
+    KEY is a field of the runs or a function of one."""
+    if server == "edge":
+        return "—"
+    get = key if callable(key) else (lambda r: r.get(key))
+    edge = {r["rep"]: get(r) for r in rows_by.get("edge", []) if get(r)}
+    other = {r["rep"]: get(r) for r in rows_by.get(server, []) if get(r)}
+    ratios = [edge[k] / other[k] for k in sorted(edge) if k in other]
+    if not ratios:
+        return "—"
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def hit_table(name, rows_by, settings):
-    print("| server | req/s | edge ÷ this (req/s) | p50 ms | p99 ms | server CPU | requests per server CPU-s "
-          "| errors | load generator + other CPU | runs (req/s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| server | req/s | edge ÷ this (req/s) | per round: median (min–max) | p50 ms | p99 ms | server CPU "
+          "| requests per server CPU-s | edge ÷ this (per CPU-s), per round | errors | load generator + other CPU "
+          "| runs (req/s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     edge = med(rows_by.get("edge", []), "req_per_s")
     for s in SERVERS:
         rows = rows_by.get(s)
@@ -45,15 +68,17 @@ def hit_table(name, rows_by, settings):
             continue
         server, other = cpu_cells(rows)
         per_cpu = statistics.median(r["requests"] / r["server_cpu_s"] for r in rows if r["server_cpu_s"] > 0)
-        print(f'| {s} | {med(rows, "req_per_s"):.0f} | {ratio(edge, med(rows, "req_per_s"))} | {med(rows, "p50_ms"):.3f} '
-              f'| {med(rows, "p99_ms"):.3f} | {server:.0f}% | {per_cpu:.0f} | {sum(r["errors"] for r in rows)} '
+        print(f'| {s} | {med(rows, "req_per_s"):.0f} | {ratio(edge, med(rows, "req_per_s"))} '
+              f'| {round_ratios(rows_by, s, "req_per_s")} | {med(rows, "p50_ms"):.3f} '
+              f'| {med(rows, "p99_ms"):.3f} | {server:.0f}% | {per_cpu:.0f} | {round_ratios(rows_by, s, per_server_cpu)} '
+              f'| {sum(r["errors"] for r in rows)} '
               f'| {other:.0f}% | {[round(r["req_per_s"]) for r in rows]} |')
 
 
 def mb_table(rows_by):
-    print("| server | MB/s | edge ÷ this (MB/s) | req/s | p50 ms | p99 ms | server CPU | MB per server CPU-s "
-          "| HITs / requests | errors | loadgen CPU | other CPU | runs (MB/s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|")
+    print("| server | MB/s | edge ÷ this (MB/s) | per round: median (min–max) | req/s | p50 ms | p99 ms | server CPU "
+          "| MB per server CPU-s | HITs / requests | errors | loadgen CPU | other CPU | runs (MB/s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|")
     edge = med(rows_by.get("edge", []), "mb_per_s")
     for s in SERVERS:
         rows = rows_by.get(s)
@@ -62,7 +87,8 @@ def mb_table(rows_by):
         server, other = cpu_cells(rows, "client_cpu_s")
         per_cpu = statistics.median(r["bytes"] / 1e6 / r["server_cpu_s"] for r in rows if r["server_cpu_s"] > 0)
         client = statistics.median(100 * (r.get("client_cpu_s") or 0) / r["seconds"] for r in rows)
-        print(f'| {s} | {med(rows, "mb_per_s"):.0f} | {ratio(edge, med(rows, "mb_per_s"))} | {med(rows, "req_per_s"):.0f} '
+        print(f'| {s} | {med(rows, "mb_per_s"):.0f} | {ratio(edge, med(rows, "mb_per_s"))} '
+              f'| {round_ratios(rows_by, s, "mb_per_s")} | {med(rows, "req_per_s"):.0f} '
               f'| {med(rows, "p50_ms"):.2f} | {med(rows, "p99_ms"):.2f} | {server:.0f}% | {per_cpu:.0f} '
               f'| {sum(r["x_cache_hits"] for r in rows)} / {sum(r["requests"] for r in rows)} '
               f'| {sum(r["errors"] for r in rows)} | {client:.0f}% | {other:.0f}% | {[round(r["mb_per_s"]) for r in rows]} |')

@@ -19,6 +19,11 @@
 # load generators to CPU 1. Prints markdown tables of medians with the edge's ratio to
 # each peer (bench/peers-report.py); the raw runs go to bench/out/peers-<time>.jsonl.
 #
+# Before/after comparisons: BASELINE=/path/to/an/older/cdn starts that binary too, as
+# the server `edge-base`, with the edge's config on 127.0.0.45 (plain HTTP and h2c on
+# :8080, admin on :9090), warmed and measured in the same rotating rounds; the tables
+# then also give the edge's ratio to edge-base (the current build ÷ the older one).
+#
 # Environment (all optional):
 #   SCENARIOS="memory storm h1 h2 throughput ranges"   which to run (always in this order)
 #   DURATION=5s    each timed run;  REPEAT=3  rounds (tables show medians)
@@ -29,7 +34,10 @@
 #   MEMORY_OBJECTS=10000
 #   STORM_OBJECTS=100 STORM_PER_OBJECT=10 STORM_SIZE=64KiB STORM_RATE=65536 (origin bytes/s:
 #                  each storm object takes the origin about a second to send)
-#   SKIP_BUILD=1   use target/release as it is
+#   BASELINE=/path/to/cdn   also measure this (older) cdn binary as `edge-base`
+#   PEERS="nginx varnish"    which peers to start (a subset, or "" for none);
+#   SKIP_VARNISH=1           the same as leaving varnish out of PEERS
+#   SKIP_BUILD=1   use target/release as it is (CARGO_TARGET_DIR: where to find it)
 #   KEEP_WORK=1    keep the scratch directory (configs, logs)
 #   QUIET_WAIT=30  seconds to wait for an idle machine before each run
 set -euo pipefail
@@ -55,34 +63,53 @@ STORM_OBJECTS=${STORM_OBJECTS:-100}
 STORM_PER_OBJECT=${STORM_PER_OBJECT:-10}
 STORM_SIZE=${STORM_SIZE:-64KiB}
 STORM_RATE=${STORM_RATE:-65536}
+BASELINE=${BASELINE:-}
+PEERS=${PEERS-"nginx varnish"}
+[[ -n "${SKIP_VARNISH:-}" ]] && PEERS=${PEERS//varnish/}
+read -r -a PEERS_LIST <<<"$PEERS"
+PEERS="${PEERS_LIST[*]}" # spaces normalised
 
 for s in $SCENARIOS; do
     [[ " $ALL_SCENARIOS " == *" $s "* ]] || die "unknown scenario $s (known: $ALL_SCENARIOS)"
 done
 wants() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+for p in $PEERS; do
+    [[ $p == nginx || $p == varnish ]] || die "unknown peer $p (known: nginx varnish)"
+done
+peer() { [[ " $PEERS " == *" $1 "* ]]; }
+if [[ -n "$BASELINE" ]]; then
+    [[ -x "$BASELINE" ]] || die "BASELINE=$BASELINE is not an executable"
+    BASELINE=$(realpath "$BASELINE")
+fi
 
 ORIGIN=127.0.0.41:8080
 ORIGIN_ADMIN=127.0.0.41:9091
-declare -A ADDR=([edge]=127.0.0.42:8080 [nginx]=127.0.0.43:8080 [varnish]=127.0.0.44:8080)
+declare -A ADDR=([edge]=127.0.0.42:8080 [nginx]=127.0.0.43:8080 [varnish]=127.0.0.44:8080
+    [edge-base]=127.0.0.45:8080)
 # Cleartext HTTP/2 (prior knowledge): the edge and Varnish take it on their HTTP/1.1
 # port (by the connection preface); nginx 1.22 needs a listener of its own.
-declare -A H2ADDR=([edge]=127.0.0.42:8080 [nginx]=127.0.0.43:8081 [varnish]=127.0.0.44:8080)
-SERVERS=(edge nginx varnish)
+declare -A H2ADDR=([edge]=127.0.0.42:8080 [nginx]=127.0.0.43:8081 [varnish]=127.0.0.44:8080
+    [edge-base]=127.0.0.45:8080)
+SERVERS=(edge)
+[[ -n "$BASELINE" ]] && SERVERS+=(edge-base)
+SERVERS+=("${PEERS_LIST[@]}")
 
 install_peers() {
     local missing=()
-    command -v nginx >/dev/null || missing+=(nginx)
-    command -v varnishd >/dev/null || missing+=(varnish)
-    command -v wrk >/dev/null || missing+=(wrk)
-    command -v h2load >/dev/null || missing+=(nghttp2-client)
+    if peer nginx; then command -v nginx >/dev/null || missing+=(nginx); fi
+    if peer varnish; then command -v varnishd >/dev/null || missing+=(varnish); fi
+    if wants h1; then command -v wrk >/dev/null || missing+=(wrk); fi
+    if wants h2; then command -v h2load >/dev/null || missing+=(nghttp2-client); fi
     if ((${#missing[@]})); then
         log "apt-get install ${missing[*]}"
         # policy-rc.d in Debian's container images keeps the packages' services from starting.
         apt-get update -qq >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
     fi
-    nginx -V 2>&1 | grep -q -- --with-http_slice_module || die "this nginx lacks the slice module"
-    nginx -V 2>&1 | grep -q -- --with-http_v2_module || die "this nginx lacks the HTTP/2 module"
+    if peer nginx; then
+        nginx -V 2>&1 | grep -q -- --with-http_slice_module || die "this nginx lacks the slice module"
+        nginx -V 2>&1 | grep -q -- --with-http_v2_module || die "this nginx lacks the HTTP/2 module"
+    fi
 }
 
 command -v taskset >/dev/null || die "taskset (util-linux) is needed"
@@ -97,12 +124,18 @@ build_binaries
 mkdir -p "$BENCH/out"
 RESULTS="$BENCH/out/peers-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
 for addr in "$ORIGIN" "${ADDR[@]}" "${H2ADDR[nginx]}"; do ensure_free "$addr"; done
+if [[ -n "$BASELINE" ]]; then
+    # A copy, like the edge's: a rebuild cannot swap it mid-run.
+    cp "$BASELINE" "$WORK/cdn-base"
+    BASELINE_VERSION=$("$WORK/cdn-base" --version 2>/dev/null || echo unknown)
+fi
 declare -A PID
 python3 -c 'import json, sys; print(json.dumps({"settings": dict(a.split("=", 1) for a in sys.argv[1:])}))' \
     "SCENARIOS=$SCENARIOS" "DURATION=$DURATION" "REPEAT=$REPEAT" "CONNS=$CONNS" "THREADS=$THREADS" \
     "OBJECT=$OBJECT" "H2_CONNS=$H2_CONNS" "H2_STREAMS=$H2_STREAMS" "RANGE_OBJECT=$RANGE_OBJECT" \
     "RANGE_CONNS=$RANGE_CONNS" "MEMORY_OBJECTS=$MEMORY_OBJECTS" "STORM_OBJECTS=$STORM_OBJECTS" \
-    "STORM_PER_OBJECT=$STORM_PER_OBJECT" "STORM_SIZE=$STORM_SIZE" "STORM_RATE=$STORM_RATE" >"$RESULTS"
+    "STORM_PER_OBJECT=$STORM_PER_OBJECT" "STORM_SIZE=$STORM_SIZE" "STORM_RATE=$STORM_RATE" \
+    "PEERS=$PEERS" "BASELINE=$BASELINE" "SERVERS=${SERVERS[*]}" >"$RESULTS"
 
 # --- origin: generated objects; its access log (JSON) counts the storm's origin requests --
 mkdir -p "$WORK/content"
@@ -121,11 +154,15 @@ track $!
 wait_http "http://$ORIGIN_ADMIN/healthz"
 
 # --- edge: memory cache big enough for the 1 GiB range object (stored in 1 MiB slices) ----
-cat >"$WORK/edge.toml" <<EOF
+# start_edge NAME BINARY: the same config for the edge and edge-base, only the addresses
+# differ (the same node_id, so the responses are byte for byte alike).
+start_edge() {
+    local name=$1 binary=$2
+    cat >"$WORK/$name.toml" <<EOF
 node_id = "bench-edge"
 [listen]
-http = "${ADDR[edge]}"
-admin = "${ADDR[edge]%:*}:9090"
+http = "${ADDR[$name]}"
+admin = "${ADDR[$name]%:*}:9090"
 [origin]
 url = "http://$ORIGIN"
 [cache]
@@ -133,12 +170,19 @@ memory = "2GiB"
 [limits]
 max_connections = 100000
 EOF
+    taskset -c 0 "$binary" edge --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
+    PID[$name]=$!
+    track "${PID[$name]}"
+}
 log "edge on ${ADDR[edge]} (CPU 0)"
-taskset -c 0 "$CDN" edge --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
-PID[edge]=$!
-track "${PID[edge]}"
+start_edge edge "$CDN"
+if [[ -n "$BASELINE" ]]; then
+    log "edge-base ($BASELINE, $BASELINE_VERSION) on ${ADDR[edge-base]} (CPU 0)"
+    start_edge edge-base "$WORK/cdn-base"
+fi
 
 # --- nginx: one worker, proxy_cache in files, slice for ranges, an h2c listener -------------
+if peer nginx; then
 mkdir -p "$WORK/nginx/cache" "$WORK/nginx/temp"
 cat >"$WORK/nginx/nginx.conf" <<EOF
 user root;
@@ -193,8 +237,10 @@ log "nginx $(nginx -v 2>&1 | cut -d/ -f2) on ${ADDR[nginx]}, h2c on ${H2ADDR[ngi
 taskset -c 0 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx/stdout.log" 2>&1 &
 PID[nginx]=$!
 track "${PID[nginx]}"
+fi
 
 # --- Varnish: malloc storage (room for the 1 GiB object), default thread pools, HTTP/2 on ---
+if peer varnish; then
 cat >"$WORK/default.vcl" <<EOF
 vcl 4.1;
 backend origin { .host = "${ORIGIN%:*}"; .port = "${ORIGIN#*:}"; }
@@ -208,6 +254,7 @@ taskset -c 0 varnishd -F -j none -n "$WORK/varnish" -a "${ADDR[varnish]}" -f "$W
     -s malloc,2G -p feature=+http2 -T none >"$WORK/varnish.log" 2>&1 &
 PID[varnish]=$!
 track "${PID[varnish]}"
+fi
 
 for server in "${SERVERS[@]}"; do
     url="http://${ADDR[$server]}/_gen/0"
@@ -347,7 +394,7 @@ server_rss() {
 # Objects the cache says it holds.
 stored_objects() {
     case $1 in
-        edge) curl -s "http://${ADDR[edge]%:*}:9090/metrics" | awk '$1 == "cdn_cache_objects" { print $2 }' ;;
+        edge | edge-base) curl -s "http://${ADDR[$1]%:*}:9090/metrics" | awk '$1 == "cdn_cache_objects" { print $2 }' ;;
         nginx) find "$WORK/nginx/cache" -type f | wc -l ;;
         varnish) varnishstat -n "$WORK/varnish" -1 -f MAIN.n_object | awk '{ print $2 }' ;;
     esac
@@ -396,6 +443,7 @@ print(json.dumps(d))' "$server" "$MEMORY_OBJECTS" "$empty" "$full" "$(stored_obj
 # "files apparent-bytes disk-bytes" of the files in nginx's cache directory (not its
 # levels=1:2 directories).
 nginx_files() {
+    if [[ ! -d "$WORK/nginx/cache" ]]; then echo "0 0 0"; return; fi
     find "$WORK/nginx/cache" -type f -printf '%s %b\n' | awk '{ n++; a += $1; d += $2 * 512 } END { printf "%d %d %d\n", n, a, d }'
 }
 
@@ -504,7 +552,7 @@ if wants ranges; then
     done
 fi
 
-for f in "$WORK/edge.log" "$WORK/nginx/error.log" "$WORK/varnish.log"; do
+for f in "$WORK/edge.log" "$WORK/edge-base.log" "$WORK/nginx/error.log" "$WORK/varnish.log"; do
     if grep -E -i ' (WARN|ERROR|\[error\]|\[crit\])' "$f" >/dev/null 2>&1; then
         log "$(basename "$f") has warnings or errors:"
         grep -E -i ' (WARN|ERROR|\[error\]|\[crit\])' "$f" | sed 's/\x1b\[[0-9;]*m//g' | head -10 >&2
