@@ -136,7 +136,7 @@ async fn serve(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap)
         Err(response) => return response,
     };
     let policy = shared.policy.lookup(&representation.rule_path);
-    let validators = Validators { etag: Some(&representation.etag), last_modified: representation.last_modified };
+    let validators = Validators::new(Some(&representation.etag), representation.last_modified);
     match conditional::evaluate(method, headers, validators) {
         Decision::Proceed => {}
         Decision::NotModified => {

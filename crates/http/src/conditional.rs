@@ -12,13 +12,25 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 
 /// The validators of the selected representation.
+///
+/// Cheap to build: a stored response's `Last-Modified` is parsed only when a
+/// request's preconditions need it (a cache HIT without conditionals pays nothing).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Validators<'a> {
     /// The entity tag as the `ETag` field sends it, quotes included (`"abc"`, or
     /// `W/"abc"` for a weak one); `None` when the representation has none.
-    pub etag: Option<&'a str>,
+    etag: Option<&'a str>,
     /// The modification time, if known.
-    pub last_modified: Option<SystemTime>,
+    last_modified: LastModified<'a>,
+}
+
+/// A modification time, known or still in its header field.
+#[derive(Debug, Clone, Copy, Default)]
+enum LastModified<'a> {
+    #[default]
+    Unknown,
+    Time(SystemTime),
+    Field(&'a str),
 }
 
 impl<'a> Validators<'a> {
@@ -26,11 +38,30 @@ impl<'a> Validators<'a> {
     /// fields (either ignored when it is not valid).
     pub fn from_headers(headers: &'a HeaderMap) -> Self {
         let etag = headers.get(header::ETAG).and_then(|v| v.to_str().ok()).map(str::trim);
-        let last_modified = headers
-            .get(header::LAST_MODIFIED)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| httpdate::parse_http_date(v.trim()).ok());
+        let last_modified = match headers.get(header::LAST_MODIFIED).and_then(|v| v.to_str().ok()) {
+            Some(field) => LastModified::Field(field.trim()),
+            None => LastModified::Unknown,
+        };
         Self { etag, last_modified }
+    }
+
+    /// Validators known outright (the origin's: a file's entity tag and mtime).
+    pub fn new(etag: Option<&'a str>, last_modified: Option<SystemTime>) -> Self {
+        Self { etag, last_modified: last_modified.map_or(LastModified::Unknown, LastModified::Time) }
+    }
+
+    /// The entity tag as sent, if any.
+    pub fn etag(&self) -> Option<&'a str> {
+        self.etag
+    }
+
+    /// The modification time, if known and valid.
+    pub fn last_modified(&self) -> Option<SystemTime> {
+        match self.last_modified {
+            LastModified::Unknown => None,
+            LastModified::Time(time) => Some(time),
+            LastModified::Field(field) => httpdate::parse_http_date(field).ok(),
+        }
     }
 
     /// Our entity tag, parsed; `None` when absent or malformed.
@@ -61,26 +92,25 @@ pub enum Decision {
 /// (RFC 9110 §13.2.1): a representation exists.
 pub fn evaluate(method: &Method, headers: &HeaderMap, validators: Validators<'_>) -> Decision {
     let get_or_head = method == Method::GET || method == Method::HEAD;
-    let ours = validators.tag();
     // 1. If-Match, else 2. If-Unmodified-Since.
     if headers.contains_key(header::IF_MATCH) {
-        if !list_matches(headers, &header::IF_MATCH, ours, Comparison::Strong) {
+        if !list_matches(headers, &header::IF_MATCH, validators.tag(), Comparison::Strong) {
             return Decision::PreconditionFailed;
         }
     } else if let Some(since) = date(headers, &header::IF_UNMODIFIED_SINCE)
-        && let Some(modified) = validators.last_modified
+        && let Some(modified) = validators.last_modified()
         && seconds(modified) > since
     {
         return Decision::PreconditionFailed;
     }
     // 3. If-None-Match, else 4. If-Modified-Since (GET and HEAD only).
     if headers.contains_key(header::IF_NONE_MATCH) {
-        if list_matches(headers, &header::IF_NONE_MATCH, ours, Comparison::Weak) {
+        if list_matches(headers, &header::IF_NONE_MATCH, validators.tag(), Comparison::Weak) {
             return if get_or_head { Decision::NotModified } else { Decision::PreconditionFailed };
         }
     } else if get_or_head
         && let Some(since) = date(headers, &header::IF_MODIFIED_SINCE)
-        && let Some(modified) = validators.last_modified
+        && let Some(modified) = validators.last_modified()
         && seconds(modified) <= since
     {
         return Decision::NotModified;
@@ -99,7 +129,7 @@ pub fn if_range_holds(value: &HeaderValue, validators: Validators<'_>) -> bool {
             _ => false,
         };
     }
-    match (httpdate::parse_http_date(text), validators.last_modified) {
+    match (httpdate::parse_http_date(text), validators.last_modified()) {
         (Ok(date), Some(modified)) => seconds(date) == seconds(modified),
         _ => false,
     }
@@ -221,7 +251,7 @@ mod tests {
     }
 
     fn validators() -> Validators<'static> {
-        Validators { etag: Some(ETAG), last_modified: Some(modified()) }
+        Validators::new(Some(ETAG), Some(modified()))
     }
 
     fn at(secs: i64) -> String {
@@ -277,9 +307,9 @@ mod tests {
 
     #[test]
     fn if_match_against_a_weak_or_missing_etag() {
-        let weak = Validators { etag: Some("W/\"abc\""), last_modified: None };
-        let none = Validators { etag: None, last_modified: None };
-        let malformed = Validators { etag: Some("abc"), last_modified: None };
+        let weak = Validators::new(Some("W/\"abc\""), None);
+        let none = Validators::new(None, None);
+        let malformed = Validators::new(Some("abc"), None);
         for validators in [weak, none, malformed] {
             for value in [ETAG, "W/\"abc\""] {
                 let headers = map(&[("if-match", value)]);
@@ -296,7 +326,7 @@ mod tests {
 
     #[test]
     fn commas_inside_entity_tags() {
-        let validators = Validators { etag: Some("\"v1,2\""), last_modified: None };
+        let validators = Validators::new(Some("\"v1,2\""), None);
         let decide = |name: &'static str, value: &str| evaluate(&Method::GET, &map(&[(name, value)]), validators);
         assert_eq!(decide("if-none-match", "\"x\", \"v1,2\""), Decision::NotModified);
         assert_eq!(decide("if-none-match", "W/\"v1,2\", \"y\""), Decision::NotModified);
@@ -307,7 +337,7 @@ mod tests {
         assert_eq!(decide("if-match", "\"a,b\", \"v1,2\""), Decision::Proceed);
         assert_eq!(decide("if-match", "\"v1\", \"2\""), Decision::PreconditionFailed);
         // Our tag `"a"` and a client tag `"a,b"`: no match by prefix.
-        let plain = Validators { etag: Some("\"a\""), last_modified: None };
+        let plain = Validators::new(Some("\"a\""), None);
         let headers = map(&[("if-none-match", "\"a,b\"")]);
         assert_eq!(evaluate(&Method::GET, &headers, plain), Decision::Proceed);
         let headers = map(&[("if-range", "\"v1,2\"")]);
@@ -352,7 +382,7 @@ mod tests {
     #[test]
     fn without_last_modified_dates_are_ignored() {
         let headers = map(&[("if-modified-since", &at(0)), ("if-unmodified-since", &at(-100))]);
-        let validators = Validators { etag: Some(ETAG), last_modified: None };
+        let validators = Validators::new(Some(ETAG), None);
         assert_eq!(evaluate(&Method::GET, &headers, validators), Decision::Proceed);
     }
 
@@ -370,7 +400,7 @@ mod tests {
         assert!(!holds("garbage"));
         assert!(!if_range_holds(&HeaderValue::from_bytes(b"\xff").unwrap(), validators()));
         // A stored weak tag never holds.
-        let weak = Validators { etag: Some("W/\"abc\""), last_modified: None };
+        let weak = Validators::new(Some("W/\"abc\""), None);
         assert!(!if_range_holds(&HeaderValue::from_static("\"abc\""), weak));
         assert!(!if_range_holds(&HeaderValue::from_static("W/\"abc\""), weak));
     }
@@ -380,7 +410,7 @@ mod tests {
     fn validators_from_stored_headers() {
         let stored = map(&[("etag", "\"abc\""), ("last-modified", "Tue, 15 Nov 1994 12:45:26 GMT")]);
         let validators = Validators::from_headers(&stored);
-        assert_eq!(validators.etag, Some("\"abc\""));
+        assert_eq!(validators.etag(), Some("\"abc\""));
         let decide = |headers: &[(&'static str, &str)]| evaluate(&Method::GET, &map(headers), validators);
         assert_eq!(decide(&[("if-none-match", "\"x\", W/\"abc\"")]), Decision::NotModified);
         assert_eq!(decide(&[("if-none-match", "*")]), Decision::NotModified);
@@ -401,7 +431,7 @@ mod tests {
 
         let bad = map(&[("last-modified", "yesterday")]);
         let validators = Validators::from_headers(&bad);
-        assert_eq!((validators.etag, validators.last_modified), (None, None));
+        assert_eq!((validators.etag(), validators.last_modified()), (None, None));
     }
 
     #[test]
@@ -425,7 +455,7 @@ mod tests {
         #[test]
         fn arbitrary_fields_never_panic(value in "[ -~]{0,48}", etag in "(W/)?\"[!#-~]{0,8}\"") {
             let Ok(value) = HeaderValue::from_str(&value) else { return Ok(()) };
-            let validators = Validators { etag: Some(&etag), last_modified: Some(modified()) };
+            let validators = Validators::new(Some(&etag), Some(modified()));
             for name in [header::IF_MATCH, header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE, header::IF_UNMODIFIED_SINCE] {
                 let mut headers = HeaderMap::new();
                 headers.insert(name, value.clone());
@@ -440,7 +470,7 @@ mod tests {
             let mut list: Vec<String> = others.iter().map(|o| format!("\"{o}\"")).collect();
             list.insert(list.len() / 2, ours.clone());
             let headers = map(&[("if-none-match", &list.join(", ")), ("if-match", &list.join(","))]);
-            let validators = Validators { etag: Some(&ours), last_modified: None };
+            let validators = Validators::new(Some(&ours), None);
             // If-Match passes, then If-None-Match matches: 304.
             prop_assert_eq!(evaluate(&Method::GET, &headers, validators), Decision::NotModified);
         }

@@ -369,7 +369,7 @@ mod tests {
     }
 
     fn plan_for(method: Method, headers: &[(&'static str, &str)]) -> Plan {
-        let validators = Validators { etag: Some("\"e1\""), last_modified: None };
+        let validators = Validators::new(Some("\"e1\""), None);
         plan(&method, &request(headers), 1000, validators, Some("video/mp4"), || "XYZ".into())
     }
 
