@@ -125,9 +125,10 @@ impl CacheStatus {
 
     /// The `Cache-Status` field value.
     pub(crate) fn header_value(&self) -> HeaderValue {
-        let mut text = String::with_capacity(48);
+        let mut text = String::with_capacity(64);
         let _ = write!(text, "{self}");
-        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("cdn"))
+        // The String's buffer becomes the value's (no second copy).
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).unwrap_or_else(|_| HeaderValue::from_static("cdn"))
     }
 }
 
