@@ -149,7 +149,7 @@ async fn serve(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap)
     }
 
     let content_type = representation.content_type.as_ref();
-    let plan = range::plan(method, headers, representation.len, validators, Some(content_type), range::boundary);
+    let plan = range::plan(method, headers, representation.len, validators, || Some(content_type), range::boundary);
     let (parts, tail) = match &plan {
         Plan::Full { len } => (vec![Part { head: Bytes::new(), range: 0..*len }], Bytes::new()),
         Plan::Single { range, .. } => (vec![Part { head: Bytes::new(), range: range.clone() }], Bytes::new()),

@@ -13,60 +13,62 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 
 /// The validators of the selected representation.
 ///
-/// Cheap to build: a stored response's `Last-Modified` is parsed only when a
-/// request's preconditions need it (a cache HIT without conditionals pays nothing).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Validators<'a> {
-    /// The entity tag as the `ETag` field sends it, quotes included (`"abc"`, or
-    /// `W/"abc"` for a weak one); `None` when the representation has none.
-    etag: Option<&'a str>,
-    /// The modification time, if known.
-    last_modified: LastModified<'a>,
+/// Free to build: a stored response's fields are looked up and parsed only when a
+/// request's preconditions or `If-Range` need them (a cache HIT without them pays
+/// nothing).
+#[derive(Debug, Clone, Copy)]
+pub struct Validators<'a>(Source<'a>);
+
+#[derive(Debug, Clone, Copy)]
+enum Source<'a> {
+    /// Known outright: the entity tag as the `ETag` field sends it, and the
+    /// modification time.
+    Known { etag: Option<&'a str>, last_modified: Option<SystemTime> },
+    /// A stored response's `ETag` and `Last-Modified` fields.
+    Fields(&'a HeaderMap),
 }
 
-/// A modification time, known or still in its header field.
-#[derive(Debug, Clone, Copy, Default)]
-enum LastModified<'a> {
-    #[default]
-    Unknown,
-    Time(SystemTime),
-    Field(&'a str),
+impl Default for Validators<'_> {
+    fn default() -> Self {
+        Self(Source::Known { etag: None, last_modified: None })
+    }
 }
 
 impl<'a> Validators<'a> {
     /// The validators a stored response carries: its `ETag` and `Last-Modified`
     /// fields (either ignored when it is not valid).
     pub fn from_headers(headers: &'a HeaderMap) -> Self {
-        let etag = headers.get(header::ETAG).and_then(|v| v.to_str().ok()).map(str::trim);
-        let last_modified = match headers.get(header::LAST_MODIFIED).and_then(|v| v.to_str().ok()) {
-            Some(field) => LastModified::Field(field.trim()),
-            None => LastModified::Unknown,
-        };
-        Self { etag, last_modified }
+        Self(Source::Fields(headers))
     }
 
     /// Validators known outright (the origin's: a file's entity tag and mtime).
     pub fn new(etag: Option<&'a str>, last_modified: Option<SystemTime>) -> Self {
-        Self { etag, last_modified: last_modified.map_or(LastModified::Unknown, LastModified::Time) }
+        Self(Source::Known { etag, last_modified })
     }
 
-    /// The entity tag as sent, if any.
+    /// The entity tag as sent, quotes included (`"abc"`, or `W/"abc"` for a weak
+    /// one); `None` when the representation has none.
     pub fn etag(&self) -> Option<&'a str> {
-        self.etag
+        match self.0 {
+            Source::Known { etag, .. } => etag,
+            Source::Fields(headers) => headers.get(header::ETAG).and_then(|v| v.to_str().ok()).map(str::trim),
+        }
     }
 
     /// The modification time, if known and valid.
     pub fn last_modified(&self) -> Option<SystemTime> {
-        match self.last_modified {
-            LastModified::Unknown => None,
-            LastModified::Time(time) => Some(time),
-            LastModified::Field(field) => httpdate::parse_http_date(field).ok(),
+        match self.0 {
+            Source::Known { last_modified, .. } => last_modified,
+            Source::Fields(headers) => headers
+                .get(header::LAST_MODIFIED)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| httpdate::parse_http_date(v.trim()).ok()),
         }
     }
 
     /// Our entity tag, parsed; `None` when absent or malformed.
     fn tag(&self) -> Option<Tag<'a>> {
-        match parse_tags(self.etag?).as_deref() {
+        match parse_tags(self.etag()?).as_deref() {
             Some(&[tag]) => Some(tag),
             _ => None,
         }
@@ -91,6 +93,9 @@ pub enum Decision {
 /// The caller evaluates only when the response without preconditions would be a 2xx
 /// (RFC 9110 §13.2.1): a representation exists.
 pub fn evaluate(method: &Method, headers: &HeaderMap, validators: Validators<'_>) -> Decision {
+    if !has_preconditions(headers) {
+        return Decision::Proceed;
+    }
     let get_or_head = method == Method::GET || method == Method::HEAD;
     // 1. If-Match, else 2. If-Unmodified-Since.
     if headers.contains_key(header::IF_MATCH) {
@@ -116,6 +121,17 @@ pub fn evaluate(method: &Method, headers: &HeaderMap, validators: Validators<'_>
         return Decision::NotModified;
     }
     Decision::Proceed
+}
+
+/// Whether the request carries any precondition field: one pass over its fields,
+/// cheaper than looking each of the four up (most requests carry none).
+pub fn has_preconditions(headers: &HeaderMap) -> bool {
+    headers.keys().any(|name| {
+        name == header::IF_MATCH
+            || name == header::IF_NONE_MATCH
+            || name == header::IF_MODIFIED_SINCE
+            || name == header::IF_UNMODIFIED_SINCE
+    })
 }
 
 /// Whether an `If-Range` value lets the Range apply (RFC 9110 §13.1.5): a strong

@@ -209,14 +209,15 @@ pub enum Plan {
 /// Decides what a `method` request with `request` headers gets of a representation
 /// of `len` bytes with `validators`: a Range applies to GET only (RFC 9110 §14.2),
 /// when `If-Range` is absent or holds (§13.1.5) and the header parses; otherwise the
-/// whole representation. `part_type` is the representation's Content-Type, which
-/// each multipart part repeats; `boundary` is called only for a multipart answer.
-pub fn plan(
+/// whole representation. `part_type` gives the representation's Content-Type, which
+/// each multipart part repeats; it and `boundary` are called only for a multipart
+/// answer (a request without Range costs one header lookup).
+pub fn plan<'t>(
     method: &Method,
     request: &HeaderMap,
     len: u64,
     validators: Validators<'_>,
-    part_type: Option<&str>,
+    part_type: impl FnOnce() -> Option<&'t str>,
     boundary: impl FnOnce() -> String,
 ) -> Plan {
     if method != Method::GET {
@@ -232,7 +233,7 @@ pub fn plan(
         Resolved::Unsatisfiable => Plan::Unsatisfiable { len },
         Resolved::Partial(mut ranges) if ranges.len() == 1 => Plan::Single { range: ranges.remove(0), len },
         Resolved::Partial(ranges) => {
-            let framing = Multipart::new(&ranges, len, part_type, &boundary());
+            let framing = Multipart::new(&ranges, len, part_type(), &boundary());
             Plan::Multipart { ranges, framing }
         }
     }
@@ -370,7 +371,7 @@ mod tests {
 
     fn plan_for(method: Method, headers: &[(&'static str, &str)]) -> Plan {
         let validators = Validators::new(Some("\"e1\""), None);
-        plan(&method, &request(headers), 1000, validators, Some("video/mp4"), || "XYZ".into())
+        plan(&method, &request(headers), 1000, validators, || Some("video/mp4"), || "XYZ".into())
     }
 
     fn framed(plan: &Plan) -> HeaderMap {
@@ -437,7 +438,8 @@ mod tests {
         assert!(matches!(holds, Plan::Single { .. }));
         // The boundary is only made when needed.
         let validators = Validators::default();
-        let single = plan(&Method::GET, &request(&[("range", "bytes=0-1")]), 10, validators, None, || unreachable!());
+        let single =
+            plan(&Method::GET, &request(&[("range", "bytes=0-1")]), 10, validators, || None, || unreachable!());
         assert!(matches!(single, Plan::Single { .. }));
     }
 

@@ -1,7 +1,7 @@
 //! What the cache did for a response, typed: rendered once as `Cache-Status`
 //! (RFC 9211, cache name `cdn`) and `X-Cache`, and counted in the metrics.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 
 use http::HeaderValue;
 
@@ -46,14 +46,15 @@ pub(crate) enum Detail {
     Error(u16),
 }
 
-impl fmt::Display for Detail {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Detail {
+    /// The token (an error's status is written as its number instead).
+    fn as_str(self) -> &'static str {
         match self {
-            Self::MaxStale => f.write_str("max-stale"),
-            Self::StaleWhileRevalidate => f.write_str("stale-while-revalidate"),
-            Self::StaleIfError => f.write_str("stale-if-error"),
-            Self::Sliced => f.write_str("sliced"),
-            Self::Error(status) => write!(f, "{status}"),
+            Self::MaxStale => "max-stale",
+            Self::StaleWhileRevalidate => "stale-while-revalidate",
+            Self::StaleIfError => "stale-if-error",
+            Self::Sliced => "sliced",
+            Self::Error(_) => "error",
         }
     }
 }
@@ -123,37 +124,71 @@ impl CacheStatus {
         Self { stored: true, ..self }
     }
 
-    /// The `Cache-Status` field value.
+    /// The `Cache-Status` field value, written without the formatting machinery
+    /// (it is built for every response).
     pub(crate) fn header_value(&self) -> HeaderValue {
         let mut text = String::with_capacity(64);
-        let _ = write!(text, "{self}");
+        self.render(&mut text);
         // The String's buffer becomes the value's (no second copy).
         HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).unwrap_or_else(|_| HeaderValue::from_static("cdn"))
+    }
+
+    fn render(&self, out: &mut String) {
+        out.push_str("cdn");
+        if self.hit {
+            out.push_str("; hit");
+        }
+        if let Some(fwd) = self.fwd {
+            out.push_str("; fwd=");
+            out.push_str(fwd.as_str());
+        }
+        if let Some(status) = self.fwd_status {
+            out.push_str("; fwd-status=");
+            push_int(out, i64::from(status));
+        }
+        if let Some(ttl) = self.ttl {
+            out.push_str("; ttl=");
+            push_int(out, ttl);
+        }
+        if self.stored {
+            out.push_str("; stored");
+        }
+        if let Some(detail) = self.detail {
+            out.push_str("; detail=");
+            match detail {
+                Detail::Error(status) => push_int(out, i64::from(status)),
+                other => out.push_str(other.as_str()),
+            }
+        }
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_int(out: &mut String, n: i64) {
+    if n < 0 {
+        out.push('-');
+    }
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for &digit in &digits[at..] {
+        out.push(char::from(digit));
     }
 }
 
 impl fmt::Display for CacheStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("cdn")?;
-        if self.hit {
-            f.write_str("; hit")?;
-        }
-        if let Some(fwd) = self.fwd {
-            write!(f, "; fwd={}", fwd.as_str())?;
-        }
-        if let Some(status) = self.fwd_status {
-            write!(f, "; fwd-status={status}")?;
-        }
-        if let Some(ttl) = self.ttl {
-            write!(f, "; ttl={ttl}")?;
-        }
-        if self.stored {
-            f.write_str("; stored")?;
-        }
-        if let Some(detail) = self.detail {
-            write!(f, "; detail={detail}")?;
-        }
-        Ok(())
+        let mut text = String::with_capacity(64);
+        self.render(&mut text);
+        f.write_str(&text)
     }
 }
 
@@ -180,5 +215,7 @@ mod tests {
         assert_eq!(CacheStatus::bypass(Some(201)).to_string(), "cdn; fwd=bypass; fwd-status=201");
         assert_eq!(CacheStatus::error(CacheResult::Miss, 504).to_string(), "cdn; fwd=miss; detail=504");
         assert_eq!(CacheStatus::bypass(None).header_value(), "cdn; fwd=bypass");
+        assert_eq!(CacheStatus::hit(CacheResult::Hit, i64::MIN).to_string(), format!("cdn; hit; ttl={}", i64::MIN));
+        assert_eq!(CacheStatus::hit(CacheResult::Hit, 0).to_string(), "cdn; hit; ttl=0");
     }
 }

@@ -180,9 +180,9 @@ fn build(status: StatusCode, headers: HeaderMap, body: Body) -> Response<Body> {
 pub(super) fn represent(request: &Parts, head: &Head, source: Source, age: Duration, status: CacheStatus) -> Served {
     let served = |code, headers, body| Served { response: build(code, headers, body), status };
     let head_only = request.method == Method::HEAD;
-    let age = HeaderValue::from(age.as_secs());
+    let age = age.as_secs();
     let mut headers = head.headers.clone();
-    headers.insert(header::AGE, age.clone());
+    headers.insert(header::AGE, HeaderValue::from(age));
     if head.status != StatusCode::OK {
         if let Some(len) = source.len() {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -196,7 +196,7 @@ pub(super) fn represent(request: &Parts, head: &Head, source: Source, age: Durat
         Decision::Proceed => {}
         Decision::NotModified => {
             let mut headers = conditional::not_modified_headers(&head.headers);
-            headers.insert(header::AGE, age);
+            headers.insert(header::AGE, HeaderValue::from(age));
             return served(StatusCode::NOT_MODIFIED, headers, empty());
         }
         Decision::PreconditionFailed => {
@@ -210,7 +210,7 @@ pub(super) fn represent(request: &Parts, head: &Head, source: Source, age: Durat
         let body = if head_only { empty() } else { source.full_body() };
         return served(head.status, headers, body);
     };
-    let part_type = head.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let part_type = || head.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let plan = range::plan(&request.method, &request.headers, len, validators, part_type, range::boundary);
     plan.set_headers(&mut headers);
     if let Plan::Unsatisfiable { .. } = plan {
