@@ -5,15 +5,11 @@
 //! tests/edge/h3.rs (`quic_connect_accepting`); the verifier is cdn-node's
 //! [`AcceptAnyCertificate`](cdn_node::tls::AcceptAnyCertificate).
 
-use std::sync::Arc;
+use cdn_node::tls::{ClientTrust, client_config};
 
 /// TLS 1.2 and 1.3, no client certificate, no ALPN (callers set
-/// `alpn_protocols`: hyper-rustls does, [`crate::http3`] asks for `h3`).
+/// `alpn_protocols`: hyper-rustls does, [`crate::http3`] asks for `h3`): cdn-node's
+/// one client builder with [`ClientTrust::AnyCertificate`].
 pub fn any_certificate() -> rustls::ClientConfig {
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports TLS 1.2 and 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(cdn_node::tls::AcceptAnyCertificate::new())
-        .with_no_client_auth()
+    client_config(ClientTrust::AnyCertificate, false, &[]).expect("ring supports TLS 1.2 and 1.3")
 }
