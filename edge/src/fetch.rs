@@ -145,13 +145,19 @@ impl Fetcher {
         Self { cache, upstream, metrics, clock, settings }
     }
 
-    /// Joins the fill of `request.key` or starts one (in a task of its own, so a
-    /// client that goes away does not abort it for the others). `stale` is the
-    /// stored response being revalidated, if any.
-    pub(crate) fn join_or_start(self: &Arc<Self>, request: FillRequest, stale: Option<Found>) -> Flight {
-        let flight = self.cache.join_or_start(&request.key);
+    /// Joins the fill of `key` or starts one (in a task of its own, so a client
+    /// that goes away does not abort it for the others). `request` is built only
+    /// when this request starts the fill (the waiters of a miss storm build
+    /// nothing); `stale` is the stored response being revalidated, if any.
+    pub(crate) fn join_or_start(
+        self: &Arc<Self>,
+        key: &str,
+        request: impl FnOnce() -> FillRequest,
+        stale: Option<Found>,
+    ) -> Flight {
+        let flight = self.cache.join_or_start(key);
         let Flight::Leader(fill) = &flight else { return flight };
-        let FillRequest { key, path, mut origin_headers, client_headers, client_directives } = request;
+        let FillRequest { key, path, mut origin_headers, client_headers, client_directives } = request();
         if let Some(stale) = &stale {
             let head = stale.head();
             if let Some(etag) = head.headers.get(header::ETAG) {

@@ -274,7 +274,7 @@ impl Pipeline {
 
     fn revalidate_in_background(self: &Arc<Self>, req: &Req, conn: Conn, stale: Found) {
         if !self.cache.is_filling(&req.key) {
-            let _ = self.fetcher.join_or_start(self.fill_request(req, conn), Some(stale));
+            let _ = self.fetcher.join_or_start(&req.key, || self.fill_request(req, conn), Some(stale));
         }
     }
 
@@ -292,7 +292,7 @@ impl Pipeline {
     }
 
     async fn fill(self: &Arc<Self>, req: Req, conn: Conn, stale: Option<Found>) -> Served {
-        let flight = self.fetcher.join_or_start(self.fill_request(&req, conn), stale.clone());
+        let flight = self.fetcher.join_or_start(&req.key, || self.fill_request(&req, conn), stale.clone());
         let leader = matches!(flight, Flight::Leader(_));
         let outcome = flight.fill().clone().outcome().await;
         let now = self.clock.now();
