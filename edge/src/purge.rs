@@ -6,6 +6,11 @@
 //! and pushes that back to the control node at once. An edge whose last applied
 //! purge is older than a control node's floor has missed purges that were collected:
 //! it drops its whole cache (correct, if costly) and says so.
+//!
+//! With a disk tier, what was applied is persisted beside the cache (after the
+//! purges reached the files: [`Disks::persist`](crate::cache::disk::Disks::persist)),
+//! so a restarted edge starts from there and replays exactly the purges it may
+//! have missed; the disk serves lookups only once that replay is done.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -57,24 +62,56 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) {
     let mut events = cluster.subscribe(Topic::Purges).await;
-    let mut applied: HashMap<String, u64> = HashMap::new();
+    let mut applied: HashMap<String, u64> = cache.disks().map(|disks| disks.applied()).unwrap_or_default();
+    if !applied.is_empty() {
+        info!(?applied, "purges applied before the restart");
+    }
+    // Never applied a purge: nothing on disk can be stale by one we missed... unless
+    // a control node we never heard of purged meanwhile; that is what the wait for
+    // the first catch-up below is for, bounded like readiness.
+    let persisted_none = applied.is_empty();
+    let (persist, persisted) = tokio::sync::watch::channel(applied.clone());
+    let persister = cache.disks().is_some().then(|| tokio::spawn(persist_applied(cache.clone(), persisted)));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let started = tokio::time::Instant::now();
     readiness.set("purges", false);
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
-            event = events.recv() => if event.is_none() { return },
+            () = shutdown.cancelled() => break,
+            event = events.recv() => if event.is_none() { break },
             _ = tick.tick() => {}
         }
         // Drain whatever else arrived, then apply from the full state (anti-entropy
         // and events converge on the same code).
         while events.try_recv().is_some() {}
         let synced = apply_pending(&cluster, &cache, &metrics, &mut applied).await;
+        if *persist.borrow() != applied {
+            persist.send_replace(applied.clone());
+        }
         // Ready once caught up with every live control node; with none in sight
         // after a while, serve anyway (an edge must not stay dark without control).
-        let ready = synced || started.elapsed() > Duration::from_secs(5);
-        readiness.set("purges", ready);
+        let waited = started.elapsed() > Duration::from_secs(5);
+        readiness.set("purges", synced || waited);
+        if let Some(disks) = cache.disks()
+            && (synced || (waited && persisted_none))
+        {
+            disks.set_open();
+        }
+    }
+    // The persister records the last state and ends when its sender is gone.
+    drop(persist);
+    if let Some(persister) = persister {
+        let _ = persister.await;
+    }
+}
+
+/// Records the purges applied on disk whenever they change (the newest wins).
+async fn persist_applied(cache: Arc<Cache>, mut applied: tokio::sync::watch::Receiver<HashMap<String, u64>>) {
+    while applied.changed().await.is_ok() {
+        let latest = applied.borrow_and_update().clone();
+        if let Some(disks) = cache.disks() {
+            disks.persist(&latest).await;
+        }
     }
 }
 
@@ -104,6 +141,14 @@ async fn apply_pending(
         };
         let mut done = applied.get(control).copied().unwrap_or(0);
         let before = done;
+        if held.last_key_value().is_some_and(|(&last, _)| last < done) {
+            // The control node's log starts over (its data was lost): what it
+            // accepted meanwhile cannot be told apart, so start over too.
+            warn!(control, applied = done, "the control node's purge log restarted: dropping the whole cache");
+            metrics.flushes.inc();
+            cache.purge(&Target::everything(), false);
+            done = 0;
+        }
         if done + 1 < floor {
             // Purges between `done` and `floor` were collected before we saw them.
             if done > 0 || !held.is_empty() || floor > 1 {
