@@ -625,3 +625,144 @@ fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{os::unix::fs::FileExt as _, sync::atomic::AtomicBool, time::SystemTime};
+
+    use bytes::Bytes;
+    use bytesize::ByteSize;
+    use cdn_http::policy::{Directives, Timing};
+    use http::{HeaderMap, StatusCode};
+
+    use super::*;
+    use crate::cache::{Head, Object};
+
+    fn open(dir: &Path, size: u64) -> Disks {
+        let metrics = DiskMetrics::register(&Registry::new()).unwrap();
+        let configs = [config::Disk { path: dir.to_path_buf(), size: ByteSize::b(size) }];
+        let disks = Disks::open(&configs, metrics).unwrap().unwrap();
+        disks.set_open();
+        disks
+    }
+
+    fn object(body: &[u8], tags: &[&str]) -> Entry {
+        let now = SystemTime::now();
+        Entry::Object(Object {
+            head: Arc::new(Head {
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
+                timing: Timing { request_time: now, response_time: now, initial_age: Duration::ZERO },
+                directives: Directives::default(),
+                lifetime: Duration::from_secs(60),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                vary: vec![],
+                purged: AtomicBool::default(),
+            }),
+            body: Bytes::copy_from_slice(body),
+        })
+    }
+
+    fn body(entry: Option<Entry>) -> Option<(Bytes, bool)> {
+        match entry? {
+            Entry::Object(object) => Some((object.body, object.head.purged.load(Ordering::Relaxed))),
+            _ => None,
+        }
+    }
+
+    async fn settle(disks: &Disks, objects: u64) {
+        for _ in 0..200 {
+            if disks.objects() == objects {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} objects on disk, expected {objects}", disks.objects());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn entries_and_purges_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = Arc::new(AtomicU64::new(0));
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        {
+            let disks = open(dir.path(), 1 << 30);
+            disks.store("http://h/1", object(b"one", &["a"]), 0, &epoch);
+            disks.store("http://h/2", object(b"two", &["b"]), 0, &epoch);
+            disks.store("http://h/3", object(&big, &[]), 0, &epoch);
+            settle(&disks, 3).await;
+            assert_eq!(body(disks.load("http://h/1", &epoch).await).unwrap().0, &b"one"[..]);
+            assert!(disks.load("http://h/nothing", &epoch).await.is_none());
+
+            disks.purge(&Target { tags: vec!["a".into()], ..Target::default() }, false);
+            disks.purge(&Target { urls: vec!["h/2".into()], ..Target::default() }, true);
+            assert!(disks.load("http://h/1", &epoch).await.is_none(), "purged: gone at once");
+            assert_eq!(body(disks.load("http://h/2", &epoch).await), Some((Bytes::from_static(b"two"), true)));
+            disks.persist(&HashMap::from([("control-1".to_string(), 7)])).await;
+            assert!(!object_path(dir.path(), hash("http://h/1")).exists(), "file deleted before the record");
+        }
+        let disks = open(dir.path(), 1 << 30);
+        assert_eq!(disks.applied(), HashMap::from([("control-1".to_string(), 7)]));
+        assert_eq!(disks.objects(), 2);
+        assert!(disks.load("http://h/1", &epoch).await.is_none());
+        assert_eq!(body(disks.load("http://h/2", &epoch).await), Some((Bytes::from_static(b"two"), true)));
+        let (read, soft) = body(disks.load("http://h/3", &epoch).await).unwrap();
+        assert_eq!((&read[..], soft), (&big[..], false));
+        assert!(cdn_node::zerocopy::locate(&read).is_some(), "sent from its cache file");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_write_overtaken_by_a_purge_is_not_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = open(dir.path(), 1 << 30);
+        let epoch = Arc::new(AtomicU64::new(1));
+        disks.store("http://h/old", object(b"old", &[]), 0, &epoch);
+        disks.store("http://h/new", object(b"new", &[]), 1, &epoch);
+        settle(&disks, 1).await;
+        assert!(disks.load("http://h/old", &epoch).await.is_none());
+        assert!(disks.load("http://h/new", &epoch).await.is_some());
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp file left");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_corrupt_file_is_a_counted_miss_and_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = open(dir.path(), 1 << 30);
+        let epoch = Arc::new(AtomicU64::new(0));
+        disks.store("http://h/x", object(&[7; 100_000], &[]), 0, &epoch);
+        settle(&disks, 1).await;
+        let path = object_path(dir.path(), hash("http://h/x"));
+        let file = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let at = file.metadata().unwrap().len() - 5000;
+        file.write_all_at(&[8], at).unwrap();
+        assert!(disks.load("http://h/x", &epoch).await.is_none());
+        assert_eq!(disks.metrics.errors.with_label_values(&["read", "checksum"]).get(), 1);
+        assert_eq!(disks.objects(), 0);
+        // Deleted by the janitor, in order before a sync.
+        disks.persist(&HashMap::new()).await;
+        assert!(!path.exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_disk_keeps_to_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = open(dir.path(), 1 << 20);
+        let epoch = Arc::new(AtomicU64::new(0));
+        for i in 0..30 {
+            disks.store(&format!("http://h/{i}"), object(&[1; 100_000], &[]), 0, &epoch);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(disks.bytes() <= 1 << 20, "{} bytes", disks.bytes());
+        assert!((8..=10).contains(&disks.objects()), "{} objects", disks.objects());
+        let files: usize = fs::read_dir(dir.path().join("objects"))
+            .unwrap()
+            .map(|d| fs::read_dir(d.unwrap().path()).unwrap().count())
+            .sum();
+        assert_eq!(files as u64, disks.objects(), "evicted files are deleted");
+        // A second edge on the same directory is refused.
+        let metrics = DiskMetrics::register(&Registry::new()).unwrap();
+        let configs = [config::Disk { path: dir.path().to_path_buf(), size: ByteSize::mib(1) }];
+        assert!(matches!(Disks::open(&configs, metrics), Err(DiskError::Locked(_))));
+    }
+}
