@@ -111,20 +111,21 @@ impl Cache {
             return Some((found, Tier::Memory));
         }
         let disks = self.disks.as_ref().filter(|disks| disks.is_open())?;
+        let start = self.epoch();
         let names = match self.store.get(key).await {
             Some(Entry::Vary(names)) => names,
             Some(_) => return None,
-            None => match disks.load(key, &self.epoch).await? {
+            None => match disks.load(key, start, &self.epoch).await? {
                 Entry::Object(object) if object.head.vary.is_empty() => {
-                    self.store.put(key.to_string(), Entry::Object(object.clone())).await;
+                    self.promote(key.to_string(), Entry::Object(object.clone()), start).await?;
                     return Some((Found::Object(object), Tier::Disk));
                 }
                 Entry::Sliced(sliced) => {
-                    self.store.put(key.to_string(), Entry::Sliced(sliced.clone())).await;
+                    self.promote(key.to_string(), Entry::Sliced(sliced.clone()), start).await?;
                     return Some((Found::Sliced(sliced), Tier::Disk));
                 }
                 Entry::Vary(names) => {
-                    self.store.put(key.to_string(), Entry::Vary(names.clone())).await;
+                    self.promote(key.to_string(), Entry::Vary(names.clone()), start).await?;
                     names
                 }
                 Entry::Object(_) | Entry::Slice(_) => return None,
@@ -132,13 +133,27 @@ impl Cache {
         };
         let values = key::vary_values(&names, request);
         let variant = key::variant(key, &values);
-        match disks.load(&variant, &self.epoch).await? {
+        match disks.load(&variant, start, &self.epoch).await? {
             Entry::Object(object) if object.head.vary == values => {
-                self.store.put(variant, Entry::Object(object.clone())).await;
+                self.promote(variant, Entry::Object(object.clone()), start).await?;
                 Some((Found::Object(object), Tier::Disk))
             }
             _ => None,
         }
+    }
+
+    /// Puts an entry read from disk into memory, unless a purge came since `start`
+    /// (then it is taken out again: the purge may not have seen it).
+    async fn promote(&self, key: String, entry: Entry, start: u64) -> Option<()> {
+        if self.epoch() != start {
+            return None;
+        }
+        self.store.put(key.clone(), entry).await;
+        if self.epoch() != start {
+            self.store.remove(&key).await;
+            return None;
+        }
+        Some(())
     }
 
     /// Joins the fill of `key`, or starts one (the caller then runs it).
@@ -242,11 +257,12 @@ impl Cache {
             return Some(bytes);
         }
         let disks = self.disks.as_ref().filter(|disks| disks.is_open())?;
+        let start = self.epoch();
         let slice_key = key::slice(key, index);
-        match disks.load(&slice_key, &self.epoch).await? {
+        match disks.load(&slice_key, start, &self.epoch).await? {
             Entry::Slice(slice) if slice.etag == sliced.etag => {
                 let bytes = slice.bytes.clone();
-                self.store.put(slice_key, Entry::Slice(slice)).await;
+                self.promote(slice_key, Entry::Slice(slice), start).await?;
                 Some(bytes)
             }
             _ => None,

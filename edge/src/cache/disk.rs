@@ -180,11 +180,15 @@ fn hash(key: &str) -> u64 {
     XxHash3_64::oneshot(key.as_bytes())
 }
 
+/// One read from disk, shared by the readers that asked at once.
+type Read = OnceCell<Option<Entry>>;
+
 /// The disk tier: every `[[cache.disk]]`.
 pub(crate) struct Disks {
     disks: Vec<Arc<Disk>>,
-    /// Reads under way, by key: concurrent readers share one.
-    loads: Mutex<HashMap<String, Arc<OnceCell<Option<Entry>>>>>,
+    /// Reads under way, by key, with the purge epoch they started in: concurrent
+    /// readers in the same epoch share one.
+    loads: Mutex<HashMap<String, (u64, Arc<Read>)>>,
     reads: Arc<Semaphore>,
     writes: Arc<Semaphore>,
     /// Closed until purges missed while the edge was down are applied.
@@ -237,9 +241,9 @@ impl Disks {
         self.open.load(Ordering::Acquire)
     }
 
-    /// The entry under `key`, read from disk (shared by concurrent readers). `epoch`
-    /// is the purge epoch now: what a purge meanwhile touched is not returned.
-    pub(crate) async fn load(&self, key: &str, epoch: &AtomicU64) -> Option<Entry> {
+    /// The entry under `key`, read from disk (shared by concurrent readers), if no
+    /// purge came since `start`, the purge epoch (`epoch`) the caller looked it up in.
+    pub(crate) async fn load(&self, key: &str, start: u64, epoch: &AtomicU64) -> Option<Entry> {
         if !self.is_open() {
             return None;
         }
@@ -248,9 +252,15 @@ impl Disks {
         disk.index().get(hash, key)?;
         let cell = {
             let mut loads = self.loads.lock().unwrap_or_else(PoisonError::into_inner);
-            loads.entry(key.to_string()).or_default().clone()
+            match loads.get(key) {
+                Some((started, cell)) if *started == start => cell.clone(),
+                _ => {
+                    let cell = Arc::new(OnceCell::new());
+                    loads.insert(key.to_string(), (start, cell.clone()));
+                    cell
+                }
+            }
         };
-        let start = epoch.load(Ordering::Acquire);
         let entry = cell
             .get_or_init(|| async {
                 let Ok(_permit) = self.reads.acquire().await else { return None };
@@ -286,11 +296,11 @@ impl Disks {
             .clone();
         {
             let mut loads = self.loads.lock().unwrap_or_else(PoisonError::into_inner);
-            if loads.get(key).is_some_and(|current| Arc::ptr_eq(current, &cell)) {
+            if loads.get(key).is_some_and(|(_, current)| Arc::ptr_eq(current, &cell)) {
                 loads.remove(key);
             }
         }
-        // A purge while reading: what was read may be what it purged.
+        // A purge since the lookup: what was read may be what it purged.
         if epoch.load(Ordering::Acquire) != start {
             return None;
         }
@@ -670,6 +680,12 @@ mod tests {
         }
     }
 
+    impl Disks {
+        async fn load_now(&self, key: &str, epoch: &AtomicU64) -> Option<Entry> {
+            self.load(key, epoch.load(Ordering::Acquire), epoch).await
+        }
+    }
+
     async fn settle(disks: &Disks, objects: u64) {
         for _ in 0..200 {
             if disks.objects() == objects {
@@ -691,22 +707,22 @@ mod tests {
             disks.store("http://h/2", object(b"two", &["b"]), 0, &epoch);
             disks.store("http://h/3", object(&big, &[]), 0, &epoch);
             settle(&disks, 3).await;
-            assert_eq!(body(disks.load("http://h/1", &epoch).await).unwrap().0, &b"one"[..]);
-            assert!(disks.load("http://h/nothing", &epoch).await.is_none());
+            assert_eq!(body(disks.load_now("http://h/1", &epoch).await).unwrap().0, &b"one"[..]);
+            assert!(disks.load_now("http://h/nothing", &epoch).await.is_none());
 
             disks.purge(&Target { tags: vec!["a".into()], ..Target::default() }, false);
             disks.purge(&Target { urls: vec!["h/2".into()], ..Target::default() }, true);
-            assert!(disks.load("http://h/1", &epoch).await.is_none(), "purged: gone at once");
-            assert_eq!(body(disks.load("http://h/2", &epoch).await), Some((Bytes::from_static(b"two"), true)));
+            assert!(disks.load_now("http://h/1", &epoch).await.is_none(), "purged: gone at once");
+            assert_eq!(body(disks.load_now("http://h/2", &epoch).await), Some((Bytes::from_static(b"two"), true)));
             disks.persist(&HashMap::from([("control-1".to_string(), 7)])).await;
             assert!(!object_path(dir.path(), hash("http://h/1")).exists(), "file deleted before the record");
         }
         let disks = open(dir.path(), 1 << 30);
         assert_eq!(disks.applied(), HashMap::from([("control-1".to_string(), 7)]));
         assert_eq!(disks.objects(), 2);
-        assert!(disks.load("http://h/1", &epoch).await.is_none());
-        assert_eq!(body(disks.load("http://h/2", &epoch).await), Some((Bytes::from_static(b"two"), true)));
-        let (read, soft) = body(disks.load("http://h/3", &epoch).await).unwrap();
+        assert!(disks.load_now("http://h/1", &epoch).await.is_none());
+        assert_eq!(body(disks.load_now("http://h/2", &epoch).await), Some((Bytes::from_static(b"two"), true)));
+        let (read, soft) = body(disks.load_now("http://h/3", &epoch).await).unwrap();
         assert_eq!((&read[..], soft), (&big[..], false));
         assert!(cdn_node::zerocopy::locate(&read).is_some(), "sent from its cache file");
     }
@@ -719,8 +735,8 @@ mod tests {
         disks.store("http://h/old", object(b"old", &[]), 0, &epoch);
         disks.store("http://h/new", object(b"new", &[]), 1, &epoch);
         settle(&disks, 1).await;
-        assert!(disks.load("http://h/old", &epoch).await.is_none());
-        assert!(disks.load("http://h/new", &epoch).await.is_some());
+        assert!(disks.load_now("http://h/old", &epoch).await.is_none());
+        assert!(disks.load_now("http://h/new", &epoch).await.is_some());
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp file left");
     }
 
@@ -735,7 +751,7 @@ mod tests {
         let file = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
         let at = file.metadata().unwrap().len() - 5000;
         file.write_all_at(&[8], at).unwrap();
-        assert!(disks.load("http://h/x", &epoch).await.is_none());
+        assert!(disks.load_now("http://h/x", &epoch).await.is_none());
         assert_eq!(disks.metrics.errors.with_label_values(&["read", "checksum"]).get(), 1);
         assert_eq!(disks.objects(), 0);
         // Deleted by the janitor, in order before a sync.

@@ -156,6 +156,11 @@ impl Store {
         self.cache.insert(key, entry).await;
     }
 
+    /// Drops what `key` holds (that key only).
+    pub(crate) async fn remove(&self, key: &str) {
+        self.cache.invalidate(key).await;
+    }
+
     /// Stores the head of a sliced object under `primary`.
     pub(crate) async fn insert_sliced(&self, primary: &str, sliced: Arc<Sliced>) {
         self.cache.insert(primary.to_string(), Entry::Sliced(sliced)).await;
