@@ -14,7 +14,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -31,6 +31,7 @@ use crate::cache::Cache;
 #[derive(Clone)]
 pub(crate) struct PurgeMetrics {
     applied: IntCounter,
+    applied_seq: IntGaugeVec,
     lag: Histogram,
     flushes: IntCounter,
 }
@@ -46,10 +47,18 @@ impl PurgeMetrics {
             "cdn_purge_flushes_total",
             "Whole-cache drops because purges were missed beyond the retained log",
         )?;
+        let applied_seq = IntGaugeVec::new(
+            Opts::new(
+                "cdn_purge_applied_seq",
+                "The last purge sequence applied, per control node (kept across restarts with a disk tier)",
+            ),
+            &["control"],
+        )?;
         registry.register(Box::new(applied.clone()))?;
+        registry.register(Box::new(applied_seq.clone()))?;
         registry.register(Box::new(lag.clone()))?;
         registry.register(Box::new(flushes.clone()))?;
-        Ok(Self { applied, lag, flushes })
+        Ok(Self { applied, applied_seq, lag, flushes })
     }
 }
 
@@ -65,6 +74,9 @@ pub(crate) async fn run(
     let mut applied: HashMap<String, u64> = cache.disks().map(|disks| disks.applied()).unwrap_or_default();
     if !applied.is_empty() {
         info!(?applied, "purges applied before the restart");
+    }
+    for (control, seq) in &applied {
+        metrics.applied_seq.with_label_values(&[control]).set(i64::try_from(*seq).unwrap_or(i64::MAX));
     }
     // Never applied a purge: nothing on disk can be stale by one we missed... unless
     // a control node we never heard of purged meanwhile; that is what the wait for
@@ -177,6 +189,7 @@ async fn apply_pending(
         }
         if done != before || !applied.contains_key(control) {
             applied.insert(control.clone(), done);
+            metrics.applied_seq.with_label_values(&[control]).set(i64::try_from(done).unwrap_or(i64::MAX));
             cluster.set_applied(control, done).await;
             // Tell the control node now rather than at the next gossip round.
             if let Some(member) = cluster.members().iter().find(|m| &m.node_id == control) {
