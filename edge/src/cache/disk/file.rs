@@ -20,7 +20,7 @@
 use std::{
     fs::File,
     hash::Hasher as _,
-    io::{self, IoSlice, Write as _},
+    io::{self, IoSlice, Read as _, Seek as _, SeekFrom, Write as _},
     os::unix::fs::FileExt as _,
     sync::{Arc, atomic::AtomicBool},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -376,8 +376,11 @@ pub(crate) fn read(file: File, key: &str) -> Result<(Entry, u64), ReadError> {
         return Err(ReadError::OtherKey);
     }
     let len = usize::try_from(header.body_len).map_err(|_| ReadError::Malformed("lengths"))?;
-    let mut body = vec![0u8; len];
-    if read_at_most(&file, &mut body, header.body_offset)? != len {
+    // Read without zeroing the buffer first (read_to_end fills spare capacity).
+    let mut body = Vec::with_capacity(len);
+    (&file).seek(SeekFrom::Start(header.body_offset))?;
+    (&file).take(header.body_len).read_to_end(&mut body)?;
+    if body.len() != len {
         return Err(ReadError::Malformed("short body"));
     }
     if body.chunks(BLOCK).count() != header.sums.len() {
@@ -416,8 +419,6 @@ pub(crate) fn read(file: File, key: &str) -> Result<(Entry, u64), ReadError> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Seek as _, SeekFrom};
-
     use http::header;
 
     use super::*;
