@@ -17,6 +17,8 @@
 //! - [`state`]: the typed gossip state ([`state::Key`], [`state::Entry`]): every key,
 //!   its value, their wire encoding.
 //! - [`purge`]: what a purge matches ([`purge::Target`]) and the record gossip carries.
+//! - [`routing`]: the routing document ([`routing::Routing`]): sites, origin pools,
+//!   rules; parsed, validated, and indexed for the edge ([`routing::Router`]).
 //! - `transport`: HMAC-authenticated UDP datagrams.
 //!
 //! The cluster's own tasks (the member view's refresh, the gossip relay) are tracked
@@ -30,6 +32,7 @@
 pub mod error;
 pub mod member;
 pub mod purge;
+pub mod routing;
 pub mod state;
 mod transport;
 
