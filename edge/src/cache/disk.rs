@@ -639,15 +639,13 @@ fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::{os::unix::fs::FileExt as _, sync::atomic::AtomicBool, time::SystemTime};
+    use std::os::unix::fs::FileExt as _;
 
     use bytes::Bytes;
     use bytesize::ByteSize;
-    use cdn_http::policy::{Directives, Timing};
-    use http::{HeaderMap, StatusCode};
 
     use super::*;
-    use crate::cache::{Head, Object};
+    use crate::cache::{Object, store::test_head};
 
     fn open(dir: &Path, size: u64) -> Disks {
         let metrics = DiskMetrics::register(&Registry::new()).unwrap();
@@ -658,20 +656,8 @@ mod tests {
     }
 
     fn object(body: &[u8], tags: &[&str]) -> Entry {
-        let now = SystemTime::now();
-        Entry::Object(Object {
-            head: Arc::new(Head {
-                status: StatusCode::OK,
-                headers: HeaderMap::new(),
-                timing: Timing { request_time: now, response_time: now, initial_age: Duration::ZERO },
-                directives: Directives::default(),
-                lifetime: Duration::from_secs(60),
-                tags: tags.iter().map(|t| t.to_string()).collect(),
-                vary: vec![],
-                purged: AtomicBool::default(),
-            }),
-            body: Bytes::copy_from_slice(body),
-        })
+        let tags = tags.iter().map(|t| t.to_string()).collect();
+        Entry::Object(Object { head: Arc::new(test_head(tags, vec![])), body: Bytes::copy_from_slice(body) })
     }
 
     fn body(entry: Option<Entry>) -> Option<(Bytes, bool)> {
