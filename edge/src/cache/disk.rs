@@ -176,7 +176,7 @@ fn object_path(root: &Path, hash: u64) -> PathBuf {
     root.join("objects").join(format!("{:02x}", hash >> 56)).join(format!("{hash:016x}"))
 }
 
-fn hash(key: &str) -> u64 {
+pub(crate) fn hash(key: &str) -> u64 {
     XxHash3_64::oneshot(key.as_bytes())
 }
 
@@ -283,10 +283,8 @@ impl Disks {
                         } else {
                             warn!(%key, %error, "disk entry unreadable; a miss, file dropped");
                         }
-                        if let Some(slot) = disk.index().remove(hash)
-                            && !matches!(error, ReadError::Missing)
-                        {
-                            disk.chore(Chore::Delete(vec![slot.hash]));
+                        if disk.index().remove(hash).is_some() && !matches!(error, ReadError::Missing) {
+                            disk.chore(Chore::Delete(vec![hash]));
                         }
                         None
                     }
@@ -455,7 +453,7 @@ fn write(
             return Err(error);
         }
         let mut index = disk.index();
-        index.insert(Slot::new(hash, key, &encoded.tags, size, encoded.kind, false));
+        index.insert(Slot::new(key, &encoded.tags, size, encoded.kind, false));
         index.evict_to(disk.capacity)
     };
     for hash in evicted {
@@ -515,7 +513,9 @@ fn open_disk(config: &config::Disk, metrics: &DiskMetrics) -> Result<Disk, DiskE
 /// Rebuilds the index of `root` from the files' headers, with a thread per core;
 /// files that do not check out are deleted.
 fn scan(root: &Path, metrics: &DiskMetrics) -> Index {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
+    // Reading headers is waiting on the device more than computing: more threads
+    // than cores keep more reads in flight (a cold start of 100k files).
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get() * 8).clamp(8, 32);
     let next = AtomicU64::new(0);
     let slots: Mutex<Vec<Slot>> = Mutex::default();
     std::thread::scope(|scope| {
@@ -542,7 +542,6 @@ fn scan(root: &Path, metrics: &DiskMetrics) -> Index {
                         });
                         match summary {
                             Ok((summary, metadata)) if self::hash(&summary.key) == hash => found.push(Slot::new(
-                                hash,
                                 &summary.key,
                                 &summary.tags,
                                 on_disk(&metadata),
@@ -565,8 +564,9 @@ fn scan(root: &Path, metrics: &DiskMetrics) -> Index {
             });
         }
     });
-    let mut index = Index::default();
-    for slot in slots.into_inner().unwrap_or_else(PoisonError::into_inner) {
+    let slots = slots.into_inner().unwrap_or_else(PoisonError::into_inner);
+    let mut index = Index::with_capacity(slots.len());
+    for slot in slots {
         index.insert(slot);
     }
     index

@@ -6,20 +6,21 @@
 //! slots; the key itself is kept for purges by URL and prefix (and checked against
 //! the file's own copy on every read).
 
-use std::collections::HashMap;
-
 use cdn_cluster::purge::Target;
+use hashbrown::HashTable;
 
-use super::file::Kind;
+use super::{file::Kind, hash};
 
-/// One file.
+/// Bytes per unit of [`Slot::blocks`].
+const BLOCK: u64 = 4096;
+
+/// One file. Kept small: one per object on disk (the key's text is what grows).
 #[derive(Debug)]
 pub(crate) struct Slot {
-    pub(crate) hash: u64,
     pub(crate) key: Box<str>,
     pub(crate) tags: Box<[String]>,
-    /// Bytes the file takes on disk.
-    pub(crate) size: u64,
+    /// What the file takes on disk, in 4 KiB blocks.
+    blocks: u32,
     pub(crate) kind: Kind,
     pub(crate) soft_purged: bool,
     /// Its body was checked since the edge started (the file never changes).
@@ -28,22 +29,47 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    pub(crate) fn new(hash: u64, key: &str, tags: &[String], size: u64, kind: Kind, soft_purged: bool) -> Self {
-        Self { hash, key: key.into(), tags: tags.into(), size, kind, soft_purged, verified: false, referenced: false }
+    pub(crate) fn new(key: &str, tags: &[String], size: u64, kind: Kind, soft_purged: bool) -> Self {
+        Self {
+            key: key.into(),
+            tags: tags.into(),
+            blocks: u32::try_from(size.div_ceil(BLOCK)).unwrap_or(u32::MAX),
+            kind,
+            soft_purged,
+            verified: false,
+            referenced: false,
+        }
+    }
+
+    /// Bytes the file takes.
+    pub(crate) fn size(&self) -> u64 {
+        u64::from(self.blocks) * BLOCK
+    }
+
+    /// The hash its file is named by.
+    pub(crate) fn hash(&self) -> u64 {
+        hash(&self.key)
     }
 }
 
-/// The index of one disk.
+/// The index of one disk: slots in a vector (the CLOCK ring), found by their key's
+/// hash through a table of slot numbers (4 bytes per entry; hashes are recomputed
+/// from the keys when the table grows).
 #[derive(Debug, Default)]
 pub(crate) struct Index {
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
-    by_hash: HashMap<u64, u32>,
+    table: HashTable<u32>,
     hand: usize,
     bytes: u64,
 }
 
 impl Index {
+    /// An empty index with room for `n` entries.
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        Self { slots: Vec::with_capacity(n), table: HashTable::with_capacity(n), ..Self::default() }
+    }
+
     /// Bytes of every file indexed.
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes
@@ -51,12 +77,17 @@ impl Index {
 
     /// Files indexed.
     pub(crate) fn len(&self) -> usize {
-        self.by_hash.len()
+        self.table.len()
+    }
+
+    fn find(&self, hash: u64) -> Option<u32> {
+        let slots = &self.slots;
+        self.table.find(hash, |&at| slots[at as usize].as_ref().is_some_and(|s| s.hash() == hash)).copied()
     }
 
     /// The slot of `key` (marked as used), if indexed.
     pub(crate) fn get(&mut self, hash: u64, key: &str) -> Option<&Slot> {
-        let at = *self.by_hash.get(&hash)? as usize;
+        let at = self.find(hash)? as usize;
         let slot = self.slots[at].as_mut()?;
         if &*slot.key != key {
             return None;
@@ -67,7 +98,7 @@ impl Index {
 
     /// Marks the body of `key` checked.
     pub(crate) fn set_verified(&mut self, hash: u64, key: &str) {
-        if let Some(&at) = self.by_hash.get(&hash)
+        if let Some(at) = self.find(hash)
             && let Some(slot) = self.slots[at as usize].as_mut()
             && &*slot.key == key
         {
@@ -77,14 +108,14 @@ impl Index {
 
     /// Indexes `slot`, replacing what had its hash.
     pub(crate) fn insert(&mut self, slot: Slot) {
-        self.bytes += slot.size;
-        if let Some(&at) = self.by_hash.get(&slot.hash) {
+        let hash = slot.hash();
+        self.bytes += slot.size();
+        if let Some(at) = self.find(hash) {
             if let Some(old) = self.slots[at as usize].replace(slot) {
-                self.bytes -= old.size;
+                self.bytes -= old.size();
             }
             return;
         }
-        let hash = slot.hash;
         let at = match self.free.pop() {
             Some(at) => {
                 self.slots[at as usize] = Some(slot);
@@ -95,15 +126,19 @@ impl Index {
                 u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
             }
         };
-        self.by_hash.insert(hash, at);
+        let slots = &self.slots;
+        self.table.insert_unique(hash, at, |&at| slots[at as usize].as_ref().map_or(0, Slot::hash));
     }
 
     /// Removes the slot of `hash`.
     pub(crate) fn remove(&mut self, hash: u64) -> Option<Slot> {
-        let at = self.by_hash.remove(&hash)?;
+        let slots = &self.slots;
+        let entry =
+            self.table.find_entry(hash, |&at| slots[at as usize].as_ref().is_some_and(|s| s.hash() == hash)).ok()?;
+        let (at, _) = entry.remove();
         let slot = self.slots[at as usize].take()?;
         self.free.push(at);
-        self.bytes -= slot.size;
+        self.bytes -= slot.size();
         Some(slot)
     }
 
@@ -120,7 +155,7 @@ impl Index {
                 slot.referenced = false;
                 continue;
             }
-            let hash = slot.hash;
+            let hash = slot.hash();
             self.remove(hash);
             evicted.push(hash);
         }
@@ -132,7 +167,7 @@ impl Index {
     /// deleted); soft: the heads are marked (returned: their flags are to be set).
     pub(crate) fn purge(&mut self, target: &Target, soft: bool) -> Vec<u64> {
         if target.all && !soft {
-            let all = self.by_hash.keys().copied().collect();
+            let all = self.slots.iter().flatten().map(Slot::hash).collect();
             *self = Self::default();
             return all;
         }
@@ -142,7 +177,7 @@ impl Index {
             for slot in self.slots.iter_mut().flatten() {
                 if slot.kind.has_head() && matches(slot) {
                     slot.soft_purged = true;
-                    marked.push(slot.hash);
+                    marked.push(slot.hash());
                 }
             }
             return marked;
@@ -161,7 +196,7 @@ impl Index {
             .iter()
             .flatten()
             .filter(|slot| matches(slot) || urls.iter().any(|url| cdn_http::key::belongs_to(&slot.key, url)))
-            .map(|slot| slot.hash)
+            .map(Slot::hash)
             .collect();
         for &hash in &doomed {
             self.remove(hash);
@@ -176,7 +211,7 @@ impl Index {
             .iter()
             .flatten()
             .filter(|slot| cdn_http::key::belongs_to(&slot.key, primary))
-            .map(|slot| slot.hash)
+            .map(Slot::hash)
             .collect();
         for &hash in &doomed {
             self.remove(hash);
@@ -189,28 +224,34 @@ impl Index {
 mod tests {
     use super::*;
 
-    fn slot(hash: u64, key: &str, tags: &[&str], kind: Kind) -> Slot {
+    fn slot(key: &str, tags: &[&str], kind: Kind) -> Slot {
         let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
-        Slot::new(hash, key, &tags, 100, kind, false)
+        Slot::new(key, &tags, 100, kind, false)
     }
 
     #[test]
     fn clock_eviction_spares_what_was_read() {
         let mut index = Index::default();
         for i in 0..10 {
-            index.insert(slot(i, &format!("k{i}"), &[], Kind::Object));
+            index.insert(slot(&format!("k{i}"), &[], Kind::Object));
         }
-        assert_eq!((index.len(), index.bytes()), (10, 1000));
-        assert!(index.get(3, "k3").is_some());
-        assert!(index.get(3, "other key, same hash").is_none());
-        let evicted = index.evict_to(500);
+        assert_eq!((index.len(), index.bytes()), (10, 10 * BLOCK));
+        assert!(index.get(hash("k3"), "k3").is_some());
+        assert!(index.get(hash("k3"), "another key").is_none());
+        let evicted = index.evict_to(5 * BLOCK);
         assert_eq!(evicted.len(), 5);
-        assert!(!evicted.contains(&3), "{evicted:?}");
-        assert_eq!(index.bytes(), 500);
+        assert!(!evicted.contains(&hash("k3")), "{evicted:?}");
+        assert_eq!(index.bytes(), 5 * BLOCK);
         // Replacing keeps the count right; freed slots are reused.
-        index.insert(slot(3, "k3", &[], Kind::Object));
-        index.insert(slot(42, "k42", &[], Kind::Object));
-        assert_eq!((index.len(), index.bytes()), (6, 600));
+        index.insert(slot("k3", &[], Kind::Object));
+        index.insert(slot("k42", &[], Kind::Object));
+        assert_eq!((index.len(), index.bytes(), index.slots.len()), (6, 6 * BLOCK, 10));
+        assert!(index.remove(hash("k42")).is_some() && index.get(hash("k42"), "k42").is_none());
+    }
+
+    #[test]
+    fn a_slot_stays_small() {
+        assert!(std::mem::size_of::<Option<Slot>>() <= 40, "{}", std::mem::size_of::<Option<Slot>>());
     }
 
     #[test]
@@ -218,18 +259,21 @@ mod tests {
         let mut index = Index::default();
         let video = cdn_http::key::primary("http", "h", &"/v.mp4".parse().unwrap(), false);
         let page = cdn_http::key::primary("http", "h", &"/page".parse().unwrap(), false);
-        index.insert(slot(1, &video, &["movie"], Kind::Sliced));
-        index.insert(slot(2, &cdn_http::key::slice(&video, 0), &[], Kind::Slice));
-        index.insert(slot(3, &cdn_http::key::slice(&video, 1), &[], Kind::Slice));
-        index.insert(slot(4, &page, &["page"], Kind::Object));
+        let slices = [cdn_http::key::slice(&video, 0), cdn_http::key::slice(&video, 1)];
+        index.insert(slot(&video, &["movie"], Kind::Sliced));
+        index.insert(slot(&slices[0], &[], Kind::Slice));
+        index.insert(slot(&slices[1], &[], Kind::Slice));
+        index.insert(slot(&page, &["page"], Kind::Object));
         let soft = index.purge(&Target { tags: vec!["page".into()], ..Target::default() }, true);
-        assert_eq!(soft, [4]);
-        assert!(index.get(4, &page).unwrap().soft_purged);
+        assert_eq!(soft, [hash(&page)]);
+        assert!(index.get(hash(&page), &page).unwrap().soft_purged);
         let mut hard = index.purge(&Target { tags: vec!["movie".into()], ..Target::default() }, false);
         hard.sort_unstable();
-        assert_eq!(hard, [1, 2, 3]);
+        let mut want = vec![hash(&video), hash(&slices[0]), hash(&slices[1])];
+        want.sort_unstable();
+        assert_eq!(hard, want);
         assert_eq!(index.len(), 1);
         let all = index.purge(&Target::everything(), false);
-        assert_eq!((all, index.len(), index.bytes()), (vec![4], 0, 0));
+        assert_eq!((all, index.len(), index.bytes()), (vec![hash(&page)], 0, 0));
     }
 }
