@@ -57,9 +57,13 @@ const PAUSE: Duration = Duration::from_secs(30);
 /// Disk reads at once (the blocking pool's share for reads).
 const READS: usize = 16;
 /// Disk writes pending at once; past this, a fill stays in memory only.
-const WRITES: usize = 64;
+const WRITES: usize = 1024;
+/// Disk writes running at once (blocking threads).
+const WRITERS: usize = 8;
 /// The file recording the purge sequences applied, per control node.
 const APPLIED: &str = "purges.json";
+/// The index saved at a clean stop.
+const SNAPSHOT: &str = "index.snapshot";
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> DiskError + '_ {
     move |source| DiskError::Io { path: path.to_path_buf(), source }
@@ -122,13 +126,15 @@ enum Chore {
     /// Sync the filesystem (and write the applied purges, on the first disk), then
     /// answer.
     Sync(Option<Vec<u8>>, oneshot::Sender<()>),
+    /// Save the index (the edge is stopping), then answer.
+    Snapshot(oneshot::Sender<()>),
 }
 
 /// One directory of the disk tier.
 struct Disk {
     root: PathBuf,
     capacity: u64,
-    index: Mutex<Index>,
+    index: Arc<Mutex<Index>>,
     /// Held (shared) by a write from its epoch check until it is indexed, and
     /// (exclusive) by a purge while it changes the index: a write either sees the
     /// purge's epoch or is indexed before the purge looks.
@@ -190,7 +196,10 @@ pub(crate) struct Disks {
     /// readers in the same epoch share one.
     loads: Mutex<HashMap<String, (u64, Arc<Read>)>>,
     reads: Arc<Semaphore>,
+    /// Writes admitted (running or waiting for a writer).
     writes: Arc<Semaphore>,
+    /// Writes running.
+    writers: Arc<Semaphore>,
     /// Closed until purges missed while the edge was down are applied.
     open: AtomicBool,
     metrics: DiskMetrics,
@@ -220,6 +229,7 @@ impl Disks {
             loads: Mutex::default(),
             reads: Arc::new(Semaphore::new(READS)),
             writes: Arc::new(Semaphore::new(WRITES)),
+            writers: Arc::new(Semaphore::new(WRITERS)),
             open: AtomicBool::new(false),
             metrics,
         }))
@@ -327,28 +337,28 @@ impl Disks {
             self.metrics.error("write", "busy");
             return;
         };
-        let (key, current, metrics) = (key.to_string(), current.clone(), self.metrics.clone());
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let encoded = file::encode(&key, &entry);
-            match write(&disk, hash, &key, &encoded, epoch, &current) {
-                Ok(written) => metrics.write_bytes.inc_by(written),
-                Err(error) => {
-                    let code = error.raw_os_error();
-                    let kind = if code == Some(Errno::NOSPC.raw_os_error()) || code == Some(Errno::DQUOT.raw_os_error())
-                    {
-                        "full"
-                    } else if code == Some(Errno::ROFS.raw_os_error()) {
-                        "read_only"
-                    } else {
-                        "io"
-                    };
-                    metrics.error("write", kind);
-                    disk.pause();
-                    warn!(disk = %disk.root.display(), %error, kind, "disk write failed; writes to this disk paused");
-                }
-            }
+        let (key, current, metrics, writers) =
+            (key.to_string(), current.clone(), self.metrics.clone(), self.writers.clone());
+        tokio::spawn(async move {
+            let Ok(writer) = writers.acquire_owned().await else { return };
+            let _ = tokio::task::spawn_blocking(move || {
+                let _permits = (permit, writer);
+                write_entry(&disk, hash, &key, &entry, epoch, &current, &metrics);
+            })
+            .await;
         });
+    }
+
+    /// Stops writing, lets every write and chore finish and saves each disk's index
+    /// (a clean stop: the next start loads it instead of reading every file).
+    pub(crate) async fn close(&self) {
+        self.writes.close();
+        let Ok(_all) = self.writers.acquire_many(WRITERS as u32).await else { return };
+        for disk in &self.disks {
+            let (done, wait) = oneshot::channel();
+            disk.chore(Chore::Snapshot(done));
+            let _: Result<(), _> = wait.await;
+        }
     }
 
     /// Applies a purge to every disk's index now, and to the files in order.
@@ -415,6 +425,36 @@ fn mark_soft_purged(entry: &Entry) {
         Entry::Vary(_) | Entry::Slice(_) => return,
     };
     head.purged.store(true, Ordering::Release);
+}
+
+/// Encodes, writes and publishes one entry (blocking), counting what happens; a
+/// full or read-only disk takes no writes for a while.
+fn write_entry(
+    disk: &Disk,
+    hash: u64,
+    key: &str,
+    entry: &Entry,
+    epoch: u64,
+    current: &AtomicU64,
+    metrics: &DiskMetrics,
+) {
+    let encoded = file::encode(key, entry);
+    match write(disk, hash, key, &encoded, epoch, current) {
+        Ok(written) => metrics.write_bytes.inc_by(written),
+        Err(error) => {
+            let code = error.raw_os_error();
+            let kind = if code == Some(Errno::NOSPC.raw_os_error()) || code == Some(Errno::DQUOT.raw_os_error()) {
+                "full"
+            } else if code == Some(Errno::ROFS.raw_os_error()) {
+                "read_only"
+            } else {
+                "io"
+            };
+            metrics.error("write", kind);
+            disk.pause();
+            warn!(disk = %disk.root.display(), %error, kind, "disk write failed; writes to this disk paused");
+        }
+    }
 }
 
 /// Writes and publishes one file; the bytes written.
@@ -485,23 +525,36 @@ fn open_disk(config: &config::Disk, metrics: &DiskMetrics) -> Result<Disk, DiskE
     for prefix in 0..=255u8 {
         fs::create_dir_all(root.join("objects").join(format!("{prefix:02x}"))).map_err(io_error(&root))?;
     }
-    let index = scan(&root, metrics);
-    let mut index = index;
+    // After a clean stop the index was saved whole; it is taken (and removed, so a
+    // crash from here on means a full scan next time) instead of reading every file.
+    let mut index = match index::load_snapshot(&root.join(SNAPSHOT)) {
+        Some(index) => {
+            info!(disk = %root.display(), objects = index.len(), "disk index loaded from the clean stop's snapshot");
+            index
+        }
+        None => scan(&root, metrics),
+    };
+    let _ = fs::remove_file(root.join(SNAPSHOT));
+    if let Ok(dir) = File::open(&root) {
+        let _ = dir.sync_all();
+    }
     let evicted = index.evict_to(config.size.as_u64());
     for hash in &evicted {
         let _ = fs::remove_file(object_path(&root, *hash));
     }
+    let index = Arc::new(Mutex::new(index));
+    let janitor_index = index.clone();
     let (sender, receiver) = mpsc::channel();
     let janitor_root = root.clone();
     let janitor_metrics = metrics.clone();
     std::thread::Builder::new()
         .name("cdn-disk-janitor".into())
-        .spawn(move || janitor(&janitor_root, &receiver, &janitor_metrics))
+        .spawn(move || janitor(&janitor_root, &receiver, &janitor_metrics, &janitor_index))
         .map_err(io_error(&root))?;
     Ok(Disk {
         root,
         capacity: config.size.as_u64(),
-        index: Mutex::new(index),
+        index,
         publish: RwLock::new(()),
         paused_until: Mutex::new(None),
         janitor: Mutex::new(sender),
@@ -573,7 +626,7 @@ fn scan(root: &Path, metrics: &DiskMetrics) -> Index {
 }
 
 /// Deletes, flags and syncs in the order asked, until the disk is dropped.
-fn janitor(root: &Path, chores: &mpsc::Receiver<Chore>, metrics: &DiskMetrics) {
+fn janitor(root: &Path, chores: &mpsc::Receiver<Chore>, metrics: &DiskMetrics, index: &Mutex<Index>) {
     use std::os::unix::fs::FileExt as _;
     while let Ok(chore) = chores.recv() {
         match chore {
@@ -616,6 +669,14 @@ fn janitor(root: &Path, chores: &mpsc::Receiver<Chore>, metrics: &DiskMetrics) {
                 {
                     metrics.error("write", "io");
                     warn!(%error, "applied purges not recorded");
+                }
+                let _ = done.send(());
+            }
+            Chore::Snapshot(done) => {
+                let bytes = index.lock().unwrap_or_else(PoisonError::into_inner).snapshot();
+                match write_durably(&root.join(SNAPSHOT), &bytes) {
+                    Ok(()) => info!(disk = %root.display(), "disk index saved for the next start"),
+                    Err(error) => warn!(%error, "disk index not saved; the next start reads every file"),
                 }
                 let _ = done.send(());
             }
@@ -706,6 +767,11 @@ mod tests {
         }
         let disks = open(dir.path(), 1 << 30);
         assert_eq!(disks.applied(), HashMap::from([("control-1".to_string(), 7)]));
+        disks.close().await;
+        assert!(dir.path().join(SNAPSHOT).exists());
+        drop(disks);
+        let disks = open(dir.path(), 1 << 30);
+        assert!(!dir.path().join(SNAPSHOT).exists(), "taken at start: a crash from now on means a scan");
         assert_eq!(disks.objects(), 2);
         assert!(disks.load_now("http://h/1", &epoch).await.is_none());
         assert_eq!(body(disks.load_now("http://h/2", &epoch).await), Some((Bytes::from_static(b"two"), true)));

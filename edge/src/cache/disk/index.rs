@@ -8,6 +8,8 @@
 
 use cdn_cluster::purge::Target;
 use hashbrown::HashTable;
+use serde::{Deserialize, Serialize};
+use twox_hash::XxHash3_64;
 
 use super::{file::Kind, hash};
 
@@ -142,6 +144,26 @@ impl Index {
         Some(slot)
     }
 
+    /// The index as bytes, for [`load_snapshot`]: every slot, then a checksum.
+    pub(crate) fn snapshot(&self) -> Vec<u8> {
+        let saved: Vec<Saved<'_>> = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|slot| Saved {
+                key: &slot.key,
+                tags: &slot.tags,
+                blocks: slot.blocks,
+                kind: slot.kind as u8,
+                soft_purged: slot.soft_purged,
+            })
+            .collect();
+        let mut bytes = postcard::to_allocvec(&saved).unwrap_or_default();
+        let sum = XxHash3_64::oneshot(&bytes);
+        bytes.extend_from_slice(&sum.to_le_bytes());
+        bytes
+    }
+
     /// Removes entries in CLOCK order until at most `capacity` bytes are indexed;
     /// returns the hashes removed (their files are to be deleted).
     pub(crate) fn evict_to(&mut self, capacity: u64) -> Vec<u64> {
@@ -220,6 +242,44 @@ impl Index {
     }
 }
 
+/// One slot as saved in a snapshot.
+#[derive(Serialize)]
+struct Saved<'a> {
+    key: &'a str,
+    tags: &'a [String],
+    blocks: u32,
+    kind: u8,
+    soft_purged: bool,
+}
+
+/// A slot as read back from a snapshot.
+#[derive(Deserialize)]
+struct Loaded {
+    key: String,
+    tags: Vec<String>,
+    blocks: u32,
+    kind: u8,
+    soft_purged: bool,
+}
+
+/// The index saved at `path` by a clean stop, if it is there and checks out.
+pub(crate) fn load_snapshot(path: &std::path::Path) -> Option<Index> {
+    let bytes = std::fs::read(path).ok()?;
+    let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(8)?)?;
+    if XxHash3_64::oneshot(body).to_le_bytes() != sum {
+        tracing::warn!(path = %path.display(), "disk index snapshot does not check out; reading every file");
+        return None;
+    }
+    let loaded: Vec<Loaded> = postcard::from_bytes(body).ok()?;
+    let mut index = Index::with_capacity(loaded.len());
+    for slot in loaded {
+        let mut new = Slot::new(&slot.key, &slot.tags, 0, Kind::from_byte(slot.kind)?, slot.soft_purged);
+        new.blocks = slot.blocks;
+        index.insert(new);
+    }
+    Some(index)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +307,26 @@ mod tests {
         index.insert(slot("k42", &[], Kind::Object));
         assert_eq!((index.len(), index.bytes(), index.slots.len()), (6, 6 * BLOCK, 10));
         assert!(index.remove(hash("k42")).is_some() && index.get(hash("k42"), "k42").is_none());
+    }
+
+    #[test]
+    fn a_snapshot_reads_back_and_a_damaged_one_is_refused() {
+        let mut index = Index::default();
+        index.insert(slot("a", &["t"], Kind::Object));
+        index.insert(Slot::new("b", &[], 3 * BLOCK, Kind::Slice, true));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap");
+        let mut bytes = index.snapshot();
+        std::fs::write(&path, &bytes).unwrap();
+        let mut back = load_snapshot(&path).unwrap();
+        assert_eq!((back.len(), back.bytes()), (2, 4 * BLOCK));
+        assert_eq!(&*back.get(hash("a"), "a").unwrap().tags, ["t"]);
+        assert!(back.get(hash("b"), "b").unwrap().soft_purged);
+        bytes[3] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(load_snapshot(&path).is_none());
+        std::fs::write(&path, b"short").unwrap();
+        assert!(load_snapshot(&path).is_none());
     }
 
     #[test]
