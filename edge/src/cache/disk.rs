@@ -29,6 +29,7 @@ use std::{
     collections::HashMap,
     fs::{self, File},
     io,
+    os::unix::fs::{FileExt as _, MetadataExt as _},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, PoisonError, RwLock,
@@ -47,7 +48,7 @@ use twox_hash::XxHash3_64;
 
 use self::{
     file::ReadError,
-    index::{Index, Slot},
+    index::{FileId, Index, Slot},
 };
 use super::store::Entry;
 use crate::{config, error::DiskError};
@@ -120,9 +121,9 @@ impl DiskMetrics {
 /// A chore of a disk's janitor thread, done in order.
 enum Chore {
     /// Delete these files.
-    Delete(Vec<u64>),
+    Delete(Vec<FileId>),
     /// Set the soft-purge flag of these files.
-    Flag(Vec<u64>),
+    Flag(Vec<FileId>),
     /// Sync the filesystem (and write the applied purges, on the first disk), then
     /// answer.
     Sync(Option<Vec<u8>>, oneshot::Sender<()>),
@@ -138,7 +139,7 @@ struct Disk {
     /// Held (shared) by a write from its epoch check until it is indexed, and
     /// (exclusive) by a purge while it changes the index: a write either sees the
     /// purge's epoch or is indexed before the purge looks.
-    publish: RwLock<()>,
+    publish: Arc<RwLock<()>>,
     /// Writes paused until then (full or read-only).
     paused_until: Mutex<Option<Instant>>,
     janitor: Mutex<mpsc::Sender<Chore>>,
@@ -293,8 +294,10 @@ impl Disks {
                         } else {
                             warn!(%key, %error, "disk entry unreadable; a miss, file dropped");
                         }
-                        if disk.index().remove(hash).is_some() && !matches!(error, ReadError::Missing) {
-                            disk.chore(Chore::Delete(vec![hash]));
+                        if let Some(slot) = disk.index().remove(hash)
+                            && !matches!(error, ReadError::Missing)
+                        {
+                            disk.chore(Chore::Delete(vec![slot.file()]));
                         }
                         None
                     }
@@ -365,9 +368,9 @@ impl Disks {
     pub(crate) fn purge(&self, target: &Target, soft: bool) {
         for disk in &self.disks {
             let _publishing = disk.publish.write().unwrap_or_else(PoisonError::into_inner);
-            let hashes = disk.index().purge(target, soft);
-            if !hashes.is_empty() {
-                disk.chore(if soft { Chore::Flag(hashes) } else { Chore::Delete(hashes) });
+            let files = disk.index().purge(target, soft);
+            if !files.is_empty() {
+                disk.chore(if soft { Chore::Flag(files) } else { Chore::Delete(files) });
             }
         }
     }
@@ -375,9 +378,9 @@ impl Disks {
     /// Drops `primary` with all its variants and slices.
     pub(crate) fn invalidate_url(&self, primary: &str) {
         for disk in &self.disks {
-            let hashes = disk.index().remove_url(primary);
-            if !hashes.is_empty() {
-                disk.chore(Chore::Delete(hashes));
+            let files = disk.index().remove_url(primary);
+            if !files.is_empty() {
+                disk.chore(Chore::Delete(files));
             }
         }
     }
@@ -493,18 +496,17 @@ fn write(
             return Err(error);
         }
         let mut index = disk.index();
-        index.insert(Slot::new(key, &encoded.tags, size, encoded.kind, false));
+        index.insert(Slot::new(key, &encoded.tags, size, metadata.ino(), encoded.kind, false));
         index.evict_to(disk.capacity)
     };
-    for hash in evicted {
-        let _ = fs::remove_file(disk.path(hash));
+    for file in evicted {
+        let _ = remove_if_same(&disk.root, &disk.publish, file);
     }
     Ok(encoded.len())
 }
 
 /// What a file takes on disk (its blocks), at least its length rounded up to 4 KiB.
 fn on_disk(metadata: &fs::Metadata) -> u64 {
-    use std::os::unix::fs::MetadataExt as _;
     (metadata.blocks() * 512).max(metadata.len().div_ceil(4096) * 4096)
 }
 
@@ -538,24 +540,25 @@ fn open_disk(config: &config::Disk, metrics: &DiskMetrics) -> Result<Disk, DiskE
     if let Ok(dir) = File::open(&root) {
         let _ = dir.sync_all();
     }
-    let evicted = index.evict_to(config.size.as_u64());
-    for hash in &evicted {
-        let _ = fs::remove_file(object_path(&root, *hash));
+    for (hash, _) in index.evict_to(config.size.as_u64()) {
+        let _ = fs::remove_file(object_path(&root, hash));
     }
     let index = Arc::new(Mutex::new(index));
     let janitor_index = index.clone();
+    let publish = Arc::new(RwLock::new(()));
+    let janitor_publish = publish.clone();
     let (sender, receiver) = mpsc::channel();
     let janitor_root = root.clone();
     let janitor_metrics = metrics.clone();
     std::thread::Builder::new()
         .name("cdn-disk-janitor".into())
-        .spawn(move || janitor(&janitor_root, &receiver, &janitor_metrics, &janitor_index))
+        .spawn(move || janitor(&janitor_root, &receiver, &janitor_metrics, &janitor_index, &janitor_publish))
         .map_err(io_error(&root))?;
     Ok(Disk {
         root,
         capacity: config.size.as_u64(),
         index,
-        publish: RwLock::new(()),
+        publish,
         paused_until: Mutex::new(None),
         janitor: Mutex::new(sender),
         next_tmp: AtomicU64::new(0),
@@ -598,6 +601,7 @@ fn scan(root: &Path, metrics: &DiskMetrics) -> Index {
                                 &summary.key,
                                 &summary.tags,
                                 on_disk(&metadata),
+                                metadata.ino(),
                                 summary.kind,
                                 summary.soft_purged,
                             )),
@@ -626,29 +630,33 @@ fn scan(root: &Path, metrics: &DiskMetrics) -> Index {
 }
 
 /// Deletes, flags and syncs in the order asked, until the disk is dropped.
-fn janitor(root: &Path, chores: &mpsc::Receiver<Chore>, metrics: &DiskMetrics, index: &Mutex<Index>) {
-    use std::os::unix::fs::FileExt as _;
+fn janitor(
+    root: &Path,
+    chores: &mpsc::Receiver<Chore>,
+    metrics: &DiskMetrics,
+    index: &Mutex<Index>,
+    publish: &RwLock<()>,
+) {
     while let Ok(chore) = chores.recv() {
         match chore {
-            Chore::Delete(hashes) => {
-                for hash in hashes {
-                    match fs::remove_file(object_path(root, hash)) {
-                        Ok(()) => {}
-                        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                        Err(error) => {
-                            metrics.error("delete", "io");
-                            warn!(%error, "cache file not deleted");
-                        }
+            Chore::Delete(files) => {
+                for file in files {
+                    if let Err(error) = remove_if_same(root, publish, file) {
+                        metrics.error("delete", "io");
+                        warn!(%error, "cache file not deleted");
                     }
                 }
             }
-            Chore::Flag(hashes) => {
-                for hash in hashes {
+            Chore::Flag(files) => {
+                for (hash, ino) in files {
                     let path = object_path(root, hash);
-                    let flagged = fs::OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .and_then(|file| file.write_all_at(&[file::SOFT_PURGED], file::FLAGS_AT));
+                    let _publishing = publish.write().unwrap_or_else(PoisonError::into_inner);
+                    let flagged = fs::OpenOptions::new().write(true).open(&path).and_then(|file| {
+                        if file.metadata()?.ino() == ino {
+                            file.write_all_at(&[file::SOFT_PURGED], file::FLAGS_AT)?;
+                        }
+                        Ok(())
+                    });
                     if let Err(error) = flagged
                         && error.kind() != io::ErrorKind::NotFound
                     {
@@ -681,6 +689,20 @@ fn janitor(root: &Path, chores: &mpsc::Receiver<Chore>, metrics: &DiskMetrics, i
                 let _ = done.send(());
             }
         }
+    }
+}
+
+/// Deletes `file` if its name still holds its inode (a refill of the same key may
+/// have renamed a new file into place since it was dropped from the index); writes
+/// do not publish meanwhile.
+fn remove_if_same(root: &Path, publish: &RwLock<()>, (hash, ino): FileId) -> io::Result<()> {
+    let path = object_path(root, hash);
+    let _publishing = publish.write().unwrap_or_else(PoisonError::into_inner);
+    match fs::metadata(&path) {
+        Ok(metadata) if metadata.ino() == ino => fs::remove_file(&path),
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(error),
     }
 }
 

@@ -16,11 +16,18 @@ use super::{file::Kind, hash};
 /// Bytes per unit of [`Slot::blocks`].
 const BLOCK: u64 = 4096;
 
+/// One cache file: the hash it is named by and its inode. A file is deleted (or
+/// flagged) only if the name still holds that inode: a refill of the same key may
+/// have renamed a new file into place since.
+pub(crate) type FileId = (u64, u64);
+
 /// One file. Kept small: one per object on disk (the key's text is what grows).
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) key: Box<str>,
     pub(crate) tags: Box<[String]>,
+    /// The file's inode.
+    ino: u64,
     /// What the file takes on disk, in 4 KiB blocks.
     blocks: u32,
     pub(crate) kind: Kind,
@@ -31,10 +38,11 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    pub(crate) fn new(key: &str, tags: &[String], size: u64, kind: Kind, soft_purged: bool) -> Self {
+    pub(crate) fn new(key: &str, tags: &[String], size: u64, ino: u64, kind: Kind, soft_purged: bool) -> Self {
         Self {
             key: key.into(),
             tags: tags.into(),
+            ino,
             blocks: u32::try_from(size.div_ceil(BLOCK)).unwrap_or(u32::MAX),
             kind,
             soft_purged,
@@ -51,6 +59,11 @@ impl Slot {
     /// The hash its file is named by.
     pub(crate) fn hash(&self) -> u64 {
         hash(&self.key)
+    }
+
+    /// Its file.
+    pub(crate) fn file(&self) -> FileId {
+        (self.hash(), self.ino)
     }
 }
 
@@ -153,6 +166,7 @@ impl Index {
             .map(|slot| Saved {
                 key: &slot.key,
                 tags: &slot.tags,
+                ino: slot.ino,
                 blocks: slot.blocks,
                 kind: slot.kind as u8,
                 soft_purged: slot.soft_purged,
@@ -165,8 +179,8 @@ impl Index {
     }
 
     /// Removes entries in CLOCK order until at most `capacity` bytes are indexed;
-    /// returns the hashes removed (their files are to be deleted).
-    pub(crate) fn evict_to(&mut self, capacity: u64) -> Vec<u64> {
+    /// returns their files (to be deleted).
+    pub(crate) fn evict_to(&mut self, capacity: u64) -> Vec<FileId> {
         let mut evicted = Vec::new();
         let mut steps = 0;
         while self.bytes > capacity && !self.slots.is_empty() && steps <= 2 * self.slots.len() {
@@ -177,9 +191,9 @@ impl Index {
                 slot.referenced = false;
                 continue;
             }
-            let hash = slot.hash();
-            self.remove(hash);
-            evicted.push(hash);
+            let file = slot.file();
+            self.remove(file.0);
+            evicted.push(file);
         }
         evicted
     }
@@ -187,9 +201,9 @@ impl Index {
     /// Applies a purge to the index. Hard: the matching entries are removed, with
     /// every variant and slice of a matching URL (returned: their files are to be
     /// deleted); soft: the heads are marked (returned: their flags are to be set).
-    pub(crate) fn purge(&mut self, target: &Target, soft: bool) -> Vec<u64> {
+    pub(crate) fn purge(&mut self, target: &Target, soft: bool) -> Vec<FileId> {
         if target.all && !soft {
-            let all = self.slots.iter().flatten().map(Slot::hash).collect();
+            let all = self.slots.iter().flatten().map(Slot::file).collect();
             *self = Self::default();
             return all;
         }
@@ -199,7 +213,7 @@ impl Index {
             for slot in self.slots.iter_mut().flatten() {
                 if slot.kind.has_head() && matches(slot) {
                     slot.soft_purged = true;
-                    marked.push(slot.hash());
+                    marked.push(slot.file());
                 }
             }
             return marked;
@@ -213,29 +227,29 @@ impl Index {
             .filter(|slot| slot.kind.has_head() && !slot.tags.is_empty() && matches(slot))
             .map(|slot| cdn_http::key::primary_of(&slot.key).into())
             .collect();
-        let doomed: Vec<u64> = self
+        let doomed: Vec<FileId> = self
             .slots
             .iter()
             .flatten()
             .filter(|slot| matches(slot) || urls.iter().any(|url| cdn_http::key::belongs_to(&slot.key, url)))
-            .map(Slot::hash)
+            .map(Slot::file)
             .collect();
-        for &hash in &doomed {
+        for &(hash, _) in &doomed {
             self.remove(hash);
         }
         doomed
     }
 
-    /// Removes `primary` with every variant and slice; returns their hashes.
-    pub(crate) fn remove_url(&mut self, primary: &str) -> Vec<u64> {
-        let doomed: Vec<u64> = self
+    /// Removes `primary` with every variant and slice; returns their files.
+    pub(crate) fn remove_url(&mut self, primary: &str) -> Vec<FileId> {
+        let doomed: Vec<FileId> = self
             .slots
             .iter()
             .flatten()
             .filter(|slot| cdn_http::key::belongs_to(&slot.key, primary))
-            .map(Slot::hash)
+            .map(Slot::file)
             .collect();
-        for &hash in &doomed {
+        for &(hash, _) in &doomed {
             self.remove(hash);
         }
         doomed
@@ -247,6 +261,7 @@ impl Index {
 struct Saved<'a> {
     key: &'a str,
     tags: &'a [String],
+    ino: u64,
     blocks: u32,
     kind: u8,
     soft_purged: bool,
@@ -257,6 +272,7 @@ struct Saved<'a> {
 struct Loaded {
     key: String,
     tags: Vec<String>,
+    ino: u64,
     blocks: u32,
     kind: u8,
     soft_purged: bool,
@@ -273,7 +289,7 @@ pub(crate) fn load_snapshot(path: &std::path::Path) -> Option<Index> {
     let loaded: Vec<Loaded> = postcard::from_bytes(body).ok()?;
     let mut index = Index::with_capacity(loaded.len());
     for slot in loaded {
-        let mut new = Slot::new(&slot.key, &slot.tags, 0, Kind::from_byte(slot.kind)?, slot.soft_purged);
+        let mut new = Slot::new(&slot.key, &slot.tags, 0, slot.ino, Kind::from_byte(slot.kind)?, slot.soft_purged);
         new.blocks = slot.blocks;
         index.insert(new);
     }
@@ -286,7 +302,7 @@ mod tests {
 
     fn slot(key: &str, tags: &[&str], kind: Kind) -> Slot {
         let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
-        Slot::new(key, &tags, 100, kind, false)
+        Slot::new(key, &tags, 100, 7, kind, false)
     }
 
     #[test]
@@ -300,7 +316,7 @@ mod tests {
         assert!(index.get(hash("k3"), "another key").is_none());
         let evicted = index.evict_to(5 * BLOCK);
         assert_eq!(evicted.len(), 5);
-        assert!(!evicted.contains(&hash("k3")), "{evicted:?}");
+        assert!(!evicted.contains(&(hash("k3"), 7)), "{evicted:?}");
         assert_eq!(index.bytes(), 5 * BLOCK);
         // Replacing keeps the count right; freed slots are reused.
         index.insert(slot("k3", &[], Kind::Object));
@@ -313,7 +329,7 @@ mod tests {
     fn a_snapshot_reads_back_and_a_damaged_one_is_refused() {
         let mut index = Index::default();
         index.insert(slot("a", &["t"], Kind::Object));
-        index.insert(Slot::new("b", &[], 3 * BLOCK, Kind::Slice, true));
+        index.insert(Slot::new("b", &[], 3 * BLOCK, 9, Kind::Slice, true));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snap");
         let mut bytes = index.snapshot();
@@ -322,6 +338,7 @@ mod tests {
         assert_eq!((back.len(), back.bytes()), (2, 4 * BLOCK));
         assert_eq!(&*back.get(hash("a"), "a").unwrap().tags, ["t"]);
         assert!(back.get(hash("b"), "b").unwrap().soft_purged);
+        assert_eq!(back.get(hash("b"), "b").unwrap().file(), (hash("b"), 9));
         bytes[3] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         assert!(load_snapshot(&path).is_none());
@@ -331,7 +348,7 @@ mod tests {
 
     #[test]
     fn a_slot_stays_small() {
-        assert!(std::mem::size_of::<Option<Slot>>() <= 40, "{}", std::mem::size_of::<Option<Slot>>());
+        assert!(std::mem::size_of::<Option<Slot>>() <= 48, "{}", std::mem::size_of::<Option<Slot>>());
     }
 
     #[test]
@@ -345,15 +362,19 @@ mod tests {
         index.insert(slot(&slices[1], &[], Kind::Slice));
         index.insert(slot(&page, &["page"], Kind::Object));
         let soft = index.purge(&Target { tags: vec!["page".into()], ..Target::default() }, true);
-        assert_eq!(soft, [hash(&page)]);
+        assert_eq!(soft, [(hash(&page), 7)]);
         assert!(index.get(hash(&page), &page).unwrap().soft_purged);
-        let mut hard = index.purge(&Target { tags: vec!["movie".into()], ..Target::default() }, false);
+        let mut hard: Vec<u64> = index
+            .purge(&Target { tags: vec!["movie".into()], ..Target::default() }, false)
+            .iter()
+            .map(|f| f.0)
+            .collect();
         hard.sort_unstable();
         let mut want = vec![hash(&video), hash(&slices[0]), hash(&slices[1])];
         want.sort_unstable();
         assert_eq!(hard, want);
         assert_eq!(index.len(), 1);
         let all = index.purge(&Target::everything(), false);
-        assert_eq!((all, index.len(), index.bytes()), (vec![hash(&page)], 0, 0));
+        assert_eq!((all, index.len(), index.bytes()), (vec![(hash(&page), 7)], 0, 0));
     }
 }
