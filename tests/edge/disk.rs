@@ -749,19 +749,33 @@ async fn purges_missed_while_down_are_applied_to_disk_entries_before_serving() {
     }
     assert_eq!(edge.metric("cdn_purge_flushes_total", &[]).await, 0.0, "missed purges were all still in the log");
 
-    // Everything stored again, then a purge of everything while down.
-    for (path, body) in bodies.iter().filter(|(p, _)| p.starts_with("/keep/") || p.starts_with("/s/")) {
-        fetch_exact(&c, &edge.url(path), &[], body).await;
-    }
-    for (path, body) in changed.iter().chain(&early) {
-        fetch_exact(&c, &edge.url(path), &[], body).await;
-    }
-    for (path, body) in bodies.iter().filter(|(p, _)| p.ends_with("/clip")) {
+    // Everything stored again, and a restart with no purge meanwhile: all HITs, the
+    // revalidated object too (fresh again, on disk as well).
+    let current: Vec<(String, Bytes)> = bodies
+        .iter()
+        .map(|(path, body)| {
+            let now = changed.iter().chain(&early).find(|(p, _)| p == path).map_or(body, |(_, b)| b);
+            (path.clone(), now.clone())
+        })
+        .collect();
+    for (path, body) in &current {
         fetch_exact(&c, &edge.url(path), &[], body).await;
     }
     edge.wait_for_disk_entries(entries).await;
     drop(c);
     edge.sigterm().await;
+    origin.reset_hits();
+    let edge = EdgeProcess::start(&spec).await;
+    let c = client();
+    for (path, body) in &current {
+        let reply = fetch_exact(&c, &edge.url(path), &[], body).await;
+        assert_eq!(reply.x_cache(), "HIT", "{path} after a restart without purges: {}", reply.header("cache-status"));
+        assert_eq!(origin.hits(path), 0, "{path}");
+    }
+    drop(c);
+    edge.sigterm().await;
+
+    // A purge of everything while down.
     purge(&control, json!({ "all": true })).await;
     origin.reset_hits();
     let edge = EdgeProcess::start(&spec).await;
@@ -1125,4 +1139,46 @@ async fn a_key_stored_again_right_after_its_purge_keeps_its_new_file() {
     assert_eq!(hits, files, "after a clean restart");
     edge.sigterm().await;
     control.stop().await;
+}
+
+#[tokio::test]
+async fn the_disk_tier_keeps_to_its_size() {
+    let origin = MockOrigin::start().await;
+    let objects: Vec<(String, Bytes)> =
+        (0..48).map(|i| format!("/z/{i}")).map(|p| (p.clone(), content(&p, 512 * KIB))).collect();
+    for (path, body) in &objects {
+        origin.route(path, route(body, path));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = Spec::new(dir.path(), "edge-disk-size", &origin.url(), "memory = \"4MiB\"");
+    // 24 MiB of objects for 16 MiB of disk.
+    spec.disk_size = "16MiB";
+    let bound = 16 * MIB as u64;
+    let on_disk = |disk: &Path| cache_files(disk).iter().map(|f| std::fs::metadata(f).unwrap().len()).sum::<u64>();
+    let edge = EdgeProcess::start(&spec).await;
+    let c = client();
+    for round in 0..2 {
+        for (path, body) in &objects {
+            fetch_exact(&c, &edge.url(path), &[], body).await;
+        }
+        let (indexed, files) = settled(&edge).await;
+        let bytes = edge.metric("cdn_cache_bytes", &[("tier", "disk")]).await;
+        let used = on_disk(&spec.disk);
+        eprintln!("round {round}: {indexed} entries indexed, {files} files, {bytes} bytes counted, {used} in files");
+        assert!(bytes <= bound as f64 && used <= bound, "round {round}: {bytes} bytes counted, {used} in files");
+        assert!(indexed == files as f64 && files >= 16, "round {round}: {indexed} entries indexed, {files} files");
+    }
+    drop(c);
+    edge.sigterm().await;
+    let edge = EdgeProcess::start(&spec).await;
+    let c = client();
+    let mut hits = 0;
+    for (path, body) in &objects {
+        hits += usize::from(fetch_exact(&c, &edge.url(path), &[], body).await.x_cache() == "HIT");
+    }
+    assert!(hits > 0, "nothing kept across the restart");
+    assert!(on_disk(&spec.disk) <= bound, "{} bytes in files after the restart", on_disk(&spec.disk));
+    assert_eq!(edge.metric("cdn_cache_disk_errors_total", &[]).await, 0.0, "{}", edge.output());
+    drop(c);
+    edge.sigterm().await;
 }
