@@ -355,8 +355,9 @@ impl Disks {
     /// Stops writing, lets every write and chore finish and saves each disk's index
     /// (a clean stop: the next start loads it instead of reading every file).
     pub(crate) async fn close(&self) {
-        self.writes.close();
-        let Ok(_all) = self.writers.acquire_many(WRITERS as u32).await else { return };
+        // Every admitted write holds one of these until it is published (or failed):
+        // taking them all waits for the last one, and admits no more.
+        let Ok(_all) = self.writes.acquire_many(WRITES as u32).await else { return };
         for disk in &self.disks {
             let (done, wait) = oneshot::channel();
             disk.chore(Chore::Snapshot(done));
@@ -800,6 +801,21 @@ mod tests {
         let (read, soft) = body(disks.load_now("http://h/3", &epoch).await).unwrap();
         assert_eq!((&read[..], soft), (&big[..], false));
         assert!(cdn_node::zerocopy::locate(&read).is_some(), "sent from its cache file");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_clean_stop_waits_for_every_write_it_admitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = Arc::new(AtomicU64::new(0));
+        let disks = open(dir.path(), 1 << 30);
+        for i in 0..300 {
+            disks.store(&format!("http://h/{i}"), object(&[3; 5000], &[]), 0, &epoch);
+        }
+        disks.close().await;
+        assert_eq!(disks.objects(), 300, "every write admitted before the stop is published");
+        drop(disks);
+        let disks = open(dir.path(), 1 << 30);
+        assert_eq!(disks.objects(), 300, "and in the saved index");
     }
 
     #[tokio::test(flavor = "multi_thread")]
