@@ -762,14 +762,23 @@ async fn purges_missed_while_down_are_applied_to_disk_entries_before_serving() {
         fetch_exact(&c, &edge.url(path), &[], body).await;
     }
     edge.wait_for_disk_entries(entries).await;
+    let indexed = edge.metric("cdn_cache_objects", &[("tier", "disk")]).await;
     drop(c);
-    edge.sigterm().await;
+    let stopped = edge.sigterm().await;
+    let files = describe_files(&spec.disk);
     origin.reset_hits();
     let edge = EdgeProcess::start(&spec).await;
     let c = client();
     for (path, body) in &current {
         let reply = fetch_exact(&c, &edge.url(path), &[], body).await;
-        assert_eq!(reply.x_cache(), "HIT", "{path} after a restart without purges: {}", reply.header("cache-status"));
+        assert_eq!(
+            reply.x_cache(),
+            "HIT",
+            "{path} after a restart without purges: {}\n{indexed} entries indexed before the stop; the files \
+             after it:\n{files}\nthe stopped edge:\n{stopped}\nthe restarted edge:\n{}",
+            reply.header("cache-status"),
+            edge.output()
+        );
         assert_eq!(origin.hits(path), 0, "{path}");
     }
     drop(c);
