@@ -921,17 +921,12 @@ async fn a_flipped_byte_in_any_cache_file_is_a_counted_miss_never_wrong_bytes() 
         let output = edge.sigterm().await;
 
         let files = cache_files(&spec.disk);
-        // Every whole object has its file; the variants and slices read back as
-        // damaged a moment ago and stored again may have lost theirs to the delete
-        // of the damaged file (see `a_key_stored_again_right_after_its_purge_keeps_its_new_file`).
-        if files.len() != entries {
-            eprintln!(
-                "before flipping {part} bytes: {} files for {indexed} entries indexed:\n{}\n{output}",
-                files.len(),
-                describe_files(&spec.disk)
-            );
-        }
-        assert!(files.len() >= whole.len() && files.len() <= entries, "{} files", files.len());
+        assert_eq!(
+            files.len(),
+            entries,
+            "before flipping {part} bytes: {indexed} entries indexed; files:\n{}\n{output}",
+            describe_files(&spec.disk)
+        );
         for (i, file) in files.iter().enumerate() {
             let len = std::fs::metadata(file).unwrap().len();
             let at = match part {
@@ -965,8 +960,7 @@ async fn a_flipped_byte_in_any_cache_file_is_a_counted_miss_never_wrong_bytes() 
         let counted = edge.metric("cdn_cache_disk_errors_total", &[("op", "read"), ("kind", "checksum")]).await;
         eprintln!("flipped {part} bytes in {entries} files: {counted} checksum errors counted");
         // Each whole object's file is read (or dropped at the start): counted.
-        let lost = entries - files.len();
-        assert!(counted >= (whole.len() - lost) as f64, "{counted} checksum errors for {} damaged files", files.len());
+        assert!(counted >= whole.len() as f64, "{counted} checksum errors for {entries} damaged files");
         // What is stored now reads back right (from memory or from the new files).
         for (path, body) in &whole {
             let reply = fetch_exact(&c, &edge.url(path), &[], body).await;
@@ -1055,13 +1049,12 @@ async fn a_disk_path_that_cannot_be_used_is_a_config_error_naming_it() {
     assert_eq!(std::fs::read(&file).unwrap(), b"not a directory", "the file was left alone");
 }
 
-/// Found while writing these tests: a purge (or a damaged file read back) queues the
-/// delete of the key's file for the disk's janitor, and a fill of the same key that
-/// lands before the janitor gets to it has its new file deleted under it (the file
-/// is named after the key): the index still lists the entry, the file is gone, and
-/// after a restart the object is a MISS although it was stored after the purge.
-/// A purge of everything gives the janitor thousands of files to delete while the
-/// keys are filled again.
+/// A purge (or a damaged file read back) has the key's file deleted by the disk's
+/// janitor, later; a fill of the same key that lands first puts a new file under
+/// the same name, which must survive that delete. (Found by this test: 30 to 100 of
+/// 1200 keys were lost that way, listed in the index with their files gone, until
+/// b2f5e2f.) A purge of everything gives the janitor thousands of files to delete
+/// while the keys are filled again.
 #[tokio::test]
 async fn a_key_stored_again_right_after_its_purge_keeps_its_new_file() {
     const KEYS: usize = 1200;
