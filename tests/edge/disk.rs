@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 use tokio::{io::AsyncReadExt as _, process::Child};
 
 use cdn_test_support::{
-    client::{HttpClient, Reply, client, get, h2c_client, unpooled_client},
+    client::{HttpClient, Reply, client, get, h2c_client, send, unpooled_client},
     control::{SECRET, TOKEN, TestControl, api},
     edge::TestEdge,
     metrics,
@@ -1183,6 +1183,41 @@ async fn the_disk_tier_keeps_to_its_size() {
     assert!(hits > 0, "nothing kept across the restart");
     assert!(on_disk(&spec.disk) <= bound, "{} bytes in files after the restart", on_disk(&spec.disk));
     assert_eq!(edge.metric("cdn_cache_disk_errors_total", &[]).await, 0.0, "{}", edge.output());
+    drop(c);
+    edge.sigterm().await;
+}
+
+#[tokio::test]
+async fn an_unsafe_request_invalidates_the_disk_copy_too() {
+    let origin = MockOrigin::start().await;
+    let (a, b, clip) = (content("/inv/a", 200 * KIB), content("/inv/b", 200 * KIB), content("/inv/clip", 3 * MIB));
+    origin.route("/inv/a", route(&a, "a"));
+    origin.route("/inv/b", route(&b, "b"));
+    origin.route("/inv/clip", route(&clip, "clip"));
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Spec::new(dir.path(), "edge-disk-invalidate", &origin.url(), "memory = \"8MiB\"");
+    let edge = EdgeProcess::start(&spec).await;
+    let c = client();
+    for (path, body) in [("/inv/a", &a), ("/inv/b", &b), ("/inv/clip", &clip)] {
+        fetch_exact(&c, &edge.url(path), &[], body).await;
+    }
+    // Two objects and a head with 3 slices.
+    edge.wait_for_disk_entries(6).await;
+    for path in ["/inv/a", "/inv/clip"] {
+        assert_eq!(send(&c, Method::POST, &edge.url(path), &[]).await.status, StatusCode::OK, "POST {path}");
+    }
+    drop(c);
+    edge.sigterm().await;
+    assert_eq!(cache_files(&spec.disk).len(), 1, "the invalidated files are deleted by a clean stop");
+
+    origin.reset_hits();
+    let edge = EdgeProcess::start(&spec).await;
+    let c = client();
+    let reply = fetch_exact(&c, &edge.url("/inv/b"), &[], &b).await;
+    assert!(is_disk_hit(&reply), "/inv/b: {}", reply.header("cache-status"));
+    assert_eq!(fetch_exact(&c, &edge.url("/inv/a"), &[], &a).await.x_cache(), "MISS", "/inv/a after a POST to it");
+    assert_eq!(fetch_exact(&c, &edge.url("/inv/clip"), &[], &clip).await.x_cache(), "MISS", "/inv/clip after a POST");
+    assert_eq!(origin.hits("/inv/clip"), 3, "/inv/clip: its slices were invalidated along");
     drop(c);
     edge.sigterm().await;
 }
