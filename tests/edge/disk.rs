@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 use tokio::{io::AsyncReadExt as _, process::Child};
 
 use cdn_test_support::{
-    client::{HttpClient, Reply, client, get, h2c_client, unpooled_client},
+    client::{HttpClient, Reply, client, get, h2c_client, send, unpooled_client},
     control::{SECRET, TOKEN, TestControl, api},
     edge::TestEdge,
     metrics,
@@ -762,14 +762,23 @@ async fn purges_missed_while_down_are_applied_to_disk_entries_before_serving() {
         fetch_exact(&c, &edge.url(path), &[], body).await;
     }
     edge.wait_for_disk_entries(entries).await;
+    let indexed = edge.metric("cdn_cache_objects", &[("tier", "disk")]).await;
     drop(c);
-    edge.sigterm().await;
+    let stopped = edge.sigterm().await;
+    let files = describe_files(&spec.disk);
     origin.reset_hits();
     let edge = EdgeProcess::start(&spec).await;
     let c = client();
     for (path, body) in &current {
         let reply = fetch_exact(&c, &edge.url(path), &[], body).await;
-        assert_eq!(reply.x_cache(), "HIT", "{path} after a restart without purges: {}", reply.header("cache-status"));
+        assert_eq!(
+            reply.x_cache(),
+            "HIT",
+            "{path} after a restart without purges: {}\n{indexed} entries indexed before the stop; the files \
+             after it:\n{files}\nthe stopped edge:\n{stopped}\nthe restarted edge:\n{}",
+            reply.header("cache-status"),
+            edge.output()
+        );
         assert_eq!(origin.hits(path), 0, "{path}");
     }
     drop(c);
@@ -912,17 +921,12 @@ async fn a_flipped_byte_in_any_cache_file_is_a_counted_miss_never_wrong_bytes() 
         let output = edge.sigterm().await;
 
         let files = cache_files(&spec.disk);
-        // Every whole object has its file; the variants and slices read back as
-        // damaged a moment ago and stored again may have lost theirs to the delete
-        // of the damaged file (see `a_key_stored_again_right_after_its_purge_keeps_its_new_file`).
-        if files.len() != entries {
-            eprintln!(
-                "before flipping {part} bytes: {} files for {indexed} entries indexed:\n{}\n{output}",
-                files.len(),
-                describe_files(&spec.disk)
-            );
-        }
-        assert!(files.len() >= whole.len() && files.len() <= entries, "{} files", files.len());
+        assert_eq!(
+            files.len(),
+            entries,
+            "before flipping {part} bytes: {indexed} entries indexed; files:\n{}\n{output}",
+            describe_files(&spec.disk)
+        );
         for (i, file) in files.iter().enumerate() {
             let len = std::fs::metadata(file).unwrap().len();
             let at = match part {
@@ -956,8 +960,7 @@ async fn a_flipped_byte_in_any_cache_file_is_a_counted_miss_never_wrong_bytes() 
         let counted = edge.metric("cdn_cache_disk_errors_total", &[("op", "read"), ("kind", "checksum")]).await;
         eprintln!("flipped {part} bytes in {entries} files: {counted} checksum errors counted");
         // Each whole object's file is read (or dropped at the start): counted.
-        let lost = entries - files.len();
-        assert!(counted >= (whole.len() - lost) as f64, "{counted} checksum errors for {} damaged files", files.len());
+        assert!(counted >= whole.len() as f64, "{counted} checksum errors for {entries} damaged files");
         // What is stored now reads back right (from memory or from the new files).
         for (path, body) in &whole {
             let reply = fetch_exact(&c, &edge.url(path), &[], body).await;
@@ -1046,13 +1049,12 @@ async fn a_disk_path_that_cannot_be_used_is_a_config_error_naming_it() {
     assert_eq!(std::fs::read(&file).unwrap(), b"not a directory", "the file was left alone");
 }
 
-/// Found while writing these tests: a purge (or a damaged file read back) queues the
-/// delete of the key's file for the disk's janitor, and a fill of the same key that
-/// lands before the janitor gets to it has its new file deleted under it (the file
-/// is named after the key): the index still lists the entry, the file is gone, and
-/// after a restart the object is a MISS although it was stored after the purge.
-/// A purge of everything gives the janitor thousands of files to delete while the
-/// keys are filled again.
+/// A purge (or a damaged file read back) has the key's file deleted by the disk's
+/// janitor, later; a fill of the same key that lands first puts a new file under
+/// the same name, which must survive that delete. (Found by this test: 30 to 100 of
+/// 1200 keys were lost that way, listed in the index with their files gone, until
+/// b2f5e2f.) A purge of everything gives the janitor thousands of files to delete
+/// while the keys are filled again.
 #[tokio::test]
 async fn a_key_stored_again_right_after_its_purge_keeps_its_new_file() {
     const KEYS: usize = 1200;
@@ -1154,7 +1156,9 @@ async fn the_disk_tier_keeps_to_its_size() {
     // 24 MiB of objects for 16 MiB of disk.
     spec.disk_size = "16MiB";
     let bound = 16 * MIB as u64;
-    let on_disk = |disk: &Path| cache_files(disk).iter().map(|f| std::fs::metadata(f).unwrap().len()).sum::<u64>();
+    // (A file evicted meanwhile takes no room.)
+    let on_disk =
+        |disk: &Path| cache_files(disk).iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum::<u64>();
     let edge = EdgeProcess::start(&spec).await;
     let c = client();
     for round in 0..2 {
@@ -1179,6 +1183,41 @@ async fn the_disk_tier_keeps_to_its_size() {
     assert!(hits > 0, "nothing kept across the restart");
     assert!(on_disk(&spec.disk) <= bound, "{} bytes in files after the restart", on_disk(&spec.disk));
     assert_eq!(edge.metric("cdn_cache_disk_errors_total", &[]).await, 0.0, "{}", edge.output());
+    drop(c);
+    edge.sigterm().await;
+}
+
+#[tokio::test]
+async fn an_unsafe_request_invalidates_the_disk_copy_too() {
+    let origin = MockOrigin::start().await;
+    let (a, b, clip) = (content("/inv/a", 200 * KIB), content("/inv/b", 200 * KIB), content("/inv/clip", 3 * MIB));
+    origin.route("/inv/a", route(&a, "a"));
+    origin.route("/inv/b", route(&b, "b"));
+    origin.route("/inv/clip", route(&clip, "clip"));
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Spec::new(dir.path(), "edge-disk-invalidate", &origin.url(), "memory = \"8MiB\"");
+    let edge = EdgeProcess::start(&spec).await;
+    let c = client();
+    for (path, body) in [("/inv/a", &a), ("/inv/b", &b), ("/inv/clip", &clip)] {
+        fetch_exact(&c, &edge.url(path), &[], body).await;
+    }
+    // Two objects and a head with 3 slices.
+    edge.wait_for_disk_entries(6).await;
+    for path in ["/inv/a", "/inv/clip"] {
+        assert_eq!(send(&c, Method::POST, &edge.url(path), &[]).await.status, StatusCode::OK, "POST {path}");
+    }
+    drop(c);
+    edge.sigterm().await;
+    assert_eq!(cache_files(&spec.disk).len(), 1, "the invalidated files are deleted by a clean stop");
+
+    origin.reset_hits();
+    let edge = EdgeProcess::start(&spec).await;
+    let c = client();
+    let reply = fetch_exact(&c, &edge.url("/inv/b"), &[], &b).await;
+    assert!(is_disk_hit(&reply), "/inv/b: {}", reply.header("cache-status"));
+    assert_eq!(fetch_exact(&c, &edge.url("/inv/a"), &[], &a).await.x_cache(), "MISS", "/inv/a after a POST to it");
+    assert_eq!(fetch_exact(&c, &edge.url("/inv/clip"), &[], &clip).await.x_cache(), "MISS", "/inv/clip after a POST");
+    assert_eq!(origin.hits("/inv/clip"), 3, "/inv/clip: its slices were invalidated along");
     drop(c);
     edge.sigterm().await;
 }
