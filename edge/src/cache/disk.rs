@@ -497,11 +497,11 @@ fn write(
             return Err(error);
         }
         let mut index = disk.index();
-        index.insert(Slot::new(key, &encoded.tags, size, metadata.ino(), encoded.kind, false));
+        index.insert(Slot::new(key, &encoded.tags, size, encoded.kind, false));
         index.evict_to(disk.capacity)
     };
     for file in evicted {
-        let _ = remove_if_same(&disk.root, &disk.publish, file);
+        let _ = remove_unlisted(&disk.root, &disk.publish, &disk.index, file);
     }
     Ok(encoded.len())
 }
@@ -541,7 +541,7 @@ fn open_disk(config: &config::Disk, metrics: &DiskMetrics) -> Result<Disk, DiskE
     if let Ok(dir) = File::open(&root) {
         let _ = dir.sync_all();
     }
-    for (hash, _) in index.evict_to(config.size.as_u64()) {
+    for hash in index.evict_to(config.size.as_u64()) {
         let _ = fs::remove_file(object_path(&root, hash));
     }
     let index = Arc::new(Mutex::new(index));
@@ -602,7 +602,6 @@ fn scan(root: &Path, metrics: &DiskMetrics) -> Index {
                                 &summary.key,
                                 &summary.tags,
                                 on_disk(&metadata),
-                                metadata.ino(),
                                 summary.kind,
                                 summary.soft_purged,
                             )),
@@ -642,22 +641,24 @@ fn janitor(
         match chore {
             Chore::Delete(files) => {
                 for file in files {
-                    if let Err(error) = remove_if_same(root, publish, file) {
+                    if let Err(error) = remove_unlisted(root, publish, index, file) {
                         metrics.error("delete", "io");
                         warn!(%error, "cache file not deleted");
                     }
                 }
             }
             Chore::Flag(files) => {
-                for (hash, ino) in files {
+                for hash in files {
                     let path = object_path(root, hash);
                     let _publishing = publish.write().unwrap_or_else(PoisonError::into_inner);
-                    let flagged = fs::OpenOptions::new().write(true).open(&path).and_then(|file| {
-                        if file.metadata()?.ino() == ino {
-                            file.write_all_at(&[file::SOFT_PURGED], file::FLAGS_AT)?;
-                        }
-                        Ok(())
-                    });
+                    // Only a file still listed as soft-purged: a refill since wrote a fresh one.
+                    if index.lock().unwrap_or_else(PoisonError::into_inner).listed(hash) != Some(true) {
+                        continue;
+                    }
+                    let flagged = fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|file| file.write_all_at(&[file::SOFT_PURGED], file::FLAGS_AT));
                     if let Err(error) = flagged
                         && error.kind() != io::ErrorKind::NotFound
                     {
@@ -693,17 +694,17 @@ fn janitor(
     }
 }
 
-/// Deletes `file` if its name still holds its inode (a refill of the same key may
-/// have renamed a new file into place since it was dropped from the index); writes
-/// do not publish meanwhile.
-fn remove_if_same(root: &Path, publish: &RwLock<()>, (hash, ino): FileId) -> io::Result<()> {
-    let path = object_path(root, hash);
+/// Deletes the file named `hash` unless the index lists it again (a refill of the
+/// same key renamed a new file into place since it was dropped); checked while no
+/// write publishes.
+fn remove_unlisted(root: &Path, publish: &RwLock<()>, index: &Mutex<Index>, hash: FileId) -> io::Result<()> {
     let _publishing = publish.write().unwrap_or_else(PoisonError::into_inner);
-    match fs::metadata(&path) {
-        Ok(metadata) if metadata.ino() == ino => fs::remove_file(&path),
-        Ok(_) => Ok(()),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(error),
+    if index.lock().unwrap_or_else(PoisonError::into_inner).listed(hash).is_some() {
+        return Ok(());
+    }
+    match fs::remove_file(object_path(root, hash)) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
     }
 }
 

@@ -16,18 +16,16 @@ use super::{file::Kind, hash};
 /// Bytes per unit of [`Slot::blocks`].
 const BLOCK: u64 = 4096;
 
-/// One cache file: the hash it is named by and its inode. A file is deleted (or
-/// flagged) only if the name still holds that inode: a refill of the same key may
-/// have renamed a new file into place since.
-pub(crate) type FileId = (u64, u64);
+/// One cache file: the hash it is named by. A file is deleted (or flagged) only if
+/// the index does not list it again by then (or still lists it soft-purged): a
+/// refill of the same key may have renamed a new file into place since.
+pub(crate) type FileId = u64;
 
 /// One file. Kept small: one per object on disk (the key's text is what grows).
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) key: Box<str>,
     pub(crate) tags: Box<[String]>,
-    /// The file's inode.
-    ino: u64,
     /// What the file takes on disk, in 4 KiB blocks.
     blocks: u32,
     pub(crate) kind: Kind,
@@ -38,11 +36,10 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    pub(crate) fn new(key: &str, tags: &[String], size: u64, ino: u64, kind: Kind, soft_purged: bool) -> Self {
+    pub(crate) fn new(key: &str, tags: &[String], size: u64, kind: Kind, soft_purged: bool) -> Self {
         Self {
             key: key.into(),
             tags: tags.into(),
-            ino,
             blocks: u32::try_from(size.div_ceil(BLOCK)).unwrap_or(u32::MAX),
             kind,
             soft_purged,
@@ -63,7 +60,7 @@ impl Slot {
 
     /// Its file.
     pub(crate) fn file(&self) -> FileId {
-        (self.hash(), self.ino)
+        self.hash()
     }
 }
 
@@ -109,6 +106,12 @@ impl Index {
         }
         slot.referenced = true;
         Some(slot)
+    }
+
+    /// Whether a file named `hash` is listed, and soft-purged.
+    pub(crate) fn listed(&self, hash: u64) -> Option<bool> {
+        let at = self.find(hash)?;
+        self.slots[at as usize].as_ref().map(|slot| slot.soft_purged)
     }
 
     /// Marks the body of `key` checked.
@@ -166,7 +169,6 @@ impl Index {
             .map(|slot| Saved {
                 key: &slot.key,
                 tags: &slot.tags,
-                ino: slot.ino,
                 blocks: slot.blocks,
                 kind: slot.kind as u8,
                 soft_purged: slot.soft_purged,
@@ -192,7 +194,7 @@ impl Index {
                 continue;
             }
             let file = slot.file();
-            self.remove(file.0);
+            self.remove(file);
             evicted.push(file);
         }
         evicted
@@ -234,7 +236,7 @@ impl Index {
             .filter(|slot| matches(slot) || urls.iter().any(|url| cdn_http::key::belongs_to(&slot.key, url)))
             .map(Slot::file)
             .collect();
-        for &(hash, _) in &doomed {
+        for &hash in &doomed {
             self.remove(hash);
         }
         doomed
@@ -249,7 +251,7 @@ impl Index {
             .filter(|slot| cdn_http::key::belongs_to(&slot.key, primary))
             .map(Slot::file)
             .collect();
-        for &(hash, _) in &doomed {
+        for &hash in &doomed {
             self.remove(hash);
         }
         doomed
@@ -261,7 +263,6 @@ impl Index {
 struct Saved<'a> {
     key: &'a str,
     tags: &'a [String],
-    ino: u64,
     blocks: u32,
     kind: u8,
     soft_purged: bool,
@@ -272,7 +273,6 @@ struct Saved<'a> {
 struct Loaded {
     key: String,
     tags: Vec<String>,
-    ino: u64,
     blocks: u32,
     kind: u8,
     soft_purged: bool,
@@ -289,7 +289,7 @@ pub(crate) fn load_snapshot(path: &std::path::Path) -> Option<Index> {
     let loaded: Vec<Loaded> = postcard::from_bytes(body).ok()?;
     let mut index = Index::with_capacity(loaded.len());
     for slot in loaded {
-        let mut new = Slot::new(&slot.key, &slot.tags, 0, slot.ino, Kind::from_byte(slot.kind)?, slot.soft_purged);
+        let mut new = Slot::new(&slot.key, &slot.tags, 0, Kind::from_byte(slot.kind)?, slot.soft_purged);
         new.blocks = slot.blocks;
         index.insert(new);
     }
@@ -302,7 +302,7 @@ mod tests {
 
     fn slot(key: &str, tags: &[&str], kind: Kind) -> Slot {
         let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
-        Slot::new(key, &tags, 100, 7, kind, false)
+        Slot::new(key, &tags, 100, kind, false)
     }
 
     #[test]
@@ -316,7 +316,7 @@ mod tests {
         assert!(index.get(hash("k3"), "another key").is_none());
         let evicted = index.evict_to(5 * BLOCK);
         assert_eq!(evicted.len(), 5);
-        assert!(!evicted.contains(&(hash("k3"), 7)), "{evicted:?}");
+        assert!(!evicted.contains(&hash("k3")), "{evicted:?}");
         assert_eq!(index.bytes(), 5 * BLOCK);
         // Replacing keeps the count right; freed slots are reused.
         index.insert(slot("k3", &[], Kind::Object));
@@ -329,7 +329,7 @@ mod tests {
     fn a_snapshot_reads_back_and_a_damaged_one_is_refused() {
         let mut index = Index::default();
         index.insert(slot("a", &["t"], Kind::Object));
-        index.insert(Slot::new("b", &[], 3 * BLOCK, 9, Kind::Slice, true));
+        index.insert(Slot::new("b", &[], 3 * BLOCK, Kind::Slice, true));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snap");
         let mut bytes = index.snapshot();
@@ -338,7 +338,7 @@ mod tests {
         assert_eq!((back.len(), back.bytes()), (2, 4 * BLOCK));
         assert_eq!(&*back.get(hash("a"), "a").unwrap().tags, ["t"]);
         assert!(back.get(hash("b"), "b").unwrap().soft_purged);
-        assert_eq!(back.get(hash("b"), "b").unwrap().file(), (hash("b"), 9));
+        assert_eq!(back.listed(hash("b")), Some(true));
         bytes[3] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         assert!(load_snapshot(&path).is_none());
@@ -348,7 +348,7 @@ mod tests {
 
     #[test]
     fn a_slot_stays_small() {
-        assert!(std::mem::size_of::<Option<Slot>>() <= 48, "{}", std::mem::size_of::<Option<Slot>>());
+        assert!(std::mem::size_of::<Option<Slot>>() <= 40, "{}", std::mem::size_of::<Option<Slot>>());
     }
 
     #[test]
@@ -362,19 +362,15 @@ mod tests {
         index.insert(slot(&slices[1], &[], Kind::Slice));
         index.insert(slot(&page, &["page"], Kind::Object));
         let soft = index.purge(&Target { tags: vec!["page".into()], ..Target::default() }, true);
-        assert_eq!(soft, [(hash(&page), 7)]);
+        assert_eq!(soft, [hash(&page)]);
         assert!(index.get(hash(&page), &page).unwrap().soft_purged);
-        let mut hard: Vec<u64> = index
-            .purge(&Target { tags: vec!["movie".into()], ..Target::default() }, false)
-            .iter()
-            .map(|f| f.0)
-            .collect();
+        let mut hard = index.purge(&Target { tags: vec!["movie".into()], ..Target::default() }, false);
         hard.sort_unstable();
         let mut want = vec![hash(&video), hash(&slices[0]), hash(&slices[1])];
         want.sort_unstable();
         assert_eq!(hard, want);
         assert_eq!(index.len(), 1);
         let all = index.purge(&Target::everything(), false);
-        assert_eq!((all, index.len(), index.bytes()), (vec![(hash(&page), 7)], 0, 0));
+        assert_eq!((all, index.len(), index.bytes()), (vec![hash(&page)], 0, 0));
     }
 }
