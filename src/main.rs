@@ -60,6 +60,9 @@ enum Command {
     Drain(ops::DrainArgs),
     /// Put a drained edge back into DNS answers.
     Undrain(ops::DrainArgs),
+    /// Apply or show the routing document: sites, origin pools, cache rules.
+    #[command(subcommand)]
+    Routing(ops::RoutingCommand),
 }
 
 #[derive(Debug, Args)]
@@ -221,6 +224,7 @@ async fn async_main(command: Command) -> ExitCode {
         Command::Nodes(args) => client_result(ops::nodes(args).await),
         Command::Drain(args) => client_result(ops::drain(args, true).await),
         Command::Undrain(args) => client_result(ops::drain(args, false).await),
+        Command::Routing(command) => client_result(ops::routing(command).await),
         Command::Dev(args) => {
             spawn_signal_handler(shutdown.clone());
             match dev::run(args, shutdown).await {

@@ -1,15 +1,23 @@
-//! Operators' commands: `cdn purge`, `cdn nodes`, `cdn drain`, `cdn undrain` —
-//! clients of a control node's API (`--control`/`CDN_CONTROL`, `--token`/`CDN_TOKEN`;
-//! for an `https://` control node `--ca`/`CDN_CA` or `--insecure`).
+//! Operators' commands: `cdn purge`, `cdn nodes`, `cdn drain`, `cdn undrain`,
+//! `cdn routing apply|show` — clients of a control node's API
+//! (`--control`/`CDN_CONTROL`, `--token`/`CDN_TOKEN`; for an `https://` control node
+//! `--ca`/`CDN_CA` or `--insecure`).
 
-use std::{io::Write as _, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeSet,
+    io::Write as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
-use clap::Args;
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
 
 use cdn_control::{
-    api::{EdgeProgress, NodeView, PurgeState},
-    client::{ControlClient, ServerTrust},
+    api::{EdgeProgress, NodeView, PurgeState, RoutingAck, RoutingView},
+    client::{ClientError, ControlClient, ServerTrust},
     purge::PurgeRequest,
+    routing::Format,
 };
 
 /// Where the control API is and how to authenticate.
@@ -77,6 +85,38 @@ pub(crate) struct NodesArgs {
     json: bool,
 }
 
+/// `cdn routing ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum RoutingCommand {
+    /// Send a routing document to the control node, which versions it and
+    /// publishes it to every edge (FILE ending in `.toml`: TOML, else JSON).
+    Apply(RoutingApplyArgs),
+    /// Print the routing document as JSON, with its version and each edge's.
+    Show(RoutingShowArgs),
+}
+
+/// `cdn routing apply FILE`.
+#[derive(Debug, Args)]
+pub(crate) struct RoutingApplyArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The document: TOML when the name ends in `.toml`, else JSON.
+    file: PathBuf,
+    /// Wait until every edge that is alive serves by the new version.
+    #[arg(long)]
+    wait: bool,
+    /// How long `--wait` waits (`30s`, `500ms`, `2m`; a bare number is seconds).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "wait")]
+    timeout: Duration,
+}
+
+/// `cdn routing show`.
+#[derive(Debug, Args)]
+pub(crate) struct RoutingShowArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
 /// `cdn drain NODE` / `cdn undrain NODE`.
 #[derive(Debug, Args)]
 pub(crate) struct DrainArgs {
@@ -138,8 +178,9 @@ pub(crate) async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
 
 /// The `cdn nodes` table.
 fn table(nodes: &[NodeView]) -> String {
-    let mut rows =
-        vec![["NODE", "ROLE", "REGION", "ADDR", "STATE", "READY", "LOAD", "APPLIED"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["NODE", "ROLE", "REGION", "ADDR", "STATE", "READY", "LOAD", "APPLIED", "ROUTING"].map(String::from).to_vec(),
+    ];
     for node in nodes {
         let state = serde_json::to_value(node.state).ok().and_then(|v| v.as_str().map(str::to_owned));
         rows.push(vec![
@@ -151,6 +192,7 @@ fn table(nodes: &[NodeView]) -> String {
             if node.ready { "yes".into() } else { "no".into() },
             format!("{:.0}%", node.load * 100.0),
             node.applied_seq.to_string(),
+            node.routing_version.map_or_else(|| "-".into(), |version| version.to_string()),
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
@@ -170,6 +212,111 @@ pub(crate) async fn drain(args: DrainArgs, on: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub(crate) async fn routing(command: RoutingCommand) -> anyhow::Result<()> {
+    match command {
+        RoutingCommand::Apply(args) => routing_apply(args).await,
+        RoutingCommand::Show(args) => {
+            let view = args.api.client()?.routing_get().await?;
+            println!("{}", serde_json::to_string_pretty(&view)?);
+            Ok(())
+        }
+    }
+}
+
+async fn routing_apply(args: RoutingApplyArgs) -> anyhow::Result<()> {
+    let document = std::fs::read(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let client = args.api.client()?;
+    let ack = match client.routing_put(document, Format::from_path(&args.file)).await {
+        Ok(ack) => ack,
+        Err(ClientError::InvalidRouting { problems, .. }) => {
+            anyhow::bail!("{} refused (nothing changed):\n  {}", args.file.display(), problems.join("\n  "))
+        }
+        Err(error) => return Err(error.into()),
+    };
+    println!("routing version {} accepted (by {})", ack.version, ack.by);
+    let _ = std::io::stdout().flush();
+    if !args.wait {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut shown = BTreeSet::new();
+    loop {
+        let view = client.routing_get().await?;
+        let progress = wait_progress(&ack, &view)?;
+        for edge in progress.applied {
+            if shown.insert(edge.to_string()) {
+                println!("  {edge:<20} version {}   (+{} ms)", ack.version, started.elapsed().as_millis());
+            }
+        }
+        if progress.pending.is_empty() {
+            let edges = view.edges.len();
+            let ms = started.elapsed().as_millis();
+            if edges == 0 {
+                println!("no edge is alive: nothing to wait for");
+            } else {
+                println!("version {} applied on {edges} edges in {ms} ms", ack.version);
+            }
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < args.timeout,
+            "version {} not applied everywhere after {:?}; pending: {}",
+            ack.version,
+            args.timeout,
+            progress.pending.join(", ")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Where `cdn routing apply --wait` stands.
+#[derive(Debug, PartialEq)]
+struct Progress<'a> {
+    /// Edges that serve by the version applied (or a later one).
+    applied: Vec<&'a str>,
+    /// The others, as `edge (version v)`.
+    pending: Vec<String>,
+}
+
+/// The edges of `view` that serve by `ack`'s version and the others; an error when
+/// the control node holds another document than the one applied (a newer one
+/// superseded it).
+fn wait_progress<'a>(ack: &RoutingAck, view: &'a RoutingView) -> anyhow::Result<Progress<'a>> {
+    anyhow::ensure!(
+        (view.version, view.by.as_str()) == (ack.version, ack.by.as_str()),
+        "version {} (by {}) was superseded by version {} (by {}) before every edge applied it",
+        ack.version,
+        ack.by,
+        view.version,
+        view.by
+    );
+    let (mut applied, mut pending) = (Vec::new(), Vec::new());
+    for (edge, version) in &view.edges {
+        if *version >= ack.version {
+            applied.push(edge.as_str());
+        } else {
+            pending.push(format!("{edge} (version {version})"));
+        }
+    }
+    Ok(Progress { applied, pending })
+}
+
+/// `30s`, `500ms`, `2m`, `1h`, or a bare number of seconds (`1.5`).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (30s, 500ms, 2m)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => number,
+        "ms" => number / 1000.0,
+        "m" | "min" => number * 60.0,
+        "h" => number * 3600.0,
+        other => return Err(format!("unknown unit {other:?} in {text:?} (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|error| format!("{text:?}: {error}"))
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::{Value, json};
@@ -182,7 +329,8 @@ mod tests {
         let nodes = vec![
             node(json!({"node_id": "us-east", "role": "edge", "region": "us-east", "addr": "127.0.0.11",
                    "gossip_addr": "127.0.0.11:7946", "admin_addr": null, "location": null,
-                   "state": "alive", "ready": true, "load": 0.25, "applied_seq": 7, "applied": {}})),
+                   "state": "alive", "ready": true, "load": 0.25, "applied_seq": 7, "applied": {},
+                   "routing_version": 4})),
             node(json!({"node_id": "control", "role": "control", "region": "", "addr": "127.0.0.1",
                    "gossip_addr": "127.0.0.1:7946", "admin_addr": null, "location": null,
                    "state": "alive", "ready": true, "load": 0.0, "applied_seq": 0, "applied": {}})),
@@ -191,8 +339,34 @@ mod tests {
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("NODE     ROLE"), "{out}");
-        assert!(lines[1].contains("25%") && lines[1].ends_with('7'), "{out}");
+        assert!(lines[1].contains("25%") && lines[1].ends_with(" 7        4"), "{out}");
+        assert!(lines[2].ends_with(" 0        -"), "no routing version reported:\n{out}");
         assert_eq!(lines[1].find("alive"), lines[2].find("alive"), "columns align:\n{out}");
         assert_eq!(lines[0].find("STATE"), lines[1].find("alive"), "columns align:\n{out}");
+    }
+
+    #[test]
+    fn durations_for_the_wait_timeout() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("soon").is_err() && parse_duration("3 days").is_err() && parse_duration("").is_err());
+    }
+
+    #[test]
+    fn wait_progress_follows_the_edges_and_notices_a_newer_document() {
+        let ack = RoutingAck { version: 3, by: "c1".into() };
+        let view = |version: u64, by: &str, edges: Value| -> RoutingView {
+            serde_json::from_value(json!({"version": version, "by": by, "routing": {"sites": []}, "edges": edges}))
+                .unwrap()
+        };
+        let seen = view(3, "c1", json!({"e1": 3, "e2": 2, "e3": 0}));
+        let progress = wait_progress(&ack, &seen).unwrap();
+        assert_eq!(progress.applied, ["e1"]);
+        assert_eq!(progress.pending, ["e2 (version 2)", "e3 (version 0)"]);
+        assert!(wait_progress(&ack, &view(3, "c1", json!({"e1": 3}))).unwrap().pending.is_empty());
+        let error = wait_progress(&ack, &view(3, "c2", json!({}))).unwrap_err().to_string();
+        assert!(error.contains("superseded by version 3 (by c2)"), "{error}");
     }
 }

@@ -1,11 +1,12 @@
 //! The control API's bodies, typed: what the server writes and what the client (and
-//! so `cdn purge`, `cdn nodes`, `cdn drain`) reads are the same structs.
+//! so `cdn purge`, `cdn nodes`, `cdn drain`, `cdn routing`) reads are the same structs.
 //!
-//! The request body of `POST /v1/purge` is [`crate::purge::PurgeRequest`].
+//! The request body of `POST /v1/purge` is [`crate::purge::PurgeRequest`]; the one of
+//! `PUT /v1/routing` is a [`Routing`] document (JSON or TOML, [`crate::routing`]).
 
 use std::collections::BTreeMap;
 
-use cdn_cluster::{MemberState, Role};
+use cdn_cluster::{MemberState, Role, routing::Routing};
 use cdn_node::location::GeoPoint;
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +82,10 @@ pub struct NodeView {
     pub applied_seq: u64,
     /// The last purge it applied of every control node.
     pub applied: BTreeMap<String, u64>,
+    /// The routing version it serves by (edges), as it reports it; `null` when it
+    /// reports none.
+    #[serde(default)]
+    pub routing_version: Option<u64>,
 }
 
 /// `POST /v1/edges/{node}/drain` and `.../undrain`.
@@ -92,11 +97,40 @@ pub struct DrainAck {
     pub drained: bool,
 }
 
-/// Every error answer: `{"error": "..."}`.
+/// `200` answer of `PUT /v1/routing`: the version the document got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingAck {
+    /// Its version.
+    pub version: u64,
+    /// The control node that accepted it (of two documents with one version, the
+    /// one accepted by the greater node id wins).
+    pub by: String,
+}
+
+/// `GET /v1/routing`: the routing document this control node holds, and the
+/// version each edge serves by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutingView {
+    /// Its version.
+    pub version: u64,
+    /// The control node that accepted it.
+    pub by: String,
+    /// The document.
+    pub routing: Routing,
+    /// Every edge that is not dead: the version it reports it serves by (0: none
+    /// reported yet).
+    pub edges: BTreeMap<String, u64>,
+}
+
+/// Every error answer: `{"error": "..."}`; a refused routing document also lists
+/// every problem, each naming its field (`{"error": .., "problems": [..]}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     /// What was wrong.
     pub error: String,
+    /// Each problem, as `field.path: what is wrong` (refused routing documents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 #[cfg(test)]
@@ -127,5 +161,17 @@ mod tests {
         }))
         .unwrap();
         assert_eq!((node.role, node.state, node.applied_seq), (Role::Edge, MemberState::Drained, 3));
+        assert_eq!(node.routing_version, None, "absent in older answers");
+
+        let view: RoutingView = serde_json::from_value(json!({
+            "version": 2, "by": "c1", "edges": {"e1": 2, "e2": 0},
+            "routing": {"sites": [{"name": "a", "hosts": ["a.test"], "origins": [{"url": "http://o"}]}]}
+        }))
+        .unwrap();
+        assert_eq!((view.version, view.edges["e1"], view.routing.sites[0].origins[0].weight), (2, 2, 1));
+        let plain = ApiError { error: "no".into(), problems: Vec::new() };
+        assert_eq!(serde_json::to_value(&plain).unwrap(), json!({"error": "no"}));
+        let refused = ApiError { error: "bad".into(), problems: vec!["sites[0].name: x".into()] };
+        assert_eq!(serde_json::to_value(&refused).unwrap(), json!({"error": "bad", "problems": ["sites[0].name: x"]}));
     }
 }

@@ -1,10 +1,10 @@
-//! A typed client of the control API, for the `cdn purge|nodes|drain` commands,
-//! tests and benchmarks.
+//! A typed client of the control API, for the `cdn purge|nodes|drain|routing`
+//! commands, tests and benchmarks.
 
 use cdn_node::tls::{self, ClientTrust};
 
-pub use crate::api::{NodeView, PurgeAck, PurgeStatus};
-use crate::purge::PurgeRequest;
+pub use crate::api::{NodeView, PurgeAck, PurgeStatus, RoutingAck, RoutingView};
+use crate::{purge::PurgeRequest, routing::Format};
 use std::{path::PathBuf, time::Duration};
 
 use bytes::Bytes;
@@ -48,6 +48,19 @@ pub enum ClientError {
         /// The API's `error` text.
         message: String,
     },
+    /// The API refused a routing document (`400`); nothing changed.
+    #[error("{status}: {message}")]
+    InvalidRouting {
+        /// HTTP status.
+        status: StatusCode,
+        /// The API's `error` text.
+        message: String,
+        /// Every problem, as `field.path: what is wrong`.
+        problems: Vec<String>,
+    },
+    /// The control node holds no routing document yet (`GET /v1/routing`: 404).
+    #[error("no routing document yet")]
+    NoRouting,
     /// The answer is not what the API promises.
     #[error("unexpected answer")]
     Unexpected(#[source] serde_json::Error),
@@ -139,12 +152,16 @@ impl ControlClient {
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<Value, ClientError> {
+        self.send(method, path, Format::Json, Bytes::from(body.unwrap_or_default())).await
+    }
+
+    async fn send(&self, method: Method, path: &str, format: Format, body: Bytes) -> Result<Value, ClientError> {
         let request = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+            .header(header::CONTENT_TYPE, format.content_type())
+            .body(Full::new(body))?;
         let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
             .await
             .map_err(|_| ClientError::Timeout)?
@@ -154,6 +171,13 @@ impl ControlClient {
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if !status.is_success() {
             let message = value["error"].as_str().unwrap_or("no error text").to_string();
+            let problems: Vec<String> = value["problems"]
+                .as_array()
+                .map(|problems| problems.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
+                .unwrap_or_default();
+            if status == StatusCode::BAD_REQUEST && !problems.is_empty() {
+                return Err(ClientError::InvalidRouting { status, message, problems });
+            }
             return Err(ClientError::Refused { status, message });
         }
         Ok(value)
@@ -175,6 +199,24 @@ impl ControlClient {
     /// `GET /v1/nodes`.
     pub async fn nodes(&self) -> Result<Vec<NodeView>, ClientError> {
         let value = self.call(Method::GET, "/v1/nodes", None).await?;
+        serde_json::from_value(value).map_err(ClientError::Unexpected)
+    }
+
+    /// `PUT /v1/routing` with a document in `format` (sent as it is: the control
+    /// node reads, validates and versions it). A refused document is
+    /// [`ClientError::InvalidRouting`], with every problem naming its field.
+    pub async fn routing_put(&self, document: impl Into<Bytes>, format: Format) -> Result<RoutingAck, ClientError> {
+        let value = self.send(Method::PUT, "/v1/routing", format, document.into()).await?;
+        serde_json::from_value(value).map_err(ClientError::Unexpected)
+    }
+
+    /// `GET /v1/routing`: the document the control node holds, its version and
+    /// each edge's; [`ClientError::NoRouting`] when there is none yet.
+    pub async fn routing_get(&self) -> Result<RoutingView, ClientError> {
+        let value = match self.call(Method::GET, "/v1/routing", None).await {
+            Err(ClientError::Refused { status: StatusCode::NOT_FOUND, .. }) => return Err(ClientError::NoRouting),
+            other => other?,
+        };
         serde_json::from_value(value).map_err(ClientError::Unexpected)
     }
 

@@ -24,6 +24,14 @@ pub enum Error {
         /// Why.
         source: io::Error,
     },
+    /// The stored routing document could not be read.
+    #[error("routing document in {dir}: {source}")]
+    RoutingStore {
+        /// `data_dir`.
+        dir: PathBuf,
+        /// Why.
+        source: crate::routing::store::StoreError,
+    },
     /// A listener or TLS failed.
     #[error(transparent)]
     Node(#[from] cdn_node::Error),

@@ -1,10 +1,20 @@
-//! The control node: the purge API and routing (drain/undrain), over the cluster.
+//! The control node: the purge API, the routing document and drain/undrain, over
+//! the cluster.
 //!
 //! Every `/v1` call needs `Authorization: Bearer <token>` (compared in constant
 //! time). A purge is appended to the durable log and fsynced, then published in
 //! gossip ([`Cluster::publish_purge`]) and pushed eagerly to every live edge; edges
 //! report what they applied ([`Cluster::applied`]), and the node records when all of
 //! them had it.
+//!
+//! A routing document (`PUT /v1/routing`) is validated, given the next version
+//! (one more than the newest this node or any live control node holds), stored
+//! durably ([`RoutingStore`]), then published ([`Cluster::publish_routing`]). Every
+//! control node follows the cluster: when a live control node holds a document
+//! that supersedes its own ([`Versioned::supersedes`]: a higher version, or the same
+//! version accepted by a greater node id), it stores that one too, with its version
+//! and author, and publishes it in turn; so a control node that restarts, or a new
+//! one, goes on from the current version.
 //!
 //! The API, the admin listener and the background loops run under one
 //! [`Supervisor`]: one that fails stops the node.
@@ -20,9 +30,12 @@ use std::{
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
-use prometheus::{IntCounter, Registry};
+use prometheus::{IntCounter, IntGauge, Registry};
 use serde::Deserialize;
-use tokio::{net::TcpListener, sync::Mutex};
+use tokio::{
+    net::TcpListener,
+    sync::{Mutex, watch},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -41,8 +54,9 @@ use cdn_node::{
 
 use crate::{
     Error,
-    api::{ApiError, DrainAck, EdgeProgress, NodeView, PurgeAck, PurgeState, PurgeStatus},
+    api::{ApiError, DrainAck, EdgeProgress, NodeView, PurgeAck, PurgeState, PurgeStatus, RoutingAck, RoutingView},
     purge::{PurgeRecord, PurgeRequest, log::PurgeLog},
+    routing::{self, Format, Refusal, Versioned, store::RoutingStore},
 };
 
 /// The `cdn control` configuration. (Its `Debug` leaves the token out.)
@@ -58,7 +72,7 @@ pub struct Config {
     pub token: Option<String>,
     /// File holding the API token.
     pub token_file: Option<PathBuf>,
-    /// Where the purge log lives.
+    /// Where the purge log and the routing document live.
     pub data_dir: PathBuf,
     /// How long applied purges are kept before they are collected.
     #[serde(default = "default_retention", with = "humantime_serde")]
@@ -187,6 +201,16 @@ pub(crate) struct State {
     retention: Duration,
     unauthorized: IntCounter,
     log_errors: IntCounter,
+    /// The routing document this node holds.
+    routing: Mutex<RoutingStore>,
+    /// `cdn_routing_version`: the version in `routing`.
+    routing_version: IntGauge,
+    /// `cdn_routing_store_errors_total`.
+    routing_errors: IntCounter,
+    /// Whether this node has heard from the cluster (or waited long enough alone
+    /// to be the first node): a routing document accepted before then could take a
+    /// version another control node already used.
+    settled: watch::Sender<bool>,
 }
 
 /// A bound control node.
@@ -207,6 +231,8 @@ impl Control {
         let token = config.load_token()?;
         let log = PurgeLog::open(&config.data_dir)
             .map_err(|source| Error::PurgeLog { dir: config.data_dir.clone(), source })?;
+        let routing = RoutingStore::open(&config.data_dir)
+            .map_err(|source| Error::RoutingStore { dir: config.data_dir.clone(), source })?;
         let api = listener::bind(config.listen.api).await?;
         let admin = match config.listen.admin {
             Some(addr) => Some(listener::bind(addr).await?),
@@ -241,6 +267,15 @@ impl Control {
             "Purges refused because the purge log could not be written (disk full, I/O error)",
         )?;
         registry.register(Box::new(log_errors.clone()))?;
+        let routing_version =
+            IntGauge::new("cdn_routing_version", "Version of the routing document this control node holds (0: none)")?;
+        registry.register(Box::new(routing_version.clone()))?;
+        routing_version.set(i64::try_from(routing.version()).unwrap_or(i64::MAX));
+        let routing_errors = IntCounter::new(
+            "cdn_routing_store_errors_total",
+            "Routing documents not stored because data_dir could not be written (refused or not adopted yet)",
+        )?;
+        registry.register(Box::new(routing_errors.clone()))?;
         let state = Arc::new(State {
             node_id: config.node_id.clone(),
             token,
@@ -251,6 +286,10 @@ impl Control {
             retention: config.retention,
             unauthorized,
             log_errors,
+            routing: Mutex::new(routing),
+            routing_version,
+            routing_errors,
+            settled: watch::Sender::new(false),
         });
         Ok(Self { state, api, tls, admin, registry: registry.clone(), cluster_shutdown, faults: Faults::default() })
     }
@@ -271,7 +310,7 @@ impl Control {
     }
 
     /// Test hook: makes a named task (`api`, `admin`, `completions`, `gc`,
-    /// `cluster`) panic on demand (with `cdn-node`'s `test-util` feature;
+    /// `routing`, `cluster`) panic on demand (with `cdn-node`'s `test-util` feature;
     /// otherwise inert).
     #[doc(hidden)]
     pub fn faults(&self) -> Faults {
@@ -297,18 +336,33 @@ impl Control {
                 let floor = log.records().first().map_or(log.next_seq(), |r| r.seq);
                 cluster.set_purge_floor(floor).await;
             }
+            // And the routing document it holds (or that it holds none, so edges can
+            // tell "none exists" from "not heard yet").
+            {
+                let store = state.routing.lock().await;
+                match store.current() {
+                    Some(versioned) => {
+                        if let Err(error) = cluster.publish_routing(versioned).await {
+                            warn!(%error, version = versioned.version, "stored routing document not published");
+                        }
+                    }
+                    None => cluster.publish_no_routing().await,
+                }
+            }
             cluster.publish_health(true, 0.0).await;
             // Ready once the cluster view has other members (or after 5 s alone: the
             // first control node of a new cluster).
             readiness.set("cluster", false);
             tasks.spawn_job("cluster-ready", {
                 let (cluster, readiness, shutdown) = (cluster.clone(), readiness.clone(), token.clone());
+                let state = state.clone();
                 async move {
                     let started = Instant::now();
                     while !shutdown.is_cancelled() {
                         let others = cluster.members().iter().any(|m| m.node_id != cluster.node_id());
-                        if others || started.elapsed() > Duration::from_secs(5) {
+                        if others || started.elapsed() > SETTLE {
                             readiness.set("cluster", true);
+                            state.settled.send_replace(true);
                             return;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -317,7 +371,10 @@ impl Control {
             });
             tasks.spawn("completions", track_completions(state.clone(), cluster.clone(), token.clone()));
             tasks.spawn("gc", collect_garbage(state.clone(), cluster.clone(), token.clone()));
+            tasks.spawn("routing", follow_routing(state.clone(), cluster.clone(), token.clone()));
             tasks.spawn("cluster", cluster.clone().supervise(token.clone()));
+        } else {
+            state.settled.send_replace(true);
         }
         if let Some(admin) = admin {
             // Stops after the others: `/readyz` says 503 while the API drains.
@@ -355,7 +412,7 @@ fn reply(status: StatusCode, body: &impl serde::Serialize) -> Response<Body> {
 }
 
 fn failure(status: StatusCode, message: impl Into<String>) -> Response<Body> {
-    reply(status, &ApiError { error: message.into() })
+    reply(status, &ApiError { error: message.into(), problems: Vec::new() })
 }
 
 /// Constant-time token check.
@@ -391,11 +448,13 @@ async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body
         (&Method::POST, ["purge"]) => purge(state, request).await,
         (&Method::GET, ["purge", id]) => purge_status(state, id).await,
         (&Method::GET, ["nodes"]) => nodes(state).await,
+        (&Method::PUT, ["routing"]) => put_routing(state, request).await,
+        (&Method::GET, ["routing"]) => get_routing(state).await,
         (&Method::GET, ["overview"]) => reply(StatusCode::OK, &crate::status::overview(state).await),
         (&Method::POST, ["edges", node, action @ ("drain" | "undrain")]) => {
             drain(state, node, *action == "drain").await
         }
-        (_, ["purge"] | ["purge", _] | ["nodes"] | ["edges", _, "drain" | "undrain"]) => {
+        (_, ["purge"] | ["purge", _] | ["nodes"] | ["routing"] | ["edges", _, "drain" | "undrain"]) => {
             failure(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => failure(StatusCode::NOT_FOUND, "not found"),
@@ -508,6 +567,7 @@ async fn nodes(state: &Arc<State>) -> Response<Body> {
         return reply(StatusCode::OK, &Vec::<NodeView>::new());
     };
     let all_applied = cluster.applied_all().await;
+    let routing_applied = cluster.routing_applied_all().await;
     let mut out = Vec::new();
     for member in cluster.members().iter() {
         let applied = all_applied.get(&member.node_id).cloned().unwrap_or_default();
@@ -525,6 +585,7 @@ async fn nodes(state: &Arc<State>) -> Response<Body> {
             load: member.load,
             applied_seq: applied.get(&state.node_id).copied().unwrap_or(0),
             applied,
+            routing_version: routing_applied.get(&member.node_id).copied(),
         });
     }
     reply(StatusCode::OK, &out)
@@ -547,6 +608,146 @@ async fn drain(state: &Arc<State>, node: &str, on: bool) -> Response<Body> {
     }
     info!(node, drained = on, "routing changed");
     reply(StatusCode::OK, &DrainAck { node_id: node.to_string(), drained: on })
+}
+
+/// How long a control node that sees no other member waits before it takes itself
+/// for the first node of a new cluster.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Pushes this node's gossip state to every member now, not at the next tick.
+fn push_to_all(state: &State, cluster: &Cluster) {
+    for member in cluster.members().iter().filter(|m| m.state != MemberState::Dead && m.node_id != state.node_id) {
+        cluster.push_to(member.gossip_addr);
+    }
+}
+
+/// `PUT /v1/routing`: validate, version, store durably, publish.
+async fn put_routing(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
+    let format =
+        Format::from_content_type(request.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()));
+    let body = match Limited::new(request.into_body(), cdn_cluster::routing::MAX_BYTES).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return failure(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("routing document over {} bytes", cdn_cluster::routing::MAX_BYTES),
+            );
+        }
+    };
+    let document = match routing::parse(&body, format) {
+        Ok(document) => document,
+        Err(Refusal { error, problems }) => return reply(StatusCode::BAD_REQUEST, &ApiError { error, problems }),
+    };
+    // A node that just started may not know yet which versions the cluster used:
+    // wait until it has heard from it (at most the time a lone node waits).
+    let mut settled = state.settled.subscribe();
+    let _ = tokio::time::timeout(SETTLE + Duration::from_secs(1), settled.wait_for(|settled| *settled)).await;
+
+    let mut store = state.routing.lock().await;
+    let newest_elsewhere = match &state.cluster {
+        Some(cluster) => cluster.routing_heads().await.values().map(|head| head.version).max().unwrap_or(0),
+        None => 0,
+    };
+    let versioned =
+        Versioned { version: store.version().max(newest_elsewhere) + 1, by: state.node_id.clone(), routing: document };
+    // Durable before published and acknowledged: a document the disk cannot hold is
+    // refused, and exists nowhere.
+    if let Err(error) = store.store(versioned.clone()) {
+        state.routing_errors.inc();
+        warn!(%error, version = versioned.version, "routing document not stored; refused");
+        let mut response = failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "routing document not accepted: {} cannot be written ({error}); nothing changed, retry later",
+                store.path().display()
+            ),
+        );
+        response.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static("5"));
+        return response;
+    }
+    state.routing_version.set(i64::try_from(versioned.version).unwrap_or(i64::MAX));
+    if let Some(cluster) = &state.cluster {
+        // Validated above (size included): publishing cannot refuse it.
+        if let Err(error) = cluster.publish_routing(&versioned).await {
+            warn!(%error, version = versioned.version, "routing document stored but not published");
+            return failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("routing document stored as version {} but not published: {error}", versioned.version),
+            );
+        }
+        push_to_all(state, cluster);
+    }
+    drop(store);
+    info!(version = versioned.version, sites = versioned.routing.sites.len(), "routing document accepted");
+    reply(StatusCode::OK, &RoutingAck { version: versioned.version, by: versioned.by })
+}
+
+/// `GET /v1/routing`: the document this node holds and each edge's version.
+async fn get_routing(state: &Arc<State>) -> Response<Body> {
+    let Some(versioned) = state.routing.lock().await.current().cloned() else {
+        return failure(StatusCode::NOT_FOUND, "no routing document yet: PUT /v1/routing (cdn routing apply) sets one");
+    };
+    let mut edges_applied = BTreeMap::new();
+    if let Some(cluster) = &state.cluster {
+        let applied = cluster.routing_applied_all().await;
+        for edge in edges(cluster) {
+            edges_applied.insert(edge.node_id.clone(), applied.get(&edge.node_id).copied().unwrap_or(0));
+        }
+    }
+    let Versioned { version, by, routing } = versioned;
+    reply(StatusCode::OK, &RoutingView { version, by, routing, edges: edges_applied })
+}
+
+/// Follows the cluster's routing document: when a live control node holds one that
+/// supersedes this node's, this node stores it (with its version and author) and
+/// publishes it too.
+async fn follow_routing(state: Arc<State>, cluster: Arc<Cluster>, shutdown: CancellationToken) {
+    let mut changes = cluster.subscribe(Topic::Routing).await;
+    // A safety net for changes that arrived before the subscription, or a store
+    // that failed and is tried again.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            change = changes.recv() => if change.is_none() { return },
+            _ = tick.tick() => {}
+        }
+        // One look for a burst of changes (a document's chunks, then its head).
+        while changes.try_recv().is_some() {}
+        adopt_routing(&state, &cluster).await;
+    }
+}
+
+/// One step of [`follow_routing`]: adopts the cluster's newest document if it
+/// supersedes this node's.
+async fn adopt_routing(state: &State, cluster: &Cluster) {
+    let mine = state.routing.lock().await.current().map(|v| (v.version, v.by.clone()));
+    // Cheap first: only the heads (no chunk is read).
+    let newer_head = cluster.routing_heads().await.into_values().any(|head| {
+        !head.is_none() && mine.as_ref().is_none_or(|(version, by)| (head.version, &head.by) > (*version, by))
+    });
+    if !newer_head {
+        return;
+    }
+    // The newest complete, valid document (a newer one may still be arriving).
+    let Some(newest) = cluster.routing().await else { return };
+    let mut store = state.routing.lock().await;
+    if store.current().is_some_and(|current| !newest.supersedes(current)) {
+        return;
+    }
+    if let Err(error) = store.store(newest.clone()) {
+        state.routing_errors.inc();
+        warn!(%error, version = newest.version, by = %newest.by, "newer routing document not stored; tried again");
+        return;
+    }
+    state.routing_version.set(i64::try_from(newest.version).unwrap_or(i64::MAX));
+    if let Err(error) = cluster.publish_routing(&newest).await {
+        warn!(%error, version = newest.version, "adopted routing document not published");
+    }
+    drop(store);
+    push_to_all(state, cluster);
+    info!(version = newest.version, by = %newest.by, "routing document adopted from the cluster");
 }
 
 /// Records when every edge has applied each of this node's purges.

@@ -5,11 +5,13 @@
 //! Faults and security, in modules: `disk_full` (the purge log on a full tmpfs),
 //! `lossy` (packet loss and partitions between control and edges), `security`
 //! (TLS for the API, the admin listener's address, no secrets in logs or metrics);
-//! `process` runs a control node as a real process.
+//! `process` runs a control node as a real process; `routing` is the routing
+//! document's API, versions, durability and agreement between control nodes.
 
 mod disk_full;
 mod lossy;
 mod process;
+mod routing;
 mod security;
 
 use std::{net::SocketAddr, time::Duration};

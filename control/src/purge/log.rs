@@ -183,11 +183,9 @@ impl PurgeLog {
                 return Err(error);
             }
         };
-        if let Some(dir) = self.path.parent()
-            && let Ok(dir) = File::open(dir)
-        {
-            let _ = dir.sync_all();
-        }
+        // Best effort: the rename is done, and refusing now would leave the log's
+        // memory and its file apart.
+        let _ = crate::durable::sync_parent(&self.path);
         self.file = file;
         self.records = kept;
         self.len = len;
@@ -204,9 +202,7 @@ impl PurgeLog {
             text.push_str(&serde_json::to_string(record).map_err(std::io::Error::other)?);
             text.push('\n');
         }
-        let mut out = File::create(path)?;
-        out.write_all(text.as_bytes())?;
-        out.sync_all()?;
+        crate::durable::write_synced(path, text.as_bytes())?;
         Ok(text.len() as u64)
     }
 }
