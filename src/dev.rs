@@ -140,7 +140,12 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
         config.listen.h3 = Some(SocketAddr::from((edge.ip, 8443)));
         config.listen.admin = Some(SocketAddr::from((edge.ip, 9090)));
         config.tls = Some(tls.clone());
-        config.cache.memory = bytesize::ByteSize::mib(256);
+        config.cache.memory = bytesize::ByteSize::mib(128);
+        // A small disk tier each: a restarted `cdn dev` starts warm.
+        config.cache.disk = vec![cdn_edge::config::Disk {
+            path: args.data_dir.join("edges").join(edge.node_id),
+            size: bytesize::ByteSize::gib(1),
+        }];
         let mut cluster =
             cdn_cluster::ClusterConfig::new(SocketAddr::from((edge.ip, EDGE_GOSSIP_PORT)), secret.clone());
         cluster.seeds = vec![CONTROL_GOSSIP.to_string()];

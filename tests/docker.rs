@@ -11,7 +11,9 @@
 //! 2. geo-DNS answers each region's client subnet (ECS) with that region's edges;
 //! 3. a purge through either control node reaches all six edges (p50/p99 printed);
 //! 4. `docker kill` of an edge takes it out of DNS answers within 3 s; restarted,
-//!    it has applied every purge issued while it was down before `/readyz` says ready;
+//!    it has applied every purge issued while it was down before `/readyz` says ready,
+//!    and its disk tier serves what it cached before the kill (`detail=disk`) but not
+//!    what was purged meanwhile;
 //! 5. a region cut off from the core (`docker network disconnect`) keeps serving its
 //!    cache (stale-if-error for expired objects), and applies the purges issued
 //!    meanwhile once the partition heals -- none is lost;
@@ -252,8 +254,13 @@ impl Cluster {
     }
 
     fn metric(edge: &Edge, name: &str) -> f64 {
+        Self::metric_with(edge, name, &[])
+    }
+
+    /// The sum of the samples of `name` on `edge` whose labels include `labels`.
+    fn metric_with(edge: &Edge, name: &str, labels: &[(&str, &str)]) -> f64 {
         let resp = curl(&[&Self::url(edge.octet, 9090, "/metrics")]).expect("metrics");
-        metrics::sum(&resp.text(), name, &[])
+        metrics::sum(&resp.text(), name, labels)
     }
 
     /// A control API call on control node `n` (1 or 2).
@@ -682,8 +689,19 @@ fn multi_region_deployment() {
     assert!(p50 >= WAN_DELAY_MS as f64, "completion p50 {p50} ms is under the WAN delay: is the delay on?");
     step("3. purges through either control node reach all six edges", t0);
 
-    // 4. Kill an edge: out of DNS within 3 s; back: caught up before ready.
+    // 4. Kill an edge: out of DNS within 3 s; back: caught up before ready, with its
+    //    disk tier (what it cached survives `kill -9`; what was purged meanwhile does not).
     let victim = edge("eu-2");
+    let survivor = "/_gen/3000?k=kept-on-disk";
+    let doomed_while_down: Vec<String> = (0..4).map(|i| format!("/_gen/2048?k=while-down-{i}")).collect();
+    for path in doomed_while_down.iter().map(String::as_str).chain([survivor]) {
+        assert_eq!(Cluster::get(victim, path, false).x_cache(), "MISS", "{}: {path}", victim.id);
+        assert_eq!(Cluster::get(victim, path, false).x_cache(), "HIT", "{}: {path}", victim.id);
+    }
+    // Written to disk in the background just after each fill.
+    wait::blocking("the victim's disk tier to hold them", Duration::from_secs(10), Duration::from_millis(50), || {
+        (Cluster::metric_with(victim, "cdn_cache_objects", &[("tier", "disk")]) >= 5.0).then_some(())
+    });
     let victim_id = cluster.container(victim.id);
     let victim_pid = cluster.pid(victim.id);
     // `docker kill` itself takes a while to return here (it waits for the network
@@ -728,17 +746,26 @@ fn multi_region_deployment() {
         wait::blocking("the restarted edge ready", Duration::from_secs(30), Duration::from_millis(20), || {
             (Cluster::readyz(victim) == Some(200)).then(Instant::now)
         });
-    let applied_when_ready = Cluster::metric(victim, "cdn_purges_applied_total");
+    // Applied before the kill (recorded on its disk) and since the restart.
+    let applied_when_ready = Cluster::metric(victim, "cdn_purge_applied_seq");
+    let replayed = Cluster::metric(victim, "cdn_purges_applied_total");
     eprintln!(
-        "docker: RESULT restarted edge ready after {:.0} ms, having applied {applied_when_ready} purges \
-         (all {total_issued} issued, {} of them while it was down)",
+        "docker: RESULT restarted edge ready after {:.0} ms, caught up with all {total_issued} purges issued \
+         ({applied_when_ready} by sequence; {replayed} applied since the restart, {} were issued while it was down)",
         ms(ready_at - restarted),
         while_down.len()
     );
     assert!(
         applied_when_ready >= total_issued as f64,
-        "ready with {applied_when_ready} purges applied of {total_issued} issued"
+        "ready with purges applied up to {applied_when_ready} of {total_issued} issued"
     );
+    assert!(replayed >= while_down.len() as f64, "{replayed} purges replayed after the restart");
+    for path in &doomed_while_down {
+        assert_eq!(Cluster::get(victim, path, false).x_cache(), "MISS", "{}: {path} purged while down", victim.id);
+    }
+    let kept = Cluster::get(victim, survivor, false);
+    assert_eq!(kept.x_cache(), "HIT", "{}: cached before the kill, kept on disk", victim.id);
+    assert!(kept.header("cache-status").ends_with("detail=disk"), "{}: {}", victim.id, kept.header("cache-status"));
     let back =
         wait::blocking("geo to answer with it again", Duration::from_secs(15), Duration::from_millis(100), || {
             Cluster::dig_region(victim.region).filter(|a| a.contains(&victim.public_ip()))

@@ -2,6 +2,10 @@
 //!
 //! [`Cache`] holds the store (moka, bounded in bytes), the fills in flight (one per
 //! key: concurrent misses join it), the purge epoch and the "hit-for-pass" marks.
+//! Two tiers: memory (moka, bounded in bytes) over the optional disk tier
+//! ([`disk`]): every entry stored is written to disk too, a memory miss reads the
+//! disk and promotes what it finds (moka's admission decides whether it stays).
+//!
 //! Requests go through [`Cache::lookup`] and [`Cache::join_or_start`]; every purge,
 //! from gossip or from an unsafe request, goes through [`Cache::purge`] or
 //! [`Cache::invalidate_url`] — nothing else changes what is stored except the fills
@@ -9,9 +13,11 @@
 //!
 //! # Layout
 //! - [`store`]: stored objects, Vary variants, sliced objects and their slices.
+//! - [`disk`]: the disk tier (cache files, their index, restart, purges on disk).
 //! - [`flight`]: a fill in flight and what it produced ([`Fill`], [`Outcome`]).
 //! - [`status`]: the `Cache-Status` (RFC 9211) and `X-Cache` of a response, typed.
 
+pub(crate) mod disk;
 pub(crate) mod flight;
 pub(crate) mod status;
 pub(crate) mod store;
@@ -27,13 +33,24 @@ use std::{
 
 use bytes::Bytes;
 use cdn_cluster::purge::Target;
+use cdn_http::key;
 use http::{HeaderMap, HeaderValue};
 
-use self::store::Store;
+use self::{
+    disk::Disks,
+    store::{Entry, Slice, Store},
+};
 pub(crate) use self::{
     flight::{Fill, Outcome},
     store::{Found, Head, Object, Sliced},
 };
+
+/// Where a lookup found its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tier {
+    Memory,
+    Disk,
+}
 
 /// How long a key found uncacheable skips coalescing.
 const PASS_TTL: Duration = Duration::from_secs(30);
@@ -64,23 +81,79 @@ pub(crate) struct Cache {
     /// Keys recently found uncacheable: requests for them skip coalescing.
     pass_marks: moka::sync::Cache<String, ()>,
     /// Bumped by every purge: a fill that started before a purge is not stored.
-    epoch: AtomicU64,
+    epoch: Arc<AtomicU64>,
+    /// The disk tier, if configured.
+    disks: Option<Disks>,
 }
 
 impl Cache {
-    /// A cache holding at most `max_bytes` (weights of bodies, heads and keys).
-    pub(crate) fn new(max_bytes: u64) -> Self {
+    /// A cache holding at most `max_bytes` in memory (weights of bodies, heads and
+    /// keys), over `disks` when given.
+    pub(crate) fn new(max_bytes: u64, disks: Option<Disks>) -> Self {
         Self {
             store: Store::new(max_bytes),
             inflight: Mutex::default(),
             pass_marks: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(PASS_TTL).build(),
-            epoch: AtomicU64::new(0),
+            epoch: Arc::default(),
+            disks,
         }
     }
 
-    /// The stored response for `key` matching the request's headers (Vary).
-    pub(crate) async fn lookup(&self, key: &str, request: &HeaderMap) -> Option<Found> {
-        self.store.lookup(key, request).await
+    /// The disk tier, if configured.
+    pub(crate) fn disks(&self) -> Option<&Disks> {
+        self.disks.as_ref()
+    }
+
+    /// The stored response for `key` matching the request's headers (Vary): from
+    /// memory, else from disk (promoted to memory).
+    pub(crate) async fn lookup(&self, key: &str, request: &HeaderMap) -> Option<(Found, Tier)> {
+        if let Some(found) = self.store.lookup(key, request).await {
+            return Some((found, Tier::Memory));
+        }
+        let disks = self.disks.as_ref().filter(|disks| disks.is_open())?;
+        let start = self.epoch();
+        let names = match self.store.get(key).await {
+            Some(Entry::Vary(names)) => names,
+            Some(_) => return None,
+            None => match disks.load(key, start, &self.epoch).await? {
+                Entry::Object(object) if object.head.vary.is_empty() => {
+                    self.promote(key.to_string(), Entry::Object(object.clone()), start).await?;
+                    return Some((Found::Object(object), Tier::Disk));
+                }
+                Entry::Sliced(sliced) => {
+                    self.promote(key.to_string(), Entry::Sliced(sliced.clone()), start).await?;
+                    return Some((Found::Sliced(sliced), Tier::Disk));
+                }
+                Entry::Vary(names) => {
+                    self.promote(key.to_string(), Entry::Vary(names.clone()), start).await?;
+                    names
+                }
+                Entry::Object(_) | Entry::Slice(_) => return None,
+            },
+        };
+        let values = key::vary_values(&names, request);
+        let variant = key::variant(key, &values);
+        match disks.load(&variant, start, &self.epoch).await? {
+            Entry::Object(object) if object.head.vary == values => {
+                self.promote(variant, Entry::Object(object.clone()), start).await?;
+                Some((Found::Object(object), Tier::Disk))
+            }
+            _ => None,
+        }
+    }
+
+    /// Puts an entry read from disk into memory, unless a purge came since `start`
+    /// (then it is taken out again: the purge may not have seen it).
+    async fn promote(&self, key: String, entry: Entry, start: u64) -> Option<()> {
+        if self.epoch() != start {
+            return None;
+        }
+        self.store.put(key.clone(), entry).await;
+        if self.epoch() != start {
+            self.store.remove(&key).await;
+            return None;
+        }
+        Some(())
     }
 
     /// Joins the fill of `key`, or starts one (the caller then runs it).
@@ -122,12 +195,18 @@ impl Cache {
         if !soft {
             self.pass_marks.invalidate_all();
         }
+        if let Some(disks) = &self.disks {
+            disks.purge(target, soft);
+        }
         self.store.purge(target, soft)
     }
 
     /// Drops `key` with all its variants and slices (after an unsafe request, or
     /// an object that changed between slices).
     pub(crate) fn invalidate_url(&self, key: &str) {
+        if let Some(disks) = &self.disks {
+            disks.invalidate_url(key);
+        }
         self.store.invalidate_url(key);
     }
 
@@ -141,32 +220,81 @@ impl Cache {
         self.pass_marks.insert(key.to_string(), ());
     }
 
-    /// Stores a whole object under `key` (and its variant key when it varies).
-    pub(crate) async fn insert(&self, key: &str, object: Object) {
+    /// Stores a whole object under `key` (and its variant key when it varies), in
+    /// both tiers, unless a purge came after `epoch` (when its fill started).
+    pub(crate) async fn insert(&self, key: &str, object: Object, epoch: u64) {
+        if self.epoch() != epoch {
+            return;
+        }
+        if let Some(disks) = &self.disks {
+            if object.head.vary.is_empty() {
+                disks.store(key, Entry::Object(object.clone()), epoch, &self.epoch);
+            } else {
+                let names = object.head.vary.iter().map(|(name, _)| name.clone()).collect();
+                disks.store(&key::variant(key, &object.head.vary), Entry::Object(object.clone()), epoch, &self.epoch);
+                disks.store(key, Entry::Vary(Arc::new(names)), epoch, &self.epoch);
+            }
+        }
         self.store.insert(key, object).await;
     }
 
-    /// Stores the head of a sliced object under `key`.
-    pub(crate) async fn insert_sliced(&self, key: &str, sliced: Arc<Sliced>) {
+    /// Stores the head of a sliced object under `key`, unless a purge came after
+    /// `epoch`.
+    pub(crate) async fn insert_sliced(&self, key: &str, sliced: Arc<Sliced>, epoch: u64) {
+        if self.epoch() != epoch {
+            return;
+        }
+        if let Some(disks) = &self.disks {
+            disks.store(key, Entry::Sliced(sliced.clone()), epoch, &self.epoch);
+        }
         self.store.insert_sliced(key, sliced).await;
     }
 
-    /// Slice `index` of `sliced`, if stored with the same validator.
+    /// Slice `index` of `sliced`, if stored with the same validator: from memory,
+    /// else from disk (promoted).
     pub(crate) async fn slice(&self, key: &str, sliced: &Sliced, index: u64) -> Option<Bytes> {
-        self.store.slice(key, sliced, index).await
+        if let Some(bytes) = self.store.slice(key, sliced, index).await {
+            return Some(bytes);
+        }
+        let disks = self.disks.as_ref().filter(|disks| disks.is_open())?;
+        let start = self.epoch();
+        let slice_key = key::slice(key, index);
+        match disks.load(&slice_key, start, &self.epoch).await? {
+            Entry::Slice(slice) if slice.etag == sliced.etag => {
+                let bytes = slice.bytes.clone();
+                self.promote(slice_key, Entry::Slice(slice), start).await?;
+                Some(bytes)
+            }
+            _ => None,
+        }
     }
 
-    /// Stores slice `index` of `key` with its validator.
-    pub(crate) async fn insert_slice(&self, key: &str, index: u64, etag: Option<HeaderValue>, bytes: Bytes) {
+    /// Stores slice `index` of `key` with its validator, unless a purge came after
+    /// `epoch`.
+    pub(crate) async fn insert_slice(
+        &self,
+        key: &str,
+        index: u64,
+        etag: Option<HeaderValue>,
+        bytes: Bytes,
+        epoch: u64,
+    ) {
+        if self.epoch() != epoch {
+            return;
+        }
+        if let Some(disks) = &self.disks {
+            let slice = Slice { etag: etag.clone(), bytes: bytes.clone() };
+            disks.store(&key::slice(key, index), Entry::Slice(slice), epoch, &self.epoch);
+        }
         self.store.insert_slice(key, index, etag, bytes).await;
     }
 
-    /// Bytes held, after pending maintenance.
+    /// Bytes held in memory, after pending maintenance.
     pub(crate) async fn bytes(&self) -> u64 {
         self.store.bytes().await
     }
 
-    /// Entries held.
+    /// Entries held in memory.
     pub(crate) fn objects(&self) -> u64 {
         self.store.objects()
     }

@@ -180,6 +180,19 @@ pub struct Cache {
     /// Cap of heuristic freshness (10% of Date − Last-Modified).
     #[serde(default = "default_heuristic_max", with = "humantime_serde")]
     pub heuristic_max: Duration,
+    /// The disk tier: one `[[cache.disk]]` table per disk (none: memory only).
+    #[serde(default)]
+    pub disk: Vec<Disk>,
+}
+
+/// `[[cache.disk]]`: one directory of the disk tier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    /// A directory of its own (created if missing; locked against a second edge).
+    pub path: std::path::PathBuf,
+    /// The most the cache keeps in it (files, as the filesystem counts them).
+    pub size: ByteSize,
 }
 
 fn default_memory() -> ByteSize {
@@ -207,6 +220,7 @@ impl Default for Cache {
             ignore_query: false,
             store_set_cookie: false,
             heuristic_max: default_heuristic_max(),
+            disk: Vec::new(),
         }
     }
 }
@@ -354,6 +368,19 @@ impl Config {
         }
         if self.cache.memory.as_u64() < 1024 * 1024 {
             problems.push(format!("cache.memory: {} is under 1MiB", self.cache.memory));
+        }
+        for (i, disk) in self.cache.disk.iter().enumerate() {
+            if disk.size.as_u64() < 16 * 1024 * 1024 {
+                problems.push(format!("cache.disk[{i}].size: {} is under 16MiB", disk.size));
+            }
+            if disk.path.as_os_str().is_empty() {
+                problems.push(format!("cache.disk[{i}].path: empty"));
+            }
+            if self.cache.disk[..i].iter().any(|other| other.path == disk.path) {
+                problems.push(format!("cache.disk[{i}].path: {} is listed twice", disk.path.display()));
+            } else if let Err(problem) = crate::cache::disk::usable(&disk.path) {
+                problems.push(format!("cache.disk[{i}].path: {problem}"));
+            }
         }
         if !(1200..=65527).contains(&self.quic.max_udp_payload) {
             problems.push(format!("quic.max_udp_payload: {} is not within 1200..65527", self.quic.max_udp_payload));

@@ -26,12 +26,35 @@ pub enum Error {
     /// The upstream client could not be built.
     #[error("origin client: {0}")]
     Upstream(#[source] UpstreamSetup),
+    /// The disk tier could not be opened.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     /// A metric could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     /// A task failed (a listener panicked or stopped accepting); the edge stopped.
     #[error(transparent)]
     Task(#[from] cdn_node::supervise::TaskFailed),
+}
+
+/// Why the disk tier could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// A directory could not be created, read or written.
+    #[error("cache.disk {path}: {source}")]
+    Io {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the directory.
+    #[error("cache.disk {0}: used by another edge (locked)")]
+    Locked(std::path::PathBuf),
+    /// Rebuilding the index panicked.
+    #[error("cache.disk: the index rebuild failed: {0}")]
+    Index(#[source] tokio::task::JoinError),
 }
 
 /// Why the origin client could not be built.

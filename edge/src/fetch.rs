@@ -282,7 +282,8 @@ impl Fetcher {
             if rp.status == StatusCode::NOT_MODIFIED
                 && let Some(stale) = &job.stale
             {
-                let updated = self.refreshed(&job.key, stale, &rp.headers, request_time, response_time).await;
+                let updated =
+                    self.refreshed(&job.key, stale, &rp.headers, request_time, response_time, job.epoch).await;
                 job.fill.publish(Outcome::Updated(updated));
                 return;
             }
@@ -376,7 +377,7 @@ impl Fetcher {
             && self.cache.epoch() == job.epoch
             && let Some(bytes) = growing.concat()
         {
-            self.cache.insert(&job.key, Object { head, body: bytes }).await;
+            self.cache.insert(&job.key, Object { head, body: bytes }, job.epoch).await;
         }
     }
 
@@ -470,9 +471,7 @@ impl Fetcher {
             purged: Default::default(),
         });
         let sliced = Arc::new(Sliced { head, total, slice: self.settings.slice_size, etag: etag.clone() });
-        if self.cache.epoch() == job.epoch {
-            self.cache.insert_sliced(&job.key, sliced.clone()).await;
-        }
+        self.cache.insert_sliced(&job.key, sliced.clone(), job.epoch).await;
 
         // The probed slice is a slice fill of its own that readers can join.
         let slice_key = slice_fill_key(&job.key, &sliced, index);
@@ -484,7 +483,7 @@ impl Fetcher {
         if self.read_into(&slice_key, body, &growing, Some(range.end - range.start)).await
             && let Some(bytes) = growing.concat()
         {
-            self.cache.insert_slice(&job.key, index, etag, bytes).await;
+            self.cache.insert_slice(&job.key, index, etag, bytes, job.epoch).await;
         }
         self.cache.land(&slice_key, &slice_fill);
         Ok(())
@@ -520,6 +519,7 @@ impl Fetcher {
     }
 
     async fn run_slice_fill(&self, key: &str, sliced: &Sliced, index: u64, origin: &(String, HeaderMap), fill: &Fill) {
+        let epoch = self.cache.epoch();
         let bounds = sliced.bounds(index);
         let (path, headers) = origin;
         let job_uri = match self.upstream.uri(path) {
@@ -555,7 +555,7 @@ impl Fetcher {
         if self.read_into(key, body, &growing, Some(bounds.end - bounds.start)).await
             && let Some(bytes) = growing.concat()
         {
-            self.cache.insert_slice(key, index, sliced.etag.clone(), bytes).await;
+            self.cache.insert_slice(key, index, sliced.etag.clone(), bytes, epoch).await;
         }
     }
 
@@ -567,18 +567,19 @@ impl Fetcher {
         update: &HeaderMap,
         request_time: SystemTime,
         response_time: SystemTime,
+        epoch: u64,
     ) -> Found {
         let head = refreshed_head(stale.head(), update, request_time, response_time, &self.settings.policy);
         match stale {
             Found::Object(object) => {
                 let object = Object { head, body: object.body.clone() };
-                self.cache.insert(key, object.clone()).await;
+                self.cache.insert(key, object.clone(), epoch).await;
                 Found::Object(object)
             }
             Found::Sliced(sliced) => {
                 let sliced =
                     Arc::new(Sliced { head, total: sliced.total, slice: sliced.slice, etag: sliced.etag.clone() });
-                self.cache.insert_sliced(key, sliced.clone()).await;
+                self.cache.insert_sliced(key, sliced.clone(), epoch).await;
                 Found::Sliced(sliced)
             }
         }

@@ -1,6 +1,6 @@
 //! The edge's Prometheus metrics (names as in DESIGN.md).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// Which protocol a request came over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,8 +76,8 @@ pub(crate) struct Metrics {
     pub(crate) response_bytes: IntCounter,
     pub(crate) duration: Histogram,
     pub(crate) origin_requests: IntCounterVec,
-    pub(crate) cache_bytes: IntGauge,
-    pub(crate) cache_objects: IntGauge,
+    pub(crate) cache_bytes: IntGaugeVec,
+    pub(crate) cache_objects: IntGaugeVec,
     pub(crate) connections: IntGaugeVec,
     pub(crate) connections_closed: IntCounterVec,
 }
@@ -102,8 +102,12 @@ impl Metrics {
             Opts::new("cdn_origin_requests_total", "Requests to the origin by status class (or error)"),
             &["status"],
         )?;
-        let cache_bytes = IntGauge::new("cdn_cache_bytes", "Bytes held by the cache")?;
-        let cache_objects = IntGauge::new("cdn_cache_objects", "Entries held by the cache")?;
+        let cache_bytes = IntGaugeVec::new(
+            Opts::new("cdn_cache_bytes", "Bytes held by the cache, per tier (memory: weights; disk: file sizes)"),
+            &["tier"],
+        )?;
+        let cache_objects =
+            IntGaugeVec::new(Opts::new("cdn_cache_objects", "Entries held by the cache, per tier"), &["tier"])?;
         let connections = IntGaugeVec::new(
             Opts::new("cdn_connections", "Open client connections by transport (tcp carries h1 and h2)"),
             &["protocol"],

@@ -30,7 +30,7 @@ pub(crate) use self::respond::stream_body;
 use self::respond::{Served, SlicedSource, Source, represent};
 use crate::{
     cache::{
-        Cache, Flight, Found, Head, Outcome, Sliced,
+        Cache, Flight, Found, Head, Outcome, Sliced, Tier,
         status::{CacheStatus, Detail, Fwd},
     },
     clock::Clock,
@@ -218,7 +218,7 @@ impl Pipeline {
             return served;
         }
         let now = self.clock.now();
-        if let Some(found) = self.cache.lookup(&req.key, &req.parts.headers).await {
+        if let Some((found, tier)) = self.cache.lookup(&req.key, &req.parts.headers).await {
             let head = found.head().clone();
             let age = head.timing.current_age(now);
             let soft_purged = head.purged.load(std::sync::atomic::Ordering::Acquire);
@@ -233,6 +233,9 @@ impl Pipeline {
             debug!(key = %req.key, ?action, age = age.as_secs(), "cache lookup");
             let ttl = ttl(head.lifetime, age);
             let status = match action {
+                Action::Fresh if tier == Tier::Disk => {
+                    CacheStatus::hit(CacheResult::Hit, ttl).with_detail(Detail::Disk)
+                }
                 Action::Fresh => CacheStatus::hit(CacheResult::Hit, ttl),
                 Action::StaleAllowed => CacheStatus::hit(CacheResult::Stale, ttl).with_detail(Detail::MaxStale),
                 Action::StaleWhileRevalidate => {

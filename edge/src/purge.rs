@@ -6,10 +6,15 @@
 //! and pushes that back to the control node at once. An edge whose last applied
 //! purge is older than a control node's floor has missed purges that were collected:
 //! it drops its whole cache (correct, if costly) and says so.
+//!
+//! With a disk tier, what was applied is persisted beside the cache (after the
+//! purges reached the files: [`Disks::persist`](crate::cache::disk::Disks::persist)),
+//! so a restarted edge starts from there and replays exactly the purges it may
+//! have missed; the disk serves lookups only once that replay is done.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -26,6 +31,7 @@ use crate::cache::Cache;
 #[derive(Clone)]
 pub(crate) struct PurgeMetrics {
     applied: IntCounter,
+    applied_seq: IntGaugeVec,
     lag: Histogram,
     flushes: IntCounter,
 }
@@ -41,10 +47,18 @@ impl PurgeMetrics {
             "cdn_purge_flushes_total",
             "Whole-cache drops because purges were missed beyond the retained log",
         )?;
+        let applied_seq = IntGaugeVec::new(
+            Opts::new(
+                "cdn_purge_applied_seq",
+                "The last purge sequence applied, per control node (kept across restarts with a disk tier)",
+            ),
+            &["control"],
+        )?;
         registry.register(Box::new(applied.clone()))?;
+        registry.register(Box::new(applied_seq.clone()))?;
         registry.register(Box::new(lag.clone()))?;
         registry.register(Box::new(flushes.clone()))?;
-        Ok(Self { applied, lag, flushes })
+        Ok(Self { applied, applied_seq, lag, flushes })
     }
 }
 
@@ -57,24 +71,59 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) {
     let mut events = cluster.subscribe(Topic::Purges).await;
-    let mut applied: HashMap<String, u64> = HashMap::new();
+    let mut applied: HashMap<String, u64> = cache.disks().map(|disks| disks.applied()).unwrap_or_default();
+    if !applied.is_empty() {
+        info!(?applied, "purges applied before the restart");
+    }
+    for (control, seq) in &applied {
+        metrics.applied_seq.with_label_values(&[control]).set(i64::try_from(*seq).unwrap_or(i64::MAX));
+    }
+    // Never applied a purge: nothing on disk can be stale by one we missed... unless
+    // a control node we never heard of purged meanwhile; that is what the wait for
+    // the first catch-up below is for, bounded like readiness.
+    let persisted_none = applied.is_empty();
+    let (persist, persisted) = tokio::sync::watch::channel(applied.clone());
+    let persister = cache.disks().is_some().then(|| tokio::spawn(persist_applied(cache.clone(), persisted)));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let started = tokio::time::Instant::now();
     readiness.set("purges", false);
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
-            event = events.recv() => if event.is_none() { return },
+            () = shutdown.cancelled() => break,
+            event = events.recv() => if event.is_none() { break },
             _ = tick.tick() => {}
         }
         // Drain whatever else arrived, then apply from the full state (anti-entropy
         // and events converge on the same code).
         while events.try_recv().is_some() {}
         let synced = apply_pending(&cluster, &cache, &metrics, &mut applied).await;
+        if *persist.borrow() != applied {
+            persist.send_replace(applied.clone());
+        }
         // Ready once caught up with every live control node; with none in sight
         // after a while, serve anyway (an edge must not stay dark without control).
-        let ready = synced || started.elapsed() > Duration::from_secs(5);
-        readiness.set("purges", ready);
+        let waited = started.elapsed() > Duration::from_secs(5);
+        readiness.set("purges", synced || waited);
+        if let Some(disks) = cache.disks()
+            && (synced || (waited && persisted_none))
+        {
+            disks.set_open();
+        }
+    }
+    // The persister records the last state and ends when its sender is gone.
+    drop(persist);
+    if let Some(persister) = persister {
+        let _ = persister.await;
+    }
+}
+
+/// Records the purges applied on disk whenever they change (the newest wins).
+async fn persist_applied(cache: Arc<Cache>, mut applied: tokio::sync::watch::Receiver<HashMap<String, u64>>) {
+    while applied.changed().await.is_ok() {
+        let latest = applied.borrow_and_update().clone();
+        if let Some(disks) = cache.disks() {
+            disks.persist(&latest).await;
+        }
     }
 }
 
@@ -104,6 +153,14 @@ async fn apply_pending(
         };
         let mut done = applied.get(control).copied().unwrap_or(0);
         let before = done;
+        if held.last_key_value().is_some_and(|(&last, _)| last < done) {
+            // The control node's log starts over (its data was lost): what it
+            // accepted meanwhile cannot be told apart, so start over too.
+            warn!(control, applied = done, "the control node's purge log restarted: dropping the whole cache");
+            metrics.flushes.inc();
+            cache.purge(&Target::everything(), false);
+            done = 0;
+        }
         if done + 1 < floor {
             // Purges between `done` and `floor` were collected before we saw them.
             if done > 0 || !held.is_empty() || floor > 1 {
@@ -132,6 +189,7 @@ async fn apply_pending(
         }
         if done != before || !applied.contains_key(control) {
             applied.insert(control.clone(), done);
+            metrics.applied_seq.with_label_values(&[control]).set(i64::try_from(done).unwrap_or(i64::MAX));
             cluster.set_applied(control, done).await;
             // Tell the control node now rather than at the next gossip round.
             if let Some(member) = cluster.members().iter().find(|m| &m.node_id == control) {

@@ -65,7 +65,21 @@ impl Edge {
         config.validate()?;
         let metrics = Metrics::register(registry)?;
         let upstream = Upstream::new(&config.origin).map_err(Error::Upstream)?;
-        let cache = Arc::new(Cache::new(config.cache.memory.as_u64()));
+        let disk_metrics = crate::cache::disk::DiskMetrics::register(registry)?;
+        // The disk index is rebuilt here, before any listener serves.
+        let disks = {
+            let (disks, metrics) = (config.cache.disk.clone(), disk_metrics);
+            tokio::task::spawn_blocking(move || crate::cache::disk::Disks::open(&disks, metrics))
+                .await
+                .map_err(crate::error::DiskError::Index)??
+        };
+        if let Some(disks) = &disks
+            && config.cluster.is_none()
+        {
+            // No purges to catch up with: the disk serves at once.
+            disks.set_open();
+        }
+        let cache = Arc::new(Cache::new(config.cache.memory.as_u64(), disks));
         let fetch_settings = FetchSettings::from_config(&config.cache);
         let fetcher = Arc::new(Fetcher::new(cache.clone(), upstream, metrics.clone(), clock.clone(), fetch_settings));
         let mut settings = pipeline::Settings {
@@ -299,9 +313,15 @@ async fn maintain(
             () = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let bytes = pipeline.cache().bytes().await;
-        pipeline.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        pipeline.metrics.cache_objects.set(i64::try_from(pipeline.cache().objects()).unwrap_or(i64::MAX));
+        let cache = pipeline.cache();
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let metrics = &pipeline.metrics;
+        metrics.cache_bytes.with_label_values(&["memory"]).set(gauge(cache.bytes().await));
+        metrics.cache_objects.with_label_values(&["memory"]).set(gauge(cache.objects()));
+        if let Some(disks) = cache.disks() {
+            metrics.cache_bytes.with_label_values(&["disk"]).set(gauge(disks.bytes()));
+            metrics.cache_objects.with_label_values(&["disk"]).set(gauge(disks.objects()));
+        }
         if n.is_multiple_of(5) {
             let reachable = pipeline.origin_reachable().await;
             if !reachable {

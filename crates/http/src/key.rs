@@ -43,6 +43,11 @@ pub fn variant(primary: &str, values: &[(HeaderName, String)]) -> String {
     key
 }
 
+/// The primary key of any key: `key` without its variant or slice suffix.
+pub fn primary_of(key: &str) -> &str {
+    key.split(SEPARATOR).next().unwrap_or(key)
+}
+
 /// Whether `key` is `primary` itself or one of its variants or slices.
 pub fn belongs_to(key: &str, primary: &str) -> bool {
     key.strip_prefix(primary).is_some_and(|rest| rest.is_empty() || rest.starts_with(SEPARATOR))
@@ -51,7 +56,7 @@ pub fn belongs_to(key: &str, primary: &str) -> bool {
 /// The URL a key stands for, without scheme and suffix: `host/path?query` — what a
 /// purge by URL or prefix is matched against.
 pub fn url(key: &str) -> &str {
-    let primary = key.split(SEPARATOR).next().unwrap_or(key);
+    let primary = primary_of(key);
     primary.split_once("://").map_or(primary, |(_, rest)| rest)
 }
 

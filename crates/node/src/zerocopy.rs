@@ -52,8 +52,9 @@ pub const MIN_SEND: usize = 64 * 1024;
 /// Sealed bodies alive now.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
-/// Every live mapping by start address, with its length and file.
-type Registry = RwLock<BTreeMap<usize, (usize, Arc<File>)>>;
+/// Every live body by start address: its length, the file holding the same bytes,
+/// and where in that file they start.
+type Registry = RwLock<BTreeMap<usize, (usize, Arc<File>, u64)>>;
 
 fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
@@ -105,9 +106,49 @@ pub fn seal(chunks: &[Bytes]) -> Option<Bytes> {
 pub fn locate(slice: &[u8]) -> Option<(Arc<File>, u64)> {
     let start = slice.as_ptr() as usize;
     let map = registry().read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (&base, (len, file)) = map.range(..=start).next_back()?;
+    let (&base, (len, file, file_offset)) = map.range(..=start).next_back()?;
     let offset = start - base;
-    (offset + slice.len() <= *len).then(|| (file.clone(), offset as u64))
+    (offset + slice.len() <= *len).then(|| (file.clone(), file_offset + offset as u64))
+}
+
+/// `body` (read from `file` at `offset` and checked by the caller) as [`Bytes`]
+/// that cleartext sends take from the file with `sendfile` instead of copying:
+/// the edge's disk tier, whose cache files are written once and never changed in
+/// place (a replaced or deleted file keeps its bytes for the descriptor held here).
+/// `None` when the body is too small or the cap of live bodies is reached (the
+/// caller then keeps `body` as plain bytes).
+pub fn backed_by_file(body: Vec<u8>, file: Arc<File>, offset: u64) -> Result<Bytes, Vec<u8>> {
+    if body.len() < MIN_LEN {
+        return Err(body);
+    }
+    if LIVE.fetch_add(1, Ordering::Relaxed) >= cap() {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+        return Err(body);
+    }
+    let body = body.into_boxed_slice();
+    registry()
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(body.as_ptr() as usize, (body.len(), file, offset));
+    Ok(Bytes::from_owner(Backed { body }))
+}
+
+/// A body in memory whose bytes are also in a file, at a known offset.
+struct Backed {
+    body: Box<[u8]>,
+}
+
+impl AsRef<[u8]> for Backed {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+impl Drop for Backed {
+    fn drop(&mut self) {
+        registry().write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&(self.body.as_ptr() as usize));
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Bytes sent with `sendfile` from sealed bodies, in this process (every listener),
@@ -221,7 +262,7 @@ impl Sealed {
         registry()
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(map.as_ptr() as usize, (len, file));
+            .insert(map.as_ptr() as usize, (len, file, 0));
         Ok(Self { map })
     }
 }
@@ -288,6 +329,24 @@ mod tests {
         let registered = body.as_ptr() as usize;
         drop((body, piece));
         assert!(!registry().read().unwrap().contains_key(&registered));
+    }
+
+    #[test]
+    fn a_body_backed_by_a_file_is_found_at_its_offset_in_it() {
+        let (parts, whole) = chunks(MIN_LEN + 4096);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[0; 4096]).unwrap();
+        write_all(&mut file, &parts).unwrap();
+        let body = backed_by_file(whole.clone(), Arc::new(file), 4096).expect("backed");
+        assert_eq!(&body[..], &whole[..]);
+        let piece = body.slice(100..MIN_LEN);
+        let (file, offset) = locate(&piece).expect("located");
+        assert_eq!(offset, 4196);
+        let mut back = vec![0; piece.len()];
+        file.read_exact_at(&mut back, offset).unwrap();
+        assert_eq!(back, &piece[..]);
+        let small = backed_by_file(vec![1; 10], file, 0).unwrap_err();
+        assert_eq!(small, vec![1; 10]);
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub(crate) enum Detail {
     StaleIfError,
     /// Stored in slices.
     Sliced,
+    /// Read from the disk tier.
+    Disk,
     /// The edge answered with this error itself.
     Error(u16),
 }
@@ -54,6 +56,7 @@ impl Detail {
             Self::StaleWhileRevalidate => "stale-while-revalidate",
             Self::StaleIfError => "stale-if-error",
             Self::Sliced => "sliced",
+            Self::Disk => "disk",
             Self::Error(_) => "error",
         }
     }

@@ -74,13 +74,14 @@ impl Sliced {
 
 /// One slice of a sliced object.
 #[derive(Debug, Clone)]
-struct Slice {
-    etag: Option<http::HeaderValue>,
-    bytes: Bytes,
+pub(crate) struct Slice {
+    pub(crate) etag: Option<http::HeaderValue>,
+    pub(crate) bytes: Bytes,
 }
 
+/// What one key holds.
 #[derive(Debug, Clone)]
-enum Entry {
+pub(crate) enum Entry {
     Object(Object),
     Vary(Arc<Vec<HeaderName>>),
     Sliced(Arc<Sliced>),
@@ -143,6 +144,21 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// What `key` holds in memory.
+    pub(crate) async fn get(&self, key: &str) -> Option<Entry> {
+        self.cache.get(key).await
+    }
+
+    /// Puts `entry` under `key` as it is (an entry read back from disk).
+    pub(crate) async fn put(&self, key: String, entry: Entry) {
+        self.cache.insert(key, entry).await;
+    }
+
+    /// Drops what `key` holds (that key only).
+    pub(crate) async fn remove(&self, key: &str) {
+        self.cache.invalidate(key).await;
     }
 
     /// Stores the head of a sliced object under `primary`.
