@@ -283,6 +283,13 @@ edge_metric() {
         awk -v m="$1" '$1 == m || (m !~ /\{/ && index($1, m "{") == 1) { s += $2 } END { printf "%.0f\n", s }'
 }
 
+# "busy all": the edge's disk write errors for 64 pending writes (the entry stayed in
+# memory only), and all its disk errors.
+edge_disk_errors() {
+    curl -s "http://$EDGE_ADMIN/metrics" | awk 'index($1, "cdn_cache_disk_errors_total{") == 1 {
+        all += $2; if ($1 ~ /kind="busy"/) busy += $2 } END { printf "%.0f %.0f\n", busy, all }'
+}
+
 # The server's processes: the edge; nginx's master and its children.
 server_pids() {
     echo "${PID[$1]}"
@@ -369,13 +376,13 @@ fill() {
 
 # fill_record SERVER CASE OBJECTS SECONDS: the state of a cache after a fill.
 fill_record() {
-    local server=$1 case=$2 objects=$3 seconds=$4 disk="" mem="" files
+    local server=$1 case=$2 objects=$3 seconds=$4 disk="" mem="" errors="0 0"
     if [[ $server == edge ]]; then
         disk=$(settle_edge)
         mem="$(edge_metric 'cdn_cache_objects{tier="memory"}') $(edge_metric 'cdn_cache_bytes{tier="memory"}')"
+        errors=$(edge_disk_errors)
     else
-        files=$(find "$NGINX_CACHE" -type f -printf '%b\n' | awk '{ n++; b += $1 * 512 } END { printf "%d %d\n", n, b }')
-        disk=$files
+        disk=$(find "$NGINX_CACHE" -type f -printf '%b\n' | awk '{ n++; b += $1 * 512 } END { printf "%d %d\n", n, b }')
         mem="0 0"
     fi
     python3 -c '
@@ -383,8 +390,9 @@ import json, sys
 a = sys.argv[1:]
 d, m = a[4].split(), a[5].split()
 print(json.dumps(dict(scenario="fill", case=a[1], server=a[0], objects=int(a[2]), seconds=float(a[3]),
-    disk_objects=int(d[0]), disk_bytes=int(d[1]), memory_objects=int(m[0]), memory_bytes=int(m[1]))))' \
-        "$server" "$case" "$objects" "$seconds" "$disk" "$mem" | tee -a "$RESULTS" >&2
+    disk_objects=int(d[0]), disk_bytes=int(d[1]), memory_objects=int(m[0]), memory_bytes=int(m[1]),
+    disk_write_busy=int(a[6].split()[0]), disk_errors=int(a[6].split()[1]))))' \
+        "$server" "$case" "$objects" "$seconds" "$disk" "$mem" "$errors" | tee -a "$RESULTS" >&2
 }
 
 # The order of round REP: edge first in odd rounds, nginx first in even ones.
@@ -577,7 +585,12 @@ if wants restart; then
                 sleep 0.3
                 o1=$(origin_gets)
                 objects=""
-                [[ $server == edge ]] && objects=$(edge_metric 'cdn_cache_objects{tier="disk"}')
+                index_s=""
+                if [[ $server == edge ]]; then
+                    sleep 1 # the tier gauges are refreshed every second
+                    objects=$(edge_metric 'cdn_cache_objects{tier="disk"}')
+                    index_s=$(curl -s "http://$EDGE_ADMIN/metrics" | awk '$1 == "cdn_cache_disk_index_seconds" { print $2 }')
+                fi
                 line=$(python3 -c '
 import json, sys
 d = json.loads(sys.argv[1])
@@ -585,7 +598,9 @@ a = sys.argv[2:]
 d.update(scenario="restart", case=a[0], server=a[1], rep=int(a[2]), stop_s=float(a[3]), origin_gets=int(a[5]) - int(a[4]))
 if a[6]:
     d["disk_objects"] = int(a[6])
-print(json.dumps(d))' "$out" "$state" "$server" "$rep" "$stop_s" "$o0" "$o1" "$objects")
+if a[7]:
+    d["index_s"] = float(a[7])
+print(json.dumps(d))' "$out" "$state" "$server" "$rep" "$stop_s" "$o0" "$o1" "$objects" "$index_s")
                 echo "$line" >>"$RESULTS"
                 log "restart $state $server #$rep: $line"
                 # Memory after a restart: the index only (and the same 1,000 requests as before).
