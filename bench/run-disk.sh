@@ -102,8 +102,12 @@ if ((!CAN_DROP)); then
 fi
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
-make_work
+# A scratch directory and a binary name without "cdn" in them: another session's broad
+# `pkill -f cdn` (or `pkill cdn`) stopped this script's edge mid-run once.
+make_work diskbench
 build_binaries
+mv "$CDN" "$WORK/server"
+CDN="$WORK/server"
 DISK_ROOT=${DISK_ROOT:-$WORK}
 mkdir -p "$DISK_ROOT" "$BENCH/out"
 RESULTS="$BENCH/out/disk-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
@@ -228,8 +232,10 @@ EOF
 }
 
 # start SERVER CONFIGNAME: starts it pinned to CPU 0 and waits until it answers.
+declare -A CONF_NAME
 start() {
     local server=$1 name=$2
+    CONF_NAME[$server]=$name
     if [[ $server == edge ]]; then
         taskset -c 0 "$CDN" edge --config "$WORK/$name.toml" >>"$WORK/$name.log" 2>&1 &
         PID[edge]=$!
@@ -275,6 +281,18 @@ wait_ok() {
 
 x_cache() {
     curl -s -o /dev/null -D - "$@" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache" { print $2 }'
+}
+
+# Dies (with the end of its log) when SERVER's process is gone.
+alive() {
+    kill -0 "${PID[$1]}" 2>/dev/null && return 0
+    local logf="$WORK/${CONF_NAME[$1]}.log"
+    [[ $1 == nginx ]] && logf="$WORK/${CONF_NAME[$1]}/error.log"
+    wait "${PID[$1]}" 2>/dev/null
+    log "$1 (pid ${PID[$1]}) is gone, exit status $?; the end of $logf:"
+    tail -20 "$logf" | sed 's/\x1b\[[0-9;]*m//g' >&2
+    KEEP_WORK=1
+    die "$1 died (scratch directory kept: $WORK)"
 }
 
 # The sum of an edge metric's samples (NAME exactly, or NAME{labels} as given).
@@ -406,6 +424,7 @@ measure() {
     shift 5
     [[ $state == cold ]] && drop_caches
     wait_quiet
+    alive "$server"
     o0=$(origin_gets)
     [[ $server == edge ]] && d0=$(edge_metric cdn_cache_disk_read_bytes_total)
     io0=$(tree_io_read "$server")
@@ -414,6 +433,7 @@ measure() {
     t0=$(date +%s.%N)
     out=$("$@")
     t1=$(date +%s.%N)
+    alive "$server"
     busy1=$(busy_seconds)
     after=$(tree_cpu "$server")
     io1=$(tree_io_read "$server")
