@@ -14,11 +14,17 @@
 //! the cap, and for bodies under [`MIN_LEN`], [`seal`] returns `None` and the caller
 //! keeps its heap copy.
 //!
-//! This module holds the workspace's only `unsafe` code: mapping the file. It is
-//! sound because the file is sealed (`F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW |
+//! The edge's disk tier uses the same path for its cache files ([`map_file`],
+//! [`backed_by_file`]): a body read back from disk is mapped from its file, or
+//! copied with the file remembered, and cleartext sends take its pages from there.
+//!
+//! This module holds the workspace's only `unsafe` code: mapping the files. A memory
+//! file is sound to map because it is sealed (`F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW |
 //! F_SEAL_SEAL`) before it is mapped: the kernel then refuses every write to it and
 //! every change of its size, from this process or any other, so the mapped bytes can
-//! never change or vanish under a `&[u8]` (memmap2's safety condition).
+//! never change or vanish under a `&[u8]` (memmap2's safety condition). A cache file
+//! of the disk tier cannot be sealed; it is sound to map because the disk tier never
+//! writes into a published file's body or truncates it (see [`map_file`]).
 
 #![allow(unsafe_code)]
 
@@ -53,8 +59,9 @@ pub const MIN_SEND: usize = 64 * 1024;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// Every live body by start address: its length, the file holding the same bytes,
-/// and where in that file they start.
-type Registry = RwLock<BTreeMap<usize, (usize, Arc<File>, u64)>>;
+/// where in that file they start, and whether the body is a mapping of a cache file
+/// (page cache, not process memory).
+type Registry = RwLock<BTreeMap<usize, (usize, Arc<File>, u64, bool)>>;
 
 fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
@@ -106,7 +113,7 @@ pub fn seal(chunks: &[Bytes]) -> Option<Bytes> {
 pub fn locate(slice: &[u8]) -> Option<(Arc<File>, u64)> {
     let start = slice.as_ptr() as usize;
     let map = registry().read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (&base, (len, file, file_offset)) = map.range(..=start).next_back()?;
+    let (&base, (len, file, file_offset, _)) = map.range(..=start).next_back()?;
     let offset = start - base;
     (offset + slice.len() <= *len).then(|| (file.clone(), file_offset + offset as u64))
 }
@@ -129,8 +136,54 @@ pub fn backed_by_file(body: Vec<u8>, file: Arc<File>, offset: u64) -> Result<Byt
     registry()
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(body.as_ptr() as usize, (body.len(), file, offset));
+        .insert(body.as_ptr() as usize, (body.len(), file, offset, false));
     Ok(Bytes::from_owner(Backed { body }))
+}
+
+/// `len` bytes of `file` from `offset` (a multiple of the page size), mapped
+/// read-only: the edge's disk tier serves a checked cache file this way without
+/// copying it (cleartext sends go out with `sendfile` from `file`; TLS and QUIC
+/// read the pages). `None` when the cap of live bodies is reached or the kernel
+/// refuses (the caller then reads the bytes instead).
+///
+/// The caller guarantees what memmap2 asks of a file mapping: `file` is a cache
+/// file that nobody writes or truncates in that range while it is mapped. The
+/// disk tier writes a cache file whole under another name and renames it into
+/// place; it never writes into a published file except one flag byte in its
+/// header, outside the body (a replaced or deleted file keeps its pages for this
+/// mapping). A process that truncated a cache file under a running edge would make
+/// reads of the lost pages fault (SIGBUS), as with any mapped cache (Varnish's file
+/// storage); an I/O error while a page is read back in would too.
+pub fn map_file(file: Arc<File>, offset: u64, len: usize) -> Option<Bytes> {
+    if len < MIN_LEN || !offset.is_multiple_of(4096) {
+        return None;
+    }
+    if LIVE.fetch_add(1, Ordering::Relaxed) >= cap() {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    // SAFETY: see above — the range is never written or truncated while mapped.
+    let map = match unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map(&*file) } {
+        Ok(map) => map,
+        Err(error) => {
+            LIVE.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(%error, len, "cache file not mapped; read instead");
+            return None;
+        }
+    };
+    registry()
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(map.as_ptr() as usize, (len, file, offset, true));
+    Some(Bytes::from_owner(Sealed { map }))
+}
+
+/// Whether `body` is a mapping of a cache file ([`map_file`]): its bytes live in
+/// the page cache, not in this process's memory.
+pub fn is_mapped_file(body: &[u8]) -> bool {
+    let start = body.as_ptr() as usize;
+    let map = registry().read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    map.range(..=start).next_back().is_some_and(|(&base, &(len, _, _, mapped))| mapped && start - base < len.max(1))
 }
 
 /// A body in memory whose bytes are also in a file, at a known offset.
@@ -241,7 +294,7 @@ fn poll_io(
     }
 }
 
-/// One sealed body: its file and the read-only mapping of it.
+/// One mapped body (a sealed memory file, or a cache file): its read-only mapping.
 struct Sealed {
     map: memmap2::Mmap,
 }
@@ -262,7 +315,7 @@ impl Sealed {
         registry()
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(map.as_ptr() as usize, (len, file, 0));
+            .insert(map.as_ptr() as usize, (len, file, 0, false));
         Ok(Self { map })
     }
 }
@@ -347,6 +400,22 @@ mod tests {
         assert_eq!(back, &piece[..]);
         let small = backed_by_file(vec![1; 10], file, 0).unwrap_err();
         assert_eq!(small, vec![1; 10]);
+    }
+
+    #[test]
+    fn a_mapped_cache_file_is_sent_from_its_offset() {
+        let (parts, whole) = chunks(MIN_LEN + 5000);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[9; 4096]).unwrap();
+        write_all(&mut file, &parts).unwrap();
+        let file = Arc::new(file);
+        assert!(map_file(file.clone(), 100, whole.len()).is_none(), "offset not page-aligned");
+        let body = map_file(file, 4096, whole.len()).expect("mapped");
+        assert_eq!(&body[..], &whole[..]);
+        assert!(is_mapped_file(&body) && is_mapped_file(&body.slice(10..20)));
+        let (_, offset) = locate(&body.slice(4096..MIN_LEN)).expect("located");
+        assert_eq!(offset, 8192);
+        assert!(!is_mapped_file(&whole));
     }
 
     #[test]

@@ -249,7 +249,7 @@ impl Disks {
         }
         let hash = hash(key);
         let disk = self.disk(hash).clone();
-        disk.index().get(hash, key)?;
+        let verified = disk.index().get(hash, key)?.verified;
         let cell = {
             let mut loads = self.loads.lock().unwrap_or_else(PoisonError::into_inner);
             match loads.get(key) {
@@ -267,12 +267,13 @@ impl Disks {
                 let (path, owned_key) = (disk.path(hash), key.to_string());
                 let result = tokio::task::spawn_blocking(move || {
                     let file = File::open(path)?;
-                    file::read(file, &owned_key)
+                    file::read(file, &owned_key, verified)
                 })
                 .await;
                 match result {
                     Ok(Ok((entry, bytes))) => {
                         self.metrics.read_bytes.inc_by(bytes);
+                        disk.index().set_verified(hash, key);
                         Some(entry)
                     }
                     Ok(Err(error)) => {

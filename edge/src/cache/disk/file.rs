@@ -41,6 +41,10 @@ const VERSION: u8 = 1;
 pub(super) const FIXED: usize = 40;
 /// Bytes per body checksum.
 const BLOCK: usize = 64 * 1024;
+/// Bodies this large are mapped from their file (and start on a page boundary).
+const MIN_LEN: usize = cdn_node::zerocopy::MIN_LEN;
+/// The page size mappings are aligned to.
+const PAGE: u64 = 4096;
 /// Where the flags byte lives.
 pub(super) const FLAGS_AT: u64 = 6;
 /// Flag: soft-purged (revalidate before use).
@@ -193,7 +197,11 @@ impl HeadMeta {
 pub(crate) struct Encoded {
     pub(crate) kind: Kind,
     pub(crate) tags: Vec<String>,
+    /// Header bytes, padded to the body's offset.
     header: Vec<u8>,
+    /// Of which checked (the rest is padding).
+    #[cfg_attr(not(test), allow(dead_code, reason = "the tests flip every checked byte"))]
+    checked: usize,
     body: Bytes,
 }
 
@@ -247,7 +255,9 @@ pub(crate) fn encode(key: &str, entry: &Entry) -> Encoded {
     };
     let meta = postcard::to_allocvec(&Meta { key: key.to_string(), body: meta_body }).unwrap_or_default();
     let sums: Vec<u8> = body.chunks(BLOCK).flat_map(|block| XxHash3_64::oneshot(block).to_le_bytes()).collect();
-    let body_offset = (FIXED + meta.len() + sums.len()) as u64;
+    let header_len = (FIXED + meta.len() + sums.len()) as u64;
+    // A body that will be mapped starts on a page of its own.
+    let body_offset = if body.len() >= MIN_LEN { header_len.next_multiple_of(PAGE) } else { header_len };
     let mut header = Vec::with_capacity(body_offset as usize);
     header.extend_from_slice(MAGIC);
     header.push(VERSION);
@@ -262,7 +272,9 @@ pub(crate) fn encode(key: &str, entry: &Entry) -> Encoded {
     header.extend_from_slice(&sum.to_le_bytes());
     header.extend_from_slice(&meta);
     header.extend_from_slice(&sums);
-    Encoded { kind, tags, header, body }
+    let checked = header.len();
+    header.resize(body_offset as usize, 0);
+    Encoded { kind, tags, header, checked, body }
 }
 
 fn header_sum(fixed: &[u8], meta: &[u8], sums: &[u8]) -> u64 {
@@ -322,7 +334,9 @@ fn read_header(file: &File) -> Result<Header, ReadError> {
     }
     let blocks = body_len.div_ceil(BLOCK as u64) as usize;
     let header_len = FIXED + meta_len + blocks * 8;
-    if body_offset != header_len as u64 {
+    let aligned =
+        if body_len >= MIN_LEN as u64 { (header_len as u64).next_multiple_of(PAGE) } else { header_len as u64 };
+    if body_offset != aligned {
         return Err(ReadError::Malformed("body offset"));
     }
     let mut buf = first;
@@ -341,6 +355,23 @@ fn read_header(file: &File) -> Result<Header, ReadError> {
     let meta: Meta = postcard::from_bytes(meta).map_err(|_| ReadError::Malformed("meta"))?;
     let sums = sums.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
     Ok(Header { kind, flags: buf[FLAGS_AT as usize], meta, sums, body_len, body_offset })
+}
+
+/// Checks the body's blocks against their checksums, reading them through one
+/// block-sized buffer (an I/O error is an error here, not a fault later).
+fn check_in_place(file: &File, offset: u64, len: usize, sums: &[u64]) -> Result<(), ReadError> {
+    let mut buf = vec![0u8; BLOCK.min(len)];
+    for (i, sum) in sums.iter().enumerate() {
+        let start = i * BLOCK;
+        let block = &mut buf[..BLOCK.min(len - start)];
+        if read_at_most(file, block, offset + start as u64)? != block.len() {
+            return Err(ReadError::Malformed("short body"));
+        }
+        if XxHash3_64::oneshot(block) != *sum {
+            return Err(ReadError::Checksum("body"));
+        }
+    }
+    Ok(())
 }
 
 /// Reads into `buf` from `offset` until it is full or the file ends.
@@ -367,33 +398,50 @@ pub(crate) fn summary(file: &File) -> Result<Summary, ReadError> {
     Ok(Summary { key: header.meta.key, kind: header.kind, tags, soft_purged: header.flags & SOFT_PURGED != 0 })
 }
 
-/// Reads the entry stored under `key` from `file`, every byte checked; a body of
-/// `zerocopy::MIN_LEN` or more keeps `file` for `sendfile`. Returns the entry and
-/// the body bytes read.
-pub(crate) fn read(file: File, key: &str) -> Result<(Entry, u64), ReadError> {
+/// Reads the entry stored under `key` from `file`: the header is always checked,
+/// the body unless `verified` (this file's body was checked since the edge
+/// started; cache files never change once published). A body of
+/// `zerocopy::MIN_LEN` or more is mapped from the file instead of copied (sent with
+/// `sendfile` on cleartext connections); smaller ones are read. Returns the entry
+/// and the body bytes read or checked.
+pub(crate) fn read(file: File, key: &str, verified: bool) -> Result<(Entry, u64), ReadError> {
     let header = read_header(&file)?;
     if header.meta.key != key {
         return Err(ReadError::OtherKey);
     }
     let len = usize::try_from(header.body_len).map_err(|_| ReadError::Malformed("lengths"))?;
-    // Read without zeroing the buffer first (read_to_end fills spare capacity).
-    let mut body = Vec::with_capacity(len);
-    (&file).seek(SeekFrom::Start(header.body_offset))?;
-    (&file).take(header.body_len).read_to_end(&mut body)?;
-    if body.len() != len {
-        return Err(ReadError::Malformed("short body"));
-    }
-    if body.chunks(BLOCK).count() != header.sums.len() {
+    if len.div_ceil(BLOCK) != header.sums.len() {
         return Err(ReadError::Malformed("block count"));
     }
-    for (block, sum) in body.chunks(BLOCK).zip(&header.sums) {
-        if XxHash3_64::oneshot(block) != *sum {
-            return Err(ReadError::Checksum("body"));
+    let file = Arc::new(file);
+    let mapped = if len >= MIN_LEN {
+        if !verified {
+            check_in_place(&file, header.body_offset, len, &header.sums)?;
         }
-    }
-    let bytes = match cdn_node::zerocopy::backed_by_file(body, Arc::new(file), header.body_offset) {
-        Ok(bytes) => bytes,
-        Err(body) => Bytes::from(body),
+        cdn_node::zerocopy::map_file(file.clone(), header.body_offset, len)
+    } else {
+        None
+    };
+    let bytes = match mapped {
+        Some(bytes) => bytes,
+        None => {
+            // Read without zeroing the buffer first (read_to_end fills spare capacity).
+            let mut body = Vec::with_capacity(len);
+            (&*file).seek(SeekFrom::Start(header.body_offset))?;
+            (&*file).take(header.body_len).read_to_end(&mut body)?;
+            if body.len() != len {
+                return Err(ReadError::Malformed("short body"));
+            }
+            for (block, sum) in body.chunks(BLOCK).zip(&header.sums) {
+                if XxHash3_64::oneshot(block) != *sum {
+                    return Err(ReadError::Checksum("body"));
+                }
+            }
+            match cdn_node::zerocopy::backed_by_file(body, file.clone(), header.body_offset) {
+                Ok(bytes) => bytes,
+                Err(body) => Bytes::from(body),
+            }
+        }
     };
     let purged = header.flags & SOFT_PURGED != 0;
     let etag =
@@ -454,10 +502,11 @@ mod tests {
     #[test]
     fn every_kind_reads_back_as_written() {
         let object = Entry::Object(Object { head: head(vec!["a".into(), "b".into()]), body: body(300_000) });
-        let (back, got) = read(written("k", &object), "k").unwrap();
+        let (back, got) = read(written("k", &object), "k", false).unwrap();
         let (Entry::Object(back), Entry::Object(stored)) = (back, &object) else { panic!() };
         assert_eq!(got, 300_000);
         assert_eq!(back.body, stored.body);
+        assert!(cdn_node::zerocopy::is_mapped_file(&back.body), "a large body is mapped, not copied");
         assert_eq!(back.head.headers, stored.head.headers);
         assert_eq!(back.head.timing.request_time, stored.head.timing.request_time);
         assert_eq!(back.head.timing.initial_age, stored.head.timing.initial_age);
@@ -473,18 +522,18 @@ mod tests {
             slice: 1 << 20,
             etag: Some(HeaderValue::from_static("\"v1\"")),
         }));
-        let Entry::Sliced(back) = read(written("s", &sliced), "s").unwrap().0 else { panic!() };
+        let Entry::Sliced(back) = read(written("s", &sliced), "s", false).unwrap().0 else { panic!() };
         assert_eq!(
             (back.total, back.slice, back.etag.as_ref().unwrap().as_bytes()),
             (10 << 20, 1 << 20, &b"\"v1\""[..])
         );
 
         let slice = Entry::Slice(Slice { etag: None, bytes: body(1000) });
-        let Entry::Slice(back) = read(written("s\u{1f}3", &slice), "s\u{1f}3").unwrap().0 else { panic!() };
+        let Entry::Slice(back) = read(written("s\u{1f}3", &slice), "s\u{1f}3", false).unwrap().0 else { panic!() };
         assert_eq!(back.bytes, body(1000));
 
         let vary = Entry::Vary(Arc::new(vec![header::ACCEPT_ENCODING, header::ACCEPT_LANGUAGE]));
-        let Entry::Vary(names) = read(written("v", &vary), "v").unwrap().0 else { panic!() };
+        let Entry::Vary(names) = read(written("v", &vary), "v", false).unwrap().0 else { panic!() };
         assert_eq!(*names, [header::ACCEPT_ENCODING, header::ACCEPT_LANGUAGE]);
 
         let summary = summary(&written("k", &object)).unwrap();
@@ -497,12 +546,12 @@ mod tests {
         let mut file = written("k", &entry);
         let len = file.metadata().unwrap().len();
         // Every byte of the header and a sample of the body.
-        let positions = (0..encode("k", &entry).header.len() as u64).chain((len - 200_000..len).step_by(997));
+        let positions = (0..encode("k", &entry).checked as u64).chain((len - 200_000..len).step_by(997));
         for at in positions {
             let mut byte = [0u8];
             file.read_exact_at(&mut byte, at).unwrap();
             file.write_all_at(&[byte[0] ^ 0x21], at).unwrap();
-            let result = read(file.try_clone().unwrap(), "k");
+            let result = read(file.try_clone().unwrap(), "k", false);
             if at == FLAGS_AT {
                 let Ok((Entry::Object(object), _)) = result else { panic!("flags byte: {result:?}") };
                 assert!(object.head.purged.load(std::sync::atomic::Ordering::Relaxed));
@@ -511,12 +560,12 @@ mod tests {
             }
             file.write_all_at(&byte, at).unwrap();
         }
-        assert!(read(file.try_clone().unwrap(), "k").is_ok());
-        assert!(matches!(read(file.try_clone().unwrap(), "other"), Err(ReadError::OtherKey)));
+        assert!(read(file.try_clone().unwrap(), "k", false).is_ok());
+        assert!(matches!(read(file.try_clone().unwrap(), "other", false), Err(ReadError::OtherKey)));
         // Truncated anywhere: an error, not a panic.
         for cut in [0, 3, 39, 41, len / 2, len - 1] {
             file.set_len(cut).unwrap();
-            assert!(read(file.try_clone().unwrap(), "k").is_err(), "cut at {cut}");
+            assert!(read(file.try_clone().unwrap(), "k", false).is_err(), "cut at {cut}");
             file.set_len(0).unwrap();
             file.seek(SeekFrom::Start(0)).unwrap();
             encode("k", &entry).write_to(&mut file).unwrap();

@@ -22,12 +22,14 @@ pub(crate) struct Slot {
     pub(crate) size: u64,
     pub(crate) kind: Kind,
     pub(crate) soft_purged: bool,
+    /// Its body was checked since the edge started (the file never changes).
+    pub(crate) verified: bool,
     referenced: bool,
 }
 
 impl Slot {
     pub(crate) fn new(hash: u64, key: &str, tags: &[String], size: u64, kind: Kind, soft_purged: bool) -> Self {
-        Self { hash, key: key.into(), tags: tags.into(), size, kind, soft_purged, referenced: false }
+        Self { hash, key: key.into(), tags: tags.into(), size, kind, soft_purged, verified: false, referenced: false }
     }
 }
 
@@ -61,6 +63,16 @@ impl Index {
         }
         slot.referenced = true;
         Some(slot)
+    }
+
+    /// Marks the body of `key` checked.
+    pub(crate) fn set_verified(&mut self, hash: u64, key: &str) {
+        if let Some(&at) = self.by_hash.get(&hash)
+            && let Some(slot) = self.slots[at as usize].as_mut()
+            && &*slot.key == key
+        {
+            slot.verified = true;
+        }
     }
 
     /// Indexes `slot`, replacing what had its hash.
