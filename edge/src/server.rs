@@ -287,6 +287,10 @@ impl Edge {
         );
         info!(node_id = %config.node_id, region = %config.region, origin = %config.origin.url, "edge started");
         let result = tasks.run().await;
+        // A clean stop: the disk tier finishes its writes and saves its index.
+        if let Some(disks) = pipeline.cache().disks() {
+            disks.close().await;
+        }
         // The cluster goes last: peers saw "not ready" while the listeners drained.
         cluster_shutdown.cancel();
         if let Some(cluster) = &cluster {

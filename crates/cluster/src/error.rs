@@ -1,5 +1,5 @@
-//! Errors of the cluster: joining it, reading what peers gossip, and a cluster that
-//! stopped working.
+//! Errors of the cluster: joining it, reading what peers gossip, routing documents
+//! that cannot be read or applied, and a cluster that stopped working.
 
 use std::{io, net::SocketAddr};
 
@@ -42,7 +42,38 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A routing document that does not parse (JSON or TOML): the field it
+    /// stumbled on (`sites[0].origins[1].weight`; empty for the document itself)
+    /// and why.
+    #[error("{}{source}", at_field(.field))]
+    RoutingSyntax {
+        /// The path of the field.
+        field: String,
+        /// The parser's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A routing document larger than [`routing::MAX_BYTES`](crate::routing::MAX_BYTES).
+    #[error("the routing document is {bytes} bytes, at most {max}")]
+    RoutingTooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A routing document that parses but cannot be applied (each problem as
+    /// `field.path: what is wrong`); refused, nothing changed.
+    #[error("invalid routing document: {}", .problems.join("; "))]
+    InvalidRouting {
+        /// Every problem.
+        problems: Vec<String>,
+    },
     /// The member view stopped being refreshed while the node was running.
     #[error("the cluster's member view stopped being refreshed")]
     ViewStopped,
+}
+
+/// `field: ` before a message, or nothing for the document itself.
+fn at_field(field: &str) -> String {
+    if field.is_empty() { String::new() } else { format!("{field}: ") }
 }

@@ -17,6 +17,9 @@
 //! - [`state`]: the typed gossip state ([`state::Key`], [`state::Entry`]): every key,
 //!   its value, their wire encoding.
 //! - [`purge`]: what a purge matches ([`purge::Target`]) and the record gossip carries.
+//! - [`routing`]: the routing document ([`routing::Routing`]): sites, origin pools,
+//!   rules; parsed, validated, and indexed for the edge ([`routing::Router`]). It
+//!   travels chunked ([`Cluster::publish_routing`], [`Cluster::routing`]).
 //! - `transport`: HMAC-authenticated UDP datagrams.
 //!
 //! The cluster's own tasks (the member view's refresh, the gossip relay) are tracked
@@ -30,6 +33,7 @@
 pub mod error;
 pub mod member;
 pub mod purge;
+pub mod routing;
 pub mod state;
 mod transport;
 
@@ -51,7 +55,8 @@ use tracing::{debug, info, warn};
 
 pub use member::{GeoPoint, Member, MemberState, Role};
 use purge::PurgeRecord;
-use state::{Drain, Entry, Key, NodeView, Purges, Stats, Topic};
+use routing::Versioned;
+use state::{Drain, Entry, Key, NodeView, Purges, RoutingHead, Stats, Topic};
 #[doc(hidden)]
 #[cfg(feature = "test-util")]
 pub use transport::PacketLoss;
@@ -257,6 +262,10 @@ pub struct Cluster {
     view: watch::Sender<Arc<Vec<Member>>>,
     members_gauge: IntGaugeVec,
     unreadable: Unreadable,
+    /// Routing documents [`routing`](Self::routing) could not read or apply, by
+    /// control node and checksum: their chunks added up, so the same bytes will not
+    /// read better later; not parsed again.
+    routing_refused: StdMutex<HashSet<(String, u64)>>,
     /// The cluster's own tasks (the member view, the gossip relay); see
     /// [`stopped`](Self::stopped).
     tasks: TaskTracker,
@@ -347,6 +356,7 @@ impl Cluster {
             view: watch::Sender::new(Arc::new(Vec::new())),
             members_gauge,
             unreadable: Unreadable::default(),
+            routing_refused: StdMutex::default(),
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
             view_stopped: CancellationToken::new(),
@@ -549,6 +559,175 @@ impl Cluster {
             .into_iter()
             .filter_map(|(node, entry)| match entry {
                 Entry::Stats(stats) => Some((node, stats)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Publishes the routing document this (control) node holds, in place of the one
+    /// before: its chunks, then its head, then the old chunks are deleted (see
+    /// [`state`]). A document that does not validate, a version 0 or no author is
+    /// [`Error::InvalidRouting`] and nothing changes. Eager push is the caller's.
+    pub async fn publish_routing(&self, versioned: &Versioned) -> Result<(), Error> {
+        let mut problems = Vec::new();
+        if versioned.version == 0 {
+            problems.push("version: must be at least 1".to_string());
+        }
+        if versioned.by.is_empty() {
+            problems.push("by: names no control node".to_string());
+        }
+        if let Err(more) = versioned.routing.validate() {
+            problems.extend(more);
+        }
+        if !problems.is_empty() {
+            return Err(Error::InvalidRouting { problems });
+        }
+        self.replace_routing(RoutingHead::split(versioned)?).await;
+        Ok(())
+    }
+
+    /// Says that this (control) node holds no routing document (yet), so that an
+    /// edge can tell "none exists" from "not heard yet"
+    /// ([`routing_heads`](Self::routing_heads)).
+    pub async fn publish_no_routing(&self) {
+        self.replace_routing(vec![Entry::RoutingHead(RoutingHead::none(&self.node_id))]).await;
+    }
+
+    /// Writes a routing document's entries (chunks, then the head) and deletes every
+    /// other chunk of this node, in one step.
+    async fn replace_routing(&self, entries: Vec<Entry>) {
+        let keep: HashSet<String> = entries
+            .iter()
+            .filter(|entry| matches!(entry, Entry::RoutingChunk { .. }))
+            .map(|entry| entry.key().to_string())
+            .collect();
+        let entries: Vec<(String, String)> = entries.iter().map(|e| (e.key().to_string(), e.value())).collect();
+        self.handle
+            .with_chitchat(|chitchat| {
+                let state = chitchat.self_node_state();
+                for (key, value) in &entries {
+                    state.set(key, value);
+                }
+                let stale: Vec<String> = state
+                    .key_values()
+                    .filter(|(key, _)| matches!(Key::parse(key), Ok(Key::RoutingChunk { .. })) && !keep.contains(*key))
+                    .map(|(key, _)| key.to_string())
+                    .collect();
+                for key in stale {
+                    state.delete(&key);
+                }
+            })
+            .await;
+    }
+
+    /// Each live control node's routing head (what document it holds; version 0:
+    /// none), by node id; a control node missing here was not heard from yet. Cheap:
+    /// no chunk is read.
+    pub async fn routing_heads(&self) -> BTreeMap<String, RoutingHead> {
+        self.handle
+            .with_chitchat(|chitchat| {
+                self.control_heads(chitchat).into_iter().map(|(_, node, head)| (node, head)).collect()
+            })
+            .await
+    }
+
+    /// The newest routing document the live control nodes hold, complete and
+    /// valid: the highest version, and of equal versions the one whose author
+    /// (`by`) is the greatest node id ([`Versioned::supersedes`]). A control node
+    /// whose document is still arriving, or cannot be read or applied here (logged
+    /// once, and not read again), is passed over for the next newest. `None`: no
+    /// live control node holds one this node has whole (an edge then keeps what it
+    /// serves by).
+    pub async fn routing(&self) -> Option<Versioned> {
+        // Documents passed over in this call.
+        let mut skip: HashSet<(String, u64)> = HashSet::new();
+        loop {
+            let (node, head, chunks) = self
+                .handle
+                .with_chitchat(|chitchat| {
+                    let mut heads = self.control_heads(chitchat);
+                    let refused = self.routing_refused.lock().unwrap_or_else(PoisonError::into_inner);
+                    heads.retain(|(_, node, head)| {
+                        let key = (node.clone(), head.xxh3);
+                        !head.is_none() && !refused.contains(&key) && !skip.contains(&key)
+                    });
+                    drop(refused);
+                    heads.sort_by(|(_, a_node, a), (_, b_node, b)| {
+                        (b.version, &b.by, b_node).cmp(&(a.version, &a.by, a_node))
+                    });
+                    heads.into_iter().find_map(|(id, node, head)| {
+                        let state = chitchat.node_state(&id)?;
+                        let chunks: Option<Vec<String>> =
+                            head.chunk_keys().map(|key| state.get(&key.to_string()).map(str::to_string)).collect();
+                        // Missing chunks: still arriving; the next newest may be whole.
+                        Some((node, head, chunks?))
+                    })
+                })
+                .await?;
+            let chunks: Vec<&str> = chunks.iter().map(String::as_str).collect();
+            let read = head.assemble(&chunks).and_then(|versioned| match versioned.routing.validate() {
+                Ok(()) => Ok(versioned),
+                Err(problems) => Err(Error::InvalidRouting { problems }),
+            });
+            match read {
+                Ok(versioned) => return Some(versioned),
+                Err(error) => {
+                    self.unreadable.report(
+                        &node,
+                        &Key::RoutingHead.to_string(),
+                        &Entry::RoutingHead(head.clone()).value(),
+                        &error,
+                    );
+                    // Chunks that do not add up are looked at again (cheap: a hash);
+                    // a document that added up but did not parse or validate is not.
+                    let mut refused = self.routing_refused.lock().unwrap_or_else(PoisonError::into_inner);
+                    if !matches!(error, Error::BadValue { .. }) {
+                        if refused.len() >= Unreadable::MAX {
+                            refused.clear();
+                        }
+                        refused.insert((node.clone(), head.xxh3));
+                    }
+                    drop(refused);
+                    // This one is passed over in the next round.
+                    skip.insert((node, head.xxh3));
+                }
+            }
+        }
+    }
+
+    /// Every live control node's readable routing head, with the newest generation
+    /// of each node id: `(id, node_id, head)`.
+    fn control_heads(&self, chitchat: &chitchat::Chitchat) -> Vec<(ChitchatId, String, RoutingHead)> {
+        let live: Vec<ChitchatId> = chitchat.live_nodes().cloned().collect();
+        let (role_key, head_key) = (Key::Role.to_string(), Key::RoutingHead.to_string());
+        let mut heads = Vec::new();
+        for id in newest_generations(live.iter()) {
+            let Some(state) = chitchat.node_state(id) else { continue };
+            if state.get(&role_key) != Some(Role::Control.as_str()) {
+                continue;
+            }
+            let Some(value) = state.get(&head_key) else { continue };
+            match Entry::decode(Key::RoutingHead, value) {
+                Ok(Entry::RoutingHead(head)) => heads.push((id.clone(), id.node_id.to_string(), head)),
+                Ok(_) => {}
+                Err(error) => self.unreadable.report(&id.node_id, &head_key, value, &error),
+            }
+        }
+        heads
+    }
+
+    /// Publishes the routing version this (edge) node serves by.
+    pub async fn set_routing_applied(&self, version: u64) {
+        self.set(&[Entry::RoutingApplied(version)]).await;
+    }
+
+    /// Each live node's applied routing version: node id → version.
+    pub async fn routing_applied_all(&self) -> BTreeMap<String, u64> {
+        self.entries(Topic::RoutingApplied)
+            .await
+            .into_iter()
+            .filter_map(|(node, entry)| match entry {
+                Entry::RoutingApplied(version) => Some((node, version)),
                 _ => None,
             })
             .collect()
@@ -851,6 +1030,145 @@ mod tests {
             })
             .await
         );
+        shutdown.cancel();
+    }
+
+    /// The keys of a node's own routing chunks.
+    async fn own_chunk_keys(cluster: &Cluster) -> Vec<Key> {
+        cluster
+            .handle
+            .with_chitchat(|chitchat| {
+                let state = chitchat.self_node_state();
+                state
+                    .key_values()
+                    .filter_map(|(key, _)| Key::parse(key).ok().filter(|k| matches!(k, Key::RoutingChunk { .. })))
+                    .collect()
+            })
+            .await
+    }
+
+    #[tokio::test]
+    async fn routing_travels_chunked_and_the_newest_complete_document_wins() {
+        use routing::tests::sample;
+        let shutdown = CancellationToken::new();
+        let secret = "a-shared-secret-of-enough-bytes";
+        let first = ClusterConfig::new("127.0.0.1:0".parse().unwrap(), secret);
+        let c1 = Cluster::join(&first, node("c1", Role::Control), &Registry::new(), shutdown.clone()).await.unwrap();
+        let mut config = ClusterConfig::new("127.0.0.1:0".parse().unwrap(), secret);
+        config.seeds = vec![c1.gossip_addr().to_string()];
+        let c2 = Cluster::join(&config, node("c2", Role::Control), &Registry::new(), shutdown.clone()).await.unwrap();
+        let edge = Cluster::join(&config, node("e", Role::Edge), &Registry::new(), shutdown.clone()).await.unwrap();
+        let mut changes = edge.subscribe(Topic::Routing).await;
+        let versioned = |version, by: &str, routing| Versioned { version, by: by.into(), routing };
+
+        // Not heard from, then "none yet": an edge can tell the two apart.
+        assert!(eventually(|| async { edge.members().iter().any(|m| m.node_id == "c1") }).await);
+        assert!(edge.routing_heads().await.is_empty());
+        c1.publish_no_routing().await;
+        c2.publish_no_routing().await;
+        assert!(
+            eventually(|| async { edge.routing_heads().await.values().filter(|h| h.is_none()).count() == 2 }).await
+        );
+        assert_eq!(edge.routing().await, None);
+        while changes.try_recv().is_some() {}
+
+        // A small document, then a large one (chunked), replace each other whole.
+        let v1 = versioned(1, "c1", sample(2));
+        c1.publish_routing(&v1).await.unwrap();
+        assert!(eventually(|| async { edge.routing().await.as_ref() == Some(&v1) }).await);
+        let change = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await.unwrap().unwrap();
+        assert_eq!(change.node_id, "c1");
+        assert!(matches!(change.key, Key::RoutingHead | Key::RoutingChunk { .. }), "{change:?}");
+        let v2 = versioned(2, "c1", sample(600));
+        c1.publish_routing(&v2).await.unwrap();
+        assert!(eventually(|| async { edge.routing().await.as_ref() == Some(&v2) }).await);
+        let head = &edge.routing_heads().await["c1"];
+        assert!(head.chunks > 10, "{head:?}");
+        let mut own = own_chunk_keys(&c1).await;
+        own.sort();
+        assert_eq!(own, head.chunk_keys().collect::<Vec<_>>(), "the old chunks are deleted");
+
+        // Another control node's newer version wins; on equal versions the greater author.
+        let v3 = versioned(3, "c2", sample(3));
+        c2.publish_routing(&v3).await.unwrap();
+        assert!(eventually(|| async { edge.routing().await.as_ref() == Some(&v3) }).await);
+        c1.publish_routing(&versioned(3, "c1", sample(4))).await.unwrap();
+        assert!(eventually(|| async { edge.routing_heads().await["c1"].version == 3 }).await);
+        assert_eq!(edge.routing().await.as_ref(), Some(&v3), "(3, c2) beats (3, c1)");
+        let v3_adopted = versioned(3, "c3", sample(5));
+        c1.publish_routing(&v3_adopted).await.unwrap();
+        assert!(eventually(|| async { edge.routing().await.as_ref() == Some(&v3_adopted) }).await);
+
+        // What cannot be assembled is never returned: the next newest is.
+        let (chunk, mut head) = match RoutingHead::split(&versioned(4, "c2", sample(6))).unwrap().as_slice() {
+            [Entry::RoutingChunk { index: 0, text, .. }, Entry::RoutingHead(head)] => (text.clone(), head.clone()),
+            other => panic!("one chunk and a head: {other:?}"),
+        };
+        let set_raw = |cluster: Arc<Cluster>, entries: Vec<(String, String)>| async move {
+            cluster
+                .handle
+                .with_chitchat(|chitchat| {
+                    for (key, value) in &entries {
+                        chitchat.self_node_state().set(key, value);
+                    }
+                })
+                .await;
+        };
+        // A head whose chunk is missing.
+        let missing = Entry::RoutingHead(head.clone());
+        set_raw(c2.clone(), vec![(missing.key().to_string(), missing.value())]).await;
+        assert!(eventually(|| async { edge.routing_heads().await["c2"].version == 4 }).await);
+        assert_eq!(edge.routing().await.as_ref(), Some(&v3_adopted));
+        // A chunk that does not add up to its checksum.
+        head.version = 5;
+        let corrupt = Entry::RoutingChunk { xxh3: head.xxh3, index: 0, text: chunk.replace("site-", "site_") };
+        let corrupt_head = Entry::RoutingHead(head.clone());
+        set_raw(
+            c2.clone(),
+            vec![(corrupt.key().to_string(), corrupt.value()), (corrupt_head.key().to_string(), corrupt_head.value())],
+        )
+        .await;
+        assert!(eventually(|| async { edge.routing_heads().await["c2"].version == 5 }).await);
+        assert_eq!(edge.routing().await.as_ref(), Some(&v3_adopted));
+        assert!(edge.routing_refused.lock().unwrap().is_empty(), "looked at again");
+        // Whole again: taken.
+        let fixed = Entry::RoutingChunk { xxh3: head.xxh3, index: 0, text: chunk };
+        set_raw(c2.clone(), vec![(fixed.key().to_string(), fixed.value())]).await;
+        assert!(eventually(|| async { edge.routing().await.is_some_and(|v| v.version == 5 && v.by == "c2") }).await);
+        // Whole but not valid here (what `publish_routing` refuses to write): passed
+        // over, and not parsed again.
+        let mut invalid = sample(7);
+        invalid.default_site = Some("nowhere".into());
+        let raw: Vec<(String, String)> = RoutingHead::split(&versioned(6, "c2", invalid))
+            .unwrap()
+            .iter()
+            .map(|entry| (entry.key().to_string(), entry.value()))
+            .collect();
+        set_raw(c2.clone(), raw).await;
+        assert!(eventually(|| async { edge.routing_heads().await["c2"].version == 6 }).await);
+        assert_eq!(edge.routing().await.as_ref(), Some(&v3_adopted));
+        assert_eq!(edge.routing_refused.lock().unwrap().len(), 1, "not parsed again");
+        // A proper publication: taken.
+        let v7 = versioned(7, "c2", sample(8));
+        c2.publish_routing(&v7).await.unwrap();
+        assert!(eventually(|| async { edge.routing().await.as_ref() == Some(&v7) }).await);
+        assert_eq!(own_chunk_keys(&c2).await.len(), 1, "the others deleted");
+
+        // A control node refuses to publish what an edge could not apply.
+        let mut invalid = sample(1);
+        invalid.default_site = Some("nowhere".into());
+        let error = c1.publish_routing(&versioned(9, "c1", invalid)).await.unwrap_err();
+        assert!(
+            matches!(&error, Error::InvalidRouting { problems } if problems[0].starts_with("default_site")),
+            "{error}"
+        );
+        assert!(c1.publish_routing(&versioned(0, "c1", sample(1))).await.is_err());
+        assert_eq!(c1.routing_heads().await["c1"].version, 3, "nothing changed");
+
+        // Edges say which version they serve by.
+        edge.set_routing_applied(5).await;
+        assert!(eventually(|| async { c1.routing_applied_all().await.get("e") == Some(&5) }).await);
+        assert_eq!(c1.routing_applied_all().await.len(), 1);
         shutdown.cancel();
     }
 

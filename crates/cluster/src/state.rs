@@ -25,6 +25,19 @@
 //! | `purge_floor` | the oldest `<seq>` still held (or the next one) | control nodes |
 //! | `applied:<control>` | the last `<seq>` of `<control>` applied | edges |
 //! | `drain:<node>` | `1:<ms>` drained or `0:<ms>` undrained, at `<ms>` since the Unix epoch | control nodes |
+//! | `routing:head` | JSON [`RoutingHead`]: version, author, chunk count, length, checksum | control nodes |
+//! | `routing:<xxh3>:<i>` | chunk `<i>` of the routing document's JSON whose XXH3-64 is `<xxh3>` (16 hex digits) | control nodes |
+//! | `routing_applied` | the routing version this node serves by | edges |
+//!
+//! A routing document is too large for one gossip value (chitchat frames a value
+//! with a 16-bit length and a datagram holds 64 KiB), so it travels as chunks of
+//! [`RoutingHead::CHUNK_BYTES`] named by the checksum of the whole, and a head that
+//! names them. The publisher writes the chunks first, then the head, then deletes the
+//! chunks of the document before; chitchat delivers a node's keys in the order they
+//! were written, so a reader that has a head has its chunks, and the chunks of the
+//! previous head stay until the new head is there. Chunks of two documents never
+//! share a key (unless they are the same document), and the checksum is checked
+//! anyway: a reader never assembles a mix.
 
 use std::{
     collections::BTreeMap,
@@ -38,6 +51,7 @@ use crate::{
     error::Error,
     member::{GeoPoint, Role},
     purge::PurgeRecord,
+    routing::{self, Routing, Versioned},
 };
 
 /// A key of a node's gossip state.
@@ -69,6 +83,18 @@ pub enum Key {
     Applied(String),
     /// `drain:<node>`.
     Drain(String),
+    /// `routing:head`.
+    RoutingHead,
+    /// `routing:<xxh3>:<index>`: chunk `index` of the routing document whose JSON
+    /// has this XXH3-64.
+    RoutingChunk {
+        /// The checksum of the whole document's JSON.
+        xxh3: u64,
+        /// Which chunk, from 0.
+        index: u32,
+    },
+    /// `routing_applied`.
+    RoutingApplied,
 }
 
 impl Key {
@@ -86,6 +112,8 @@ impl Key {
             "load" => Some(Self::Load),
             "stats" => Some(Self::Stats),
             "purge_floor" => Some(Self::PurgeFloor),
+            "routing:head" => Some(Self::RoutingHead),
+            "routing_applied" => Some(Self::RoutingApplied),
             _ => {
                 if let Some(seq) = key.strip_prefix("purge:") {
                     seq.parse().ok().map(Self::Purge)
@@ -93,12 +121,24 @@ impl Key {
                     (!control.is_empty()).then(|| Self::Applied(control.to_string()))
                 } else if let Some(node) = key.strip_prefix("drain:") {
                     (!node.is_empty()).then(|| Self::Drain(node.to_string()))
+                } else if let Some(chunk) = key.strip_prefix("routing:") {
+                    Self::parse_chunk(chunk)
                 } else {
                     None
                 }
             }
         };
         known.ok_or_else(|| Error::UnknownKey { key: key.to_string() })
+    }
+
+    /// `<xxh3>:<index>` of a routing chunk's key: 16 lowercase hex digits, a number.
+    fn parse_chunk(chunk: &str) -> Option<Self> {
+        let (xxh3, index) = chunk.split_once(':')?;
+        if xxh3.len() != 16 || !xxh3.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        let xxh3 = u64::from_str_radix(xxh3, 16).ok()?;
+        index.parse().ok().map(|index| Self::RoutingChunk { xxh3, index })
     }
 
     /// Whether the member view ([`Member`](crate::Member)) is made of this key.
@@ -135,6 +175,9 @@ impl fmt::Display for Key {
             Self::PurgeFloor => f.write_str("purge_floor"),
             Self::Applied(control) => write!(f, "applied:{control}"),
             Self::Drain(node) => write!(f, "drain:{node}"),
+            Self::RoutingHead => f.write_str("routing:head"),
+            Self::RoutingChunk { xxh3, index } => write!(f, "routing:{xxh3:016x}:{index}"),
+            Self::RoutingApplied => f.write_str("routing_applied"),
         }
     }
 }
@@ -148,6 +191,10 @@ pub enum Topic {
     Applied,
     /// Traffic counters ([`Key::Stats`]).
     Stats,
+    /// The routing document ([`Key::RoutingHead`], [`Key::RoutingChunk`]).
+    Routing,
+    /// Routing versions applied ([`Key::RoutingApplied`]).
+    RoutingApplied,
 }
 
 impl Topic {
@@ -157,6 +204,8 @@ impl Topic {
             Self::Purges => "purge",
             Self::Applied => "applied:",
             Self::Stats => "stats",
+            Self::Routing => "routing:",
+            Self::RoutingApplied => "routing_applied",
         }
     }
 }
@@ -203,6 +252,114 @@ impl Purges {
     }
 }
 
+/// What a control node says about the routing document it holds (`routing:head`):
+/// its version and author, and the chunks it travels in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingHead {
+    /// The document's version; 0: this control node holds no document (yet).
+    pub version: u64,
+    /// The control node that accepted it.
+    pub by: String,
+    /// How many chunks (`routing:<xxh3>:0` ..).
+    pub chunks: u32,
+    /// The length of the whole JSON.
+    pub bytes: u64,
+    /// XXH3-64 of the whole JSON.
+    pub xxh3: u64,
+}
+
+impl RoutingHead {
+    /// Most bytes of JSON in one chunk. chitchat sends a node's keys in deltas of at
+    /// most one datagram (64 KiB, less the digest), counted uncompressed, and
+    /// cannot send a value larger than that at all: 15 KiB puts three or four
+    /// chunks in each gossip message and leaves room for the rest of the state.
+    pub const CHUNK_BYTES: usize = 15 * 1024;
+    /// Most chunks a head may name (a [`routing::MAX_BYTES`] document needs 70).
+    pub const MAX_CHUNKS: u32 = 128;
+
+    /// The head of a control node that holds no document.
+    pub fn none(by: impl Into<String>) -> Self {
+        Self { version: 0, by: by.into(), chunks: 0, bytes: 0, xxh3: 0 }
+    }
+
+    /// Whether the control node holds no document.
+    pub fn is_none(&self) -> bool {
+        self.version == 0
+    }
+
+    /// The keys of its chunks, in order.
+    pub fn chunk_keys(&self) -> impl Iterator<Item = Key> + '_ {
+        (0..self.chunks).map(|index| Key::RoutingChunk { xxh3: self.xxh3, index })
+    }
+
+    /// What a control node writes to publish `versioned`: its chunks, then its head
+    /// (in that order). [`Error::RoutingTooLarge`] past [`routing::MAX_BYTES`].
+    pub fn split(versioned: &Versioned) -> Result<Vec<Entry>, Error> {
+        let json = versioned.routing.to_json();
+        if json.len() > routing::MAX_BYTES {
+            return Err(Error::RoutingTooLarge { bytes: json.len(), max: routing::MAX_BYTES });
+        }
+        let xxh3 = twox_hash::XxHash3_64::oneshot(json.as_bytes());
+        let mut entries = Vec::new();
+        let mut rest = json.as_str();
+        while !rest.is_empty() {
+            // Values are strings: cut between characters.
+            let mut end = rest.len().min(Self::CHUNK_BYTES);
+            while !rest.is_char_boundary(end) {
+                end -= 1;
+            }
+            let (text, tail) = rest.split_at(end);
+            let index = u32::try_from(entries.len()).expect("at most MAX_CHUNKS chunks");
+            entries.push(Entry::RoutingChunk { xxh3, index, text: text.to_string() });
+            rest = tail;
+        }
+        let chunks = u32::try_from(entries.len()).expect("at most MAX_CHUNKS chunks");
+        let bytes = json.len() as u64;
+        entries.push(Entry::RoutingHead(Self {
+            version: versioned.version,
+            by: versioned.by.clone(),
+            chunks,
+            bytes,
+            xxh3,
+        }));
+        Ok(entries)
+    }
+
+    /// The document from its chunks' texts, in order: they must be as many as the
+    /// head says, as long, and have its checksum; then the JSON must parse (it is
+    /// not validated here).
+    pub fn assemble(&self, chunks: &[&str]) -> Result<Versioned, Error> {
+        let bad = |why: String| Error::BadValue { key: Key::RoutingHead, source: why.into() };
+        if self.is_none() {
+            return Err(bad("the control node holds no document".into()));
+        }
+        if chunks.len() != self.chunks as usize {
+            return Err(bad(format!("{} chunks of {}", chunks.len(), self.chunks)));
+        }
+        let json = chunks.concat();
+        if json.len() as u64 != self.bytes || twox_hash::XxHash3_64::oneshot(json.as_bytes()) != self.xxh3 {
+            return Err(bad(format!("the chunks of version {} do not add up (incomplete or mixed)", self.version)));
+        }
+        let routing = Routing::from_json(json.as_bytes())?;
+        Ok(Versioned { version: self.version, by: self.by.clone(), routing })
+    }
+
+    /// Whether the head is consistent in itself.
+    fn problem(&self) -> Option<&'static str> {
+        if self.by.is_empty() {
+            Some("no author")
+        } else if self.is_none() {
+            (self.chunks != 0 || self.bytes != 0).then_some("version 0 with chunks")
+        } else if self.chunks == 0 || self.chunks > Self::MAX_CHUNKS {
+            Some("chunk count out of range")
+        } else if self.bytes > routing::MAX_BYTES as u64 || self.bytes < u64::from(self.chunks) {
+            Some("length out of range")
+        } else {
+            None
+        }
+    }
+}
+
 /// One key of a node's gossip state with its value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Entry {
@@ -242,6 +399,19 @@ pub enum Entry {
         /// Drained or not, and when.
         drain: Drain,
     },
+    /// What routing document a control node holds.
+    RoutingHead(RoutingHead),
+    /// A piece of a routing document's JSON.
+    RoutingChunk {
+        /// The checksum of the whole.
+        xxh3: u64,
+        /// Which piece, from 0.
+        index: u32,
+        /// The piece.
+        text: String,
+    },
+    /// The routing version this node serves by.
+    RoutingApplied(u64),
 }
 
 impl Entry {
@@ -261,6 +431,9 @@ impl Entry {
             Self::PurgeFloor(_) => Key::PurgeFloor,
             Self::Applied { control, .. } => Key::Applied(control.clone()),
             Self::Drain { node, .. } => Key::Drain(node.clone()),
+            Self::RoutingHead(_) => Key::RoutingHead,
+            Self::RoutingChunk { xxh3, index, .. } => Key::RoutingChunk { xxh3: *xxh3, index: *index },
+            Self::RoutingApplied(_) => Key::RoutingApplied,
         }
     }
 
@@ -277,7 +450,9 @@ impl Entry {
             // Structs of strings, numbers and booleans: serde_json cannot fail on them.
             Self::Stats(stats) => serde_json::to_string(stats).expect("Stats serializes"),
             Self::Purge(record) => serde_json::to_string(record).expect("PurgeRecord serializes"),
-            Self::PurgeFloor(seq) | Self::Applied { seq, .. } => seq.to_string(),
+            Self::RoutingHead(head) => serde_json::to_string(head).expect("RoutingHead serializes"),
+            Self::RoutingChunk { text, .. } => text.clone(),
+            Self::PurgeFloor(seq) | Self::Applied { seq, .. } | Self::RoutingApplied(seq) => seq.to_string(),
             Self::Drain { drain, .. } => format!("{}:{}", u8::from(drain.drained), drain.at_ms),
         }
     }
@@ -323,6 +498,15 @@ impl Entry {
                     Err(e) => Err(bad(Key::Drain(node), e.into())),
                 }
             }
+            Key::RoutingHead => match serde_json::from_str::<RoutingHead>(value) {
+                Ok(head) => match head.problem() {
+                    None => Ok(Self::RoutingHead(head)),
+                    Some(problem) => Err(bad(key, problem.into())),
+                },
+                Err(e) => Err(bad(key, e.into())),
+            },
+            Key::RoutingChunk { xxh3, index } => Ok(Self::RoutingChunk { xxh3, index, text: value.to_string() }),
+            Key::RoutingApplied => value.parse().map(Self::RoutingApplied).map_err(|e| bad(key, e.into())),
         }
     }
 
@@ -373,7 +557,13 @@ impl NodeView {
             Entry::Ready(ready) => self.ready = ready,
             Entry::Load(load) => self.load = load,
             Entry::Drain { node, drain } => self.drains.push((node, drain)),
-            Entry::Stats(_) | Entry::Purge(_) | Entry::PurgeFloor(_) | Entry::Applied { .. } => {}
+            Entry::Stats(_)
+            | Entry::Purge(_)
+            | Entry::PurgeFloor(_)
+            | Entry::Applied { .. }
+            | Entry::RoutingHead(_)
+            | Entry::RoutingChunk { .. }
+            | Entry::RoutingApplied(_) => {}
         }
     }
 
@@ -388,7 +578,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::{NodeInfo, purge::Target};
+    use crate::{NodeInfo, purge::Target, routing::tests::sample};
 
     fn record(seq: u64) -> PurgeRecord {
         PurgeRecord {
@@ -445,6 +635,28 @@ mod tests {
                 "drain:edge-2",
                 "0:1800",
             ),
+            (
+                Entry::RoutingHead(RoutingHead {
+                    version: 3,
+                    by: "c1".into(),
+                    chunks: 2,
+                    bytes: 20_000,
+                    xxh3: 0x0123_4567_89ab_cdef,
+                }),
+                "routing:head",
+                r#"{"version":3,"by":"c1","chunks":2,"bytes":20000,"xxh3":81985529216486895}"#,
+            ),
+            (
+                Entry::RoutingHead(RoutingHead::none("c2")),
+                "routing:head",
+                r#"{"version":0,"by":"c2","chunks":0,"bytes":0,"xxh3":0}"#,
+            ),
+            (
+                Entry::RoutingChunk { xxh3: 0xab, index: 1, text: r#"{"sites":[]}"#.into() },
+                "routing:00000000000000ab:1",
+                r#"{"sites":[]}"#,
+            ),
+            (Entry::RoutingApplied(3), "routing_applied", "3"),
         ];
         for (entry, key, value) in cases {
             assert_eq!(wire(&entry), (key.to_string(), value.to_string()), "{entry:?}");
@@ -471,6 +683,17 @@ mod tests {
             Entry::PurgeFloor(0),
             Entry::Applied { control: "c.1_x".into(), seq: 0 },
             Entry::Drain { node: "e".into(), drain: Drain { drained: true, at_ms: 0 } },
+            Entry::RoutingHead(RoutingHead {
+                version: u64::MAX,
+                by: "c".into(),
+                chunks: 128,
+                bytes: 1 << 20,
+                xxh3: u64::MAX,
+            }),
+            Entry::RoutingHead(RoutingHead::none("c")),
+            Entry::RoutingChunk { xxh3: 0, index: u32::MAX, text: String::new() },
+            Entry::RoutingChunk { xxh3: u64::MAX, index: 0, text: "é€,\"{}".into() },
+            Entry::RoutingApplied(0),
         ];
         for entry in entries {
             let (key, value) = wire(&entry);
@@ -499,7 +722,29 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_errors_not_panics() {
-        for key in ["certs", "purge:", "purge:x", "purge:-1", "applied:", "drain:", "Role", "purge_floors", ""] {
+        let unknown = [
+            "certs",
+            "purge:",
+            "purge:x",
+            "purge:-1",
+            "applied:",
+            "drain:",
+            "Role",
+            "purge_floors",
+            "",
+            "routing",
+            "routing:",
+            "routing:heads",
+            "routing:x:1",
+            "routing:0123:1",
+            "routing:0123456789ABCDEF:1",
+            "routing:0123456789abcdef:",
+            "routing:0123456789abcdef:-1",
+            "routing:0123456789abcdef:1:2",
+            "routing:+123456789abcdef:1",
+            "routing_applied:c",
+        ];
+        for key in unknown {
             assert!(matches!(Key::parse(key), Err(Error::UnknownKey { .. })), "{key}");
         }
         let bad = [
@@ -521,6 +766,16 @@ mod tests {
             ("drain:e1", "1"),
             ("drain:e1", "2:1700"),
             ("drain:e1", "1:soon"),
+            ("routing:head", "{}"),
+            ("routing:head", "not json"),
+            ("routing:head", r#"{"version":0,"by":"c","chunks":1,"bytes":10,"xxh3":0}"#),
+            ("routing:head", r#"{"version":1,"by":"c","chunks":0,"bytes":0,"xxh3":0}"#),
+            ("routing:head", r#"{"version":1,"by":"c","chunks":129,"bytes":200000,"xxh3":0}"#),
+            ("routing:head", r#"{"version":1,"by":"c","chunks":1,"bytes":1048577,"xxh3":0}"#),
+            ("routing:head", r#"{"version":1,"by":"c","chunks":3,"bytes":2,"xxh3":0}"#),
+            ("routing:head", r#"{"version":1,"by":"","chunks":1,"bytes":2,"xxh3":0}"#),
+            ("routing_applied", "three"),
+            ("routing_applied", "-1"),
         ];
         for (key, value) in bad {
             let error = Entry::parse(key, value).unwrap_err();
@@ -588,7 +843,15 @@ mod tests {
         for key in ["role", "region", "lat", "lon", "public_addr", "admin", "ready", "load", "drain:e"] {
             assert!(Key::parse(key).unwrap().describes_member(), "{key}");
         }
-        for key in ["stats", "purge:1", "purge_floor", "applied:c"] {
+        for key in [
+            "stats",
+            "purge:1",
+            "purge_floor",
+            "applied:c",
+            "routing:head",
+            "routing:00000000000000ab:0",
+            "routing_applied",
+        ] {
             assert!(!Key::parse(key).unwrap().describes_member(), "{key}");
         }
     }
@@ -600,18 +863,118 @@ mod tests {
             (Topic::Purges, Key::PurgeFloor),
             (Topic::Applied, Key::Applied("c".into())),
             (Topic::Stats, Key::Stats),
+            (Topic::Routing, Key::RoutingHead),
+            (Topic::Routing, Key::RoutingChunk { xxh3: 1, index: 2 }),
+            (Topic::RoutingApplied, Key::RoutingApplied),
         ];
         for (topic, key) in cases {
             assert!(key.to_string().starts_with(topic.prefix()), "{topic:?} {key}");
         }
+        // An edge watching the document is not woken by every edge's applied version.
+        assert!(!Key::RoutingApplied.to_string().starts_with(Topic::Routing.prefix()));
+    }
+
+    fn versioned(version: u64, routing: Routing) -> Versioned {
+        Versioned { version, by: "c1".into(), routing }
+    }
+
+    /// The chunk texts and the head of a split document.
+    fn split(versioned: &Versioned) -> (Vec<String>, RoutingHead) {
+        let mut entries = RoutingHead::split(versioned).unwrap();
+        let Some(Entry::RoutingHead(head)) = entries.pop() else { panic!("the head comes last") };
+        let chunks = entries
+            .into_iter()
+            .enumerate()
+            .map(|(n, entry)| match entry {
+                Entry::RoutingChunk { xxh3, index, text } => {
+                    assert_eq!((xxh3, index as usize), (head.xxh3, n), "chunks in order, named by the checksum");
+                    text
+                }
+                other => panic!("a chunk: {other:?}"),
+            })
+            .collect();
+        (chunks, head)
+    }
+
+    #[test]
+    fn a_document_splits_into_chunks_and_assembles_whole() {
+        let small = versioned(1, sample(2));
+        let (chunks, head) = split(&small);
+        assert_eq!((head.version, head.by.as_str(), head.chunks), (1, "c1", 1));
+        assert_eq!(head.bytes as usize, small.routing.to_json().len());
+        let texts: Vec<&str> = chunks.iter().map(String::as_str).collect();
+        assert_eq!(head.assemble(&texts).unwrap(), small);
+
+        let large = versioned(2, sample(600));
+        let (chunks, head) = split(&large);
+        assert!(head.chunks > 10, "{} chunks", head.chunks);
+        assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= RoutingHead::CHUNK_BYTES));
+        let texts: Vec<&str> = chunks.iter().map(String::as_str).collect();
+        assert_eq!(head.assemble(&texts).unwrap(), large);
+        // A cut that would fall inside a character falls before it.
+        let mut euros = sample(1);
+        euros.sites[0].rules[1].path_prefix = Some(format!("/{}", "€".repeat(9000)));
+        let (euro_chunks, euro_head) = split(&versioned(1, euros.clone()));
+        assert!(euro_chunks[0].len() < RoutingHead::CHUNK_BYTES, "{}", euro_chunks[0].len());
+        let texts: Vec<&str> = euro_chunks.iter().map(String::as_str).collect();
+        assert_eq!(euro_head.assemble(&texts).unwrap().routing, euros);
+        // On the wire and back.
+        let (key, value) = wire(&Entry::RoutingHead(head.clone()));
+        assert_eq!(Entry::parse(&key, &value).unwrap(), Entry::RoutingHead(head.clone()));
+        assert_eq!(head.chunk_keys().count(), chunks.len());
+
+        // The same document under another version: the same chunks.
+        let (again, next) = split(&versioned(3, sample(600)));
+        assert_eq!((again, next.xxh3), (chunks.clone(), head.xxh3));
+
+        // What a reader must never take.
+        let other = versioned(2, sample(599));
+        let (other_chunks, _) = split(&other);
+        let mut missing = texts.clone();
+        missing.pop();
+        let mut swapped = texts.clone();
+        swapped.swap(0, 1);
+        let mut mixed = texts.clone();
+        mixed[1] = &other_chunks[1];
+        let mut altered = chunks.clone();
+        altered[3].replace_range(0..1, "#");
+        let altered: Vec<&str> = altered.iter().map(String::as_str).collect();
+        for (what, bad) in [("missing", missing), ("swapped", swapped), ("mixed", mixed), ("altered", altered)] {
+            assert!(matches!(head.assemble(&bad), Err(Error::BadValue { key: Key::RoutingHead, .. })), "{what}");
+        }
+        assert!(RoutingHead::none("c1").assemble(&[]).is_err());
+        // Adding up, but not a document.
+        let junk = "not json";
+        let head = RoutingHead {
+            version: 1,
+            by: "c".into(),
+            chunks: 1,
+            bytes: 8,
+            xxh3: twox_hash::XxHash3_64::oneshot(junk.as_bytes()),
+        };
+        assert!(matches!(head.assemble(&[junk]), Err(Error::RoutingSyntax { .. })));
+    }
+
+    #[test]
+    fn a_document_too_large_is_not_split() {
+        let mut huge = sample(1);
+        huge.sites[0].rules = (0..100)
+            .map(|_| crate::routing::Rule {
+                path_prefix: Some(format!("/{}", "p".repeat(11_000))),
+                ..Default::default()
+            })
+            .collect();
+        assert!(matches!(RoutingHead::split(&versioned(1, huge)), Err(Error::RoutingTooLarge { .. })));
+        let most = RoutingHead::split(&versioned(1, sample(2500))).unwrap();
+        assert!(most.len() <= RoutingHead::MAX_CHUNKS as usize, "{} chunks", most.len());
     }
 
     proptest! {
         #[test]
         fn arbitrary_keys_and_values_never_panic(key in ".{0,24}", value in ".{0,64}") {
             let _ = Entry::parse(&key, &value);
-            for prefix in ["purge:", "applied:", "drain:", ""] {
-                for known in ["role", "lat", "ready", "load", "stats", "purge_floor", "1", "c"] {
+            for prefix in ["purge:", "applied:", "drain:", "routing:", "routing:0123456789abcdef:", ""] {
+                for known in ["role", "lat", "ready", "load", "stats", "purge_floor", "1", "c", "head", "routing_applied"] {
                     let _ = Entry::parse(&format!("{prefix}{known}"), &value);
                 }
             }

@@ -98,8 +98,8 @@ pub fn seal(chunks: &[Bytes]) -> Option<Bytes> {
         LIVE.fetch_sub(1, Ordering::Relaxed);
         return None;
     }
-    match Sealed::new(chunks, len) {
-        Ok(sealed) => Some(Bytes::from_owner(sealed)),
+    match sealed(chunks, len) {
+        Ok(map) => Some(Bytes::from_owner(Registered(map))),
         Err(error) => {
             LIVE.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(%error, len, "memory file refused; body kept on the heap");
@@ -137,7 +137,7 @@ pub fn backed_by_file(body: Vec<u8>, file: Arc<File>, offset: u64) -> Result<Byt
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .insert(body.as_ptr() as usize, (body.len(), file, offset, false));
-    Ok(Bytes::from_owner(Backed { body }))
+    Ok(Bytes::from_owner(Registered(body)))
 }
 
 /// `len` bytes of `file` from `offset` (a multiple of the page size), mapped
@@ -175,7 +175,7 @@ pub fn map_file(file: Arc<File>, offset: u64, len: usize) -> Option<Bytes> {
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .insert(map.as_ptr() as usize, (len, file, offset, true));
-    Some(Bytes::from_owner(Sealed { map }))
+    Some(Bytes::from_owner(Registered(map)))
 }
 
 /// Whether `body` is a mapping of a cache file ([`map_file`]): its bytes live in
@@ -186,20 +186,23 @@ pub fn is_mapped_file(body: &[u8]) -> bool {
     map.range(..=start).next_back().is_some_and(|(&base, &(len, _, _, mapped))| mapped && start - base < len.max(1))
 }
 
-/// A body in memory whose bytes are also in a file, at a known offset.
-struct Backed {
-    body: Box<[u8]>,
-}
+/// A live body in the registry (a mapping, or memory whose bytes are also in a
+/// file): taken out of it, and out of the count, when the last [`Bytes`] goes.
+struct Registered<T: AsRef<[u8]>>(T);
 
-impl AsRef<[u8]> for Backed {
+impl<T: AsRef<[u8]>> AsRef<[u8]> for Registered<T> {
     fn as_ref(&self) -> &[u8] {
-        &self.body
+        self.0.as_ref()
     }
 }
 
-impl Drop for Backed {
+impl<T> Drop for Registered<T>
+where
+    T: AsRef<[u8]>,
+{
     fn drop(&mut self) {
-        registry().write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&(self.body.as_ptr() as usize));
+        let start = self.0.as_ref().as_ptr() as usize;
+        registry().write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&start);
         LIVE.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -294,43 +297,24 @@ fn poll_io(
     }
 }
 
-/// One mapped body (a sealed memory file, or a cache file): its read-only mapping.
-struct Sealed {
-    map: memmap2::Mmap,
-}
-
-impl Sealed {
-    fn new(chunks: &[Bytes], len: usize) -> io::Result<Self> {
-        let fd = rustix::fs::memfd_create("cdn-body", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
-        let mut file = File::from(fd);
-        write_all(&mut file, chunks)?;
-        if file.metadata()?.len() != len as u64 {
-            return Err(io::Error::other("short write to a memory file"));
-        }
-        rustix::fs::fcntl_add_seals(&file, SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
-        // SAFETY: the file is sealed (above): no process can write to it or change its
-        // size any more, so the mapping stays valid and unchanged for its lifetime.
-        let map = unsafe { memmap2::MmapOptions::new().len(len).populate().map(&file)? };
-        let file = Arc::new(file);
-        registry()
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(map.as_ptr() as usize, (len, file, 0, false));
-        Ok(Self { map })
+/// `chunks` in a new memory file, sealed and mapped read-only (registered).
+fn sealed(chunks: &[Bytes], len: usize) -> io::Result<memmap2::Mmap> {
+    let fd = rustix::fs::memfd_create("cdn-body", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    let mut file = File::from(fd);
+    write_all(&mut file, chunks)?;
+    if file.metadata()?.len() != len as u64 {
+        return Err(io::Error::other("short write to a memory file"));
     }
-}
-
-impl AsRef<[u8]> for Sealed {
-    fn as_ref(&self) -> &[u8] {
-        &self.map
-    }
-}
-
-impl Drop for Sealed {
-    fn drop(&mut self) {
-        registry().write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&(self.map.as_ptr() as usize));
-        LIVE.fetch_sub(1, Ordering::Relaxed);
-    }
+    rustix::fs::fcntl_add_seals(&file, SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    // SAFETY: the file is sealed (above): no process can write to it or change its
+    // size any more, so the mapping stays valid and unchanged for its lifetime.
+    let map = unsafe { memmap2::MmapOptions::new().len(len).populate().map(&file)? };
+    let file = Arc::new(file);
+    registry()
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(map.as_ptr() as usize, (len, file, 0, false));
+    Ok(map)
 }
 
 /// Writes every chunk, in as few `writev` calls as the kernel allows.

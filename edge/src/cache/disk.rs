@@ -29,6 +29,7 @@ use std::{
     collections::HashMap,
     fs::{self, File},
     io,
+    os::unix::fs::{FileExt as _, MetadataExt as _},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, PoisonError, RwLock,
@@ -47,7 +48,7 @@ use twox_hash::XxHash3_64;
 
 use self::{
     file::ReadError,
-    index::{Index, Slot},
+    index::{FileId, Index, Slot},
 };
 use super::store::Entry;
 use crate::{config, error::DiskError};
@@ -57,9 +58,13 @@ const PAUSE: Duration = Duration::from_secs(30);
 /// Disk reads at once (the blocking pool's share for reads).
 const READS: usize = 16;
 /// Disk writes pending at once; past this, a fill stays in memory only.
-const WRITES: usize = 64;
+const WRITES: usize = 1024;
+/// Disk writes running at once (blocking threads).
+const WRITERS: usize = 8;
 /// The file recording the purge sequences applied, per control node.
 const APPLIED: &str = "purges.json";
+/// The index saved at a clean stop.
+const SNAPSHOT: &str = "index.snapshot";
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> DiskError + '_ {
     move |source| DiskError::Io { path: path.to_path_buf(), source }
@@ -116,23 +121,25 @@ impl DiskMetrics {
 /// A chore of a disk's janitor thread, done in order.
 enum Chore {
     /// Delete these files.
-    Delete(Vec<u64>),
+    Delete(Vec<FileId>),
     /// Set the soft-purge flag of these files.
-    Flag(Vec<u64>),
+    Flag(Vec<FileId>),
     /// Sync the filesystem (and write the applied purges, on the first disk), then
     /// answer.
     Sync(Option<Vec<u8>>, oneshot::Sender<()>),
+    /// Save the index (the edge is stopping), then answer.
+    Snapshot(oneshot::Sender<()>),
 }
 
 /// One directory of the disk tier.
 struct Disk {
     root: PathBuf,
     capacity: u64,
-    index: Mutex<Index>,
+    index: Arc<Mutex<Index>>,
     /// Held (shared) by a write from its epoch check until it is indexed, and
     /// (exclusive) by a purge while it changes the index: a write either sees the
     /// purge's epoch or is indexed before the purge looks.
-    publish: RwLock<()>,
+    publish: Arc<RwLock<()>>,
     /// Writes paused until then (full or read-only).
     paused_until: Mutex<Option<Instant>>,
     janitor: Mutex<mpsc::Sender<Chore>>,
@@ -176,7 +183,7 @@ fn object_path(root: &Path, hash: u64) -> PathBuf {
     root.join("objects").join(format!("{:02x}", hash >> 56)).join(format!("{hash:016x}"))
 }
 
-fn hash(key: &str) -> u64 {
+pub(crate) fn hash(key: &str) -> u64 {
     XxHash3_64::oneshot(key.as_bytes())
 }
 
@@ -190,7 +197,10 @@ pub(crate) struct Disks {
     /// readers in the same epoch share one.
     loads: Mutex<HashMap<String, (u64, Arc<Read>)>>,
     reads: Arc<Semaphore>,
+    /// Writes admitted (running or waiting for a writer).
     writes: Arc<Semaphore>,
+    /// Writes running.
+    writers: Arc<Semaphore>,
     /// Closed until purges missed while the edge was down are applied.
     open: AtomicBool,
     metrics: DiskMetrics,
@@ -220,6 +230,7 @@ impl Disks {
             loads: Mutex::default(),
             reads: Arc::new(Semaphore::new(READS)),
             writes: Arc::new(Semaphore::new(WRITES)),
+            writers: Arc::new(Semaphore::new(WRITERS)),
             open: AtomicBool::new(false),
             metrics,
         }))
@@ -286,7 +297,7 @@ impl Disks {
                         if let Some(slot) = disk.index().remove(hash)
                             && !matches!(error, ReadError::Missing)
                         {
-                            disk.chore(Chore::Delete(vec![slot.hash]));
+                            disk.chore(Chore::Delete(vec![slot.file()]));
                         }
                         None
                     }
@@ -329,37 +340,38 @@ impl Disks {
             self.metrics.error("write", "busy");
             return;
         };
-        let (key, current, metrics) = (key.to_string(), current.clone(), self.metrics.clone());
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let encoded = file::encode(&key, &entry);
-            match write(&disk, hash, &key, &encoded, epoch, &current) {
-                Ok(written) => metrics.write_bytes.inc_by(written),
-                Err(error) => {
-                    let code = error.raw_os_error();
-                    let kind = if code == Some(Errno::NOSPC.raw_os_error()) || code == Some(Errno::DQUOT.raw_os_error())
-                    {
-                        "full"
-                    } else if code == Some(Errno::ROFS.raw_os_error()) {
-                        "read_only"
-                    } else {
-                        "io"
-                    };
-                    metrics.error("write", kind);
-                    disk.pause();
-                    warn!(disk = %disk.root.display(), %error, kind, "disk write failed; writes to this disk paused");
-                }
-            }
+        let (key, current, metrics, writers) =
+            (key.to_string(), current.clone(), self.metrics.clone(), self.writers.clone());
+        tokio::spawn(async move {
+            let Ok(writer) = writers.acquire_owned().await else { return };
+            let _ = tokio::task::spawn_blocking(move || {
+                let _permits = (permit, writer);
+                write_entry(&disk, hash, &key, &entry, epoch, &current, &metrics);
+            })
+            .await;
         });
+    }
+
+    /// Stops writing, lets every write and chore finish and saves each disk's index
+    /// (a clean stop: the next start loads it instead of reading every file).
+    pub(crate) async fn close(&self) {
+        // Every admitted write holds one of these until it is published (or failed):
+        // taking them all waits for the last one, and admits no more.
+        let Ok(_all) = self.writes.acquire_many(WRITES as u32).await else { return };
+        for disk in &self.disks {
+            let (done, wait) = oneshot::channel();
+            disk.chore(Chore::Snapshot(done));
+            let _: Result<(), _> = wait.await;
+        }
     }
 
     /// Applies a purge to every disk's index now, and to the files in order.
     pub(crate) fn purge(&self, target: &Target, soft: bool) {
         for disk in &self.disks {
             let _publishing = disk.publish.write().unwrap_or_else(PoisonError::into_inner);
-            let hashes = disk.index().purge(target, soft);
-            if !hashes.is_empty() {
-                disk.chore(if soft { Chore::Flag(hashes) } else { Chore::Delete(hashes) });
+            let files = disk.index().purge(target, soft);
+            if !files.is_empty() {
+                disk.chore(if soft { Chore::Flag(files) } else { Chore::Delete(files) });
             }
         }
     }
@@ -367,9 +379,9 @@ impl Disks {
     /// Drops `primary` with all its variants and slices.
     pub(crate) fn invalidate_url(&self, primary: &str) {
         for disk in &self.disks {
-            let hashes = disk.index().remove_url(primary);
-            if !hashes.is_empty() {
-                disk.chore(Chore::Delete(hashes));
+            let files = disk.index().remove_url(primary);
+            if !files.is_empty() {
+                disk.chore(Chore::Delete(files));
             }
         }
     }
@@ -419,6 +431,36 @@ fn mark_soft_purged(entry: &Entry) {
     head.purged.store(true, Ordering::Release);
 }
 
+/// Encodes, writes and publishes one entry (blocking), counting what happens; a
+/// full or read-only disk takes no writes for a while.
+fn write_entry(
+    disk: &Disk,
+    hash: u64,
+    key: &str,
+    entry: &Entry,
+    epoch: u64,
+    current: &AtomicU64,
+    metrics: &DiskMetrics,
+) {
+    let encoded = file::encode(key, entry);
+    match write(disk, hash, key, &encoded, epoch, current) {
+        Ok(written) => metrics.write_bytes.inc_by(written),
+        Err(error) => {
+            let code = error.raw_os_error();
+            let kind = if code == Some(Errno::NOSPC.raw_os_error()) || code == Some(Errno::DQUOT.raw_os_error()) {
+                "full"
+            } else if code == Some(Errno::ROFS.raw_os_error()) {
+                "read_only"
+            } else {
+                "io"
+            };
+            metrics.error("write", kind);
+            disk.pause();
+            warn!(disk = %disk.root.display(), %error, kind, "disk write failed; writes to this disk paused");
+        }
+    }
+}
+
 /// Writes and publishes one file; the bytes written.
 fn write(
     disk: &Disk,
@@ -455,18 +497,17 @@ fn write(
             return Err(error);
         }
         let mut index = disk.index();
-        index.insert(Slot::new(hash, key, &encoded.tags, size, encoded.kind, false));
+        index.insert(Slot::new(key, &encoded.tags, size, metadata.ino(), encoded.kind, false));
         index.evict_to(disk.capacity)
     };
-    for hash in evicted {
-        let _ = fs::remove_file(disk.path(hash));
+    for file in evicted {
+        let _ = remove_if_same(&disk.root, &disk.publish, file);
     }
     Ok(encoded.len())
 }
 
 /// What a file takes on disk (its blocks), at least its length rounded up to 4 KiB.
 fn on_disk(metadata: &fs::Metadata) -> u64 {
-    use std::os::unix::fs::MetadataExt as _;
     (metadata.blocks() * 512).max(metadata.len().div_ceil(4096) * 4096)
 }
 
@@ -487,24 +528,38 @@ fn open_disk(config: &config::Disk, metrics: &DiskMetrics) -> Result<Disk, DiskE
     for prefix in 0..=255u8 {
         fs::create_dir_all(root.join("objects").join(format!("{prefix:02x}"))).map_err(io_error(&root))?;
     }
-    let index = scan(&root, metrics);
-    let mut index = index;
-    let evicted = index.evict_to(config.size.as_u64());
-    for hash in &evicted {
-        let _ = fs::remove_file(object_path(&root, *hash));
+    // After a clean stop the index was saved whole; it is taken (and removed, so a
+    // crash from here on means a full scan next time) instead of reading every file.
+    let mut index = match index::load_snapshot(&root.join(SNAPSHOT)) {
+        Some(index) => {
+            info!(disk = %root.display(), objects = index.len(), "disk index loaded from the clean stop's snapshot");
+            index
+        }
+        None => scan(&root, metrics),
+    };
+    let _ = fs::remove_file(root.join(SNAPSHOT));
+    if let Ok(dir) = File::open(&root) {
+        let _ = dir.sync_all();
     }
+    for (hash, _) in index.evict_to(config.size.as_u64()) {
+        let _ = fs::remove_file(object_path(&root, hash));
+    }
+    let index = Arc::new(Mutex::new(index));
+    let janitor_index = index.clone();
+    let publish = Arc::new(RwLock::new(()));
+    let janitor_publish = publish.clone();
     let (sender, receiver) = mpsc::channel();
     let janitor_root = root.clone();
     let janitor_metrics = metrics.clone();
     std::thread::Builder::new()
         .name("cdn-disk-janitor".into())
-        .spawn(move || janitor(&janitor_root, &receiver, &janitor_metrics))
+        .spawn(move || janitor(&janitor_root, &receiver, &janitor_metrics, &janitor_index, &janitor_publish))
         .map_err(io_error(&root))?;
     Ok(Disk {
         root,
         capacity: config.size.as_u64(),
-        index: Mutex::new(index),
-        publish: RwLock::new(()),
+        index,
+        publish,
         paused_until: Mutex::new(None),
         janitor: Mutex::new(sender),
         next_tmp: AtomicU64::new(0),
@@ -515,7 +570,9 @@ fn open_disk(config: &config::Disk, metrics: &DiskMetrics) -> Result<Disk, DiskE
 /// Rebuilds the index of `root` from the files' headers, with a thread per core;
 /// files that do not check out are deleted.
 fn scan(root: &Path, metrics: &DiskMetrics) -> Index {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
+    // Reading headers is waiting on the device more than computing: more threads
+    // than cores keep more reads in flight (a cold start of 100k files).
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get() * 8).clamp(8, 32);
     let next = AtomicU64::new(0);
     let slots: Mutex<Vec<Slot>> = Mutex::default();
     std::thread::scope(|scope| {
@@ -542,10 +599,10 @@ fn scan(root: &Path, metrics: &DiskMetrics) -> Index {
                         });
                         match summary {
                             Ok((summary, metadata)) if self::hash(&summary.key) == hash => found.push(Slot::new(
-                                hash,
                                 &summary.key,
                                 &summary.tags,
                                 on_disk(&metadata),
+                                metadata.ino(),
                                 summary.kind,
                                 summary.soft_purged,
                             )),
@@ -565,37 +622,42 @@ fn scan(root: &Path, metrics: &DiskMetrics) -> Index {
             });
         }
     });
-    let mut index = Index::default();
-    for slot in slots.into_inner().unwrap_or_else(PoisonError::into_inner) {
+    let slots = slots.into_inner().unwrap_or_else(PoisonError::into_inner);
+    let mut index = Index::with_capacity(slots.len());
+    for slot in slots {
         index.insert(slot);
     }
     index
 }
 
 /// Deletes, flags and syncs in the order asked, until the disk is dropped.
-fn janitor(root: &Path, chores: &mpsc::Receiver<Chore>, metrics: &DiskMetrics) {
-    use std::os::unix::fs::FileExt as _;
+fn janitor(
+    root: &Path,
+    chores: &mpsc::Receiver<Chore>,
+    metrics: &DiskMetrics,
+    index: &Mutex<Index>,
+    publish: &RwLock<()>,
+) {
     while let Ok(chore) = chores.recv() {
         match chore {
-            Chore::Delete(hashes) => {
-                for hash in hashes {
-                    match fs::remove_file(object_path(root, hash)) {
-                        Ok(()) => {}
-                        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                        Err(error) => {
-                            metrics.error("delete", "io");
-                            warn!(%error, "cache file not deleted");
-                        }
+            Chore::Delete(files) => {
+                for file in files {
+                    if let Err(error) = remove_if_same(root, publish, file) {
+                        metrics.error("delete", "io");
+                        warn!(%error, "cache file not deleted");
                     }
                 }
             }
-            Chore::Flag(hashes) => {
-                for hash in hashes {
+            Chore::Flag(files) => {
+                for (hash, ino) in files {
                     let path = object_path(root, hash);
-                    let flagged = fs::OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .and_then(|file| file.write_all_at(&[file::SOFT_PURGED], file::FLAGS_AT));
+                    let _publishing = publish.write().unwrap_or_else(PoisonError::into_inner);
+                    let flagged = fs::OpenOptions::new().write(true).open(&path).and_then(|file| {
+                        if file.metadata()?.ino() == ino {
+                            file.write_all_at(&[file::SOFT_PURGED], file::FLAGS_AT)?;
+                        }
+                        Ok(())
+                    });
                     if let Err(error) = flagged
                         && error.kind() != io::ErrorKind::NotFound
                     {
@@ -619,7 +681,29 @@ fn janitor(root: &Path, chores: &mpsc::Receiver<Chore>, metrics: &DiskMetrics) {
                 }
                 let _ = done.send(());
             }
+            Chore::Snapshot(done) => {
+                let bytes = index.lock().unwrap_or_else(PoisonError::into_inner).snapshot();
+                match write_durably(&root.join(SNAPSHOT), &bytes) {
+                    Ok(()) => info!(disk = %root.display(), "disk index saved for the next start"),
+                    Err(error) => warn!(%error, "disk index not saved; the next start reads every file"),
+                }
+                let _ = done.send(());
+            }
         }
+    }
+}
+
+/// Deletes `file` if its name still holds its inode (a refill of the same key may
+/// have renamed a new file into place since it was dropped from the index); writes
+/// do not publish meanwhile.
+fn remove_if_same(root: &Path, publish: &RwLock<()>, (hash, ino): FileId) -> io::Result<()> {
+    let path = object_path(root, hash);
+    let _publishing = publish.write().unwrap_or_else(PoisonError::into_inner);
+    match fs::metadata(&path) {
+        Ok(metadata) if metadata.ino() == ino => fs::remove_file(&path),
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(error),
     }
 }
 
@@ -639,15 +723,13 @@ fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::{os::unix::fs::FileExt as _, sync::atomic::AtomicBool, time::SystemTime};
+    use std::os::unix::fs::FileExt as _;
 
     use bytes::Bytes;
     use bytesize::ByteSize;
-    use cdn_http::policy::{Directives, Timing};
-    use http::{HeaderMap, StatusCode};
 
     use super::*;
-    use crate::cache::{Head, Object};
+    use crate::cache::{Object, store::test_head};
 
     fn open(dir: &Path, size: u64) -> Disks {
         let metrics = DiskMetrics::register(&Registry::new()).unwrap();
@@ -658,20 +740,8 @@ mod tests {
     }
 
     fn object(body: &[u8], tags: &[&str]) -> Entry {
-        let now = SystemTime::now();
-        Entry::Object(Object {
-            head: Arc::new(Head {
-                status: StatusCode::OK,
-                headers: HeaderMap::new(),
-                timing: Timing { request_time: now, response_time: now, initial_age: Duration::ZERO },
-                directives: Directives::default(),
-                lifetime: Duration::from_secs(60),
-                tags: tags.iter().map(|t| t.to_string()).collect(),
-                vary: vec![],
-                purged: AtomicBool::default(),
-            }),
-            body: Bytes::copy_from_slice(body),
-        })
+        let tags = tags.iter().map(|t| t.to_string()).collect();
+        Entry::Object(Object { head: Arc::new(test_head(tags, vec![])), body: Bytes::copy_from_slice(body) })
     }
 
     fn body(entry: Option<Entry>) -> Option<(Bytes, bool)> {
@@ -720,12 +790,32 @@ mod tests {
         }
         let disks = open(dir.path(), 1 << 30);
         assert_eq!(disks.applied(), HashMap::from([("control-1".to_string(), 7)]));
+        disks.close().await;
+        assert!(dir.path().join(SNAPSHOT).exists());
+        drop(disks);
+        let disks = open(dir.path(), 1 << 30);
+        assert!(!dir.path().join(SNAPSHOT).exists(), "taken at start: a crash from now on means a scan");
         assert_eq!(disks.objects(), 2);
         assert!(disks.load_now("http://h/1", &epoch).await.is_none());
         assert_eq!(body(disks.load_now("http://h/2", &epoch).await), Some((Bytes::from_static(b"two"), true)));
         let (read, soft) = body(disks.load_now("http://h/3", &epoch).await).unwrap();
         assert_eq!((&read[..], soft), (&big[..], false));
         assert!(cdn_node::zerocopy::locate(&read).is_some(), "sent from its cache file");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_clean_stop_waits_for_every_write_it_admitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = Arc::new(AtomicU64::new(0));
+        let disks = open(dir.path(), 1 << 30);
+        for i in 0..300 {
+            disks.store(&format!("http://h/{i}"), object(&[3; 5000], &[]), 0, &epoch);
+        }
+        disks.close().await;
+        assert_eq!(disks.objects(), 300, "every write admitted before the stop is published");
+        drop(disks);
+        let disks = open(dir.path(), 1 << 30);
+        assert_eq!(disks.objects(), 300, "and in the saved index");
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -251,29 +251,30 @@ impl Store {
     }
 }
 
+/// A fresh 200 head, 60 s of lifetime, for tests.
+#[cfg(test)]
+pub(crate) fn test_head(tags: Vec<String>, vary: Vec<(HeaderName, String)>) -> Head {
+    let now = std::time::SystemTime::now();
+    Head {
+        status: StatusCode::OK,
+        headers: HeaderMap::new(),
+        timing: Timing { request_time: now, response_time: now, initial_age: Duration::ZERO },
+        directives: Directives::default(),
+        lifetime: Duration::from_secs(60),
+        tags,
+        vary,
+        purged: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use http::{HeaderValue, header};
 
     use super::*;
 
     fn object(vary: Vec<(HeaderName, String)>, body: &'static [u8]) -> Object {
-        let now = SystemTime::now();
-        Object {
-            head: Arc::new(Head {
-                status: StatusCode::OK,
-                headers: HeaderMap::new(),
-                timing: Timing { request_time: now, response_time: now, initial_age: Duration::ZERO },
-                directives: Directives::default(),
-                lifetime: Duration::from_secs(60),
-                tags: vec![],
-                vary,
-                purged: Default::default(),
-            }),
-            body: Bytes::from_static(body),
-        }
+        Object { head: Arc::new(test_head(vec![], vary)), body: Bytes::from_static(body) }
     }
 
     #[tokio::test]
