@@ -123,16 +123,19 @@ def restart(runs, settings, verdicts):
         return
     n = settings.get("RESTART_OBJECTS")
     print(f"### Restart with {n} × {settings.get('RESTART_SIZE')} objects on disk\n")
-    print("SIGTERM, then (cold) `sync; echo 3 > /proc/sys/vm/drop_caches`, then the start; times from just "
+    print("Stop: `term` SIGTERM (a clean stop: the edge saves its index), `kill` SIGKILL to every process of the "
+          "server (an unclean stop: the edge rebuilds its index from the files); then for `cold` "
+          "`sync; echo 3 > /proc/sys/vm/drop_caches`; then the start; times from just "
           "before the start (python's Popen), polling every 2 ms. **Ready**: the edge's `/readyz` answers 200 "
           "(the index is rebuilt before that); nginx has no readiness: it serves as soon as it listens, and "
           "finds a cached file on the first request for it, before its cache loader has run. **HITs**: four "
           "known objects (first, ⅓, ⅔, last) fetched after ready until each answered; the X-Cache of their first "
           "answers must be HIT and the origin must see no GET. Medians (min–max).\n")
-    print("| state | server | rounds | objects on disk | listening s | **ready s** | of which the index "
-          "(`cdn_cache_disk_index_seconds`) | 4 known HITs s | first X-Cache | stop (SIGTERM → exit) s | origin GETs |")
+    print("| stop-start | server | rounds | objects on disk | listening s | **ready s** | of which the index "
+          "(`cdn_cache_disk_index_seconds`) | 4 known HITs s | first X-Cache | stop s (signal → exit) | origin GETs |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
-    for state in ("cold", "warm"):
+    known = ["term-cold", "term-warm", "kill-cold", "kill-warm", "cold", "warm"]
+    for state in sorted({r["case"] for r in rows}, key=lambda c: known.index(c) if c in known else 99):
         for server in ("edge", "nginx"):
             rs = [r for r in rows if r["case"] == state and r["server"] == server]
             if not rs:
@@ -148,7 +151,7 @@ def restart(runs, settings, verdicts):
                   f"| {spread([r['hits_s'] for r in rs], '{:.3f}')} "
                   f"| {', '.join(f'{k} {v}' for k, v in sorted(xc.items(), key=str))} "
                   f"| {spread([r['stop_s'] for r in rs], '{:.2f}')} | {sum(r['origin_gets'] for r in rs)} |")
-            if server == "edge":
+            if server == "edge" and rs:
                 worst = max(r["ready_s"] for r in rs)
                 verdicts.append((f"restart to ready, {n} objects, {state}", "≤ 5 s",
                                  f"{med(r['ready_s'] for r in rs):.2f} s (max {worst:.2f} s)", worst <= 5.0))
@@ -206,7 +209,7 @@ def memory(runs, settings, verdicts):
               f"| {(b['rss_kib'] - a['rss_kib']) * 1024 / b['objects']:.0f} B "
               f"| {(b['anon_kib'] - a['anon_kib']) * 1024 / b['objects']:.0f} B |")
     loaded = get("nginx", "loaded")
-    fresh = [r for r in get("nginx", "restart-cold") + get("nginx", "restart-warm") if "zone_bytes" in r]
+    fresh = [r for r in rows if r["server"] == "nginx" and r["phase"].startswith("restart") and "zone_bytes" in r]
     if loaded and fresh:
         l, f = loaded[0], fresh[-1]
         print(f"| nginx | keys zone pages, restart → loader done | {l['objects']} | {f['zone_bytes'] / 1024:.0f} KiB "

@@ -33,7 +33,9 @@
 #   HIT_STATES=warm                       "warm cold": cold drops the page cache before each run
 #   RANGE_OBJECT=1GiB RANGE_CONNS=8 RANGE_MODES="aligned unaligned"
 #   RESTART_OBJECTS=100000 RESTART_SIZE=1KiB FILL_PARALLEL=4
-#   RESTART_STATES="cold warm"            cold: sync and drop the page cache before each start
+#   RESTART_CASES="term-cold term-warm kill-cold"   how each restart stops the server (term:
+#                                         SIGTERM, a clean stop; kill: SIGKILL to its processes)
+#                                         and starts it (cold: sync and drop the page cache first)
 #   NGINX_LOADER=1                        wait for nginx's cache loader once (it starts 60 s
 #                                         after nginx and walks the cache; about 2 minutes)
 #   NGINX_AIO=off                         nginx `aio`: off (measured faster here, where the page
@@ -62,7 +64,10 @@ RANGE_MODES=${RANGE_MODES:-"aligned unaligned"}
 RESTART_OBJECTS=${RESTART_OBJECTS:-100000}
 RESTART_SIZE=${RESTART_SIZE:-1KiB}
 FILL_PARALLEL=${FILL_PARALLEL:-4}
-RESTART_STATES=${RESTART_STATES:-"cold warm"}
+RESTART_CASES=${RESTART_CASES:-"term-cold term-warm kill-cold"}
+for c in $RESTART_CASES; do
+    [[ $c =~ ^(term|kill)-(cold|warm)$ ]] || die "RESTART_CASES: $c is not term|kill-cold|warm"
+done
 NGINX_LOADER=${NGINX_LOADER:-1}
 NGINX_AIO=${NGINX_AIO:-off}
 KEYS_ZONE_MIB=64
@@ -97,7 +102,7 @@ CAN_DROP=0
 if [[ -w /proc/sys/vm/drop_caches ]] && sync && echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; then CAN_DROP=1; fi
 if ((!CAN_DROP)); then
     log "cannot drop the page cache here: every run is warm"
-    RESTART_STATES=warm
+    RESTART_CASES=$(echo "$RESTART_CASES" | tr ' ' '\n' | sed 's/-cold$/-warm/' | sort -u | xargs)
     HIT_STATES=warm
 fi
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
@@ -118,7 +123,7 @@ python3 -c 'import json, sys; print(json.dumps({"settings": dict(a.split("=", 1)
     "DISK_SIZE=$DISK_SIZE" "HIT_SIZES=$HIT_SIZES" "HIT_OBJECTS_1MiB=$HIT_OBJECTS_1MiB" \
     "HIT_OBJECTS_100MiB=$HIT_OBJECTS_100MiB" "CONNS_1MiB=$CONNS_1MiB" "CONNS_100MiB=$CONNS_100MiB" \
     "HIT_STATES=$HIT_STATES" "RANGE_OBJECT=$RANGE_OBJECT" "RANGE_CONNS=$RANGE_CONNS" \
-    "RESTART_OBJECTS=$RESTART_OBJECTS" "RESTART_SIZE=$RESTART_SIZE" "RESTART_STATES=$RESTART_STATES" \
+    "RESTART_OBJECTS=$RESTART_OBJECTS" "RESTART_SIZE=$RESTART_SIZE" "RESTART_CASES=$RESTART_CASES" \
     "NGINX_AIO=$NGINX_AIO" "KEYS_ZONE_MIB=$KEYS_ZONE_MIB" "CAN_DROP=$CAN_DROP" \
     "DISK_FS=$(df -T "$DISK_ROOT" | awk 'NR == 2 { print $1 " " $2 }')" \
     "NGINX=$(nginx -v 2>&1 | cut -d/ -f2)" "COMMIT=$(git -C "$ROOT" rev-parse --short HEAD)" >"$RESULTS"
@@ -253,16 +258,34 @@ start() {
     fi
 }
 
-# stop SERVER: SIGTERM (nginx: fast shutdown) and wait; prints the seconds it took.
+# Whether PID is running: not gone and not a zombie (a server started by startup.py is
+# reaped by init, which may take a while).
+running() {
+    local state
+    state=$(awk '{ sub(/^.*\) /, ""); print $1 }' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $state && $state != Z && $state != X ]]
+}
+
+# stop SERVER [kill]: SIGTERM (nginx: fast shutdown) and wait; with `kill`, SIGKILL to
+# each of its processes (nginx: master and children) instead, an unclean stop. Prints
+# the seconds it took.
 stop() {
-    local pid=${PID[$1]} t0
+    local pid=${PID[$1]} t0 p pids
     t0=$(date +%s.%N)
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 600); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.05
+    if [[ ${2:-term} == kill ]]; then
+        pids=$(server_pids "$1")
+        for p in $pids; do kill -KILL "$p" 2>/dev/null || true; done
+    else
+        pids=$pid
+        kill -TERM "$pid" 2>/dev/null || true
+    fi
+    for p in $pids; do
+        for _ in $(seq 1 3000); do
+            running "$p" || break
+            sleep 0.01
+        done
+        running "$p" && die "$1 (pid $p) did not stop within 30 s"
     done
-    kill -0 "$pid" 2>/dev/null && die "$1 (pid $pid) did not stop within 30 s"
     wait "$pid" 2>/dev/null || true
     untrack "$pid"
     awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f\n", b - a }'
@@ -585,9 +608,10 @@ if wants restart; then
     done
     for rep in $(seq 1 "$REPEAT"); do
         for server in $(order "$rep"); do
-            for state in $RESTART_STATES; do
+            for case in $RESTART_CASES; do
+                state=${case#*-}
                 wait_quiet
-                stop_s=$(stop "$server")
+                stop_s=$(stop "$server" "${case%-*}")
                 [[ $state == cold ]] && drop_caches
                 o0=$(origin_gets)
                 hits=()
@@ -620,18 +644,18 @@ if a[6]:
     d["disk_objects"] = int(a[6])
 if a[7]:
     d["index_s"] = float(a[7])
-print(json.dumps(d))' "$out" "$state" "$server" "$rep" "$stop_s" "$o0" "$o1" "$objects" "$index_s")
+print(json.dumps(d))' "$out" "$case" "$server" "$rep" "$stop_s" "$o0" "$o1" "$objects" "$index_s")
                 echo "$line" >>"$RESULTS"
-                log "restart $state $server #$rep: $line"
+                log "restart $case $server #$rep: $line"
                 # Memory after a restart: the index only (and the same 1,000 requests as before).
                 serve_some "$server"
                 sleep 1
                 if [[ $server == edge ]]; then
-                    memory_record edge "restart-$state" "$objects"
-                elif ((NGINX_LOADER)) && [[ $rep == "$REPEAT" && $state == "${RESTART_STATES##* }" ]]; then
+                    memory_record edge "restart-$case" "$objects"
+                elif ((NGINX_LOADER)) && [[ $rep == "$REPEAT" && $case == "${RESTART_CASES##* }" ]]; then
                     # nginx's cache loader starts 60 s after nginx and walks the cache
                     # (loader_files=100 per iteration, loader_sleep=50ms: the defaults).
-                    memory_record nginx "restart-$state" 0 "$(zone_bytes)"
+                    memory_record nginx "restart-$case" 0 "$(zone_bytes)"
                     log "restart: waiting for nginx's cache loader (it starts 60 s after nginx)"
                     t_start=$(date -d "$(ps -o lstart= -p "${PID[nginx]}")" +%s)
                     seen=0
@@ -645,9 +669,9 @@ print(json.dumps(d))' "$out" "$state" "$server" "$rep" "$stop_s" "$o0" "$o1" "$o
                     done
                     loader_s=$(($(date +%s) - t_start))
                     memory_record nginx "loaded" "$(find "$NGINX_CACHE" -type f | wc -l)" "$(zone_bytes)"
-                    echo "{\"scenario\":\"loader\",\"server\":\"nginx\",\"case\":\"$state\",\"loader_done_s\":$loader_s,\"seen\":$seen}" | tee -a "$RESULTS" >&2
+                    echo "{\"scenario\":\"loader\",\"server\":\"nginx\",\"case\":\"$case\",\"loader_done_s\":$loader_s,\"seen\":$seen}" | tee -a "$RESULTS" >&2
                 else
-                    memory_record nginx "restart-$state" 0 "$(zone_bytes)"
+                    memory_record nginx "restart-$case" 0 "$(zone_bytes)"
                 fi
             done
         done
