@@ -116,6 +116,24 @@ CDN="$WORK/server"
 DISK_ROOT=${DISK_ROOT:-$WORK}
 mkdir -p "$DISK_ROOT" "$BENCH/out"
 RESULTS="$BENCH/out/disk-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
+# Room on the disk: both caches hold every object (the edge's files are a little larger);
+# hits and ranges share their directories, restart gets fresh ones after them. Refuse to
+# fill the filesystem for everyone else: keep 2 GiB spare.
+NEED_MIB=$(python3 - "$SCENARIOS" "$HIT_SIZES" "$HIT_OBJECTS_1MiB" "$HIT_OBJECTS_100MiB" "$RANGE_OBJECT" \
+    "$RESTART_OBJECTS" "${#SERVERS[@]}" <<'PY'
+import sys
+scen, sizes, n1, n100, rng, nrestart, servers = sys.argv[1:]
+mib = lambda s: float(s[:-3]) * {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}[s[-3:]]
+count = {"1MiB": int(n1), "100MiB": int(n100)}
+big = sum(mib(s) * count.get(s, 1) for s in sizes.split()) if "hits" in scen else 0
+big += mib(rng) if "ranges" in scen else 0
+small = int(nrestart) * 4.5 / 1024 if "restart" in scen else 0
+print(int(max(big, small) * 1.06 * int(servers)) + 2048)
+PY
+)
+FREE_MIB=$(df -Pm "$DISK_ROOT" | awk 'NR == 2 { print $4 }')
+((FREE_MIB >= NEED_MIB)) || die "$DISK_ROOT has $FREE_MIB MiB free; these scenarios need about $NEED_MIB MiB (with 2 GiB spare): run fewer at once or with smaller sizes"
+log "disk: $FREE_MIB MiB free on $(df -P "$DISK_ROOT" | awk 'NR == 2 { print $6 }'), about $NEED_MIB MiB needed"
 for addr in "$ORIGIN" "${ADDR[@]}"; do ensure_free "$addr"; done
 declare -A PID
 python3 -c 'import json, sys; print(json.dumps({"settings": dict(a.split("=", 1) for a in sys.argv[1:])}))' \
