@@ -34,9 +34,10 @@ cleanup() {
     fi
 }
 
-# A scratch directory removed on exit (KEEP_WORK=1 keeps it for the logs).
+# A scratch directory removed on exit (KEEP_WORK=1 keeps it for the logs); its name
+# starts with PREFIX (default cdn-bench).
 make_work() {
-    WORK=$(mktemp -d "${TMPDIR:-/tmp}/cdn-bench.XXXXXX")
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/${1:-cdn-bench}.XXXXXX")
     trap cleanup EXIT
     trap 'exit 130' INT TERM
 }

@@ -394,7 +394,9 @@ server_rss() {
 # Objects the cache says it holds.
 stored_objects() {
     case $1 in
-        edge | edge-base) curl -s "http://${ADDR[$1]%:*}:9090/metrics" | awk '$1 == "cdn_cache_objects" { print $2 }' ;;
+        # cdn_cache_objects{tier="memory"} since the disk tier (an older edge-base: no label).
+        edge | edge-base) curl -s "http://${ADDR[$1]%:*}:9090/metrics" |
+            awk '$1 == "cdn_cache_objects" || $1 == "cdn_cache_objects{tier=\"memory\"}" { print $2 }' ;;
         nginx) find "$WORK/nginx/cache" -type f | wc -l ;;
         varnish) varnishstat -n "$WORK/varnish" -1 -f MAIN.n_object | awk '{ print $2 }' ;;
     esac

@@ -58,6 +58,11 @@ struct Args {
     /// Ask for random 1 MiB-aligned 1 MiB ranges of an object of this size (e.g. 1GiB).
     #[arg(long)]
     range_random: Option<ByteSize>,
+    /// Spread requests over this many objects: each request replaces `{n}` in the URL
+    /// with a number drawn uniformly from 1..=N (e.g. `--url 'http://h/_gen/1MiB?v={n}'
+    /// --objects 1024`), so a cache sees a working set of N objects.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    objects: Option<u64>,
     /// With --range-random: ranges start at any byte (a 1 MiB range then spans two
     /// 1 MiB slices of a slicing cache), not on a 1 MiB boundary.
     #[arg(long, requires = "range_random")]
@@ -125,6 +130,8 @@ struct Plan {
     headers: http::HeaderMap,
     range_object: Option<u64>,
     range_unaligned: bool,
+    /// `--objects`: `{n}` in the URL becomes a random number in 1..=objects.
+    objects: Option<u64>,
     stream_window: u32,
     connection_window: u32,
     timeout: Duration,
@@ -141,10 +148,17 @@ const RANGE: u64 = 1024 * 1024;
 impl Plan {
     /// The next request; `seed` drives the random ranges.
     fn request(&self, seed: &mut u64) -> anyhow::Result<http::Request<()>> {
+        let url = match self.objects {
+            Some(objects) => {
+                let n = next_random(seed) % objects + 1;
+                self.url.to_string().replace("{n}", &n.to_string()).parse()?
+            }
+            None => self.url.clone(),
+        };
         let uri = match self.proto {
             // HTTP/1.1 wants origin-form; the Host header carries the authority.
-            Proto::H1 => self.url.path_and_query().map_or("/", |p| p.as_str()).parse()?,
-            Proto::H2 | Proto::H3 => self.url.clone(),
+            Proto::H1 => url.path_and_query().map_or("/", |p| p.as_str()).parse()?,
+            Proto::H2 | Proto::H3 => url,
         };
         let mut builder = http::Request::get(uri);
         if self.proto == Proto::H1
@@ -190,6 +204,11 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<stats::Report> {
     anyhow::ensure!(args.connections >= 1 && args.streams >= 1, "--connections and --streams must be at least 1");
+    if args.objects.is_some() {
+        // `{` and `}` are not valid in a URI: the template is checked as text.
+        anyhow::ensure!(args.url.to_string().contains("%7Bn%7D") || args.url.to_string().contains("{n}"),
+            "--objects needs `{{n}}` in --url");
+    }
     let scheme = args.url.scheme_str().unwrap_or("");
     let tls = match scheme {
         "https" => true,
@@ -229,6 +248,7 @@ async fn run(args: Args) -> anyhow::Result<stats::Report> {
         headers,
         range_object: args.range_random.map(|s| s.as_u64()),
         range_unaligned: args.range_unaligned,
+        objects: args.objects,
         stream_window: window(args.stream_window, "--stream-window")?,
         connection_window: window(args.connection_window, "--connection-window")?,
         timeout: args.timeout,
@@ -340,4 +360,13 @@ async fn request_loop(plan: Arc<Plan>, mut sender: client::Sender, mut seed: u64
         }
     }
     stats
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn uri_keeps_braces() {
+        let uri: http::Uri = "http://127.0.0.1:8080/_gen/1MiB?v={n}".parse().unwrap();
+        assert_eq!(uri.to_string(), "http://127.0.0.1:8080/_gen/1MiB?v={n}");
+    }
 }
