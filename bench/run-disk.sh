@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # bench/run-disk.sh: the edge's disk tier against nginx's proxy_cache on the same
-# filesystem, same origin, same run (issue 18); about 15 minutes for every scenario on
+# filesystem, same origin, same run (issue 18); about 17 minutes for every scenario on
 # an idle machine. Scenarios (SCENARIOS, default all of them, always in this order):
 #   hits     MB/s of 1 MiB and 100 MiB cache HITs over HTTP/1.1 from a working set
 #            larger than the edge's memory tier (HIT_OBJECTS_1MiB × 1 MiB and
 #            HIT_OBJECTS_100MiB × 100 MiB, requested uniformly at random; loadgen --objects)
 #   ranges   MB/s of random 1 MiB ranges of a 1 GiB object held on disk (the edge in its
 #            own 1 MiB slices, nginx through a `slice 1m` location), aligned and unaligned
-#   restart  RESTART_OBJECTS 1 KiB objects on disk, then stop (SIGTERM) and start again,
-#            cold (page cache dropped) and warm: time from the start to ready (edge:
+#   restart  RESTART_OBJECTS 1 KiB objects on disk, then stop (SIGTERM, or SIGKILL) and
+#            start again, cold (page cache dropped) or warm: time from the start to ready (edge:
 #            /readyz 200; nginx: its listener, which serves at once) and to HITs for known
 #            objects; nginx's cache loader, once; and memory per disk-resident object
 #            (edge: RSS after a restart minus RSS of an empty edge; nginx: the pages of its
