@@ -206,8 +206,10 @@ async fn run(args: Args) -> anyhow::Result<stats::Report> {
     anyhow::ensure!(args.connections >= 1 && args.streams >= 1, "--connections and --streams must be at least 1");
     if args.objects.is_some() {
         // `{` and `}` are not valid in a URI: the template is checked as text.
-        anyhow::ensure!(args.url.to_string().contains("%7Bn%7D") || args.url.to_string().contains("{n}"),
-            "--objects needs `{{n}}` in --url");
+        anyhow::ensure!(
+            args.url.to_string().contains("%7Bn%7D") || args.url.to_string().contains("{n}"),
+            "--objects needs `{{n}}` in --url"
+        );
     }
     let scheme = args.url.scheme_str().unwrap_or("");
     let tls = match scheme {
