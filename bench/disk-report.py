@@ -104,7 +104,7 @@ def fills(runs):
         return
     print("### Fills\n")
     print("| what | server | objects requested | seconds | on disk: objects / MB | in memory: objects / MB "
-          "| disk writes skipped (64 pending) / all disk errors |")
+          "| disk writes skipped (1024 pending) / all disk errors |")
     print("|---|---|---:|---:|---|---|---|")
     for r in rows:
         edge = r["server"] == "edge"

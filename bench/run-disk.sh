@@ -342,7 +342,7 @@ edge_metric() {
         awk -v m="$1" '$1 == m || (m !~ /\{/ && index($1, m "{") == 1) { s += $2 } END { printf "%.0f\n", s }'
 }
 
-# "busy all": the edge's disk write errors for 64 pending writes (the entry stayed in
+# "busy all": the edge's disk write errors for 1024 pending writes (the entry stayed in
 # memory only), and all its disk errors.
 edge_disk_errors() {
     curl -s "http://$EDGE_ADMIN/metrics" | awk 'index($1, "cdn_cache_disk_errors_total{") == 1 {
