@@ -11,7 +11,7 @@ use std::{
 };
 
 use http::{Method, StatusCode};
-use tokio::{io::AsyncReadExt as _, process::Child};
+use tokio::process::Child;
 
 use cdn_test_support::{control::api, net::free_port};
 
@@ -102,22 +102,7 @@ secret = "{secret}"
             .kill_on_drop(true)
             .spawn()
             .expect("cdn control starts");
-        let output = Arc::new(Mutex::new(String::new()));
-        for mut stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let output = output.clone();
-            tokio::spawn(async move {
-                let mut buffer = vec![0u8; 8192];
-                while let Ok(n) = stream.read(&mut buffer).await {
-                    if n == 0 {
-                        break;
-                    }
-                    output.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n]));
-                }
-            });
-        }
+        let output = cdn_test_support::process::capture_output(&mut child);
         let mut process = Self { child, api, admin, gossip, data_dir, output, _dir: dir };
         for _ in 0..200 {
             if let Ok(Some(status)) = process.child.try_wait() {

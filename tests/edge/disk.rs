@@ -28,7 +28,7 @@ use cdn_cluster::MemberState;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt as _, Empty};
 use serde_json::{Value, json};
-use tokio::{io::AsyncReadExt as _, process::Child};
+use tokio::process::Child;
 
 use cdn_test_support::{
     client::{HttpClient, Reply, client, get, h2c_client, send, unpooled_client},
@@ -141,22 +141,7 @@ impl EdgeProcess {
             .kill_on_drop(true)
             .spawn()
             .expect("cdn edge starts");
-        let output = Arc::new(Mutex::new(String::new()));
-        for mut stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let output = output.clone();
-            tokio::spawn(async move {
-                let mut buffer = vec![0u8; 8192];
-                while let Ok(n) = stream.read(&mut buffer).await {
-                    if n == 0 {
-                        break;
-                    }
-                    output.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n]));
-                }
-            });
-        }
+        let output = cdn_test_support::process::capture_output(&mut child);
         Self { child, spec: spec.clone(), output }
     }
 

@@ -42,5 +42,6 @@ pub mod mock_origin;
 pub mod multipart;
 pub mod net;
 pub mod origin;
+pub mod process;
 pub mod tls;
 pub mod wait;

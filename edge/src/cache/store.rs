@@ -46,16 +46,9 @@ pub(crate) struct Object {
 impl Object {
     fn weight(&self, key: &str) -> u32 {
         let headers: usize = self.head.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum();
-        let total = body_weight(&self.body) + headers + key.len() + 256;
+        let total = self.body.len() + headers + key.len() + 256;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
-}
-
-/// What a body weighs in memory: its length, also for a body mapped from a
-/// disk-tier cache file (its pages are page cache, but the mapping keeps the file —
-/// and its disk space, once deleted — alive until the memory tier lets it go).
-fn body_weight(body: &Bytes) -> usize {
-    body.len()
 }
 
 /// A large object stored in slices: its head, and where to find the slices.
@@ -130,7 +123,7 @@ impl Store {
                 Entry::Sliced(sliced) => {
                     Object { head: sliced.head.clone(), body: Bytes::new() }.weight(key).saturating_add(64)
                 }
-                Entry::Slice(slice) => u32::try_from(key.len() + body_weight(&slice.bytes) + 128).unwrap_or(u32::MAX),
+                Entry::Slice(slice) => u32::try_from(key.len() + slice.bytes.len() + 128).unwrap_or(u32::MAX),
             })
             .support_invalidation_closures()
             .build();
