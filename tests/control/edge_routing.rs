@@ -5,12 +5,15 @@
 //! - Sites by Host (exact, wildcard, default, else 421), the site in the cache key,
 //!   purges by URL still naming hosts.
 //! - A new document on every edge within 1 s and served by, under load, with no
-//!   failed request.
+//!   failed request; a request under way finishes under the document it started
+//!   with.
 //! - Origin pools: a dead primary → the backup (no client error), back to the
-//!   primary once it heals; `cdn_origin_health`; the per-origin `host`.
-//! - Rules: a playlist's 2 s ttl over the origin's hour while segments keep a day;
-//!   ignored query parameters (one object, not sent upstream); bypass; negative_ttl;
-//!   CORS preflights at the edge; stale_if_error forced.
+//!   primary once it heals; `cdn_origin_health`; the per-origin `host`; weights;
+//!   passive marks without probes; an HTTPS origin trusted through its `ca` only.
+//! - Rules: a playlist's 2 s ttl over the origin's hour while segments keep a day,
+//!   and a new document changing what is already cached; ignored query parameters
+//!   (one object, not sent upstream); bypass; negative_ttl; CORS preflights at the
+//!   edge; stale_if_error forced.
 //! - A bad document changes nothing; a restarted control node keeps the document and
 //!   the edges keep serving by it meanwhile; an edge started after the `PUT` is ready
 //!   only with the document (a `cdn edge` process without `[origin]`, a document
@@ -361,12 +364,29 @@ async fn a_new_document_reaches_every_edge_within_a_second_under_load() {
             {"name": name, "hosts": ["www.swap.test"], "origins": [{"url": origin}]},
             {"name": "static", "hosts": ["static.swap.test"], "origins": [{"url": a.url()}]}]})
     };
+    a.route("/slow", Route::ok("max-age=600", "slow A").delay(Duration::from_millis(1500)));
+    b.route("/slow", Route::ok("max-age=600", "slow B"));
     let setup = Setup::start(&[111, 112, 113]).await;
     let (v1, _) = setup.apply(&doc(false)).await;
     let c = client();
     for edge in &setup.edges {
         assert_eq!(body(&at(&c, edge, "www.swap.test", "/obj").await), "A");
     }
+
+    // A request under way when the document changes finishes under the one it
+    // started with; the next one is served by the new one.
+    let slow = tokio::spawn({
+        let (c, url) = (c.clone(), setup.edges[0].url("/slow"));
+        async move { try_get(&c, &url, "www.swap.test").await }
+    });
+    wait::until("the slow request at origin a", Duration::from_secs(5), Duration::from_millis(5), async || {
+        (a.hits("/slow") == 1).then_some(())
+    })
+    .await;
+    let (v2, _) = setup.apply(&doc(true)).await;
+    let reply = slow.await.unwrap().expect("the request under way completes");
+    assert_eq!((reply.status, body(&reply).as_str()), (StatusCode::OK, "slow A"), "finished under version {v1}");
+    assert_eq!(body(&at(&c, &setup.edges[0], "www.swap.test", "/slow").await), "slow B", "version {v2}");
 
     // Several clients on every edge while the documents change.
     let targets: Vec<(String, String)> = setup
@@ -382,9 +402,9 @@ async fn a_new_document_reaches_every_edge_within_a_second_under_load() {
     // whole suite runs in parallel), so the bound holds for the median of PUTS
     // rounds; every round must still end within the wait's 10 s.
     let mut took = Vec::new();
-    let mut version = v1;
+    let mut version = v2;
     for round in 0..PUTS {
-        let to_b = round % 2 == 0;
+        let to_b = round % 2 == 1;
         let (v, elapsed) = setup.apply(&doc(to_b)).await;
         assert!(v > version, "versions grow: {v} after {version}");
         version = v;
@@ -409,7 +429,7 @@ async fn a_new_document_reaches_every_edge_within_a_second_under_load() {
     assert!(samples.iter().all(|s| matches!(s.outcome.as_deref(), Ok("A" | "B"))), "only A or B answered");
     assert!(samples.len() >= 20 + PUTS * 10, "the load ran: {} requests", samples.len());
     for edge in &setup.edges {
-        assert!(edge.metric("cdn_routing_apply_seconds_count", &[]) >= (PUTS + 1) as f64);
+        assert!(edge.metric("cdn_routing_apply_seconds_count", &[]) >= (PUTS + 2) as f64);
         assert!(!edge.task.is_finished(), "edge-{} still runs", last_octet(edge));
     }
     setup.stop().await;
@@ -571,6 +591,23 @@ async fn a_playlist_rule_expires_the_origins_hour_after_two_seconds() {
     assert_ne!(at(&c, edge, "live.test", "/other.txt").await.x_cache(), "HIT", "the origin's 60 s");
     assert_eq!(origin.hits("/other.txt"), 2);
 
+    // Rules apply when a stored object is looked up: a new document changes what is
+    // already cached. Now playlists are kept an hour, and segments fall back to the
+    // origin's 60 s (this one is 2 minutes old).
+    assert_ne!(at(&c, edge, "live.test", playlist).await.x_cache(), "HIT", "2 minutes on");
+    setup
+        .apply(&json!({"sites": [{
+            "name": "live",
+            "hosts": ["live.test"],
+            "origins": [{"url": origin.url()}],
+            "rules": [{"path_suffix": ".m3u8", "ttl": "1h"}]}]}))
+        .await;
+    edge.clock.advance(Duration::from_secs(3));
+    assert_eq!(at(&c, edge, "live.test", playlist).await.x_cache(), "HIT", "an hour now");
+    assert_eq!(origin.hits(playlist), 3);
+    assert_ne!(at(&c, edge, "live.test", segment).await.x_cache(), "HIT", "the origin's 60 s now");
+    assert_eq!(origin.hits(segment), 2);
+
     setup.stop().await;
     origin.stop();
 }
@@ -672,6 +709,100 @@ async fn rules_ignore_parameters_bypass_cache_404s_answer_preflights_and_serve_s
 
     setup.stop().await;
     origin.stop();
+}
+
+// ---------------------------------------------------------------------------------
+// Origin pools without probes: weights, passive marks, the retry.
+
+#[tokio::test]
+async fn primaries_share_by_weight_and_a_refused_origin_is_marked_down_passively() {
+    const REQUESTS: usize = 90;
+    let (heavy, light, live) = (MockOrigin::start().await, MockOrigin::start().await, MockOrigin::start().await);
+    for (origin, name) in [(&heavy, "heavy"), (&light, "light"), (&live, "live")] {
+        origin.route("/obj", Route::ok("max-age=600", name));
+    }
+    // An address nothing listens on any more.
+    let dead = MockOrigin::start().await;
+    let dead_url = dead.url();
+    dead.stop();
+    let setup = Setup::start(&[151]).await;
+    setup
+        .apply(&json!({"sites": [
+            {"name": "weighted", "hosts": ["weighted.test"],
+             "origins": [{"url": heavy.url(), "weight": 2}, {"url": light.url(), "weight": 1}]},
+            {"name": "passive", "hosts": ["passive.test"],
+             "origins": [{"url": dead_url}, {"url": live.url()}]}]}))
+        .await;
+    let edge = &setup.edges[0];
+    let c = client();
+
+    // Weighted round robin: two to one (a random choice by weight would land within
+    // this bound too, nearly always; an even split or one origin only would not).
+    for n in 0..REQUESTS {
+        let reply = at(&c, edge, "weighted.test", &format!("/obj?n={n}")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let count = |origin: &MockOrigin| origin.requests().iter().filter(|(p, _)| p.starts_with("/obj")).count();
+    let (h, l) = (count(&heavy), count(&light));
+    eprintln!("weights 2:1 over {REQUESTS} fills: {h} and {l}");
+    assert_eq!(h + l, REQUESTS);
+    assert!((50..=70).contains(&h), "heavy got {h} of {REQUESTS}, light {l}");
+
+    // No health probes: a refused connection marks the origin down, and the fill is
+    // retried on the other one, so no client sees the failure.
+    for n in 0..10 {
+        let reply = at(&c, edge, "passive.test", &format!("/obj?n={n}")).await;
+        assert_eq!((reply.status, body(&reply).as_str()), (StatusCode::OK, "live"), "request {n}");
+    }
+    assert_eq!(count(&live), 10);
+    assert_eq!(origin_health(edge, "passive", &dead_url), Some(0.0), "marked down by the refused connection");
+    assert_eq!(origin_health(edge, "passive", &live.url()), Some(1.0));
+    assert_eq!(origin_health(edge, "weighted", &heavy.url()), Some(1.0));
+
+    setup.stop().await;
+    for origin in [heavy, light, live] {
+        origin.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// HTTPS origins: `ca` is the only trust.
+
+#[tokio::test]
+async fn an_https_origin_is_trusted_through_its_ca_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ip: std::net::IpAddr = [127, 0, 0, 1].into();
+    let (cert, key) = cdn_node::tls::self_signed_pem(&["origin.test".to_string()], &[ip]).unwrap();
+    let (other_cert, _) = cdn_node::tls::self_signed_pem(&["origin.test".to_string()], &[ip]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.path().join("key.pem"), &key).unwrap();
+    let origin = cdn_test_support::origin::start_with(|config| {
+        config.listen.https = Some(any());
+        config.tls = Some(cdn_node::tls::TlsConfig {
+            cert: Some(dir.path().join("cert.pem")),
+            key: Some(dir.path().join("key.pem")),
+            self_signed: false,
+        });
+    })
+    .await;
+    let url = format!("https://{}", origin.https.unwrap());
+    let setup = Setup::start(&[155]).await;
+    setup
+        .apply(&json!({"sites": [
+            {"name": "trusted", "hosts": ["trusted.test"], "origins": [{"url": url, "ca": cert}]},
+            {"name": "other-ca", "hosts": ["other-ca.test"], "origins": [{"url": url, "ca": other_cert}]},
+            {"name": "no-ca", "hosts": ["no-ca.test"], "origins": [{"url": url}]}]}))
+        .await;
+    let edge = &setup.edges[0];
+    let c = client();
+    let reply = at(&c, edge, "trusted.test", "/hello.txt").await;
+    assert_eq!((reply.status, body(&reply).as_str()), (StatusCode::OK, "hello, world\n"), "through its CA");
+    for host in ["other-ca.test", "no-ca.test"] {
+        let reply = at(&c, edge, host, "/hello.txt").await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{host}: a certificate its CA did not sign");
+    }
+    setup.stop().await;
+    origin.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------
