@@ -37,6 +37,7 @@ use cdn_cluster::{Cluster, ClusterConfig, MemberState, NodeInfo, Role};
 use cdn_test_support::{
     client::{HttpClient, Reply, client, get, send},
     control::{SECRET, TOKEN, TestControl, api, wait_for_edges},
+    curl::curl,
     edge::TestEdge,
     metrics,
     mock_origin::{MockOrigin, Route},
@@ -296,7 +297,6 @@ async fn sites_are_chosen_by_host_and_cached_apart() {
     let (v1, took) = setup.apply(&doc).await;
     eprintln!("version {v1} on the edge after {took:?}");
     assert_eq!(edge.metric("cdn_routing_version", &[]), v1 as f64, "the edge exports the version it serves by");
-    assert!(edge.metric("cdn_routing_apply_seconds_count", &[]) >= 1.0, "apply latency is exported");
 
     // Exact hosts, each site from its own origin; the same path on two sites is two
     // objects (one fill on each origin), each a HIT afterwards.
@@ -309,6 +309,21 @@ async fn sites_are_chosen_by_host_and_cached_apart() {
         assert_eq!((body(&reply).as_str(), reply.x_cache()), (want, "HIT"), "Host: {host}");
     }
     assert_eq!((a.hits("/x"), b.hits("/x")), (1, 1));
+
+    // HTTP/2 names the host in `:authority` (curl sends no Host header then).
+    let port = edge.http.port();
+    let h2 = curl(&[
+        "--http2-prior-knowledge",
+        "--resolve",
+        &format!("b.test:{port}:{}", edge.http.ip()),
+        &format!("http://b.test:{port}/x"),
+    ])
+    .await;
+    assert_eq!(
+        (h2.status, h2.version.as_str(), h2.text().as_str(), h2.x_cache()),
+        (200, "2", "from b", "HIT"),
+        "{h2:?}"
+    );
 
     // One-label wildcard; a trailing dot is ignored.
     let reply = at(&c, edge, "cam1.wild.test", "/x").await;
@@ -335,6 +350,10 @@ async fn sites_are_chosen_by_host_and_cached_apart() {
     doc["default_site"] = json!("beta");
     let (v2, _) = setup.apply(&doc).await;
     assert!(v2 > v1);
+    // The latency from acceptance to application is observed from an edge's second
+    // document on (the first one an edge applies may be older than the edge).
+    assert_eq!(edge.metric("cdn_routing_apply_seconds_count", &[]), 1.0, "apply latency is exported");
+    assert_eq!(edge.metric("cdn_routing_version", &[]), v2 as f64);
     let reply = at(&c, edge, "unknown.test", "/x").await;
     assert_eq!((reply.status, body(&reply).as_str()), (StatusCode::OK, "from b"), "the default site");
     assert_eq!(body(&at(&c, edge, "two.labels.wild.test", "/x").await), "from b", "two labels: not the wildcard");
@@ -429,7 +448,9 @@ async fn a_new_document_reaches_every_edge_within_a_second_under_load() {
     assert!(samples.iter().all(|s| matches!(s.outcome.as_deref(), Ok("A" | "B"))), "only A or B answered");
     assert!(samples.len() >= 20 + PUTS * 10, "the load ran: {} requests", samples.len());
     for edge in &setup.edges {
-        assert!(edge.metric("cdn_routing_apply_seconds_count", &[]) >= (PUTS + 2) as f64);
+        // Observed from each edge's second document on: PUTS + 1 of the PUTS + 2.
+        assert!(edge.metric("cdn_routing_apply_seconds_count", &[]) >= (PUTS + 1) as f64);
+        assert!(edge.metric("cdn_routing_apply_seconds_sum", &[]) <= (PUTS + 1) as f64, "under a second each");
         assert!(!edge.task.is_finished(), "edge-{} still runs", last_octet(edge));
     }
     setup.stop().await;
@@ -574,10 +595,12 @@ async fn a_playlist_rule_expires_the_origins_hour_after_two_seconds() {
     assert_eq!(reply.x_cache(), "HIT");
     assert_eq!(reply.header("cache-control"), "max-age=3600", "clients still get the origin's Cache-Control");
 
-    edge.clock.advance(Duration::from_millis(1500));
+    // `Date` has whole seconds, so the stored age starts anywhere in [0, 1) s: 0.9 s
+    // on it is fresh whatever it was, 2.1 s on it is stale.
+    edge.clock.advance(Duration::from_millis(900));
     assert_eq!(at(&c, edge, "live.test", playlist).await.x_cache(), "HIT", "fresh for 2 s");
     assert_eq!(origin.hits(playlist), 1);
-    edge.clock.advance(Duration::from_millis(1000));
+    edge.clock.advance(Duration::from_millis(1200));
     let reply = at(&c, edge, "live.test", playlist).await;
     assert_ne!(reply.x_cache(), "HIT", "stale after 2 s although the origin said an hour");
     assert_eq!(origin.hits(playlist), 2, "the next request went to the origin");
@@ -1029,7 +1052,7 @@ async fn an_edge_started_after_the_put_is_ready_only_with_the_document() {
     let c = client();
     let readyz = format!("http://{admin}/readyz");
     let started = Instant::now();
-    let mut not_ready = 0;
+    let (mut not_ready, mut applied) = (0, None);
     loop {
         assert!(started.elapsed() < Duration::from_secs(20), "the late edge never became ready:\n{}", log());
         if let Ok(status) = child.try_wait() {
@@ -1037,14 +1060,23 @@ async fn an_edge_started_after_the_put_is_ready_only_with_the_document() {
         }
         match try_get(&c, &readyz, &admin.to_string()).await {
             Ok(reply) if reply.status == StatusCode::OK => break,
-            Ok(_) => not_ready += 1,
+            Ok(reply) => {
+                not_ready += 1;
+                if applied.is_none() && body(&reply).trim() == "not ready: origin" {
+                    // Routing and purges are done: the document was applied.
+                    applied = Some(started.elapsed());
+                }
+            }
             Err(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let reply = get(&c, &format!("http://{http}/hello"), &[("host", "late.test")]).await;
     let metrics = metrics::scrape(admin).await;
-    eprintln!("late edge ready after {:?} ({not_ready} answers 'not ready' before)", started.elapsed());
+    eprintln!(
+        "late edge ready after {:?} ({not_ready} answers 'not ready' before; waiting only for 'origin' from {applied:?})",
+        started.elapsed()
+    );
     assert_eq!(
         (reply.status, body(&reply).as_str()),
         (StatusCode::OK, "hello from the document's origin"),
