@@ -2,8 +2,8 @@
 //! edges on 127.0.0.x (in-process, and one `cdn edge` process), mock origins that
 //! count what reaches them.
 //!
-//! - Sites by Host (exact, wildcard, default, else 421), the site in the cache key,
-//!   purges by URL still naming hosts.
+//! - Sites by Host (exact, wildcard, default, else 421; HTTP/2's `:authority`), the
+//!   site in the cache key, purges by URL and prefix still naming hosts.
 //! - A new document on every edge within 1 s and served by, under load, with no
 //!   failed request; a request under way finishes under the document it started
 //!   with.
@@ -12,8 +12,10 @@
 //!   passive marks without probes; an HTTPS origin trusted through its `ca` only.
 //! - Rules: a playlist's 2 s ttl over the origin's hour while segments keep a day,
 //!   and a new document changing what is already cached; ignored query parameters
-//!   (one object, not sent upstream); bypass; negative_ttl; CORS preflights at the
-//!   edge; stale_if_error forced.
+//!   (one object, not sent upstream; `*`: the whole query); bypass; negative_ttl;
+//!   CORS preflights at the edge; stale_if_error and stale_while_revalidate forced;
+//!   a ttl storing what the origin left open but not no-store, private or
+//!   Set-Cookie.
 //! - A bad document changes nothing; a restarted control node keeps the document and
 //!   the edges keep serving by it meanwhile; an edge started after the `PUT` is ready
 //!   only with the document (a `cdn edge` process without `[origin]`, a document
@@ -345,6 +347,11 @@ async fn sites_are_chosen_by_host_and_cached_apart() {
     assert_eq!(at(&c, edge, "b.test", "/x").await.x_cache(), "HIT", "the other site's object stays");
     assert_eq!(at(&c, edge, "cam1.wild.test", "/x").await.x_cache(), "HIT", "another host of the site stays");
     assert_eq!(a.hits("/x"), 3);
+
+    // And by prefix.
+    purge(&setup.control, json!({"prefixes": ["b.test/"]})).await;
+    assert_eq!(at(&c, edge, "b.test", "/x").await.x_cache(), "MISS", "purged by prefix");
+    assert_eq!(at(&c, edge, "a.test", "/x").await.x_cache(), "HIT", "another host");
 
     // With a default_site, unknown hosts go there.
     doc["default_site"] = json!("beta");
@@ -734,6 +741,70 @@ async fn rules_ignore_parameters_bypass_cache_404s_answer_preflights_and_serve_s
     origin.stop();
 }
 
+/// A 200 without any caching header.
+fn no_freshness(body: &'static str) -> Route {
+    Route { headers: Vec::new(), ..Route::ok("", body) }
+}
+
+#[tokio::test]
+async fn a_ttl_rule_stores_what_the_origin_left_open_but_not_what_it_forbids() {
+    let origin = MockOrigin::start().await;
+    origin.route("/ttl/plain", no_freshness("plain"));
+    origin.route("/ttl/no-store", Route::ok("no-store", "no-store"));
+    origin.route("/ttl/private", Route::ok("private, max-age=600", "private"));
+    origin.route("/ttl/cookie", no_freshness("cookie").header("set-cookie", "session=1"));
+    origin.route("/swr/obj", Route::ok("max-age=1", "swr"));
+    origin.route("/all/p", Route::ok("max-age=600", "all"));
+    let setup = Setup::start(&[145]).await;
+    let edge = &setup.edges[0];
+    origin.use_clock(edge.clock.clone());
+    setup
+        .apply(&json!({"sites": [{
+            "name": "ttl",
+            "hosts": ["ttl.test"],
+            "origins": [{"url": origin.url()}],
+            "rules": [
+                {"path_prefix": "/ttl/", "ttl": "1h"},
+                {"path_prefix": "/swr/", "stale_while_revalidate": "1h"},
+                {"path_prefix": "/all/", "query": {"ignore": ["*"]}}]}]}))
+        .await;
+    let c = client();
+    let get = |path: &'static str| at(&c, edge, "ttl.test", path);
+
+    // Without freshness information the rule's ttl makes it storable; no-store,
+    // private and Set-Cookie still keep it out of the cache.
+    for _ in 0..3 {
+        for path in ["/ttl/plain", "/ttl/no-store", "/ttl/private", "/ttl/cookie"] {
+            assert_eq!(get(path).await.status, StatusCode::OK, "{path}");
+        }
+    }
+    assert_eq!(get("/ttl/plain").await.x_cache(), "HIT");
+    assert_eq!(origin.hits("/ttl/plain"), 1, "stored for the rule's hour");
+    for path in ["/ttl/no-store", "/ttl/private", "/ttl/cookie"] {
+        assert_eq!(origin.hits(path), 3, "{path}: never stored");
+    }
+
+    // stale_while_revalidate by rule: served stale at once, refreshed behind.
+    assert_eq!(body(&get("/swr/obj").await), "swr");
+    edge.clock.advance(Duration::from_secs(5));
+    let reply = get("/swr/obj").await;
+    assert_eq!((body(&reply).as_str(), reply.x_cache()), ("swr", "STALE"), "{:?}", reply.headers);
+    wait::until("the background refresh", Duration::from_secs(5), Duration::from_millis(10), async || {
+        (origin.hits("/swr/obj") == 2).then_some(())
+    })
+    .await;
+
+    // `*` drops the whole query, from the key and from what the origin is asked.
+    for path in ["/all/p?a=1", "/all/p?b=2&c=3", "/all/p"] {
+        assert_eq!(body(&get(path).await), "all", "{path}");
+    }
+    let all: Vec<(String, usize)> = origin.requests().into_iter().filter(|(p, _)| p.starts_with("/all/")).collect();
+    assert_eq!(all, [("/all/p".to_string(), 1)]);
+
+    setup.stop().await;
+    origin.stop();
+}
+
 // ---------------------------------------------------------------------------------
 // Origin pools without probes: weights, passive marks, the retry.
 
@@ -754,7 +825,8 @@ async fn primaries_share_by_weight_and_a_refused_origin_is_marked_down_passively
             {"name": "weighted", "hosts": ["weighted.test"],
              "origins": [{"url": heavy.url(), "weight": 2}, {"url": light.url(), "weight": 1}]},
             {"name": "passive", "hosts": ["passive.test"],
-             "origins": [{"url": dead_url}, {"url": live.url()}]}]}))
+             "origins": [{"url": dead_url}, {"url": live.url()}],
+             "rules": [{"path_prefix": "/api/", "bypass": true}]}]}))
         .await;
     let edge = &setup.edges[0];
     let c = client();
@@ -771,14 +843,22 @@ async fn primaries_share_by_weight_and_a_refused_origin_is_marked_down_passively
     assert_eq!(h + l, REQUESTS);
     assert!((50..=70).contains(&h), "heavy got {h} of {REQUESTS}, light {l}");
 
-    // No health probes: a refused connection marks the origin down, and the fill is
-    // retried on the other one, so no client sees the failure.
+    // No health probes: a refused connection marks the origin down, and the request
+    // is retried on the other one, so no client sees the failure: a request that
+    // bypasses the cache (two in a row: one of them is sent to the dead origin
+    // first), then fills.
+    live.route("/api/obj", Route::ok("no-store", "live api"));
+    for _ in 0..2 {
+        let reply = at(&c, edge, "passive.test", "/api/obj").await;
+        assert_eq!((reply.status, body(&reply).as_str(), reply.x_cache()), (StatusCode::OK, "live api", "BYPASS"));
+    }
+    assert_eq!(origin_health(edge, "passive", &dead_url), Some(0.0), "marked down by the refused connection");
     for n in 0..10 {
         let reply = at(&c, edge, "passive.test", &format!("/obj?n={n}")).await;
         assert_eq!((reply.status, body(&reply).as_str()), (StatusCode::OK, "live"), "request {n}");
     }
     assert_eq!(count(&live), 10);
-    assert_eq!(origin_health(edge, "passive", &dead_url), Some(0.0), "marked down by the refused connection");
+    assert_eq!(origin_health(edge, "passive", &dead_url), Some(0.0), "down for 10 s");
     assert_eq!(origin_health(edge, "passive", &live.url()), Some(1.0));
     assert_eq!(origin_health(edge, "weighted", &heavy.url()), Some(1.0));
 
