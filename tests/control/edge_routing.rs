@@ -21,8 +21,8 @@
 //!   only with the document (a `cdn edge` process without `[origin]`, a document
 //!   large enough to travel in several gossip chunks).
 //!
-//! Edges use 127.0.0.101..=183 (node ids `edge-<last octet>`); the rest of the suite
-//! does not.
+//! Edges use 127.0.0.101..=183 (node ids `edge-<last octet>`; the HTTP/3 edge is on
+//! 127.0.0.1 as `edge-157`); the rest of the suite does not.
 
 use std::{
     net::SocketAddr,
@@ -340,6 +340,14 @@ async fn sites_are_chosen_by_host_and_cached_apart() {
         assert_eq!(body(&reply), "no site for this host\n", "Host: {host}");
     }
     assert_eq!((a.hits("/x"), b.hits("/x"), setup.implicit.hits("/x")), before, "a 421 reaches no origin");
+
+    // Metrics carry the site, a small set: the document's names, never a Host.
+    assert!(edge.metric("cdn_requests_total", &[("site", "alpha"), ("cache", "hit")]) >= 2.0);
+    assert!(edge.metric("cdn_origin_requests_total", &[("site", "beta"), ("status", "2xx")]) >= 1.0);
+    let text = metrics::text(&edge.registry);
+    for host in ["unknown.test", "a.test", "cam1.wild.test"] {
+        assert!(!text.contains(&format!("site=\"{host}\"")), "a Host as a site label: {host}\n{text}");
+    }
 
     // A purge by URL still names the host: only that site's object goes.
     purge(&setup.control, json!({"urls": ["https://a.test/x"]})).await;
@@ -803,6 +811,51 @@ async fn a_ttl_rule_stores_what_the_origin_left_open_but_not_what_it_forbids() {
 
     setup.stop().await;
     origin.stop();
+}
+
+// ---------------------------------------------------------------------------------
+// HTTP/3 (and HTTPS) names the host in `:authority`; the scheme is in the key.
+
+#[tokio::test]
+async fn http3_requests_are_routed_by_their_authority() {
+    let (local, other) = (MockOrigin::start().await, MockOrigin::start().await);
+    local.route("/x", Route::ok("max-age=600", "localhost's site"));
+    other.route("/x", Route::ok("max-age=600", "the default site"));
+    let setup = Setup::start(&[]).await;
+    let seed = setup.control.cluster.gossip_addr();
+    let edge = cdn_test_support::edge::start_tls_edge(&setup.implicit.url(), |c| {
+        c.node_id = "edge-157".into();
+        let mut cluster = ClusterConfig::new(any(), SECRET);
+        cluster.seeds = vec![seed.to_string()];
+        c.cluster = Some(cluster);
+    })
+    .await;
+    wait_for_edges(&setup.control, &["edge-157"]).await;
+    let version = put(
+        &setup.control,
+        &json!({"default_site": "other", "sites": [
+            {"name": "local", "hosts": ["localhost"], "origins": [{"url": local.url()}]},
+            {"name": "other", "hosts": ["other.test"], "origins": [{"url": other.url()}]}]}),
+    )
+    .await;
+    wait_applied(&setup.control, version, &["edge-157".to_string()]).await;
+
+    let mut h3 = cdn_test_support::http3::H3Client::connect(edge.h3.unwrap()).await;
+    let reply = h3.get("/x", &[]).await;
+    assert_eq!((reply.status, body(&reply).as_str(), reply.x_cache()), (StatusCode::OK, "localhost's site", "MISS"));
+    assert_eq!(h3.get("/x", &[]).await.x_cache(), "HIT");
+    // Over HTTP/1.1 (plain) the same host and path is another key (the scheme).
+    let reply = get(&client(), &edge.url("/x"), &[("host", "localhost")]).await;
+    assert_eq!((body(&reply).as_str(), reply.x_cache()), ("localhost's site", "MISS"));
+    assert_eq!(local.hits("/x"), 2);
+    // HTTPS with h2 by ALPN: the URL's authority (127.0.0.1) is no site's: the default.
+    let reply = get(&cdn_test_support::client::tls_client(), &format!("https://{}/x", edge.https.unwrap()), &[]).await;
+    assert_eq!((reply.version, body(&reply).as_str()), (http::Version::HTTP_2, "the default site"));
+
+    edge.stop().await;
+    setup.stop().await;
+    local.stop();
+    other.stop();
 }
 
 // ---------------------------------------------------------------------------------
