@@ -648,8 +648,12 @@ async fn put_routing(state: &Arc<State>, request: Request<Incoming>) -> Response
         Some(cluster) => cluster.routing_heads().await.values().map(|head| head.version).max().unwrap_or(0),
         None => 0,
     };
-    let versioned =
-        Versioned { version: store.version().max(newest_elsewhere) + 1, by: state.node_id.clone(), routing: document };
+    let versioned = Versioned {
+        version: store.version().max(newest_elsewhere) + 1,
+        by: state.node_id.clone(),
+        accepted_ms: cdn_cluster::now_ms(),
+        routing: document,
+    };
     // Durable before published and acknowledged: a document the disk cannot hold is
     // refused, and exists nowhere.
     if let Err(error) = store.store(versioned.clone()) {
@@ -694,7 +698,7 @@ async fn get_routing(state: &Arc<State>) -> Response<Body> {
             edges_applied.insert(edge.node_id.clone(), applied.get(&edge.node_id).copied().unwrap_or(0));
         }
     }
-    let Versioned { version, by, routing } = versioned;
+    let Versioned { version, by, routing, .. } = versioned;
     reply(StatusCode::OK, &RoutingView { version, by, routing, edges: edges_applied })
 }
 

@@ -34,8 +34,9 @@ pub struct Config {
     pub listen: Listen,
     /// TLS for the HTTPS and HTTP/3 listeners.
     pub tls: Option<TlsConfig>,
-    /// The origin the edge pulls from.
-    pub origin: Origin,
+    /// The origin the edge pulls from until a routing document exists (the
+    /// implicit site, answering every Host). Required without `[cluster]`.
+    pub origin: Option<Origin>,
     /// The cache.
     #[serde(default)]
     pub cache: Cache,
@@ -150,12 +151,19 @@ pub struct Origin {
     pub insecure: bool,
 }
 
+/// `origin.connect_timeout` when not set (and for a routing document's origins
+/// when there is no `[origin]`).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// `origin.timeout` when not set (and for a routing document's origins when there
+/// is no `[origin]`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn default_connect_timeout() -> Duration {
-    Duration::from_secs(3)
+    DEFAULT_CONNECT_TIMEOUT
 }
 
 fn default_timeout() -> Duration {
-    Duration::from_secs(30)
+    DEFAULT_TIMEOUT
 }
 
 /// `[cache]`.
@@ -322,13 +330,13 @@ impl Config {
             public_addr: None,
             listen: Listen::default(),
             tls: None,
-            origin: Origin {
+            origin: Some(Origin {
                 url: origin_url.into(),
                 connect_timeout: default_connect_timeout(),
                 timeout: default_timeout(),
                 host: None,
                 insecure: false,
-            },
+            }),
             cache: Cache::default(),
             limits: Limits::default(),
             quic: Quic::default(),
@@ -341,15 +349,28 @@ impl Config {
         let mut problems = Vec::new();
         problems.extend(cdn_node::secret::node_id_problem(&self.node_id));
         problems.extend(self.location.problems("location"));
-        match self.origin.url.parse::<http::Uri>() {
-            Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() => {}
-            _ => problems.push(format!("origin.url: {:?} is not an http:// or https:// URL", self.origin.url)),
-        }
-        if self.origin.timeout.is_zero() {
-            problems.push("origin.timeout: must be more than 0s".into());
-        }
-        if self.origin.connect_timeout.is_zero() {
-            problems.push("origin.connect_timeout: must be more than 0s".into());
+        match &self.origin {
+            Some(origin) => {
+                match origin.url.parse::<http::Uri>() {
+                    Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() => {}
+                    _ => problems.push(format!("origin.url: {:?} is not an http:// or https:// URL", origin.url)),
+                }
+                if origin.timeout.is_zero() {
+                    problems.push("origin.timeout: must be more than 0s".into());
+                }
+                if origin.connect_timeout.is_zero() {
+                    problems.push("origin.connect_timeout: must be more than 0s".into());
+                }
+                if let Some(host) = &origin.host
+                    && http::HeaderValue::from_str(host).is_err()
+                {
+                    problems.push(format!("origin.host: {host:?} is not a valid Host header"));
+                }
+            }
+            None if self.cluster.is_none() => problems.push(
+                "origin: required without [cluster] (with a cluster, the routing document can name the origins)".into(),
+            ),
+            None => {}
         }
         if self.listen.http.is_none() && self.listen.https.is_none() {
             problems.push("listen: set listen.http or listen.https".into());
@@ -443,7 +464,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.cache.memory.as_u64(), 512 * 1024 * 1024);
-        assert_eq!(config.origin.timeout, Duration::from_millis(250));
+        assert_eq!(config.origin.as_ref().unwrap().timeout, Duration::from_millis(250));
         config.validate().unwrap();
     }
 

@@ -134,6 +134,9 @@ pub(crate) enum FetchError {
     /// The fill ended without telling its waiters anything (its task died): 502.
     #[error("fill abandoned")]
     Abandoned,
+    /// The site's pool has no origin to send to: 502.
+    #[error("no origin to send to")]
+    NoOrigin,
 }
 
 impl FetchError {
@@ -149,6 +152,28 @@ impl FetchError {
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         }
+    }
+
+    /// Whether no connection could be made (refused, timed out, name unknown, TLS
+    /// handshake failed): a passive mark against the origin.
+    pub(crate) fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            Self::Upstream {
+                kind: UpstreamKind::ConnectRefused
+                    | UpstreamKind::ConnectTimeout
+                    | UpstreamKind::Dns
+                    | UpstreamKind::Tls,
+                ..
+            }
+        )
+    }
+
+    /// Whether the request surely did not reach the origin's application: no
+    /// connection, or a (pooled) connection that closed before any answer. Such a
+    /// GET may go to another origin.
+    pub(crate) fn not_reached(&self) -> bool {
+        self.is_connect() || matches!(self, Self::Upstream { kind: UpstreamKind::Reset, .. })
     }
 
     /// Whether this is a timeout (for `cdn_origin_requests_total{status="timeout"}`).

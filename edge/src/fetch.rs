@@ -18,7 +18,7 @@ use cdn_http::{
     policy::{self, Directives, Settings, Timing},
 };
 use cdn_node::listener::{Body, empty};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use tracing::{debug, warn};
@@ -29,14 +29,15 @@ use crate::{
     clock::Clock,
     error::FetchError,
     metrics::Metrics,
-    upstream::{Upstream, strip_hop_by_hop},
+    pool::OriginRequest,
+    sites::{Site, forced_lifetime},
+    upstream::strip_hop_by_hop,
 };
 
 /// Fetches from the origin into the cache: coalesced fills of whole objects and
 /// slices, revalidations, and requests only forwarded.
 pub(crate) struct Fetcher {
     cache: Arc<Cache>,
-    upstream: Upstream,
     metrics: Metrics,
     clock: Clock,
     settings: FetchSettings,
@@ -51,22 +52,29 @@ pub(crate) struct FetchSettings {
     pub(crate) max_object: u64,
     /// Large objects are fetched and stored in slices of this size (`cache.slice`).
     pub(crate) slice_size: u64,
+    /// The longest pause allowed between body chunks from an origin.
+    pub(crate) idle: std::time::Duration,
 }
 
 impl FetchSettings {
     /// The settings of an edge's `[cache]` section.
-    pub(crate) fn from_config(cache: &crate::config::Cache) -> Self {
+    pub(crate) fn from_config(cache: &crate::config::Cache, origin: Option<&crate::config::Origin>) -> Self {
         let policy = Settings {
             heuristic_max: cache.heuristic_max,
             store_set_cookie: cache.store_set_cookie,
             ..Settings::default()
         };
-        Self { policy, max_object: cache.max_object.as_u64(), slice_size: cache.slice.as_u64() }
+        let idle = origin.map_or(crate::config::DEFAULT_TIMEOUT, |origin| origin.timeout);
+        Self { policy, max_object: cache.max_object.as_u64(), slice_size: cache.slice.as_u64(), idle }
     }
 }
 
 /// What a fill needs from the request that starts it.
 pub(crate) struct FillRequest {
+    /// The site (its origins and rules).
+    pub(crate) site: Arc<Site>,
+    /// The index of the site's rule for the path.
+    pub(crate) rule: Option<usize>,
     /// The cache key.
     pub(crate) key: String,
     /// Path and query for the origin.
@@ -81,6 +89,8 @@ pub(crate) struct FillRequest {
 
 struct FillJob {
     fill: Arc<Fill>,
+    site: Arc<Site>,
+    rule: Option<usize>,
     key: String,
     path: String,
     origin_headers: HeaderMap,
@@ -135,14 +145,8 @@ pub(crate) fn strip_for_shared(headers: &mut HeaderMap) {
 }
 
 impl Fetcher {
-    pub(crate) fn new(
-        cache: Arc<Cache>,
-        upstream: Upstream,
-        metrics: Metrics,
-        clock: Clock,
-        settings: FetchSettings,
-    ) -> Self {
-        Self { cache, upstream, metrics, clock, settings }
+    pub(crate) fn new(cache: Arc<Cache>, metrics: Metrics, clock: Clock, settings: FetchSettings) -> Self {
+        Self { cache, metrics, clock, settings }
     }
 
     /// Joins the fill of `key` or starts one (in a task of its own, so a client
@@ -157,7 +161,7 @@ impl Fetcher {
     ) -> Flight {
         let flight = self.cache.join_or_start(key);
         let Flight::Leader(fill) = &flight else { return flight };
-        let FillRequest { key, path, mut origin_headers, client_headers, client_directives } = request();
+        let FillRequest { site, rule, key, path, mut origin_headers, client_headers, client_directives } = request();
         if let Some(stale) = &stale {
             let head = stale.head();
             if let Some(etag) = head.headers.get(header::ETAG) {
@@ -170,6 +174,8 @@ impl Fetcher {
         let client_plain = !CLIENT_CONDITIONALS.iter().any(|name| client_headers.contains_key(name));
         let job = FillJob {
             fill: fill.clone(),
+            site,
+            rule,
             key,
             path,
             origin_headers,
@@ -184,43 +190,16 @@ impl Fetcher {
         flight
     }
 
-    /// The `Host` the origin wants instead of the client's (`origin.host`).
-    pub(crate) fn origin_host(&self) -> Option<&HeaderValue> {
-        self.upstream.host.as_ref()
-    }
-
-    /// Whether the origin answers at all (any HTTP response counts).
-    pub(crate) async fn origin_reachable(&self) -> bool {
-        let Ok(uri) = self.upstream.uri("/") else { return false };
-        let mut request = Request::new(empty());
-        *request.method_mut() = Method::HEAD;
-        *request.uri_mut() = uri;
-        self.upstream.send(request).await.is_ok()
-    }
-
     /// Sends a request to the origin as it is (not coalesced, not stored).
     pub(crate) async fn forward(
         &self,
+        site: &Site,
         method: Method,
         path: &str,
         headers: HeaderMap,
         body: Body,
     ) -> Result<Response<Incoming>, FetchError> {
-        let mut request = Request::new(body);
-        *request.method_mut() = method;
-        *request.uri_mut() = self.upstream.uri(path)?;
-        *request.headers_mut() = headers;
-        self.send(request).await
-    }
-
-    /// Sends `request` and counts its outcome.
-    async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, FetchError> {
-        let result = self.upstream.send(request).await;
-        match &result {
-            Ok(response) => self.metrics.origin_status(response.status().as_u16()),
-            Err(e) => self.metrics.origin_error(e.is_timeout()),
-        }
-        result
+        site.pool.send(OriginRequest { method, path, headers }, body, &self.metrics).await
     }
 
     /// The slice holding the first byte a request wants.
@@ -241,17 +220,15 @@ impl Fetcher {
         job: &FillJob,
         range: Option<std::ops::Range<u64>>,
     ) -> Result<Response<Incoming>, FetchError> {
-        let uri = self.upstream.uri(&job.path)?;
-        let mut request = Request::new(empty());
-        *request.uri_mut() = uri;
-        *request.headers_mut() = job.origin_headers.clone();
+        let mut headers = job.origin_headers.clone();
         if let Some(range) = range {
             let value = format!("bytes={}-{}", range.start, range.end - 1);
             if let Ok(value) = HeaderValue::from_str(&value) {
-                request.headers_mut().insert(header::RANGE, value);
+                headers.insert(header::RANGE, value);
             }
         }
-        self.send(request).await
+        let request = OriginRequest { method: Method::GET, path: &job.path, headers };
+        job.site.pool.send(request, empty(), &self.metrics).await
     }
 
     async fn run_fill(self: Arc<Self>, job: FillJob) {
@@ -331,6 +308,7 @@ impl Fetcher {
         let directives = Directives::from_headers(&rp.headers);
         let authorization = job.client_headers.contains_key(header::AUTHORIZATION);
         let content_length = content_length(&rp.headers);
+        let forced = forced_lifetime(job.site.rule(job.rule), rp.status);
         let storable = policy::storable(
             &Method::GET,
             &job.client_directives,
@@ -340,6 +318,9 @@ impl Fetcher {
             &directives,
             &self.settings.policy,
         );
+        let storable = forced_storable(storable, forced);
+        let bypass = job.site.rule(job.rule).is_some_and(|rule| rule.bypass);
+        let storable = if bypass { Err(policy::Reason::NoStore) } else { storable };
         let kept = policy::keep(storable, rp.status, content_length, self.settings.max_object, job.stale.is_some());
         if let Err(reason) = kept {
             debug!(key = %job.key, %reason, "not storable");
@@ -383,7 +364,7 @@ impl Fetcher {
 
     /// Reads an origin body into `growing`; `true` when it arrived whole.
     async fn read_into(&self, key: &str, mut body: Incoming, growing: &Growing, expected: Option<u64>) -> bool {
-        let idle = self.upstream.idle_timeout();
+        let idle = self.settings.idle;
         let result = loop {
             match tokio::time::timeout(idle, body.frame()).await {
                 Err(_) => break Err("origin body timed out".to_string()),
@@ -444,7 +425,7 @@ impl Fetcher {
         rp.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
         let directives = Directives::from_headers(&rp.headers);
         let authorization = job.client_headers.contains_key(header::AUTHORIZATION);
-        policy::storable(
+        let storable = policy::storable(
             &Method::GET,
             &job.client_directives,
             authorization,
@@ -452,8 +433,9 @@ impl Fetcher {
             &rp.headers,
             &directives,
             &self.settings.policy,
-        )
-        .map_err(policy::Reason::as_str)?;
+        );
+        forced_storable(storable, forced_lifetime(job.site.rule(job.rule), StatusCode::OK))
+            .map_err(policy::Reason::as_str)?;
         let tags = surrogate_keys(&rp.headers);
         rp.headers.remove(SURROGATE_KEY);
         rp.headers.remove(CACHE_TAG);
@@ -496,7 +478,7 @@ impl Fetcher {
         key: &str,
         sliced: &Arc<Sliced>,
         index: u64,
-        origin: &(String, HeaderMap),
+        origin: &Arc<SliceOrigin>,
     ) -> Result<SliceData, FetchError> {
         if let Some(bytes) = self.cache.slice(key, sliced, index).await {
             return Ok(SliceData::Stored(bytes));
@@ -518,24 +500,18 @@ impl Fetcher {
         }
     }
 
-    async fn run_slice_fill(&self, key: &str, sliced: &Sliced, index: u64, origin: &(String, HeaderMap), fill: &Fill) {
+    async fn run_slice_fill(&self, key: &str, sliced: &Sliced, index: u64, origin: &SliceOrigin, fill: &Fill) {
         let epoch = self.cache.epoch();
         let bounds = sliced.bounds(index);
-        let (path, headers) = origin;
-        let job_uri = match self.upstream.uri(path) {
-            Ok(uri) => uri,
-            Err(e) => return fill.publish(Outcome::Failed(e)),
-        };
-        let mut request = Request::new(empty());
-        *request.uri_mut() = job_uri;
-        *request.headers_mut() = headers.clone();
+        let mut headers = origin.headers.clone();
         if let Ok(value) = HeaderValue::from_str(&format!("bytes={}-{}", bounds.start, bounds.end - 1)) {
-            request.headers_mut().insert(header::RANGE, value);
+            headers.insert(header::RANGE, value);
         }
         if let Some(etag) = &sliced.etag {
-            request.headers_mut().insert(header::IF_MATCH, etag.clone());
+            headers.insert(header::IF_MATCH, etag.clone());
         }
-        let response = match self.send(request).await {
+        let request = OriginRequest { method: Method::GET, path: &origin.path, headers };
+        let response = match origin.site.pool.send(request, empty(), &self.metrics).await {
             Ok(response) => response,
             Err(e) => return fill.publish(Outcome::Failed(e)),
         };
@@ -583,6 +559,27 @@ impl Fetcher {
                 Found::Sliced(sliced)
             }
         }
+    }
+}
+
+/// Where a sliced object's slices come from: its site's origins, with the path
+/// and headers of the request that found it.
+pub(crate) struct SliceOrigin {
+    pub(crate) site: Arc<Site>,
+    pub(crate) path: String,
+    pub(crate) headers: HeaderMap,
+}
+
+/// A response the RFC leaves without freshness is storable when a rule gives it
+/// one (`ttl`, `negative_ttl`); a rule never overrides the origin's `no-store`,
+/// `private` or `Set-Cookie`.
+fn forced_storable(
+    storable: Result<(), policy::Reason>,
+    forced: Option<std::time::Duration>,
+) -> Result<(), policy::Reason> {
+    match storable {
+        Err(policy::Reason::NoFreshness) if forced.is_some() => Ok(()),
+        other => other,
     }
 }
 

@@ -18,7 +18,10 @@
 //!   protocol; `pipeline::respond` builds responses from a stored or filling source.
 //! - `body`: bodies that are read while they fill (streaming, coalescing).
 //! - `h3`: the HTTP/3 (QUIC) listener feeding the same pipeline.
-//! - `upstream`: the pooled origin client.
+//! - `sites`: Host → site, the routing document the edge serves by (swapped
+//!   atomically) and its rules; `pool`: each site's origins, their health
+//!   (probes, passive marks) and the choice among them; `upstream`: the pooled
+//!   client to one origin.
 //! - `purge`: applies purges arriving through gossip to the cache.
 //! - `server`: listeners and lifecycle ([`Edge`], [`run`]).
 //! - [`metrics`], [`clock`], [`error`].
@@ -34,8 +37,10 @@ mod fetch;
 mod h3;
 pub mod metrics;
 mod pipeline;
+mod pool;
 mod purge;
 mod server;
+mod sites;
 mod upstream;
 
 pub use clock::Clock;

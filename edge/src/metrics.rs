@@ -67,12 +67,19 @@ impl CacheResult {
     }
 }
 
+/// The `site` label of requests that found no site.
+pub(crate) const NO_SITE: &str = "_none";
+
+/// One site's request counters, by protocol and cache result.
+#[derive(Clone)]
+pub(crate) struct SiteCounters([[IntCounter; 5]; 3]);
+
 /// The metrics of one edge.
 #[derive(Clone)]
 pub(crate) struct Metrics {
     pub(crate) requests: IntCounterVec,
-    /// `requests`' counters resolved once: no label hashing per request.
-    requests_by: [[IntCounter; 5]; 3],
+    /// `requests`' counters of requests that found no site (421, a bad Host).
+    no_site: SiteCounters,
     pub(crate) response_bytes: IntCounter,
     pub(crate) duration: Histogram,
     pub(crate) origin_requests: IntCounterVec,
@@ -83,15 +90,38 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    /// Counts one client request.
-    pub(crate) fn count_request(&self, protocol: Protocol, result: CacheResult) {
-        self.requests_by[protocol as usize][result as usize].inc();
+    /// The request counters of `site`, resolved once (no label hashing per request).
+    pub(crate) fn site_counters(&self, site: &str) -> SiteCounters {
+        SiteCounters(Protocol::ALL.map(|protocol| {
+            CacheResult::ALL.map(|result| self.requests.with_label_values(&[protocol.as_str(), result.label(), site]))
+        }))
+    }
+
+    /// Counts one client request of `site` (`None`: it found no site).
+    pub(crate) fn count_request(&self, site: Option<&SiteCounters>, protocol: Protocol, result: CacheResult) {
+        site.unwrap_or(&self.no_site).0[protocol as usize][result as usize].inc();
+    }
+
+    /// All client requests so far, and of them the hits (every site, protocol).
+    pub(crate) fn totals(&self) -> (u64, u64) {
+        use prometheus::core::Collector as _;
+        let (mut requests, mut hits) = (0u64, 0u64);
+        for family in self.requests.collect() {
+            for metric in family.get_metric() {
+                let n = metric.get_counter().get_value() as u64;
+                requests += n;
+                if metric.get_label().iter().any(|l| l.name() == "cache" && l.value() == "hit") {
+                    hits += n;
+                }
+            }
+        }
+        (requests, hits)
     }
 
     pub(crate) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let requests = IntCounterVec::new(
-            Opts::new("cdn_requests_total", "Client requests by protocol and cache result"),
-            &["protocol", "cache"],
+            Opts::new("cdn_requests_total", "Client requests by protocol, cache result and site"),
+            &["protocol", "cache", "site"],
         )?;
         let response_bytes = IntCounter::new("cdn_response_bytes_total", "Response body bytes sent to clients")?;
         let duration = Histogram::with_opts(
@@ -99,8 +129,8 @@ impl Metrics {
                 .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
         )?;
         let origin_requests = IntCounterVec::new(
-            Opts::new("cdn_origin_requests_total", "Requests to the origin by status class (or error)"),
-            &["status"],
+            Opts::new("cdn_origin_requests_total", "Requests to the origin by site and status class (or error)"),
+            &["site", "status"],
         )?;
         let cache_bytes = IntGaugeVec::new(
             Opts::new("cdn_cache_bytes", "Bytes held by the cache, per tier (memory: weights; disk: file sizes)"),
@@ -129,11 +159,11 @@ impl Metrics {
         registry.register(Box::new(cache_objects.clone()))?;
         // Process-wide: every listener of this process sends through it.
         registry.register(Box::new(cdn_node::zerocopy::sent_counter()))?;
-        let requests_by = Protocol::ALL.map(|protocol| {
-            CacheResult::ALL.map(|result| requests.with_label_values(&[protocol.as_str(), result.label()]))
-        });
+        let no_site = SiteCounters(Protocol::ALL.map(|protocol| {
+            CacheResult::ALL.map(|result| requests.with_label_values(&[protocol.as_str(), result.label(), NO_SITE]))
+        }));
         Ok(Self {
-            requests_by,
+            no_site,
             requests,
             response_bytes,
             duration,
@@ -145,18 +175,18 @@ impl Metrics {
         })
     }
 
-    pub(crate) fn origin_status(&self, status: u16) {
+    pub(crate) fn origin_status(&self, site: &str, status: u16) {
         let class = match status {
             200..=299 => "2xx",
             300..=399 => "3xx",
             400..=499 => "4xx",
             _ => "5xx",
         };
-        self.origin_requests.with_label_values(&[class]).inc();
+        self.origin_requests.with_label_values(&[site, class]).inc();
     }
 
-    pub(crate) fn origin_error(&self, timeout: bool) {
-        self.origin_requests.with_label_values(&[if timeout { "timeout" } else { "error" }]).inc();
+    pub(crate) fn origin_error(&self, site: &str, timeout: bool) {
+        self.origin_requests.with_label_values(&[site, if timeout { "timeout" } else { "error" }]).inc();
     }
 }
 
@@ -167,12 +197,17 @@ mod tests {
     #[test]
     fn each_request_counts_under_its_own_labels() {
         let metrics = Metrics::register(&Registry::new()).unwrap();
+        let site = metrics.site_counters("video");
         for protocol in Protocol::ALL {
             for result in CacheResult::ALL {
-                metrics.count_request(protocol, result);
-                let counter = metrics.requests.with_label_values(&[protocol.as_str(), result.label()]);
+                metrics.count_request(Some(&site), protocol, result);
+                metrics.count_request(None, protocol, result);
+                let counter = metrics.requests.with_label_values(&[protocol.as_str(), result.label(), "video"]);
+                assert_eq!(counter.get(), 1, "{protocol:?} {result:?}");
+                let counter = metrics.requests.with_label_values(&[protocol.as_str(), result.label(), NO_SITE]);
                 assert_eq!(counter.get(), 1, "{protocol:?} {result:?}");
             }
         }
+        assert_eq!(metrics.totals(), (30, 6));
     }
 }

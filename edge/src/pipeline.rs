@@ -15,6 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use cdn_cluster::routing::Rule;
 use cdn_http::{
     key::{self, CACHE_TAG, SURROGATE_KEY},
     policy::{self, Action, Directives},
@@ -35,8 +36,9 @@ use crate::{
     },
     clock::Clock,
     error::FetchError,
-    fetch::{Fetcher, FillRequest, strip_for_shared},
+    fetch::{Fetcher, FillRequest, SliceOrigin, strip_for_shared},
     metrics::{CacheResult, Metrics, Protocol},
+    sites::{self, Site, Sites},
     upstream::strip_hop_by_hop,
 };
 
@@ -51,8 +53,6 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 pub(crate) struct Settings {
     /// This edge's id (`X-Served-By`, `Via`).
     pub(crate) node_id: String,
-    /// Whether the query string is left out of cache keys.
-    pub(crate) ignore_query: bool,
     /// `Alt-Svc` for TLS responses (the HTTP/3 port), when HTTP/3 is served.
     pub(crate) alt_svc: Option<HeaderValue>,
 }
@@ -70,6 +70,9 @@ pub(crate) struct Conn {
 
 /// The request facts the pipeline uses after taking the request apart.
 struct Req {
+    site: Arc<Site>,
+    /// The index of the site's rule for the path.
+    rule: Option<usize>,
     parts: Parts,
     directives: Directives,
     pragma_no_cache: bool,
@@ -83,6 +86,7 @@ pub(crate) struct Pipeline {
     served_by: HeaderValue,
     cache: Arc<Cache>,
     fetcher: Arc<Fetcher>,
+    sites: Arc<Sites>,
     pub(crate) metrics: Metrics,
     clock: Clock,
 }
@@ -92,11 +96,12 @@ impl Pipeline {
         settings: Settings,
         cache: Arc<Cache>,
         fetcher: Arc<Fetcher>,
+        sites: Arc<Sites>,
         metrics: Metrics,
         clock: Clock,
     ) -> Self {
         let served_by = HeaderValue::from_str(&settings.node_id).unwrap_or_else(|_| HeaderValue::from_static("edge"));
-        Self { settings, served_by, cache, fetcher, metrics, clock }
+        Self { settings, served_by, cache, fetcher, sites, metrics, clock }
     }
 
     /// The cache behind the pipeline.
@@ -104,9 +109,9 @@ impl Pipeline {
         &self.cache
     }
 
-    /// Whether the origin answers at all (any HTTP response counts).
-    pub(crate) async fn origin_reachable(&self) -> bool {
-        self.fetcher.origin_reachable().await
+    /// The edge's sites.
+    pub(crate) fn sites(&self) -> &Arc<Sites> {
+        &self.sites
     }
 
     /// Handles one client request, whatever protocol it came over.
@@ -116,7 +121,8 @@ impl Pipeline {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let served = self.route(request, conn).await;
+        let mut site = None;
+        let served = self.route(request, conn, &mut site).await;
         let Served { mut response, status } = served;
         let headers = response.headers_mut();
         headers.remove(SURROGATE_KEY);
@@ -130,7 +136,7 @@ impl Pipeline {
         {
             headers.insert(header::ALT_SVC, alt_svc.clone());
         }
-        self.metrics.count_request(conn.protocol, status.result);
+        self.metrics.count_request(site.as_ref().map(|site| &site.counters), conn.protocol, status.result);
         self.metrics.duration.observe(started.elapsed().as_secs_f64());
         let counter = self.metrics.response_bytes.clone();
         response.map(|body| {
@@ -144,7 +150,8 @@ impl Pipeline {
         })
     }
 
-    async fn route<B>(self: &Arc<Self>, request: Request<B>, conn: Conn) -> Served
+    /// Finds the request's site (left in `found` for the metrics) and serves it.
+    async fn route<B>(self: &Arc<Self>, request: Request<B>, conn: Conn, found: &mut Option<Arc<Site>>) -> Served
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -162,10 +169,50 @@ impl Pipeline {
         let Some(host) = request_host(&request) else {
             return error(StatusCode::BAD_REQUEST, "missing or invalid host\n", CacheResult::Bypass);
         };
+        let site = match self.sites.find(&host) {
+            sites::Found::Site(site) => site,
+            sites::Found::NoSite => {
+                return error(StatusCode::MISDIRECTED_REQUEST, "no site for this host\n", CacheResult::Bypass);
+            }
+            sites::Found::NoRouting => {
+                let mut served =
+                    error(StatusCode::SERVICE_UNAVAILABLE, "no routing document yet\n", CacheResult::Bypass);
+                served.response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return served;
+            }
+        };
+        *found = Some(site.clone());
+        let rule_index = site.rule_index(request.uri().path());
+        let rule = site.rule(rule_index);
+        let cors = rule.is_some_and(|rule| rule.cors);
+        if cors && let Some(preflight) = preflight(&request) {
+            return preflight;
+        }
+        let mut served = Box::pin(self.route_site(request, conn, &site, rule_index, &host)).await;
+        if cors {
+            add_cors(served.response.headers_mut());
+        }
+        served
+    }
+
+    async fn route_site<B>(
+        self: &Arc<Self>,
+        request: Request<B>,
+        conn: Conn,
+        site: &Arc<Site>,
+        rule_index: Option<usize>,
+        host: &str,
+    ) -> Served
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let scheme = if conn.tls { "https" } else { "http" };
-        let key = key::primary(scheme, &host, request.uri(), self.settings.ignore_query);
+        let rule = site.rule(rule_index);
+        let key = site.key(scheme, host, request.uri(), rule);
         let method = request.method().clone();
-        if method == Method::GET || method == Method::HEAD {
+        let bypass = rule.is_some_and(|rule| rule.bypass);
+        if (method == Method::GET || method == Method::HEAD) && !bypass {
             let (parts, _) = request.into_parts();
             let directives = Directives::from_headers(&parts.headers);
             let pragma_no_cache = !parts.headers.contains_key(header::CACHE_CONTROL)
@@ -174,18 +221,19 @@ impl Pipeline {
                     .get_all(header::PRAGMA)
                     .iter()
                     .any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains("no-cache")));
-            let req = Req { parts, directives, pragma_no_cache, key, scheme };
+            let req = Req { site: site.clone(), rule: rule_index, parts, directives, pragma_no_cache, key, scheme };
             return self.cached(req, conn).await;
         }
-        let unsafe_method = !matches!(method, Method::OPTIONS | Method::TRACE);
+        // A GET or HEAD gets here only when its rule bypasses the cache.
+        let unsafe_method = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
         let (parts, body) = request.into_parts();
         let body = body.map_err(Into::into).boxed_unsync();
         // Cold paths (forwarding, fills) are boxed: their futures are large, and a
         // HIT's future would otherwise carry (and move, several times per request)
         // their space.
-        let mut served = Box::pin(self.forward(&parts, conn, body, scheme)).await;
+        let mut served = Box::pin(self.forward(site, &parts, conn, body, scheme)).await;
         if unsafe_method && (served.response.status().is_success() || served.response.status().is_redirection()) {
-            self.invalidate_after_unsafe(&key, served.response.headers(), scheme, &host);
+            self.invalidate_after_unsafe(site, &parts.uri, rule, served.response.headers(), host);
         }
         served.status = CacheStatus::bypass(None);
         served
@@ -193,10 +241,16 @@ impl Pipeline {
 
     /// RFC 9111 §4.4: an unsafe request invalidates the target and the
     /// Location/Content-Location URLs of the same host.
-    fn invalidate_after_unsafe(&self, key: &str, headers: &HeaderMap, scheme: &str, host: &str) {
-        for scheme_variant in ["http", "https"] {
-            let other = key.replacen(scheme, scheme_variant, 1);
-            self.cache.invalidate_url(&other);
+    fn invalidate_after_unsafe(
+        &self,
+        site: &Site,
+        target: &http::Uri,
+        rule: Option<&Rule>,
+        headers: &HeaderMap,
+        host: &str,
+    ) {
+        for scheme in ["http", "https"] {
+            self.cache.invalidate_url(&site.key(scheme, host, target, rule));
         }
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(uri) = headers.get(&name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<http::Uri>().ok())
@@ -205,7 +259,10 @@ impl Pipeline {
             };
             let same_host = uri.host().is_none_or(|h| h.eq_ignore_ascii_case(host));
             if same_host && uri.path().starts_with('/') {
-                self.cache.invalidate_url(&key::primary(scheme, host, &uri, self.settings.ignore_query));
+                let rule = site.rule(site.rule_index(uri.path()));
+                for scheme in ["http", "https"] {
+                    self.cache.invalidate_url(&site.key(scheme, host, &uri, rule));
+                }
             }
         }
     }
@@ -213,7 +270,7 @@ impl Pipeline {
     async fn cached(self: &Arc<Self>, req: Req, conn: Conn) -> Served {
         if self.cache.is_pass(&req.key) {
             // Recently uncacheable ("hit-for-pass"): go straight to the origin.
-            let mut served = Box::pin(self.forward(&req.parts, conn, empty(), req.scheme)).await;
+            let mut served = Box::pin(self.forward(&req.site, &req.parts, conn, empty(), req.scheme)).await;
             served.status = CacheStatus::bypass(Some(served.response.status().as_u16()));
             return served;
         }
@@ -222,16 +279,18 @@ impl Pipeline {
             let head = found.head().clone();
             let age = head.timing.current_age(now);
             let soft_purged = head.purged.load(std::sync::atomic::Ordering::Acquire);
+            let rule = req.site.rule(req.rule);
+            let lifetime = sites::forced_lifetime(rule, head.status).unwrap_or(head.lifetime);
             let action = policy::evaluate(
                 &req.directives,
                 req.pragma_no_cache,
-                &head.directives,
-                head.lifetime,
+                &sites::with_rule(&head.directives, rule),
+                lifetime,
                 age,
                 soft_purged,
             );
             debug!(key = %req.key, ?action, age = age.as_secs(), "cache lookup");
-            let ttl = ttl(head.lifetime, age);
+            let ttl = ttl(lifetime, age);
             let status = match action {
                 Action::Fresh if tier == Tier::Disk => {
                     CacheStatus::hit(CacheResult::Hit, ttl).with_detail(Detail::Disk)
@@ -267,7 +326,7 @@ impl Pipeline {
     fn sliced_source(self: &Arc<Self>, sliced: &Arc<Sliced>, req: &Req, conn: Conn) -> SlicedSource {
         let mut headers = self.origin_headers(&req.parts, conn, req.scheme);
         strip_for_shared(&mut headers);
-        let origin = Arc::new((path_and_query(&req.parts.uri), headers));
+        let origin = Arc::new(SliceOrigin { site: req.site.clone(), path: self.fill_path(req), headers });
         let (fetcher, key, object) = (self.fetcher.clone(), req.key.clone(), sliced.clone());
         SlicedSource::new(sliced.clone(), move |index| {
             let (fetcher, key, object, origin) = (fetcher.clone(), key.clone(), object.clone(), origin.clone());
@@ -286,11 +345,24 @@ impl Pipeline {
         let mut origin_headers = self.origin_headers(&req.parts, conn, req.scheme);
         strip_for_shared(&mut origin_headers);
         FillRequest {
+            site: req.site.clone(),
+            rule: req.rule,
             key: req.key.clone(),
-            path: path_and_query(&req.parts.uri),
+            path: self.fill_path(req),
             origin_headers,
             client_headers: req.parts.headers.clone(),
             client_directives: req.directives.clone(),
+        }
+    }
+
+    /// The path and query a shared fill asks the origin for: the query without the
+    /// parameters the cache key leaves out (they must not shape a shared object).
+    fn fill_path(&self, req: &Req) -> String {
+        let uri = &req.parts.uri;
+        let path = if uri.path().is_empty() { "/" } else { uri.path() };
+        match req.site.keyed_query(uri.query(), req.site.rule(req.rule)) {
+            Some(query) => format!("{path}?{query}"),
+            None => path.to_string(),
         }
     }
 
@@ -307,8 +379,11 @@ impl Pipeline {
             }
             let head = stale.head();
             let age = head.timing.current_age(now);
-            policy::stale_if_error(&req.directives, &head.directives, head.lifetime, age).then(|| {
-                let ttl = ttl(head.lifetime, age);
+            let rule = req.site.rule(req.rule);
+            let lifetime = sites::forced_lifetime(rule, head.status).unwrap_or(head.lifetime);
+            let directives = sites::with_rule(&head.directives, rule);
+            policy::stale_if_error(&req.directives, &directives, lifetime, age).then(|| {
+                let ttl = ttl(lifetime, age);
                 let source = self.source(stale, &req, conn);
                 let status = CacheStatus { fwd: Some(Fwd::Stale), ..CacheStatus::hit(CacheResult::Stale, ttl) }
                     .with_detail(Detail::StaleIfError);
@@ -340,7 +415,8 @@ impl Pipeline {
                 }
                 let head = found.head();
                 let age = head.timing.current_age(now);
-                let ttl = ttl(head.lifetime, age);
+                let lifetime = sites::forced_lifetime(req.site.rule(req.rule), head.status).unwrap_or(head.lifetime);
+                let ttl = ttl(lifetime, age);
                 let source = self.source(found, &req, conn);
                 let status = CacheStatus::forward(CacheResult::Revalidated, Fwd::Stale, 304).with_ttl(ttl);
                 represent(&req.parts, head, source, age, status)
@@ -382,7 +458,7 @@ impl Pipeline {
 
     /// A GET/HEAD sent on its own (not coalesced, not stored).
     async fn forward_get(&self, req: &Req, conn: Conn) -> Served {
-        let mut served = self.forward(&req.parts, conn, empty(), req.scheme).await;
+        let mut served = self.forward(&req.site, &req.parts, conn, empty(), req.scheme).await;
         if served.status.fwd_status.is_some() {
             served.status.fwd = Some(Fwd::UriMiss);
         }
@@ -390,9 +466,9 @@ impl Pipeline {
     }
 
     /// Sends a request to the origin as it is and streams the answer back.
-    async fn forward(&self, parts: &Parts, conn: Conn, body: Body, scheme: &str) -> Served {
+    async fn forward(&self, site: &Site, parts: &Parts, conn: Conn, body: Body, scheme: &str) -> Served {
         let headers = self.origin_headers(parts, conn, scheme);
-        match self.fetcher.forward(parts.method.clone(), &path_and_query(&parts.uri), headers, body).await {
+        match self.fetcher.forward(site, parts.method.clone(), &path_and_query(&parts.uri), headers, body).await {
             Ok(response) => {
                 let (mut rp, body) = response.into_parts();
                 strip_hop_by_hop(&mut rp.headers);
@@ -408,9 +484,7 @@ impl Pipeline {
     fn origin_headers(&self, parts: &Parts, conn: Conn, scheme: &str) -> HeaderMap {
         let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers);
-        if let Some(host) = self.fetcher.origin_host() {
-            headers.insert(header::HOST, host.clone());
-        } else if !headers.contains_key(header::HOST)
+        if !headers.contains_key(header::HOST)
             && let Some(authority) = parts.uri.authority()
             && let Ok(value) = HeaderValue::from_str(authority.as_str())
         {
@@ -439,6 +513,51 @@ impl Pipeline {
             headers.insert(header::VIA, value);
         }
         headers
+    }
+}
+
+/// A CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`),
+/// answered at the edge for a path whose rule says `cors`.
+fn preflight<B>(request: &Request<B>) -> Option<Served> {
+    let headers = request.headers();
+    if request.method() != Method::OPTIONS
+        || !headers.contains_key(header::ORIGIN)
+        || !headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return None;
+    }
+    let mut response = Response::new(empty());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let out = response.headers_mut();
+    out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    out.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, HEAD, OPTIONS"));
+    // The request headers asked for, when they are a plain list of header names.
+    if let Some(asked) = headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        && let Ok(text) = asked.to_str()
+        && text.split(',').map(str::trim).all(|name| name.is_empty() || HeaderName::from_bytes(name.as_bytes()).is_ok())
+    {
+        out.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+    }
+    out.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
+    out.insert(
+        header::VARY,
+        HeaderValue::from_static("Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+    );
+    Some(Served { response, status: CacheStatus::bypass(None) })
+}
+
+/// CORS headers on a response of a `cors` path: any origin may read it (the
+/// origin's own `Access-Control-Allow-Origin` stays), with the headers a player
+/// needs for ranges and cache diagnostics.
+fn add_cors(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    }
+    if !headers.contains_key(header::ACCESS_CONTROL_EXPOSE_HEADERS) {
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("Content-Length, Content-Range, Accept-Ranges, Age, Cache-Status, X-Cache"),
+        );
     }
 }
 

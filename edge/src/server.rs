@@ -25,7 +25,7 @@ use crate::{
     fetch::{FetchSettings, Fetcher},
     metrics::{Metrics, Protocol},
     pipeline::{self, Conn, Pipeline},
-    upstream::Upstream,
+    sites::Sites,
 };
 
 /// An edge whose listeners are bound, ready to [`serve`](Self::serve).
@@ -64,7 +64,7 @@ impl Edge {
     async fn bind_clocked(config: Config, registry: &Registry, clock: Clock) -> Result<Self, Error> {
         config.validate()?;
         let metrics = Metrics::register(registry)?;
-        let upstream = Upstream::new(&config.origin).map_err(Error::Upstream)?;
+        let sites = Arc::new(Sites::new(&config, metrics.clone(), registry)?);
         let disk_metrics = crate::cache::disk::DiskMetrics::register(registry)?;
         // The disk index is rebuilt here, before any listener serves.
         let disks = {
@@ -80,13 +80,9 @@ impl Edge {
             disks.set_open();
         }
         let cache = Arc::new(Cache::new(config.cache.memory.as_u64(), disks));
-        let fetch_settings = FetchSettings::from_config(&config.cache);
-        let fetcher = Arc::new(Fetcher::new(cache.clone(), upstream, metrics.clone(), clock.clone(), fetch_settings));
-        let mut settings = pipeline::Settings {
-            node_id: config.node_id.clone(),
-            ignore_query: config.cache.ignore_query,
-            alt_svc: None,
-        };
+        let fetch_settings = FetchSettings::from_config(&config.cache, config.origin.as_ref());
+        let fetcher = Arc::new(Fetcher::new(cache.clone(), metrics.clone(), clock.clone(), fetch_settings));
+        let mut settings = pipeline::Settings { node_id: config.node_id.clone(), alt_svc: None };
 
         let http = match config.listen.http {
             Some(addr) => Some(listener::bind(addr).await?),
@@ -163,7 +159,7 @@ impl Edge {
             admin_addr: local(admin.as_ref()),
             h3_addr,
             config,
-            pipeline: Arc::new(Pipeline::new(settings, cache, fetcher, metrics, clock)),
+            pipeline: Arc::new(Pipeline::new(settings, cache, fetcher, sites, metrics, clock)),
             http,
             https,
             h3,
@@ -279,13 +275,18 @@ impl Edge {
                     token.clone(),
                 ),
             );
+            tasks.spawn(
+                "routing",
+                crate::sites::follow(pipeline.sites().clone(), cluster.clone(), readiness.clone(), token.clone()),
+            );
             tasks.spawn("cluster", cluster.clone().supervise(token.clone()));
         }
         tasks.spawn(
             "maintain",
             maintain(pipeline.clone(), readiness.clone(), cluster.clone(), config.limits.max_connections, token),
         );
-        info!(node_id = %config.node_id, region = %config.region, origin = %config.origin.url, "edge started");
+        let origin = config.origin.as_ref().map_or("(from the routing document)", |o| o.url.as_str());
+        info!(node_id = %config.node_id, region = %config.region, origin, "edge started");
         let result = tasks.run().await;
         // A clean stop: the disk tier finishes its writes and saves its index.
         if let Some(disks) = pipeline.cache().disks() {
@@ -327,7 +328,7 @@ async fn maintain(
             metrics.cache_objects.with_label_values(&["disk"]).set(gauge(disks.objects()));
         }
         if n.is_multiple_of(5) {
-            let reachable = pipeline.origin_reachable().await;
+            let reachable = pipeline.sites().origin_ok().await;
             if !reachable {
                 warn!("origin unreachable");
             }
@@ -340,17 +341,7 @@ async fn maintain(
             cluster.publish_health(readiness.is_ready(), load).await;
             // Counters for the status page (rates are computed by the reader).
             let metrics = &pipeline.metrics;
-            let mut requests = 0u64;
-            let mut hits = 0u64;
-            for protocol in ["h1", "h2", "h3"] {
-                for result in ["hit", "miss", "stale", "revalidated", "bypass"] {
-                    let n = metrics.requests.with_label_values(&[protocol, result]).get();
-                    requests += n;
-                    if result == "hit" {
-                        hits += n;
-                    }
-                }
-            }
+            let (requests, hits) = metrics.totals();
             let bytes = metrics.response_bytes.get();
             cluster.publish_stats(cdn_cluster::state::Stats { requests, hits, bytes, ms: cdn_cluster::now_ms() }).await;
         }

@@ -43,20 +43,47 @@ pub(crate) struct Upstream {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
     base: Uri,
     base_path: String,
-    pub(crate) host: Option<HeaderValue>,
+    host: Option<HeaderValue>,
     timeout: Duration,
 }
 
+/// How to reach one origin.
+pub(crate) struct UpstreamSpec<'a> {
+    /// `http://host[:port]` or `https://…` (a path is prepended to request paths).
+    pub(crate) url: &'a str,
+    /// Time to establish a connection.
+    pub(crate) connect_timeout: Duration,
+    /// Time to the response head, and the longest pause between body chunks.
+    pub(crate) timeout: Duration,
+    /// The Host header sent instead of the client's.
+    pub(crate) host: Option<&'a str>,
+    /// Whom an `https` origin's certificate must come from.
+    pub(crate) trust: ClientTrust,
+}
+
+impl<'a> UpstreamSpec<'a> {
+    /// The edge's `[origin]` section.
+    pub(crate) fn of_config(config: &'a config::Origin) -> Self {
+        let trust = if config.insecure { ClientTrust::AnyCertificate } else { ClientTrust::PublicRoots };
+        Self {
+            url: &config.url,
+            connect_timeout: config.connect_timeout,
+            timeout: config.timeout,
+            host: config.host.as_deref(),
+            trust,
+        }
+    }
+}
+
 impl Upstream {
-    pub(crate) fn new(config: &config::Origin) -> Result<Self, UpstreamSetup> {
-        let base: Uri = config.url.parse()?;
+    pub(crate) fn new(spec: UpstreamSpec<'_>) -> Result<Self, UpstreamSetup> {
+        let base: Uri = spec.url.parse()?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
-        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_connect_timeout(Some(spec.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let trust = if config.insecure { ClientTrust::AnyCertificate } else { ClientTrust::PublicRoots };
-        let tls = tls::client_config(trust, false, &[])?;
+        let tls = tls::client_config(spec.trust, false, &[])?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -67,12 +94,12 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(connector);
-        let host = match &config.host {
+        let host = match spec.host {
             Some(host) => Some(HeaderValue::from_str(host)?),
             None => None,
         };
         let base_path = base.path().trim_end_matches('/').to_string();
-        Ok(Self { client, base, base_path, host, timeout: config.timeout })
+        Ok(Self { client, base, base_path, host, timeout: spec.timeout })
     }
 
     /// The origin URI for a client request's path and query.
@@ -83,17 +110,16 @@ impl Upstream {
         Uri::from_parts(parts).map_err(|e| FetchError::Uri(Arc::new(e)))
     }
 
-    /// Sends `request`, waiting at most the configured timeout for the response head.
-    pub(crate) async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, FetchError> {
+    /// Sends `request` (its Host replaced when this origin wants another), waiting
+    /// at most the configured timeout for the response head.
+    pub(crate) async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, FetchError> {
+        if let Some(host) = &self.host {
+            request.headers_mut().insert(header::HOST, host.clone());
+        }
         match tokio::time::timeout(self.timeout, self.client.request(request)).await {
             Err(_) => Err(FetchError::Timeout),
             Ok(Err(error)) => Err(FetchError::upstream(error)),
             Ok(Ok(response)) => Ok(response),
         }
-    }
-
-    /// The longest pause allowed between body chunks.
-    pub(crate) fn idle_timeout(&self) -> Duration {
-        self.timeout
     }
 }

@@ -234,7 +234,8 @@ async fn a_slow_origin_gets_504_in_time_and_a_stalled_body_is_not_stored() {
     // 4 chunks of 1000 bytes, 2 s apart: the pause is longer than the origin timeout.
     origin.route("/stalls", Route::ok("max-age=600", vec![b's'; 4000]).trickle(1000, Duration::from_secs(2)));
     origin.route("/ok", Route::ok("max-age=600", "fine"));
-    let edge = TestEdge::start(&origin.url(), |c| c.origin.timeout = Duration::from_millis(700)).await;
+    let edge =
+        TestEdge::start(&origin.url(), |c| c.origin.as_mut().unwrap().timeout = Duration::from_millis(700)).await;
     let c = client();
 
     let started = Instant::now();

@@ -206,7 +206,9 @@ async fn stale_if_error_serves_stale_when_the_origin_is_down() {
     let origin = MockOrigin::start().await;
     origin.route("/e", Route::ok("max-age=10, stale-if-error=600", "still here"));
     origin.route("/x", Route::ok("max-age=10", "gone"));
-    let edge = TestEdge::start(&origin.url(), |c| c.origin.connect_timeout = Duration::from_millis(500)).await;
+    let edge =
+        TestEdge::start(&origin.url(), |c| c.origin.as_mut().unwrap().connect_timeout = Duration::from_millis(500))
+            .await;
     let c = client();
     get(&c, &edge.url("/e"), &[]).await;
     get(&c, &edge.url("/x"), &[]).await;

@@ -115,7 +115,7 @@ mod tests {
             rules: Vec::new(),
             signed: None,
         };
-        Versioned { version, by: by.into(), routing: Routing { default_site: None, sites: vec![site] } }
+        Versioned { version, by: by.into(), accepted_ms: 0, routing: Routing { default_site: None, sites: vec![site] } }
     }
 
     #[test]

@@ -1059,7 +1059,7 @@ mod tests {
         let c2 = Cluster::join(&config, node("c2", Role::Control), &Registry::new(), shutdown.clone()).await.unwrap();
         let edge = Cluster::join(&config, node("e", Role::Edge), &Registry::new(), shutdown.clone()).await.unwrap();
         let mut changes = edge.subscribe(Topic::Routing).await;
-        let versioned = |version, by: &str, routing| Versioned { version, by: by.into(), routing };
+        let versioned = |version, by: &str, routing| Versioned { version, by: by.into(), accepted_ms: 0, routing };
 
         // Not heard from, then "none yet": an edge can tell the two apart.
         assert!(eventually(|| async { edge.members().iter().any(|m| m.node_id == "c1") }).await);

@@ -261,6 +261,11 @@ pub struct Versioned {
     pub version: u64,
     /// The control node that accepted it.
     pub by: String,
+    /// When it was accepted (ms since the Unix epoch, the accepting node's clock; 0:
+    /// unknown, e.g. a document stored before this field existed). Edges measure how
+    /// long it took to reach them from it (`cdn_routing_apply_seconds`).
+    #[serde(default)]
+    pub accepted_ms: u64,
     /// The document.
     pub routing: Routing,
 }
@@ -415,6 +420,12 @@ impl Router {
     /// one listing `*.` and the host's parent, else the default site; `None`: the
     /// edge answers 421.
     pub fn site_for(&self, host: &str) -> Option<&Site> {
+        self.index_for(host).map(|index| &self.routing.sites[index])
+    }
+
+    /// The index in [`routing().sites`](Self::routing) of the site
+    /// [`site_for`](Self::site_for) finds.
+    pub fn index_for(&self, host: &str) -> Option<usize> {
         let host = normalize_host(host);
         let index = self.exact.get(host.as_ref()).or_else(|| {
             let (label, parent) = host.split_once('.')?;
@@ -423,7 +434,7 @@ impl Router {
             }
             self.wildcard.get(parent)
         });
-        index.copied().or(self.default).map(|index| &self.routing.sites[index])
+        index.copied().or(self.default)
     }
 }
 

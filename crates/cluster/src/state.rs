@@ -266,6 +266,14 @@ pub struct RoutingHead {
     pub bytes: u64,
     /// XXH3-64 of the whole JSON.
     pub xxh3: u64,
+    /// When the document was accepted ([`Versioned::accepted_ms`]); absent (0) in
+    /// heads written before it existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub accepted_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl RoutingHead {
@@ -279,7 +287,7 @@ impl RoutingHead {
 
     /// The head of a control node that holds no document.
     pub fn none(by: impl Into<String>) -> Self {
-        Self { version: 0, by: by.into(), chunks: 0, bytes: 0, xxh3: 0 }
+        Self { version: 0, by: by.into(), chunks: 0, bytes: 0, xxh3: 0, accepted_ms: 0 }
     }
 
     /// Whether the control node holds no document.
@@ -321,6 +329,7 @@ impl RoutingHead {
             chunks,
             bytes,
             xxh3,
+            accepted_ms: versioned.accepted_ms,
         }));
         Ok(entries)
     }
@@ -341,7 +350,7 @@ impl RoutingHead {
             return Err(bad(format!("the chunks of version {} do not add up (incomplete or mixed)", self.version)));
         }
         let routing = Routing::from_json(json.as_bytes())?;
-        Ok(Versioned { version: self.version, by: self.by.clone(), routing })
+        Ok(Versioned { version: self.version, by: self.by.clone(), accepted_ms: self.accepted_ms, routing })
     }
 
     /// Whether the head is consistent in itself.
@@ -642,6 +651,7 @@ mod tests {
                     chunks: 2,
                     bytes: 20_000,
                     xxh3: 0x0123_4567_89ab_cdef,
+                    accepted_ms: 0,
                 }),
                 "routing:head",
                 r#"{"version":3,"by":"c1","chunks":2,"bytes":20000,"xxh3":81985529216486895}"#,
@@ -689,6 +699,7 @@ mod tests {
                 chunks: 128,
                 bytes: 1 << 20,
                 xxh3: u64::MAX,
+                accepted_ms: u64::MAX,
             }),
             Entry::RoutingHead(RoutingHead::none("c")),
             Entry::RoutingChunk { xxh3: 0, index: u32::MAX, text: String::new() },
@@ -875,7 +886,7 @@ mod tests {
     }
 
     fn versioned(version: u64, routing: Routing) -> Versioned {
-        Versioned { version, by: "c1".into(), routing }
+        Versioned { version, by: "c1".into(), accepted_ms: 0, routing }
     }
 
     /// The chunk texts and the head of a split document.
@@ -951,6 +962,7 @@ mod tests {
             chunks: 1,
             bytes: 8,
             xxh3: twox_hash::XxHash3_64::oneshot(junk.as_bytes()),
+            accepted_ms: 0,
         };
         assert!(matches!(head.assemble(&[junk]), Err(Error::RoutingSyntax { .. })));
     }

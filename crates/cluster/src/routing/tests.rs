@@ -179,7 +179,7 @@ fn documents_round_trip_through_json() {
     assert_eq!(Routing::from_json(json.as_bytes()).unwrap(), routing);
     // Absent fields stay absent: what `GET /v1/routing` shows reads like what was put.
     assert!(!json.contains("null") && !json.contains("\"bypass\":false"), "{json}");
-    let versioned = Versioned { version: 3, by: "c1".into(), routing };
+    let versioned = Versioned { version: 3, by: "c1".into(), accepted_ms: 0, routing };
     let back: Versioned = serde_json::from_str(&serde_json::to_string(&versioned).unwrap()).unwrap();
     assert_eq!(back, versioned);
 }
@@ -493,7 +493,7 @@ fn ignored_query_parameters_are_stripped() {
 
 #[test]
 fn newer_versions_and_ties() {
-    let at = |version, by: &str| Versioned { version, by: by.into(), routing: Routing::default() };
+    let at = |version, by: &str| Versioned { version, by: by.into(), accepted_ms: 0, routing: Routing::default() };
     assert!(at(2, "a").supersedes(&at(1, "z")));
     assert!(at(2, "b").supersedes(&at(2, "a")), "a tie goes to the greater control node id");
     assert!(!at(2, "a").supersedes(&at(2, "a")));
