@@ -445,12 +445,13 @@ fn print_banner(banner: &Banner, path: &Path, applied: Option<&Applied>) {
     curl -s -H 'Authorization: Bearer {token}' -d '{{"tags":["video"]}}' http://127.0.0.1:9000/v1/purge
 
   Sites, rules and failover (examples/routing.toml):
-    curl -s -H 'Host: shop.cdn.test' http://{ai}:8080/hello.txt                 # origin 2: site shop
-    curl -si -H 'Host: shop.cdn.test' http://{ai}:8080/api/cart.json | grep -i x-cache   # BYPASS, every time
-    curl -si -H 'Host: www.cdn.test' http://{ai}:8080/hls/index.m3u8 | grep -i x-cache   # HIT for 2 s only
-    curl -si 'http://{ai}:8080/hello.txt?utm_source=a' | grep -i x-cache        # HIT: utm_* not in the key
-    touch {down}; sleep 3; curl -s 'http://{ai}:8080/hello.txt?n=1'   # origin 2
-    rm {down}                                           # origin 1 again
+    curl -s -H 'Host: shop.cdn.test' http://{ai}:8080/hello.txt     # origin 2: the shop site
+    curl -si -H 'Host: shop.cdn.test' http://{ai}:8080/api/cart.json | grep -i '^x-cache'   # BYPASS, every time
+    curl -si http://{ai}:8080/hls/index.m3u8 | grep -i '^x-cache'    # HIT for 2 s, then asked again
+    curl -si 'http://{ai}:8080/hello.txt?utm_source=a' | grep -i '^x-cache'   # any utm_*: one object
+    touch {down}          # stops origin 1, so:
+    curl -s 'http://{ai}:8080/hello.txt?n=1'                          # origin 2, the video site's backup
+    rm {down}             # origin 1 again (after 2 good probes)
     CDN_TOKEN={token} cdn routing show
 
   Demo page (plays video through an edge):
