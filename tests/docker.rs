@@ -10,15 +10,20 @@
 //! 1. every edge serves a cached object (MISS, then HIT, over HTTP and HTTPS);
 //! 2. geo-DNS answers each region's client subnet (ECS) with that region's edges;
 //! 3. a purge through either control node reaches all six edges (p50/p99 printed);
-//! 4. `docker kill` of an edge takes it out of DNS answers within 3 s; restarted,
-//!    it has applied every purge issued while it was down before `/readyz` says ready,
-//!    and its disk tier serves what it cached before the kill (`detail=disk`) but not
-//!    what was purged meanwhile;
-//! 5. a region cut off from the core (`docker network disconnect`) keeps serving its
+//! 4. the routing document `deploy/config/routing.toml`, applied with
+//!    `cdn routing apply --wait`, is served by on all six edges (sites by Host, their
+//!    rules); then ten new versions through alternating control nodes, each timed from
+//!    the `PUT`'s 200 to every edge reporting it (p50/p99 printed), every edge within 5 s;
+//! 5. `docker kill` of an edge takes it out of DNS answers within 3 s; restarted,
+//!    it has applied every purge issued while it was down, and the current routing
+//!    version, before `/readyz` says ready, and its disk tier serves what it cached
+//!    before the kill (`detail=disk`) but not what was purged meanwhile;
+//! 6. a region cut off from the core (`docker network disconnect`) keeps serving its
 //!    cache (stale-if-error for expired objects), and applies the purges issued
 //!    meanwhile once the partition heals -- none is lost;
-//! 6. with one control node killed, purges through the other still complete; the
-//!    killed one, recreated from its volume, still knows its purges and numbers on.
+//! 7. with one control node killed, purges through the other still complete; the
+//!    killed one, recreated from its volume, still knows its purges and numbers on,
+//!    and holds the current routing document.
 //!
 //! Runs only where `docker info` works (otherwise it prints "skipped: no docker
 //! daemon" and passes); `CDN_SKIP_DOCKER=1` skips it too. The project, its networks
@@ -53,6 +58,10 @@ const WAN_DELAY_MS: u64 = 40;
 const PUBLISH: &str = "127.0.210";
 /// Purges timed for the propagation numbers.
 const BENCH_PURGES: usize = 20;
+/// Routing documents timed for the apply latency numbers.
+const BENCH_ROUTING: usize = 10;
+/// Every edge serves by a new routing version within this of the `PUT`'s answer.
+const ROUTING_BOUND: Duration = Duration::from_secs(5);
 
 struct Edge {
     id: &'static str,
@@ -247,6 +256,18 @@ impl Cluster {
         };
         curl_within(max_secs, &["-H", &format!("Host: {HOST}"), &url])
             .unwrap_or_else(|| panic!("{}: no answer for {url} within {max_secs} s", edge.id))
+    }
+
+    /// GET `path` from an edge's published HTTP port with `Host: host`.
+    fn get_as(edge: &Edge, host: &str, path: &str) -> Curl {
+        let url = Self::url(edge.octet, 8080, path);
+        curl(&["-H", &format!("Host: {host}"), &url])
+            .unwrap_or_else(|| panic!("{}: no answer for {url} (Host {host}) within 10 s", edge.id))
+    }
+
+    /// `GET /v1/routing` of control node `n`, when it answers 200.
+    fn routing(n: u8) -> Option<Value> {
+        Self::api(n, "GET", "/v1/routing", None).filter(|r| r.status == 200).map(|r| r.json())
     }
 
     fn readyz(edge: &Edge) -> Option<u16> {
@@ -521,6 +542,142 @@ fn wait_for_six_edges(n: u8) {
     );
 }
 
+/// Step 4: applies `deploy/config/routing.toml` with `cdn routing apply --wait`
+/// through control-2, checks that every edge serves by it, then times
+/// `BENCH_ROUTING` new versions (each with one more host for the `api` site) through
+/// alternating control nodes, from the `PUT`'s 200 until `GET /v1/routing` on that
+/// control node shows each edge serving by it. Returns the last version.
+fn routing_step(root: &Path) -> u64 {
+    let file = root.join("deploy/config/routing.toml");
+    let control = Cluster::url(3, 9000, "");
+    let applied = run(Command::new(env!("CARGO_BIN_EXE_cdn")).args(["routing", "apply"]).arg(&file).args([
+        "--wait",
+        "--timeout",
+        "30s",
+        "--control",
+        &control,
+        "--token",
+        TOKEN,
+    ]));
+    eprintln!(
+        "docker: `cdn routing apply deploy/config/routing.toml --wait` through control-2:\n{}",
+        applied.trim_end()
+    );
+    let view = Cluster::routing(2).expect("control-2 holds the document");
+    let first = view["version"].as_u64().expect("a version");
+    for e in &EDGES {
+        assert_eq!(view["edges"][e.id].as_u64(), Some(first), "{}: {view}", e.id);
+    }
+
+    // Served by it on every edge: the video site (www.cdn.test, and names no site
+    // lists) caches, leaving utm_* out of the key; the api site never stores.
+    for e in &EDGES {
+        let path = "/_gen/1024?k=routed";
+        let miss = Cluster::get_as(e, HOST, &format!("{path}&utm_source=a"));
+        let hit = Cluster::get_as(e, HOST, &format!("{path}&utm_source=b"));
+        assert_eq!((miss.status, miss.x_cache(), hit.x_cache()), (200, "MISS", "HIT"), "{}: video site", e.id);
+        let other = Cluster::get_as(e, "elsewhere.example", path);
+        assert_eq!((other.status, other.x_cache()), (200, "MISS"), "{}: the default site, its own key", e.id);
+        for _ in 0..2 {
+            let api = Cluster::get_as(e, "api.cdn.test", path);
+            assert_eq!((api.status, api.x_cache()), (200, "BYPASS"), "{}: api site", e.id);
+        }
+        assert_eq!(Cluster::metric(e, "cdn_routing_version"), first as f64, "{}: cdn_routing_version", e.id);
+    }
+
+    // Apply latency: the PUT's 200, then GET /v1/routing every 10 ms.
+    let text = std::fs::read_to_string(&file).expect("deploy/config/routing.toml");
+    let base = serde_json::to_value(cdn_cluster::routing::Routing::from_toml(&text).expect("the document parses"))
+        .expect("as JSON");
+    let mut per_edge = Vec::new();
+    let mut all_six = Vec::new();
+    let mut last = first;
+    for i in 0..BENCH_ROUTING {
+        let n = 1 + (i % 2) as u8;
+        let mut document = base.clone();
+        document["sites"][1]["hosts"].as_array_mut().expect("api hosts").push(json!(format!("v{i}.cdn.test")));
+        let resp = Cluster::api(n, "PUT", "/v1/routing", Some(&document)).expect("PUT /v1/routing answered");
+        let acked = Instant::now();
+        assert_eq!(resp.status, 200, "PUT /v1/routing through control-{n}: {}", resp.text());
+        let version = resp.json()["version"].as_u64().expect("version");
+        assert!(version > last, "version {version} after {last}");
+        last = version;
+        let mut seen: BTreeMap<&str, f64> = BTreeMap::new();
+        wait::blocking(
+            &format!("routing version {version} on all six edges"),
+            ROUTING_BOUND * 2,
+            Duration::from_millis(10),
+            || {
+                let view = Cluster::routing(n)?;
+                let elapsed = ms(acked.elapsed());
+                for e in &EDGES {
+                    if view["edges"][e.id].as_u64() >= Some(version) {
+                        seen.entry(e.id).or_insert(elapsed);
+                    }
+                }
+                (seen.len() == EDGES.len()).then_some(())
+            },
+        );
+        per_edge.extend(seen.values().copied());
+        all_six.push(seen.values().copied().fold(0.0, f64::max));
+    }
+    let (sum, count) = EDGES.iter().fold((0.0, 0.0), |(sum, count), e| {
+        (
+            sum + Cluster::metric(e, "cdn_routing_apply_seconds_sum"),
+            count + Cluster::metric(e, "cdn_routing_apply_seconds_count"),
+        )
+    });
+    let on_edges = if count > 0.0 {
+        format!(
+            "; the edges' own cdn_routing_apply_seconds (acceptance to applied) average {:.0} ms over {count} applies",
+            sum / count * 1000.0
+        )
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "docker: RESULT routing apply latency, 6 edges in 3 regions, {WAN_DELAY_MS} ms region<->core, {BENCH_ROUTING} \
+         documents alternating control-1/control-2, from the PUT's 200 to the control node showing the edge's version \
+         (GET /v1/routing every 10 ms): per edge p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} samples); all six p50 \
+         {:.0} ms, p99 {:.0} ms{on_edges}",
+        quantile(&per_edge, 0.5),
+        quantile(&per_edge, 0.99),
+        quantile(&per_edge, 1.0),
+        per_edge.len(),
+        quantile(&all_six, 0.5),
+        quantile(&all_six, 0.99),
+    );
+    let worst = quantile(&per_edge, 1.0);
+    assert!(worst < ms(ROUTING_BOUND), "an edge took {worst:.0} ms to serve by a new routing version");
+
+    // The last version everywhere: in both control nodes' views, and served by.
+    for n in [1, 2] {
+        wait::blocking(
+            &format!("control-{n} to show routing version {last} on every edge"),
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                let nodes = Cluster::nodes(n);
+                EDGES
+                    .iter()
+                    .all(|e| nodes.iter().any(|v| v["node_id"] == e.id && v["routing_version"].as_u64() == Some(last)))
+                    .then_some(())
+            },
+        );
+    }
+    let newest = format!("v{}.cdn.test", BENCH_ROUTING - 1);
+    for e in &EDGES {
+        let path = "/_gen/1024?k=routed-last";
+        let api = Cluster::get_as(e, &newest, path);
+        assert_eq!((api.status, api.x_cache()), (200, "BYPASS"), "{}: {newest} is the api site's now", e.id);
+        let dropped = Cluster::get_as(e, "v0.cdn.test", path);
+        assert_eq!((dropped.status, dropped.x_cache()), (200, "MISS"), "{}: v0.cdn.test is no longer listed", e.id);
+        assert_eq!(Cluster::get_as(e, "v0.cdn.test", path).x_cache(), "HIT", "{}: the default site caches", e.id);
+        assert_eq!(Cluster::metric(e, "cdn_routing_version"), last as f64, "{}: cdn_routing_version", e.id);
+    }
+    last
+}
+
 fn step(name: &str, start: Instant) {
     eprintln!("docker: [{:6.1}s] {name}", start.elapsed().as_secs_f64());
     let _ = std::io::stderr().flush();
@@ -689,8 +846,13 @@ fn multi_region_deployment() {
     assert!(p50 >= WAN_DELAY_MS as f64, "completion p50 {p50} ms is under the WAN delay: is the delay on?");
     step("3. purges through either control node reach all six edges", t0);
 
-    // 4. Kill an edge: out of DNS within 3 s; back: caught up before ready, with its
-    //    disk tier (what it cached survives `kill -9`; what was purged meanwhile does not).
+    // 4. The routing document, applied as an operator would, then timed.
+    let routing_version = routing_step(&root);
+    step(&format!("4. routing: version {routing_version} served by on all six edges, applies timed"), t0);
+
+    // 5. Kill an edge: out of DNS within 3 s; back: caught up before ready (purges and
+    //    the routing version), with its disk tier (what it cached survives `kill -9`;
+    //    what was purged meanwhile does not).
     let victim = edge("eu-2");
     let survivor = "/_gen/3000?k=kept-on-disk";
     let doomed_while_down: Vec<String> = (0..4).map(|i| format!("/_gen/2048?k=while-down-{i}")).collect();
@@ -760,6 +922,12 @@ fn multi_region_deployment() {
         "ready with purges applied up to {applied_when_ready} of {total_issued} issued"
     );
     assert!(replayed >= while_down.len() as f64, "{replayed} purges replayed after the restart");
+    let routing_when_ready = Cluster::metric(victim, "cdn_routing_version");
+    assert_eq!(
+        routing_when_ready, routing_version as f64,
+        "{}: ready serving by routing version {routing_when_ready}, the current one is {routing_version}",
+        victim.id
+    );
     for path in &doomed_while_down {
         assert_eq!(Cluster::get(victim, path, false).x_cache(), "MISS", "{}: {path} purged while down", victim.id);
     }
@@ -779,9 +947,9 @@ fn multi_region_deployment() {
             || Cluster::node(n, victim.id).filter(|v| v["applied"][format!("control-{n}")].as_u64() >= Some(seq)),
         );
     }
-    step("4. killed edge out of DNS in time; restarted, caught up before ready, back in DNS", t0);
+    step("5. killed edge out of DNS in time; restarted, caught up before ready, back in DNS", t0);
 
-    // 5. Partition the us region from the core.
+    // 6. Partition the us region from the core.
     let cut: Vec<&Edge> = EDGES.iter().filter(|e| e.region == "us").collect();
     let kept = "/_gen/3000?k=kept";
     let short = "/short/note.txt";
@@ -879,9 +1047,10 @@ fn multi_region_deployment() {
         doomed.len(),
         ms(caught_up)
     );
-    step("5. partitioned region served from cache; purges applied after the heal, none lost", t0);
+    step("6. partitioned region served from cache; purges applied after the heal, none lost", t0);
 
-    // 6. Kill a control node: the other still purges; the killed one keeps its log.
+    // 7. Kill a control node: the other still purges; the killed one keeps its log
+    //    (and holds the current routing document).
     let last_1 = cluster.issued[&1];
     let known = format!("control-1-{last_1}");
     run(Command::new("docker").args(["kill", &cluster.container("control-1")]));
@@ -900,6 +1069,8 @@ fn multi_region_deployment() {
     wait::blocking("control-1 back", Duration::from_secs(60), Duration::from_millis(200), || {
         Cluster::api(1, "GET", "/v1/nodes", None).filter(|r| r.status == 200)
     });
+    let held = Cluster::routing(1).expect("control-1 holds a routing document after its restart");
+    assert_eq!(held["version"].as_u64(), Some(routing_version), "control-1's routing document: {held}");
     // A control node that has just (re)joined reports a purge complete once every
     // edge *it knows of* applied it, so first let gossip show it all six.
     let rejoined = Instant::now();
@@ -910,7 +1081,13 @@ fn multi_region_deployment() {
     let (id, seq) = cluster.purge_url(1, "/_gen/2048?k=after-control-restart");
     assert_eq!(seq, last_1 + 1, "control-1's sequence goes on after its restart ({id})");
     Cluster::wait_all_applied(1, &id, Duration::from_secs(20));
-    step(&format!("6. control-1 killed: control-2 purged; control-1 recreated knows {known} and issued {id}"), t0);
+    step(
+        &format!(
+            "7. control-1 killed: control-2 purged; control-1 recreated knows {known}, issued {id}, holds routing \
+             version {routing_version}"
+        ),
+        t0,
+    );
 
     cluster.wait_healthy(Duration::from_secs(60));
     step("all healthy at the end", t0);

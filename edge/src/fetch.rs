@@ -17,7 +17,7 @@ use cdn_http::{
     key::{CACHE_TAG, SURROGATE_KEY, surrogate_keys, vary_values},
     policy::{self, Directives, Settings, Timing},
 };
-use cdn_node::listener::{Body, empty};
+use cdn_node::listener::Body;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
@@ -31,6 +31,7 @@ use crate::{
     metrics::Metrics,
     pool::OriginRequest,
     sites::{Site, forced_lifetime},
+    tier::Tiers,
     upstream::strip_hop_by_hop,
 };
 
@@ -38,6 +39,7 @@ use crate::{
 /// slices, revalidations, and requests only forwarded.
 pub(crate) struct Fetcher {
     cache: Arc<Cache>,
+    tiers: Arc<Tiers>,
     metrics: Metrics,
     clock: Clock,
     settings: FetchSettings,
@@ -75,6 +77,8 @@ pub(crate) struct FillRequest {
     pub(crate) site: Arc<Site>,
     /// The index of the site's rule for the path.
     pub(crate) rule: Option<usize>,
+    /// The node ids in the request's `CDN-Loop`.
+    pub(crate) seen: Vec<String>,
     /// The cache key.
     pub(crate) key: String,
     /// Path and query for the origin.
@@ -91,6 +95,7 @@ struct FillJob {
     fill: Arc<Fill>,
     site: Arc<Site>,
     rule: Option<usize>,
+    seen: Vec<String>,
     key: String,
     path: String,
     origin_headers: HeaderMap,
@@ -145,8 +150,19 @@ pub(crate) fn strip_for_shared(headers: &mut HeaderMap) {
 }
 
 impl Fetcher {
-    pub(crate) fn new(cache: Arc<Cache>, metrics: Metrics, clock: Clock, settings: FetchSettings) -> Self {
-        Self { cache, metrics, clock, settings }
+    pub(crate) fn new(
+        cache: Arc<Cache>,
+        tiers: Arc<Tiers>,
+        metrics: Metrics,
+        clock: Clock,
+        settings: FetchSettings,
+    ) -> Self {
+        Self { cache, tiers, metrics, clock, settings }
+    }
+
+    /// The tiers fills go through.
+    pub(crate) fn tiers(&self) -> &Arc<Tiers> {
+        &self.tiers
     }
 
     /// Joins the fill of `key` or starts one (in a task of its own, so a client
@@ -161,7 +177,8 @@ impl Fetcher {
     ) -> Flight {
         let flight = self.cache.join_or_start(key);
         let Flight::Leader(fill) = &flight else { return flight };
-        let FillRequest { site, rule, key, path, mut origin_headers, client_headers, client_directives } = request();
+        let FillRequest { site, rule, seen, key, path, mut origin_headers, client_headers, client_directives } =
+            request();
         if let Some(stale) = &stale {
             let head = stale.head();
             if let Some(etag) = head.headers.get(header::ETAG) {
@@ -176,6 +193,7 @@ impl Fetcher {
             fill: fill.clone(),
             site,
             rule,
+            seen,
             key,
             path,
             origin_headers,
@@ -199,6 +217,7 @@ impl Fetcher {
         headers: HeaderMap,
         body: Body,
     ) -> Result<Response<Incoming>, FetchError> {
+        self.tiers.count_origin();
         site.pool.send(OriginRequest { method, path, headers }, body, &self.metrics).await
     }
 
@@ -215,11 +234,13 @@ impl Fetcher {
         }
     }
 
+    /// Sends a fill's request up the tiers; with whether the answer came from the
+    /// edge of this region that owns the key (then it is not stored here).
     async fn send_fill(
         &self,
         job: &FillJob,
         range: Option<std::ops::Range<u64>>,
-    ) -> Result<Response<Incoming>, FetchError> {
+    ) -> Result<(Response<Incoming>, bool), FetchError> {
         let mut headers = job.origin_headers.clone();
         if let Some(range) = range {
             let value = format!("bytes={}-{}", range.start, range.end - 1);
@@ -228,7 +249,8 @@ impl Fetcher {
             }
         }
         let request = OriginRequest { method: Method::GET, path: &job.path, headers };
-        job.site.pool.send(request, empty(), &self.metrics).await
+        let hops = self.tiers.plan(&job.site, &job.key, &job.seen);
+        self.tiers.send(&job.site, &hops, request, &self.metrics).await
     }
 
     async fn run_fill(self: Arc<Self>, job: FillJob) {
@@ -240,8 +262,8 @@ impl Fetcher {
         let mut probe = job.probe.map(|index| index * self.settings.slice_size..(index + 1) * self.settings.slice_size);
         loop {
             let request_time = self.clock.now();
-            let response = match self.send_fill(job, probe.clone()).await {
-                Ok(response) => response,
+            let (response, from_owner) = match self.send_fill(job, probe.clone()).await {
+                Ok(sent) => sent,
                 Err(e) => {
                     warn!(key = %job.key, error = %e, "origin fetch failed");
                     job.fill.publish(Outcome::Failed(e));
@@ -281,7 +303,8 @@ impl Fetcher {
                     rp.headers.remove(header::CONTENT_RANGE);
                     rp.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
                 } else {
-                    match self.start_sliced(job, rp, body, range, total, request_time, response_time).await {
+                    let times = (request_time, response_time);
+                    match self.start_sliced(job, rp, body, range, total, times, !from_owner).await {
                         Ok(()) => return,
                         Err(reason) => {
                             debug!(key = %job.key, reason, "not sliceable, fetching whole");
@@ -291,7 +314,7 @@ impl Fetcher {
                     }
                 }
             }
-            self.fill_whole(job, rp, body, request_time, response_time).await;
+            self.fill_whole(job, rp, body, request_time, response_time, !from_owner).await;
             return;
         }
     }
@@ -304,6 +327,7 @@ impl Fetcher {
         body: Incoming,
         request_time: SystemTime,
         response_time: SystemTime,
+        store: bool,
     ) {
         let directives = Directives::from_headers(&rp.headers);
         let authorization = job.client_headers.contains_key(header::AUTHORIZATION);
@@ -354,6 +378,7 @@ impl Fetcher {
         let growing = Growing::new(content_length);
         job.fill.publish(Outcome::Stream { head: head.clone(), body: growing.clone() });
         if self.read_into(&job.key, body, &growing, content_length).await
+            && store
             && growing.len() <= self.settings.max_object
             && self.cache.epoch() == job.epoch
             && let Some(bytes) = growing.concat()
@@ -406,8 +431,8 @@ impl Fetcher {
         body: Incoming,
         range: std::ops::Range<u64>,
         total: u64,
-        request_time: SystemTime,
-        response_time: SystemTime,
+        (request_time, response_time): (SystemTime, SystemTime),
+        store: bool,
     ) -> Result<(), &'static str> {
         let etag = rp.headers.get(header::ETAG).filter(|v| !v.as_bytes().starts_with(b"W/")).cloned();
         if etag.is_none() {
@@ -453,7 +478,9 @@ impl Fetcher {
             purged: Default::default(),
         });
         let sliced = Arc::new(Sliced { head, total, slice: self.settings.slice_size, etag: etag.clone() });
-        self.cache.insert_sliced(&job.key, sliced.clone(), job.epoch).await;
+        if store {
+            self.cache.insert_sliced(&job.key, sliced.clone(), job.epoch).await;
+        }
 
         // The probed slice is a slice fill of its own that readers can join.
         let slice_key = slice_fill_key(&job.key, &sliced, index);
@@ -463,6 +490,7 @@ impl Fetcher {
         job.fill.publish(Outcome::Sliced(sliced.clone()));
         self.cache.land(&job.key, &job.fill);
         if self.read_into(&slice_key, body, &growing, Some(range.end - range.start)).await
+            && store
             && let Some(bytes) = growing.concat()
         {
             self.cache.insert_slice(&job.key, index, etag, bytes, job.epoch).await;
@@ -511,8 +539,9 @@ impl Fetcher {
             headers.insert(header::IF_MATCH, etag.clone());
         }
         let request = OriginRequest { method: Method::GET, path: &origin.path, headers };
-        let response = match origin.site.pool.send(request, empty(), &self.metrics).await {
-            Ok(response) => response,
+        let hops = self.tiers.plan(&origin.site, key, &origin.seen);
+        let (response, from_owner) = match self.tiers.send(&origin.site, &hops, request, &self.metrics).await {
+            Ok(sent) => sent,
             Err(e) => return fill.publish(Outcome::Failed(e)),
         };
         let (rp, body) = response.into_parts();
@@ -529,6 +558,7 @@ impl Fetcher {
         let growing = Growing::new(Some(bounds.end - bounds.start));
         fill.publish(Outcome::Slice(growing.clone()));
         if self.read_into(key, body, &growing, Some(bounds.end - bounds.start)).await
+            && !from_owner
             && let Some(bytes) = growing.concat()
         {
             self.cache.insert_slice(key, index, sliced.etag.clone(), bytes, epoch).await;
@@ -566,6 +596,8 @@ impl Fetcher {
 /// and headers of the request that found it.
 pub(crate) struct SliceOrigin {
     pub(crate) site: Arc<Site>,
+    /// The node ids in the request's `CDN-Loop`.
+    pub(crate) seen: Vec<String>,
     pub(crate) path: String,
     pub(crate) headers: HeaderMap,
 }

@@ -21,7 +21,7 @@
 //! - `sites`: Host → site, the routing document the edge serves by (swapped
 //!   atomically) and its rules; `pool`: each site's origins, their health
 //!   (probes, passive marks) and the choice among them; `upstream`: the pooled
-//!   client to one origin.
+//!   client to one origin; `tier`: shields and in-region owners (tiered caching).
 //! - `purge`: applies purges arriving through gossip to the cache.
 //! - `server`: listeners and lifecycle ([`Edge`], [`run`]).
 //! - [`metrics`], [`clock`], [`error`].
@@ -41,6 +41,7 @@ mod pool;
 mod purge;
 mod server;
 mod sites;
+mod tier;
 mod upstream;
 
 pub use clock::Clock;

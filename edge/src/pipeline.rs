@@ -39,6 +39,7 @@ use crate::{
     fetch::{Fetcher, FillRequest, SliceOrigin, strip_for_shared},
     metrics::{CacheResult, Metrics, Protocol},
     sites::{self, Site, Sites},
+    tier,
     upstream::strip_hop_by_hop,
 };
 
@@ -109,6 +110,11 @@ impl Pipeline {
         &self.cache
     }
 
+    /// Where fills go.
+    pub(crate) fn tiers(&self) -> &Arc<tier::Tiers> {
+        self.fetcher.tiers()
+    }
+
     /// The edge's sites.
     pub(crate) fn sites(&self) -> &Arc<Sites> {
         &self.sites
@@ -128,7 +134,16 @@ impl Pipeline {
         headers.remove(SURROGATE_KEY);
         headers.remove(CACHE_TAG);
         headers.insert(X_CACHE, HeaderValue::from_static(status.result.x_cache()));
-        headers.insert(CACHE_STATUS, status.header_value());
+        // An upstream cache's account (a shield's) comes first (RFC 9211 §2: the
+        // cache nearest the origin first).
+        let ours = status.header_value();
+        let value = match headers.get(CACHE_STATUS).and_then(|v| v.to_str().ok()) {
+            Some(upstream) if !upstream.trim().is_empty() => {
+                HeaderValue::from_str(&format!("{upstream}, {}", ours.to_str().unwrap_or_default())).unwrap_or(ours)
+            }
+            _ => ours,
+        };
+        headers.insert(CACHE_STATUS, value);
         headers.insert(X_SERVED_BY, self.served_by.clone());
         if conn.tls
             && conn.protocol != Protocol::H3
@@ -214,6 +229,17 @@ impl Pipeline {
         let bypass = rule.is_some_and(|rule| rule.bypass);
         if (method == Method::GET || method == Method::HEAD) && !bypass {
             let (parts, _) = request.into_parts();
+            // Another edge that applied purges this one has not: answer from the
+            // origins, not from a cache that may still hold what was purged.
+            if parts.headers.contains_key(tier::CDN_PURGED)
+                && self.fetcher.tiers().member(&parts.headers).is_some()
+                && !self.fetcher.tiers().caught_up(&parts.headers).await
+            {
+                debug!(key = %key, "behind the requesting edge's purges: not answering from the cache");
+                let mut served = Box::pin(self.forward(site, &parts, conn, empty(), scheme)).await;
+                served.status = CacheStatus::bypass(Some(served.response.status().as_u16()));
+                return served;
+            }
             let directives = Directives::from_headers(&parts.headers);
             let pragma_no_cache = !parts.headers.contains_key(header::CACHE_CONTROL)
                 && parts
@@ -326,7 +352,12 @@ impl Pipeline {
     fn sliced_source(self: &Arc<Self>, sliced: &Arc<Sliced>, req: &Req, conn: Conn) -> SlicedSource {
         let mut headers = self.origin_headers(&req.parts, conn, req.scheme);
         strip_for_shared(&mut headers);
-        let origin = Arc::new(SliceOrigin { site: req.site.clone(), path: self.fill_path(req), headers });
+        let origin = Arc::new(SliceOrigin {
+            site: req.site.clone(),
+            seen: tier::seen(&req.parts.headers),
+            path: self.fill_path(req),
+            headers,
+        });
         let (fetcher, key, object) = (self.fetcher.clone(), req.key.clone(), sliced.clone());
         SlicedSource::new(sliced.clone(), move |index| {
             let (fetcher, key, object, origin) = (fetcher.clone(), key.clone(), object.clone(), origin.clone());
@@ -347,6 +378,7 @@ impl Pipeline {
         FillRequest {
             site: req.site.clone(),
             rule: req.rule,
+            seen: tier::seen(&req.parts.headers),
             key: req.key.clone(),
             path: self.fill_path(req),
             origin_headers,
@@ -512,6 +544,7 @@ impl Pipeline {
         if let Ok(value) = HeaderValue::from_str(&via) {
             headers.insert(header::VIA, value);
         }
+        tier::add_loop(&mut headers, &self.settings.node_id);
         headers
     }
 }

@@ -68,6 +68,7 @@ pub(crate) async fn run(
     cache: Arc<Cache>,
     metrics: PurgeMetrics,
     readiness: Readiness,
+    published: tokio::sync::watch::Sender<HashMap<String, u64>>,
     shutdown: CancellationToken,
 ) {
     let mut events = cluster.subscribe(Topic::Purges).await;
@@ -99,6 +100,9 @@ pub(crate) async fn run(
         let synced = apply_pending(&cluster, &cache, &metrics, &mut applied).await;
         if *persist.borrow() != applied {
             persist.send_replace(applied.clone());
+        }
+        if *published.borrow() != applied {
+            published.send_replace(applied.clone());
         }
         // Ready once caught up with every live control node; with none in sight
         // after a while, serve anyway (an edge must not stay dark without control).

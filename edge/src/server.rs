@@ -41,6 +41,7 @@ pub struct Edge {
     cluster: Option<Arc<cdn_cluster::Cluster>>,
     cluster_shutdown: CancellationToken,
     purge_metrics: crate::purge::PurgeMetrics,
+    applied: tokio::sync::watch::Sender<std::collections::HashMap<String, u64>>,
     faults: Faults,
     http_addr: Option<SocketAddr>,
     https_addr: Option<SocketAddr>,
@@ -81,7 +82,7 @@ impl Edge {
         }
         let cache = Arc::new(Cache::new(config.cache.memory.as_u64(), disks));
         let fetch_settings = FetchSettings::from_config(&config.cache, config.origin.as_ref());
-        let fetcher = Arc::new(Fetcher::new(cache.clone(), metrics.clone(), clock.clone(), fetch_settings));
+
         let mut settings = pipeline::Settings { node_id: config.node_id.clone(), alt_svc: None };
 
         let http = match config.listen.http {
@@ -115,6 +116,17 @@ impl Edge {
             }
             _ => None,
         };
+        let (applied_tx, applied_rx) = tokio::sync::watch::channel(std::collections::HashMap::new());
+        let tiers = Arc::new(crate::tier::Tiers::new(
+            &config.node_id,
+            &config.region,
+            config.cluster.as_ref().map(|c| cdn_cluster::PeerKey::new(&c.secret)),
+            fetch_settings.idle,
+            applied_rx,
+            key.as_ref().map_or(&[][..], |k| k.chain.as_slice()),
+            registry,
+        )?);
+        let fetcher = Arc::new(Fetcher::new(cache.clone(), tiers, metrics.clone(), clock.clone(), fetch_settings));
         let h3_addr = h3.as_ref().and_then(|e| e.local_addr().ok());
         if let Some(h3_addr) = h3_addr
             && let Ok(value) = HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", h3_addr.port()))
@@ -169,6 +181,7 @@ impl Edge {
             cluster,
             cluster_shutdown,
             purge_metrics,
+            applied: applied_tx,
             faults: Faults::default(),
         })
     }
@@ -229,7 +242,10 @@ impl Edge {
             cluster,
             cluster_shutdown,
             purge_metrics,
+            applied,
             faults,
+            http_addr,
+            https_addr,
             ..
         } = self;
         let mut limits = config.limits.listener();
@@ -272,9 +288,12 @@ impl Edge {
                     pipeline.cache().clone(),
                     purge_metrics,
                     readiness.clone(),
+                    applied,
                     token.clone(),
                 ),
             );
+            cluster.publish_serve(cdn_cluster::state::Serve { http: http_addr, https: https_addr }).await;
+            tasks.spawn("tiers", pipeline.tiers().clone().follow(cluster.clone(), token.clone()));
             tasks.spawn(
                 "routing",
                 crate::sites::follow(pipeline.sites().clone(), cluster.clone(), readiness.clone(), token.clone()),
@@ -327,7 +346,8 @@ async fn maintain(
             metrics.cache_bytes.with_label_values(&["disk"]).set(gauge(disks.bytes()));
             metrics.cache_objects.with_label_values(&["disk"]).set(gauge(disks.objects()));
         }
-        if n.is_multiple_of(5) {
+        // Every 5 s; every second while not ready (a routing document just applied).
+        if n.is_multiple_of(5) || !readiness.is_ready() {
             let reachable = pipeline.sites().origin_ok().await;
             if !reachable {
                 warn!("origin unreachable");
@@ -343,7 +363,11 @@ async fn maintain(
             let metrics = &pipeline.metrics;
             let (requests, hits) = metrics.totals();
             let bytes = metrics.response_bytes.get();
-            cluster.publish_stats(cdn_cluster::state::Stats { requests, hits, bytes, ms: cdn_cluster::now_ms() }).await;
+            let (origin, shield, peer) = pipeline.tiers().counts();
+            let upstream = cdn_cluster::state::Upstreams { origin, shield, peer };
+            cluster
+                .publish_stats(cdn_cluster::state::Stats { requests, hits, bytes, ms: cdn_cluster::now_ms(), upstream })
+                .await;
         }
         n += 1;
     }

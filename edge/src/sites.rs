@@ -51,6 +51,17 @@ pub(crate) struct Site {
 }
 
 impl Site {
+    /// The regions whose edges fetch this site's misses from the origins (none:
+    /// every edge does).
+    pub(crate) fn shield(&self) -> &[String] {
+        self.spec.as_ref().map_or(&[], |spec| spec.shield.as_slice())
+    }
+
+    /// Whether each key has one owner edge per region (`share = "region"`).
+    pub(crate) fn share_region(&self) -> bool {
+        self.spec.as_ref().is_some_and(|spec| spec.share == Some(cdn_cluster::routing::Share::Region))
+    }
+
     /// The index of the rule for `path` (without the query).
     pub(crate) fn rule_index(&self, path: &str) -> Option<usize> {
         self.spec.as_ref()?.rules.iter().position(|rule| rule.matches(path))

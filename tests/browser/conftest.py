@@ -39,7 +39,7 @@ EDGES = {"us-east": "127.0.0.11", "eu-west": "127.0.0.12", "ap-south": "127.0.0.
 HTTPS_PORT = 8443
 
 # Every address `cdn dev` binds (src/dev.rs).
-TCP_PORTS = [("127.0.0.1", p) for p in (8080, 9000, 9001, 9053, 9091, 5300)] + [
+TCP_PORTS = [("127.0.0.1", p) for p in (8080, 8081, 9000, 9001, 9053, 9091, 9092, 5300)] + [
     (ip, p) for ip in EDGES.values() for p in (8080, 8443, 9090)
 ]
 UDP_PORTS = [("127.0.0.1", p) for p in (5300, 7946, 7947)] + [

@@ -32,6 +32,7 @@
 
 pub mod error;
 pub mod member;
+pub mod peer;
 pub mod purge;
 pub mod routing;
 pub mod state;
@@ -56,12 +57,13 @@ use tracing::{debug, info, warn};
 pub use member::{GeoPoint, Member, MemberState, Role};
 use purge::PurgeRecord;
 use routing::Versioned;
-use state::{Drain, Entry, Key, NodeView, Purges, RoutingHead, Stats, Topic};
+use state::{Drain, Entry, Key, NodeView, Purges, RoutingHead, Serve, Stats, Topic};
 #[doc(hidden)]
 #[cfg(feature = "test-util")]
 pub use transport::PacketLoss;
 
 pub use crate::error::Error;
+pub use crate::peer::PeerKey;
 
 /// The shared secret that authenticates gossip. Never printed.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -547,6 +549,23 @@ impl Cluster {
         self.set(&[Entry::Drain { node: node.to_string(), drain: Drain { drained, at_ms: now_ms() } }]).await;
     }
 
+    /// Publishes where this (edge) node takes requests from other edges.
+    pub async fn publish_serve(&self, serve: Serve) {
+        self.set(&[Entry::Serve(serve)]).await;
+    }
+
+    /// Every live edge's listeners for other edges, by node id.
+    pub async fn serve_all(&self) -> BTreeMap<String, Serve> {
+        self.entries(Topic::Serve)
+            .await
+            .into_iter()
+            .filter_map(|(node, entry)| match entry {
+                Entry::Serve(serve) => Some((node, serve)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Publishes this (edge) node's traffic counters.
     pub async fn publish_stats(&self, stats: Stats) {
         self.set(&[Entry::Stats(stats)]).await;
@@ -1011,7 +1030,7 @@ mod tests {
         assert!(eventually(|| async { edge.members().iter().any(|m| m.node_id == "c" && m.load == 0.0) }).await);
 
         edge.set_applied("c", 3).await;
-        edge.publish_stats(Stats { requests: 5, hits: 4, bytes: 3, ms: 2 }).await;
+        edge.publish_stats(Stats { requests: 5, hits: 4, bytes: 3, ms: 2, ..Stats::default() }).await;
         assert!(eventually(|| async { control.applied("c").await.get("e") == Some(&3) }).await);
         assert_eq!(control.applied_all().await.get("e"), Some(&[("c".to_string(), 3)].into()));
         assert!(control.applied("other").await.is_empty());

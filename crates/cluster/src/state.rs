@@ -95,6 +95,8 @@ pub enum Key {
     },
     /// `routing_applied`.
     RoutingApplied,
+    /// `serve`.
+    Serve,
 }
 
 impl Key {
@@ -114,6 +116,7 @@ impl Key {
             "purge_floor" => Some(Self::PurgeFloor),
             "routing:head" => Some(Self::RoutingHead),
             "routing_applied" => Some(Self::RoutingApplied),
+            "serve" => Some(Self::Serve),
             _ => {
                 if let Some(seq) = key.strip_prefix("purge:") {
                     seq.parse().ok().map(Self::Purge)
@@ -178,6 +181,7 @@ impl fmt::Display for Key {
             Self::RoutingHead => f.write_str("routing:head"),
             Self::RoutingChunk { xxh3, index } => write!(f, "routing:{xxh3:016x}:{index}"),
             Self::RoutingApplied => f.write_str("routing_applied"),
+            Self::Serve => f.write_str("serve"),
         }
     }
 }
@@ -195,6 +199,8 @@ pub enum Topic {
     Routing,
     /// Routing versions applied ([`Key::RoutingApplied`]).
     RoutingApplied,
+    /// Edges' listeners for other edges ([`Key::Serve`]).
+    Serve,
 }
 
 impl Topic {
@@ -206,6 +212,7 @@ impl Topic {
             Self::Stats => "stats",
             Self::Routing => "routing:",
             Self::RoutingApplied => "routing_applied",
+            Self::Serve => "serve",
         }
     }
 }
@@ -233,6 +240,38 @@ pub struct Stats {
     /// When the counters were read, ms since the Unix epoch.
     #[serde(default)]
     pub ms: u64,
+    /// Requests this edge sent upstream, by kind (tiered caching).
+    #[serde(default, skip_serializing_if = "Upstreams::is_zero")]
+    pub upstream: Upstreams,
+}
+
+/// Requests an edge sent upstream since it started, by where they went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstreams {
+    /// To its site's origins.
+    pub origin: u64,
+    /// To a shield edge.
+    pub shield: u64,
+    /// To the edge of its region that owns the key (`share = "region"`).
+    pub peer: u64,
+}
+
+impl Upstreams {
+    fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Where an edge takes requests from other edges (tiered caching): its listeners'
+/// addresses as other nodes reach them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Serve {
+    /// Plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
+    /// HTTPS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https: Option<SocketAddr>,
 }
 
 /// What one control node holds in gossip: its purge records and its floor.
@@ -421,6 +460,8 @@ pub enum Entry {
     },
     /// The routing version this node serves by.
     RoutingApplied(u64),
+    /// Where this edge takes requests from other edges.
+    Serve(Serve),
 }
 
 impl Entry {
@@ -443,6 +484,7 @@ impl Entry {
             Self::RoutingHead(_) => Key::RoutingHead,
             Self::RoutingChunk { xxh3, index, .. } => Key::RoutingChunk { xxh3: *xxh3, index: *index },
             Self::RoutingApplied(_) => Key::RoutingApplied,
+            Self::Serve(_) => Key::Serve,
         }
     }
 
@@ -460,6 +502,7 @@ impl Entry {
             Self::Stats(stats) => serde_json::to_string(stats).expect("Stats serializes"),
             Self::Purge(record) => serde_json::to_string(record).expect("PurgeRecord serializes"),
             Self::RoutingHead(head) => serde_json::to_string(head).expect("RoutingHead serializes"),
+            Self::Serve(serve) => serde_json::to_string(serve).expect("Serve serializes"),
             Self::RoutingChunk { text, .. } => text.clone(),
             Self::PurgeFloor(seq) | Self::Applied { seq, .. } | Self::RoutingApplied(seq) => seq.to_string(),
             Self::Drain { drain, .. } => format!("{}:{}", u8::from(drain.drained), drain.at_ms),
@@ -516,6 +559,7 @@ impl Entry {
             },
             Key::RoutingChunk { xxh3, index } => Ok(Self::RoutingChunk { xxh3, index, text: value.to_string() }),
             Key::RoutingApplied => value.parse().map(Self::RoutingApplied).map_err(|e| bad(key, e.into())),
+            Key::Serve => serde_json::from_str(value).map(Self::Serve).map_err(|e| bad(key, e.into())),
         }
     }
 
@@ -572,7 +616,8 @@ impl NodeView {
             | Entry::Applied { .. }
             | Entry::RoutingHead(_)
             | Entry::RoutingChunk { .. }
-            | Entry::RoutingApplied(_) => {}
+            | Entry::RoutingApplied(_)
+            | Entry::Serve(_) => {}
         }
     }
 
@@ -623,7 +668,7 @@ mod tests {
             (Entry::Load(1.7), "load", "1.000"),
             (Entry::Load(-1.0), "load", "0.000"),
             (
-                Entry::Stats(Stats { requests: 10, hits: 7, bytes: 4096, ms: 1_700_000_000_000 }),
+                Entry::Stats(Stats { requests: 10, hits: 7, bytes: 4096, ms: 1_700_000_000_000, ..Stats::default() }),
                 "stats",
                 r#"{"requests":10,"hits":7,"bytes":4096,"ms":1700000000000}"#,
             ),
@@ -687,7 +732,10 @@ mod tests {
             Entry::Ready(false),
             Entry::Load(0.5),
             Entry::Load(0.0),
-            Entry::Stats(Stats { requests: 1, hits: 0, bytes: u64::MAX, ms: 5 }),
+            Entry::Stats(Stats { requests: 1, hits: 0, bytes: u64::MAX, ms: 5, ..Stats::default() }),
+            Entry::Stats(Stats { upstream: Upstreams { origin: 1, shield: 2, peer: 3 }, ..Stats::default() }),
+            Entry::Serve(Serve { http: Some("127.0.0.11:8080".parse().unwrap()), https: None }),
+            Entry::Serve(Serve { http: None, https: Some("[::1]:8443".parse().unwrap()) }),
             Entry::Purge(record(1)),
             Entry::Purge(PurgeRecord { soft: false, target: Target::everything(), ..record(u64::MAX) }),
             Entry::PurgeFloor(0),
@@ -717,7 +765,7 @@ mod tests {
     fn what_older_versions_wrote_still_reads() {
         // The edge's stats before they had a type, and a record without `soft`.
         let stats = Entry::parse("stats", r#"{"requests":3,"hits":1,"bytes":9,"ms":12}"#).unwrap();
-        assert_eq!(stats, Entry::Stats(Stats { requests: 3, hits: 1, bytes: 9, ms: 12 }));
+        assert_eq!(stats, Entry::Stats(Stats { requests: 3, hits: 1, bytes: 9, ms: 12, ..Stats::default() }));
         let old = r#"{"id":"c-2","seq":2,"control":"c","created_ms":5,"target":{"all":true}}"#;
         let Entry::Purge(record) = Entry::parse("purge:2", old).unwrap() else { panic!("a purge") };
         assert!(!record.soft && record.target.all);
@@ -726,7 +774,7 @@ mod tests {
     #[test]
     fn newer_fields_are_ignored() {
         let stats = Entry::parse("stats", r#"{"requests":3,"hits":1,"bytes":9,"ms":12,"errors":4}"#).unwrap();
-        assert_eq!(stats, Entry::Stats(Stats { requests: 3, hits: 1, bytes: 9, ms: 12 }));
+        assert_eq!(stats, Entry::Stats(Stats { requests: 3, hits: 1, bytes: 9, ms: 12, ..Stats::default() }));
         let record = r#"{"id":"c-2","seq":2,"control":"c","created_ms":5,"target":{"all":true},"priority":1}"#;
         assert!(Entry::parse("purge:2", record).is_ok());
     }
