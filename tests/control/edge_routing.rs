@@ -553,6 +553,13 @@ async fn a_dead_primary_fails_over_to_the_backup_and_back() {
         "the admin listener's /metrics shows the primary down:\n{text}"
     );
 
+    // A new document that keeps the pool (a rule added) keeps what the edge knows
+    // of its origins: the primary is still down.
+    let mut next = doc.clone();
+    next["sites"][0]["rules"] = json!([{"path_prefix": "/unused/", "ttl": "1s"}]);
+    setup.apply(&next).await;
+    assert_eq!(origin_health(edge, "pool", &primary_url), Some(0.0), "a new document forgot the primary is down");
+
     // The primary comes back on its address: after `passes` good probes, requests
     // go to it again.
     let primary = MockOrigin::start_on(primary_addr).await;
@@ -660,6 +667,7 @@ async fn rules_ignore_parameters_bypass_cache_404s_answer_preflights_and_serve_s
     origin.route("/api/data", Route::ok("max-age=600", "data"));
     origin.route("/static/app.js", Route::ok("max-age=600", "js"));
     origin.route("/stale/obj", Route::ok("max-age=1", "good"));
+    origin.route("/stale/two", Route::ok("max-age=1", "two"));
     let setup = Setup::start(&[141]).await;
     let edge = &setup.edges[0];
     origin.use_clock(edge.clock.clone());
@@ -734,16 +742,21 @@ async fn rules_ignore_parameters_bypass_cache_404s_answer_preflights_and_serve_s
     assert_eq!(get("/missing/thing").await.status, StatusCode::NOT_FOUND);
     assert_eq!(origin.hits("/missing/thing"), 2, "and expired after 10 s");
 
-    // stale_if_error by rule: the origin fails after the object went stale.
+    // stale_if_error by rule: the origin fails after the objects went stale, with a
+    // 500, then by not answering at all.
     assert_eq!(body(&get("/stale/obj").await), "good");
+    assert_eq!(body(&get("/stale/two").await), "two");
     edge.clock.advance(Duration::from_secs(5));
     origin.route("/stale/obj", Route::ok("no-store", "broken").status(500));
     let reply = get("/stale/obj").await;
     assert_eq!((reply.status, body(&reply).as_str(), reply.x_cache()), (StatusCode::OK, "good", "STALE"));
     assert_eq!(origin.hits("/stale/obj"), 2, "the origin was asked");
+    origin.stop();
+    let reply = get("/stale/two").await;
+    assert_eq!((reply.status, body(&reply).as_str(), reply.x_cache()), (StatusCode::OK, "two", "STALE"), "origin down");
     // Beyond the rule's hour, the error goes through.
     edge.clock.advance(Duration::from_secs(3700));
-    assert_eq!(get("/stale/obj").await.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(get("/stale/two").await.status, StatusCode::BAD_GATEWAY);
 
     setup.stop().await;
     origin.stop();
