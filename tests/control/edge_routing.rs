@@ -448,6 +448,15 @@ async fn a_new_document_reaches_every_edge_within_a_second_under_load() {
             let reply = at(&c, edge, "www.swap.test", "/obj").await;
             assert_eq!(body(&reply), if to_b { "B" } else { "A" }, "edge-{} after version {v}", last_octet(edge));
             assert_eq!(edge.metric("cdn_routing_version", &[]), v as f64);
+            // The health of the site the document no longer has is gone.
+            let (gone, kept) = if to_b {
+                (("site-a", a.url()), ("site-b", b.url()))
+            } else {
+                (("site-b", b.url()), ("site-a", a.url()))
+            };
+            assert_eq!(origin_health(edge, gone.0, &gone.1), None, "{gone:?} after version {v}");
+            assert_eq!(origin_health(edge, kept.0, &kept.1), Some(1.0), "{kept:?} after version {v}");
+            assert_eq!(origin_health(edge, "static", &a.url()), Some(1.0));
         }
         load.until_done_after(Instant::now(), 10).await;
     }
