@@ -10,6 +10,7 @@
 //! `edge_routing` is the edges applying it (sites, origin pools, rules) with real
 //! servers.
 
+mod acme;
 mod disk_full;
 mod edge_routing;
 mod lossy;
