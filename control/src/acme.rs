@@ -195,8 +195,20 @@ impl Acme {
         first.is_none_or(|first| first == self.node_id)
     }
 
-    /// Keeps a current certificate until `shutdown`.
-    pub(crate) async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Keeps a current certificate until `shutdown`. Orders only once this node has
+    /// `settled` (heard from the cluster, or waited long enough alone): a node that
+    /// just started may not see yet the control node that orders.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        mut settled: tokio::sync::watch::Receiver<bool>,
+        shutdown: CancellationToken,
+    ) {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = settled.wait_for(|settled| *settled) => {}
+        }
+        // A gossip round more, for the other control nodes' entries to arrive.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let mut stored = self.load();
         if let Some(stored) = &stored {
             self.publish(stored).await;

@@ -408,7 +408,7 @@ impl Control {
             tasks.spawn("gc", collect_garbage(state.clone(), cluster.clone(), token.clone()));
             tasks.spawn("routing", follow_routing(state.clone(), cluster.clone(), token.clone()));
             if let Some(acme) = &state.acme {
-                tasks.spawn("acme", acme.clone().run(token.clone()));
+                tasks.spawn("acme", acme.clone().run(state.settled.subscribe(), token.clone()));
             }
             tasks.spawn("cluster", cluster.clone().supervise(token.clone()));
         } else {

@@ -70,20 +70,30 @@ async fn a_certificate_is_issued_through_our_dns_installed_on_edges_and_renewed(
     })
     .await;
 
-    // The control node orders; geo answers the challenges; an edge serves.
-    let control =
-        TestControl::start_with(dir.path(), "127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap(), |c| {
-            c.acme = Some(AcmeConfig {
-                directory: format!("https://127.0.0.1:{acme_port}/dir"),
-                ca: Some(pebble_cert.clone()),
-                contact: vec!["mailto:ops@cdn.test".into()],
-                names: vec!["www.cdn.test".into(), "*.cdn.test".into()],
-                renew_before: Duration::from_secs(30 * 86_400),
-                check: Duration::from_secs(1),
-                dns_wait: Duration::from_millis(500),
-            });
-        })
-        .await;
+    // Two control nodes with [acme]: control-1 orders, control-2 must not race it.
+    // Geo answers the challenges; an edge serves.
+    let acme = AcmeConfig {
+        directory: format!("https://127.0.0.1:{acme_port}/dir"),
+        ca: Some(pebble_cert.clone()),
+        contact: vec!["mailto:ops@cdn.test".into()],
+        names: vec!["www.cdn.test".into(), "*.cdn.test".into()],
+        renew_before: Duration::from_secs(30 * 86_400),
+        check: Duration::from_secs(1),
+        dns_wait: Duration::from_millis(500),
+    };
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let data_2 = dir.path().join("control-2");
+    std::fs::create_dir_all(&data_2).unwrap();
+    let control_2 = TestControl::start_with(&data_2, any, any, |c| {
+        c.node_id = "control-2".into();
+        c.acme = Some(acme.clone());
+    })
+    .await;
+    let control = TestControl::start_with(dir.path(), any, any, |c| {
+        c.acme = Some(acme.clone());
+        c.cluster.as_mut().unwrap().seeds = vec![control_2.cluster.gossip_addr().to_string()];
+    })
+    .await;
     let seed = control.cluster.gossip_addr();
     let mut geo_config = cdn_geo::Config::new("cdn.test");
     geo_config.listen.dns = ([127, 0, 0, 1], geo_port).into();
@@ -145,6 +155,15 @@ async fn a_certificate_is_issued_through_our_dns_installed_on_edges_and_renewed(
     let sealed = control.cluster.certs().await;
     assert!(!sealed["www.cdn.test"].key.contains("PRIVATE KEY"));
 
+    // One order only (control-2 saw control-1 and left it the ordering), and control-2
+    // adopted the certificate, so it could renew it should control-1 go.
+    let log = pebble_output.lock().unwrap().clone();
+    assert_eq!(log.matches("POST /order-plz").count(), 1, "one order for two control nodes:\n{log}");
+    wait::until("control-2 adopts the certificate", Duration::from_secs(10), Duration::from_millis(100), async || {
+        std::fs::read_to_string(data_2.join("acme/cert.pem")).ok().filter(|pem| pem.contains("BEGIN CERTIFICATE"))
+    })
+    .await;
+
     // A forced renewal reaches the same running edge.
     let (status, _) = api(Method::POST, &format!("http://{}/v1/certificates/renew", control.api), None, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "renewals need the token");
@@ -173,6 +192,7 @@ async fn a_certificate_is_issued_through_our_dns_installed_on_edges_and_renewed(
 
     edge.stop().await;
     control.stop().await;
+    control_2.stop().await;
     geo_shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), geo).await;
 }
