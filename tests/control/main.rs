@@ -6,13 +6,16 @@
 //! `lossy` (packet loss and partitions between control and edges), `security`
 //! (TLS for the API, the admin listener's address, no secrets in logs or metrics);
 //! `process` runs a control node as a real process; `routing` is the routing
-//! document's API, versions, durability and agreement between control nodes.
+//! document's API, versions, durability and agreement between control nodes;
+//! `tiers` is tiered caching (shields, in-region sharing, loops, purges through
+//! shields) with real servers.
 
 mod disk_full;
 mod lossy;
 mod process;
 mod routing;
 mod security;
+mod tiers;
 
 use std::{net::SocketAddr, time::Duration};
 
