@@ -7,10 +7,12 @@
 //! (TLS for the API, the admin listener's address, no secrets in logs or metrics);
 //! `process` runs a control node as a real process; `routing` is the routing
 //! document's API, versions, durability and agreement between control nodes;
-//! `tiers` is tiered caching (shields, in-region sharing, loops, purges through
-//! shields) with real servers.
+//! `edge_routing` is the edges applying it (sites, origin pools, rules) with real
+//! servers; `tiers` is tiered caching (shields, in-region sharing, loops, purges
+//! through shields) with real servers.
 
 mod disk_full;
+mod edge_routing;
 mod lossy;
 mod process;
 mod routing;
