@@ -16,8 +16,13 @@
 //!   A's) ends at the origin after both, one origin request.
 //! - In-region sharing: two edges, 100 objects through both → 100 stored in the
 //!   region, one origin request each, fills between the two counted as `peer`.
+//! - A shield killed in the middle of a body: the transfer under way breaks (the
+//!   limit of the hop walk), nothing broken is kept, the next request is whole.
+//!   A sliced object filled from a shield, the shield gone, an origin without
+//!   ranges: the client must still get its bytes (fails today: ignored, see the
+//!   test).
 //!
-//! Edges use 127.0.0.201..=228 (node ids `edge-<last octet>`); the rest of the suite
+//! Edges use 127.0.0.201..=232 (node ids `edge-<last octet>`); the rest of the suite
 //! does not.
 
 use std::{
@@ -708,6 +713,11 @@ async fn a_purge_then_requests_on_every_edge_never_serve_the_old_bytes() {
          {shield_bypasses} of them answered by a shield without its cache (fwd=bypass)"
     );
     assert!(violations.is_empty(), "old bytes after a purge:\n{}", violations.join("\n"));
+    // A member's token and purge list are for the edge they were sent to.
+    for path in ["/doc", "/clip"] {
+        let headers = cdn.origin.last_headers(path);
+        assert!(!headers.contains_key("cdn-peer") && !headers.contains_key("cdn-purged"), "{path}: {headers:?}");
+    }
     assert!(raced > 0 && shield_bypasses > 0, "the race was run: {raced} raced answers, {shield_bypasses} bypasses");
     cdn.stop().await;
 }
@@ -849,5 +859,116 @@ async fn in_region_sharing_stores_each_object_once_in_the_region() {
     let peer_fills = (peer(x) - peers_before.0, peer(y) - peers_before.1);
     assert!(peer_fills.0 > 0 && peer_fills.1 > 0, "both edges filled from the other: {peer_fills:?}");
     eprintln!("peer fills over two passes: {peer_fills:?}");
+    cdn.stop().await;
+}
+
+/// A shield that goes away in the middle of a body (stopped with almost no grace:
+/// a kill, for the transfers under way; the origin does not do ranges, so the
+/// object travels whole and slowly). The client reading through the shield at
+/// that moment loses its response: the hop walk moves on only before a response
+/// head, so this is the limit of what issue 20 promises, not held against the
+/// edge here. What is checked: nothing broken is kept, and the next request is
+/// answered whole and right (from the origin).
+#[tokio::test]
+async fn a_shield_dying_mid_body_breaks_only_the_transfer_under_way() {
+    // Slices of 8 MiB: the 2 MiB object is stored whole (see the next test for a
+    // sliced one).
+    let specs = vec![
+        Spec {
+            tweak: |c| {
+                c.limits.grace = Duration::from_millis(20);
+                c.cache.slice = bytesize::ByteSize::mib(8);
+            },
+            ..Spec::new(229, "r1")
+        },
+        Spec { tweak: |c| c.cache.slice = bytesize::ByteSize::mib(8), ..Spec::new(230, "r2") },
+    ];
+    let mut cdn = Tiered::start(specs).await;
+    cdn.apply(json!({ "shield": ["r1"] })).await;
+    let c = client();
+    let shield = cdn.edges[0].node_id.clone();
+    wait_forwards(&c, &cdn.origin, &cdn.edges[1], &[&shield]).await;
+    let body = content(2 << 20, 7);
+    cdn.origin.route(
+        "/slow",
+        Route::ok("public, max-age=3600", body.clone())
+            .header("etag", "\"slow\"")
+            .trickle(64 << 10, Duration::from_millis(40)),
+    );
+    let request = Request::get(cdn.edges[1].url("/slow")).header("host", HOST).body(Empty::<Bytes>::new()).unwrap();
+    let response = c.request(request).await.expect("a response head");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut stream = response.into_body();
+    let mut got = Vec::new();
+    while got.len() < (256 << 10) {
+        let frame = stream.frame().await.expect("more of the body").expect("a frame");
+        if let Ok(data) = frame.into_data() {
+            got.extend_from_slice(&data);
+        }
+    }
+    cdn.edges.remove(0).stop().await;
+    match stream.collect().await {
+        Ok(rest) => {
+            got.extend_from_slice(&rest.to_bytes());
+            assert!(got == body, "a body that ends is whole and right ({} of {} bytes)", got.len(), body.len());
+            eprintln!("the transfer under way survived the shield's death");
+        }
+        Err(e) => eprintln!("the transfer under way broke after {} bytes when the shield died: {e}", got.len()),
+    }
+    let edge = &cdn.edges[0];
+    let again = get(&c, edge, "/slow", &[]).await;
+    assert!(
+        again.status == StatusCode::OK && again.body == body,
+        "the next request: {} {} bytes",
+        again.status,
+        again.body.len()
+    );
+    assert_eq!(origin_loop(&cdn.origin, "/slow"), [edge.node_id.as_str()], "from the origin");
+    let stored = get(&c, edge, "/slow", &[]).await;
+    assert!(
+        stored.x_cache() == "HIT" && stored.body == body,
+        "then a whole HIT: {} {} bytes",
+        stored.x_cache(),
+        stored.body.len()
+    );
+    cdn.stop().await;
+}
+
+/// An origin that does not do ranges, behind a shield that does (it serves 206
+/// from its own copy): the edge stores the object in slices, as the shield's 206
+/// allowed. The shield goes away; a client then asks the edge for a part it does not
+/// hold yet. The origin can answer (a 200 of the whole object), so the client must
+/// get its bytes.
+///
+/// BUG (found by this test, open): the slice fill goes to the origin, gets a 200
+/// where it wants a 206, takes it for "object changed between slices", drops the
+/// object and fails the client's response (a 206 head already sent, then a broken
+/// body); the next request starts over and works.
+#[tokio::test]
+#[ignore = "bug: a sliced object filled from a shield cannot be completed from an origin without ranges; see the comment"]
+async fn slices_from_a_shield_are_completed_by_an_origin_without_ranges() {
+    let specs = vec![Spec::new(231, "r1"), Spec::new(232, "r2")];
+    let mut cdn = Tiered::start(specs).await;
+    cdn.apply(json!({ "shield": ["r1"] })).await;
+    let c = client();
+    let shield = cdn.edges[0].node_id.clone();
+    wait_forwards(&c, &cdn.origin, &cdn.edges[1], &[&shield]).await;
+    let body = content(3 << 20, 11);
+    cdn.origin.route("/noranges", Route::ok("public, max-age=3600", body.clone()).header("etag", "\"nr\""));
+    // The first bytes through the edge: the shield holds the object whole, the edge
+    // its head and first slice.
+    let first = get(&c, &cdn.edges[1], "/noranges", &[("range", "bytes=0-99")]).await;
+    assert_eq!((first.status, first.body.clone()), (StatusCode::PARTIAL_CONTENT, body.slice(0..100)));
+    assert!(
+        cache_status(&first).iter().any(|m| m.contains("sliced")),
+        "sliced at the edge: {:?}",
+        cache_status(&first)
+    );
+    cdn.edges.remove(0).stop().await;
+    let edge = &cdn.edges[0];
+    let range = (2 << 20) + 5..(2 << 20) + 105;
+    let later = try_get(&c, edge, "/noranges", &[("range", &range_header(&range))]).await;
+    let later = later.unwrap_or_else(|e| panic!("a later part with the shield gone: {e}"));
+    assert_eq!((later.status, later.body.clone()), (StatusCode::PARTIAL_CONTENT, body.slice(range)));
     cdn.stop().await;
 }
