@@ -11,6 +11,7 @@
 //! servers; `tiers` is tiered caching (shields, in-region sharing, loops, purges
 //! through shields) with real servers.
 
+mod acme;
 mod disk_full;
 mod edge_routing;
 mod lossy;
