@@ -69,6 +69,7 @@ pub(crate) async fn run(
     metrics: PurgeMetrics,
     readiness: Readiness,
     published: tokio::sync::watch::Sender<HashMap<String, u64>>,
+    announced: tokio::sync::watch::Sender<HashMap<String, u64>>,
     shutdown: CancellationToken,
 ) {
     let mut events = cluster.subscribe(Topic::Purges).await;
@@ -97,9 +98,12 @@ pub(crate) async fn run(
         // Drain whatever else arrived, then apply from the full state (anti-entropy
         // and events converge on the same code).
         while events.try_recv().is_some() {}
-        let synced = apply_pending(&cluster, &cache, &metrics, &mut applied).await;
+        let synced = apply_pending(&cluster, &cache, &metrics, &mut applied, &announced).await;
         if *persist.borrow() != applied {
             persist.send_replace(applied.clone());
+        }
+        if *announced.borrow() != applied {
+            announced.send_replace(applied.clone());
         }
         if *published.borrow() != applied {
             published.send_replace(applied.clone());
@@ -138,6 +142,7 @@ async fn apply_pending(
     cache: &Cache,
     metrics: &PurgeMetrics,
     applied: &mut HashMap<String, u64>,
+    announced: &tokio::sync::watch::Sender<HashMap<String, u64>>,
 ) -> bool {
     let controls: Vec<String> = cluster
         .members()
@@ -184,6 +189,13 @@ async fn apply_pending(
                 caught_up = false; // a gap: wait for the missing record
                 break;
             }
+            // Announced before it is applied: a fill that starts from here on asks
+            // other edges for an answer that includes this purge (`cdn-purged`); one
+            // that started before is not stored (the purge's epoch). Other edges are
+            // told this edge has applied it (`published`) only after.
+            announced.send_modify(|announced| {
+                announced.insert(control.clone(), *seq);
+            });
             cache.purge(&record.target, record.soft);
             metrics.applied.inc();
             let lag_ms = now_ms().saturating_sub(record.created_ms);

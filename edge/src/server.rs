@@ -42,6 +42,7 @@ pub struct Edge {
     cluster_shutdown: CancellationToken,
     purge_metrics: crate::purge::PurgeMetrics,
     applied: tokio::sync::watch::Sender<std::collections::HashMap<String, u64>>,
+    announced: tokio::sync::watch::Sender<std::collections::HashMap<String, u64>>,
     certs: Option<Arc<cdn_node::certs::Certs>>,
     faults: Faults,
     http_addr: Option<SocketAddr>,
@@ -121,12 +122,14 @@ impl Edge {
             _ => None,
         };
         let (applied_tx, applied_rx) = tokio::sync::watch::channel(std::collections::HashMap::new());
+        let (announced_tx, announced_rx) = tokio::sync::watch::channel(std::collections::HashMap::new());
         let tiers = Arc::new(crate::tier::Tiers::new(
             &config.node_id,
             &config.region,
             config.cluster.as_ref().map(|c| cdn_cluster::PeerKey::new(&c.secret)),
             fetch_settings.idle,
             applied_rx,
+            announced_rx,
             &certs.as_ref().map(|c| c.default_chain()).unwrap_or_default(),
             registry,
         )?);
@@ -186,6 +189,7 @@ impl Edge {
             cluster_shutdown,
             purge_metrics,
             applied: applied_tx,
+            announced: announced_tx,
             certs,
             faults: Faults::default(),
         })
@@ -248,6 +252,7 @@ impl Edge {
             cluster_shutdown,
             purge_metrics,
             applied,
+            announced,
             certs,
             faults,
             http_addr,
@@ -302,6 +307,7 @@ impl Edge {
                     purge_metrics,
                     readiness.clone(),
                     applied,
+                    announced,
                     token.clone(),
                 ),
             );

@@ -85,6 +85,9 @@ pub(crate) struct Tiers {
     counters: Counters,
     /// The purges this edge applied, per control node.
     applied: watch::Receiver<HashMap<String, u64>>,
+    /// The purges this edge is applying or applied (ahead of `applied`): what its
+    /// requests to other edges name.
+    announced: watch::Receiver<HashMap<String, u64>>,
 }
 
 impl Tiers {
@@ -96,6 +99,7 @@ impl Tiers {
         key: Option<PeerKey>,
         timeout: Duration,
         applied: watch::Receiver<HashMap<String, u64>>,
+        announced: watch::Receiver<HashMap<String, u64>>,
         own_chain: &[rustls_pki_types::CertificateDer<'static>],
         registry: &Registry,
     ) -> Result<Self, crate::Error> {
@@ -144,6 +148,7 @@ impl Tiers {
             timeout,
             counters,
             applied,
+            announced,
         })
     }
 
@@ -254,9 +259,9 @@ impl Tiers {
         if let Ok(token) = HeaderValue::from_str(&key.sign(&self.node_id, cdn_cluster::now_ms())) {
             headers.insert(CDN_PEER, token);
         }
-        let applied = self.applied.borrow().clone();
+        let announced = self.announced.borrow().clone();
         let purged: Vec<String> =
-            applied.iter().filter(|(_, seq)| **seq > 0).map(|(c, s)| format!("{c}={s}")).collect();
+            announced.iter().filter(|(_, seq)| **seq > 0).map(|(c, s)| format!("{c}={s}")).collect();
         if !purged.is_empty()
             && let Ok(value) = HeaderValue::from_str(&purged.join(", "))
         {
