@@ -128,8 +128,7 @@ impl Edge {
             &config.region,
             config.cluster.as_ref().map(|c| cdn_cluster::PeerKey::new(&c.secret)),
             fetch_settings.idle,
-            applied_rx,
-            announced_rx,
+            (applied_rx, announced_rx),
             &certs.as_ref().map(|c| c.default_chain()).unwrap_or_default(),
             registry,
         )?);

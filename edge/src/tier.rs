@@ -98,8 +98,7 @@ impl Tiers {
         region: &str,
         key: Option<PeerKey>,
         timeout: Duration,
-        applied: watch::Receiver<HashMap<String, u64>>,
-        announced: watch::Receiver<HashMap<String, u64>>,
+        (applied, announced): (watch::Receiver<HashMap<String, u64>>, watch::Receiver<HashMap<String, u64>>),
         own_chain: &[rustls_pki_types::CertificateDer<'static>],
         registry: &Registry,
     ) -> Result<Self, crate::Error> {
