@@ -47,6 +47,9 @@ pub(crate) const CDN_PURGED: HeaderName = HeaderName::from_static("cdn-purged");
 /// How long an edge waits to catch up with the purges a requesting edge applied.
 pub(crate) const PURGE_WAIT: Duration = Duration::from_secs(1);
 
+/// The purges an edge applied (or is applying), per control node.
+pub(crate) type Applied = watch::Receiver<HashMap<String, u64>>;
+
 /// Another edge, as the gossip view shows it.
 #[derive(Debug)]
 pub(crate) struct Peer {
@@ -98,7 +101,7 @@ impl Tiers {
         region: &str,
         key: Option<PeerKey>,
         timeout: Duration,
-        (applied, announced): (watch::Receiver<HashMap<String, u64>>, watch::Receiver<HashMap<String, u64>>),
+        (applied, announced): (Applied, Applied),
         own_chain: &[rustls_pki_types::CertificateDer<'static>],
         registry: &Registry,
     ) -> Result<Self, crate::Error> {
