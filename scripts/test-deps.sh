@@ -50,7 +50,8 @@ fi
 # Docker deployment test (tests/docker.rs, only where a docker daemon answers): it
 # drives the cluster with curl and dig (above), adds WAN latency inside container
 # network namespaces with nsenter and tc netem, or iptables NFQUEUE + python3 where
-# the kernel has no netem.
+# the kernel has no netem. The Docker Swarm test (tests/swarm.rs) needs nothing more:
+# swarm mode and `docker stack` come with the engine and its CLI.
 if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
     need_apt=()
     command -v nsenter >/dev/null || need_apt+=(util-linux)

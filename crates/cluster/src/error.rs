@@ -17,6 +17,14 @@ pub enum Error {
         /// Why.
         source: io::Error,
     },
+    /// `advertise_network` names a network this host has no address on.
+    #[error("cannot advertise an address on {network}: {source}")]
+    Advertise {
+        /// The network.
+        network: crate::Network,
+        /// Why.
+        source: io::Error,
+    },
     /// The cluster's metrics could not be registered (a name taken twice).
     #[error("cluster metrics: {0}")]
     Metrics(#[from] prometheus::Error),

@@ -89,29 +89,140 @@ impl fmt::Debug for Secret {
 
 /// The `[cluster]` section every role shares.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawClusterConfig")]
 pub struct ClusterConfig {
     /// UDP address to gossip on (port 0 picks one).
     pub listen: SocketAddr,
     /// `host:port` of nodes to join through.
-    #[serde(default)]
     pub seeds: Vec<String>,
-    /// Shared secret (at least 16 bytes); gossip without it is dropped.
+    /// Shared secret (at least 16 bytes); gossip without it is dropped. In a file,
+    /// `secret` is `secret_file`'s content (read when the config is loaded, without a
+    /// trailing newline).
     pub secret: Secret,
     /// Address peers reach this node at, if not `listen` (NAT, containers).
     pub advertise: Option<SocketAddr>,
+    /// Or: the network (CIDR) whose address of this node peers reach it at, found
+    /// when the node joins (the source address of a route into that network), with
+    /// the gossip port. For containers whose address is assigned at start (Docker
+    /// Swarm overlay networks).
+    pub advertise_network: Option<Network>,
     /// Time between gossip rounds.
-    #[serde(default = "default_interval", with = "humantime_serde")]
     pub gossip_interval: Duration,
     /// A node alive but silent this long is reported `suspect` (and left out of DNS).
-    #[serde(default = "default_suspect", with = "humantime_serde")]
     pub suspect_after: Duration,
     /// Test hook (feature `test-util`): gossip datagrams this node drops on purpose
     /// (lossy networks, partitions). Not settable from a config file.
     #[doc(hidden)]
     #[cfg(feature = "test-util")]
-    #[serde(skip)]
     pub loss: PacketLoss,
+}
+
+/// `[cluster]` as written in a file: `secret` or `secret_file`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClusterConfig {
+    listen: SocketAddr,
+    #[serde(default)]
+    seeds: Vec<String>,
+    secret: Option<Secret>,
+    secret_file: Option<std::path::PathBuf>,
+    advertise: Option<SocketAddr>,
+    advertise_network: Option<Network>,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    gossip_interval: Duration,
+    #[serde(default = "default_suspect", with = "humantime_serde")]
+    suspect_after: Duration,
+}
+
+impl TryFrom<RawClusterConfig> for ClusterConfig {
+    type Error = String;
+
+    fn try_from(raw: RawClusterConfig) -> Result<Self, String> {
+        let secret = match (raw.secret, raw.secret_file) {
+            (Some(secret), None) => secret,
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(text) => Secret::new(text.trim_end_matches(['\r', '\n'])),
+                Err(error) => return Err(format!("secret_file: cannot read {}: {error}", path.display())),
+            },
+            (Some(_), Some(_)) => return Err("secret and secret_file: give one of them".into()),
+            (None, None) => return Err("missing field `secret` (or `secret_file`)".into()),
+        };
+        if raw.advertise.is_some() && raw.advertise_network.is_some() {
+            return Err("advertise and advertise_network: give one of them".into());
+        }
+        Ok(Self {
+            listen: raw.listen,
+            seeds: raw.seeds,
+            secret,
+            advertise: raw.advertise,
+            advertise_network: raw.advertise_network,
+            gossip_interval: raw.gossip_interval,
+            suspect_after: raw.suspect_after,
+            #[cfg(feature = "test-util")]
+            loss: PacketLoss::default(),
+        })
+    }
+}
+
+/// An IP network, `address/prefix` (`10.211.0.0/24`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Network {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl TryFrom<String> for Network {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let bad = || format!("{text:?} is not a network like \"10.0.0.0/24\"");
+        let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > bits {
+            return Err(bad());
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Network {
+    /// Whether `ip` is in this network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+
+    /// This host's address on the network: the source address the kernel picks
+    /// for a route into it (a UDP `connect`, which sends nothing).
+    pub fn local_address(&self) -> std::io::Result<IpAddr> {
+        let unspecified: IpAddr = if self.addr.is_ipv4() { [0, 0, 0, 0].into() } else { [0u16; 8].into() };
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
+        socket.connect(SocketAddr::new(self.addr, 9))?;
+        let ip = socket.local_addr()?.ip();
+        if self.contains(ip) {
+            Ok(ip)
+        } else {
+            Err(std::io::Error::other(format!("no address on {self} (the route there leaves from {ip})")))
+        }
+    }
 }
 
 fn default_interval() -> Duration {
@@ -130,6 +241,7 @@ impl ClusterConfig {
             seeds: Vec::new(),
             secret: Secret::new(secret),
             advertise: None,
+            advertise_network: None,
             gossip_interval: default_interval(),
             suspect_after: default_suspect(),
             #[cfg(feature = "test-util")]
@@ -301,11 +413,15 @@ impl Cluster {
             .await
             .map_err(|source| Error::Bind { addr: config.listen, source })?;
         let bound = socket.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
-        let gossip_addr = config.advertise.unwrap_or(if bound.ip().is_unspecified() {
-            SocketAddr::new(IpAddr::from([127, 0, 0, 1]), bound.port())
-        } else {
-            bound
-        });
+        let gossip_addr = match (config.advertise, config.advertise_network) {
+            (Some(addr), _) => addr,
+            (None, Some(network)) => {
+                let ip = network.local_address().map_err(|source| Error::Advertise { network, source })?;
+                SocketAddr::new(ip, bound.port())
+            }
+            (None, None) if bound.ip().is_unspecified() => SocketAddr::new(IpAddr::from([127, 0, 0, 1]), bound.port()),
+            (None, None) => bound,
+        };
         let rejected = IntCounter::new(
             "cdn_gossip_rejected_total",
             "Gossip datagrams dropped because they failed authentication",
@@ -363,7 +479,11 @@ impl Cluster {
             shutdown: shutdown.clone(),
             view_stopped: CancellationToken::new(),
         });
-        tasks.spawn(cluster.clone().refresh_view(config.gossip_interval, shutdown));
+        tasks.spawn(cluster.clone().refresh_view(config.gossip_interval, shutdown.clone()));
+        let named: Vec<String> = config.seeds.iter().filter(|s| s.parse::<SocketAddr>().is_err()).cloned().collect();
+        if !named.is_empty() {
+            tasks.spawn(cluster.clone().reach_named_seeds(named, shutdown));
+        }
         // Tasks spawned later (the relay's pipes) are still tracked; `stopped` can
         // return once they have all ended.
         tasks.close();
@@ -841,6 +961,42 @@ impl Cluster {
         let _ = self.handle.initiate_shutdown();
     }
 
+    /// Seeds given by name (`control-1:7946`) may not resolve yet when this node
+    /// starts (in Docker Swarm a service's name resolves once its task runs), and
+    /// chitchat looks them up again only every 60 s. So for its first minute, every
+    /// second, this looks them up itself and gossips to each address that is not yet
+    /// a live member.
+    async fn reach_named_seeds(self: Arc<Self>, seeds: Vec<String>, shutdown: CancellationToken) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        while tokio::time::Instant::now() < until {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let members = self.members();
+            let mut all_known = true;
+            for seed in &seeds {
+                let Ok(addrs) = tokio::net::lookup_host(seed.as_str()).await else {
+                    all_known = false;
+                    continue;
+                };
+                for addr in addrs {
+                    if addr != self.gossip_addr
+                        && !members.iter().any(|m| m.gossip_addr == addr && m.state != MemberState::Dead)
+                    {
+                        all_known = false;
+                        debug!(%seed, %addr, "gossiping to a seed found by name");
+                        self.push_to(addr);
+                    }
+                }
+            }
+            if all_known {
+                return;
+            }
+        }
+    }
+
     async fn compute_members(&self) -> Vec<Member> {
         let now = Instant::now();
         let nodes = self
@@ -1267,5 +1423,51 @@ mod tests {
         let problems = config.problems("cluster");
         assert!(problems.iter().any(|p| p.starts_with("cluster.secret")));
         assert!(problems.iter().any(|p| p.starts_with("cluster.seeds")));
+    }
+
+    #[test]
+    fn secret_from_a_file() {
+        let path = std::env::temp_dir().join(format!("cdn-cluster-secret-{}", std::process::id()));
+        std::fs::write(&path, "a-secret-from-a-file-123\n").unwrap();
+        let file = path.display().to_string();
+        let parse = |text: &str| toml::from_str::<ClusterConfig>(text).map_err(|e| e.to_string());
+        let config = parse(&format!("listen = \"0.0.0.0:7946\"\nsecret_file = {file:?}")).unwrap();
+        assert!(config.secret == Secret::new("a-secret-from-a-file-123"), "read, newline dropped");
+        assert!(config.problems("cluster").is_empty());
+        let inline = parse("listen = \"0.0.0.0:7946\"\nsecret = \"an-inline-secret-1234\"").unwrap();
+        assert!(inline.secret == Secret::new("an-inline-secret-1234"));
+        let both = parse(&format!("listen = \"0.0.0.0:7946\"\nsecret = \"x\"\nsecret_file = {file:?}")).unwrap_err();
+        assert!(both.contains("secret_file"), "{both}");
+        std::fs::remove_file(&path).unwrap();
+        let missing = parse(&format!("listen = \"0.0.0.0:7946\"\nsecret_file = {file:?}")).unwrap_err();
+        assert!(missing.contains("cannot read") && !missing.contains("a-secret"), "{missing}");
+        let neither = parse("listen = \"0.0.0.0:7946\"").unwrap_err();
+        assert!(neither.contains("secret"), "{neither}");
+        let unknown = parse("listen = \"0.0.0.0:7946\"\nsecret = \"an-inline-secret-1234\"\nbogus = 1").unwrap_err();
+        assert!(unknown.contains("bogus"), "{unknown}");
+    }
+
+    #[test]
+    fn advertise_network() {
+        let net = |text: &str| Network::try_from(text.to_string());
+        let core = net("10.211.0.0/24").unwrap();
+        assert!(core.contains("10.211.0.7".parse().unwrap()));
+        assert!(!core.contains("10.211.1.7".parse().unwrap()));
+        assert!(net("0.0.0.0/0").unwrap().contains("192.0.2.1".parse().unwrap()));
+        assert!(net("fd00::/8").unwrap().contains("fd12::1".parse().unwrap()));
+        for bad in ["10.211.0.0", "10.211.0.0/33", "nonsense/8", "::/129"] {
+            assert!(net(bad).is_err(), "{bad}");
+        }
+        // Loopback: the route into 127.0.0.0/8 leaves from 127.0.0.1.
+        let lo = net("127.0.0.0/8").unwrap();
+        assert!(lo.local_address().unwrap().is_loopback());
+        // A network this host has no address on is an error, not a wrong address.
+        // The route into 127.0.0.128/25 leaves from 127.0.0.1 too, which is not in it.
+        assert!(net("127.0.0.128/25").unwrap().local_address().is_err());
+        let text = "listen = \"0.0.0.0:0\"\nsecret = \"an-inline-secret-1234\"\nadvertise_network = \"127.0.0.0/8\"";
+        let config: ClusterConfig = toml::from_str(text).unwrap();
+        assert_eq!(config.advertise_network, Some(lo));
+        let both = format!("{text}\nadvertise = \"127.0.0.1:1\"");
+        assert!(toml::from_str::<ClusterConfig>(&both).unwrap_err().to_string().contains("advertise"));
     }
 }
