@@ -82,16 +82,7 @@ impl Edge {
         }
         let cache = Arc::new(Cache::new(config.cache.memory.as_u64(), disks));
         let fetch_settings = FetchSettings::from_config(&config.cache, config.origin.as_ref());
-        let (applied_tx, applied_rx) = tokio::sync::watch::channel(std::collections::HashMap::new());
-        let tiers = Arc::new(crate::tier::Tiers::new(
-            &config.node_id,
-            &config.region,
-            config.cluster.as_ref().map(|c| cdn_cluster::PeerKey::new(&c.secret)),
-            fetch_settings.idle,
-            applied_rx,
-            registry,
-        )?);
-        let fetcher = Arc::new(Fetcher::new(cache.clone(), tiers, metrics.clone(), clock.clone(), fetch_settings));
+
         let mut settings = pipeline::Settings { node_id: config.node_id.clone(), alt_svc: None };
 
         let http = match config.listen.http {
@@ -125,6 +116,17 @@ impl Edge {
             }
             _ => None,
         };
+        let (applied_tx, applied_rx) = tokio::sync::watch::channel(std::collections::HashMap::new());
+        let tiers = Arc::new(crate::tier::Tiers::new(
+            &config.node_id,
+            &config.region,
+            config.cluster.as_ref().map(|c| cdn_cluster::PeerKey::new(&c.secret)),
+            fetch_settings.idle,
+            applied_rx,
+            key.as_ref().map_or(&[][..], |k| k.chain.as_slice()),
+            registry,
+        )?);
+        let fetcher = Arc::new(Fetcher::new(cache.clone(), tiers, metrics.clone(), clock.clone(), fetch_settings));
         let h3_addr = h3.as_ref().and_then(|e| e.local_addr().ok());
         if let Some(h3_addr) = h3_addr
             && let Ok(value) = HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", h3_addr.port()))

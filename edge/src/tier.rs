@@ -23,7 +23,7 @@
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use cdn_cluster::{Cluster, MemberState, PeerKey, Role};
+use cdn_cluster::{Cluster, MemberState, PeerKey, Role, state::Serve};
 use cdn_node::listener::Body;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
@@ -52,7 +52,7 @@ pub(crate) const PURGE_WAIT: Duration = Duration::from_secs(1);
 pub(crate) struct Peer {
     pub(crate) node_id: String,
     region: String,
-    /// `http://addr` of its plain listener.
+    /// `http://addr` of its plain listener, or `https://addr` when it has only TLS.
     base: Uri,
 }
 
@@ -79,7 +79,7 @@ pub(crate) struct Tiers {
     node_id: String,
     region: String,
     peers: ArcSwap<Vec<Arc<Peer>>>,
-    client: Client<HttpConnector, Body>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
     key: Option<PeerKey>,
     timeout: Duration,
     counters: Counters,
@@ -96,8 +96,9 @@ impl Tiers {
         key: Option<PeerKey>,
         timeout: Duration,
         applied: watch::Receiver<HashMap<String, u64>>,
+        own_chain: &[rustls_pki_types::CertificateDer<'static>],
         registry: &Registry,
-    ) -> Result<Self, prometheus::Error> {
+    ) -> Result<Self, crate::Error> {
         let requests = IntCounterVec::new(
             Opts::new(
                 "cdn_upstream_requests_total",
@@ -112,12 +113,28 @@ impl Tiers {
             peer: requests.with_label_values(&["peer"]),
         };
         let mut http = HttpConnector::new();
+        http.enforce_http(false);
         http.set_connect_timeout(Some(Duration::from_secs(1)));
         http.set_nodelay(true);
+        // Another edge's certificate is trusted when the public roots or this
+        // edge's own certificate vouch for it (a fleet sharing a certificate or a
+        // private CA whose root is in the chain).
+        let mut roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for cert in own_chain {
+            let _ = roots.add(cert.clone());
+        }
+        let tls = cdn_node::tls::client_config(cdn_node::tls::ClientTrust::Roots(roots), false, &[])
+            .map_err(|e| crate::Error::Upstream(crate::error::UpstreamSetup::Tls(e)))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
-            .build(http);
+            .build(connector);
         Ok(Self {
             node_id: node_id.to_string(),
             region: region.to_string(),
@@ -292,11 +309,17 @@ impl Tiers {
                     && member.state == MemberState::Alive
                     && member.ready
                     && member.node_id != self.node_id;
-                let Some(addr) = serve.get(&member.node_id).and_then(|s| s.http) else { continue };
                 if !usable {
                     continue;
                 }
-                let Ok(base) = format!("http://{}", with_ip(addr, member.public_addr)).parse::<Uri>() else { continue };
+                // Its plain listener when it has one (a fleet's private network),
+                // else its TLS one.
+                let base = match serve.get(&member.node_id) {
+                    Some(Serve { http: Some(addr), .. }) => format!("http://{}", with_ip(*addr, member.public_addr)),
+                    Some(Serve { https: Some(addr), .. }) => format!("https://{}", with_ip(*addr, member.public_addr)),
+                    _ => continue,
+                };
+                let Ok(base) = base.parse::<Uri>() else { continue };
                 let same = self.peers.load().iter().find(|p| p.node_id == member.node_id && p.base == base).cloned();
                 peers.push(same.unwrap_or_else(|| {
                     Arc::new(Peer { node_id: member.node_id.clone(), region: member.region.clone(), base })
