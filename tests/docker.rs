@@ -390,12 +390,13 @@ impl Cluster {
     }
 
     /// Adds `WAN_DELAY_MS` to everything `edge` sends into the core network (to the
-    /// origin, the control nodes, geo and the other regions), so every region is
-    /// `WAN_DELAY_MS` of round trip away from the core and 2x from another region.
+    /// origin, the control nodes, geo and the other regions) -- with netem; without
+    /// it, to everything it receives from there -- so every region is `WAN_DELAY_MS`
+    /// of round trip away from the core and 2x from another region.
     ///
     /// First it routes the other regions' edge addresses through the core (see
-    /// [`route_regions_over_core`](Self::route_regions_over_core)), so what an edge
-    /// sends to an edge of another region is delayed too.
+    /// [`route_regions_over_core`](Self::route_regions_over_core)), so what edges of
+    /// different regions send each other is delayed too.
     fn add_wan_delay(&self, edge: &Edge) {
         self.route_regions_over_core(edge);
         let Some(mode) = self.delay_mode else { return };
@@ -405,27 +406,28 @@ impl Cluster {
             cmd.args(["-t", &pid, "-n"]).args(args);
             cmd
         };
+        // The interface that holds the core address (eth1, or another after a reconnect).
+        let addrs = run(&mut ns(&["ip", "-o", "-4", "addr", "show"]));
+        let dev = addrs
+            .lines()
+            .find(|l| l.contains(&format!(" {}/", edge.core_ip())))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_else(|| panic!("{}: no interface with {}", edge.id, edge.core_ip()))
+            .to_string();
         match mode {
             DelayMode::Netem => {
-                // The interface that holds the core address (eth1, or another after a reconnect).
-                let addrs = run(&mut ns(&["ip", "-o", "-4", "addr", "show"]));
-                let dev = addrs
-                    .lines()
-                    .find(|l| l.contains(&format!(" {}/", edge.core_ip())))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .unwrap_or_else(|| panic!("{}: no interface with {}", edge.id, edge.core_ip()))
-                    .to_string();
                 let delay = format!("{WAN_DELAY_MS}ms");
                 run(&mut ns(&["tc", "qdisc", "replace", "dev", &dev, "root", "netem", "delay", &delay]));
             }
             DelayMode::Nfqueue => {
-                // The core, and the other regions (routed through the core).
-                let others = REGIONS.iter().filter(|(r, _)| *r != edge.region).map(|(_, n)| format!("10.210.{n}.0/24"));
-                for dest in std::iter::once("10.210.0.0/24".to_string()).chain(others) {
-                    let rule = ["OUTPUT", "-d", &dest, "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"];
-                    if !output(ns(&["iptables", "-C"]).args(rule)).status.success() {
-                        run(ns(&["iptables", "-A"]).args(rule));
-                    }
+                // What the edge *receives* from the core: a packet held on its way out
+                // would still count against its socket (TCP Small Queues), which then
+                // sends a few packets per delay -- about 130 KB/s out of an edge, where
+                // netem (which lets go of the socket) keeps TCP's usual pace. Held on
+                // the way in, the round trip is the same and the sender is not throttled.
+                let rule = ["INPUT", "-i", &dev, "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"];
+                if !output(ns(&["iptables", "-C"]).args(rule)).status.success() {
+                    run(ns(&["iptables", "-A"]).args(rule));
                 }
                 let script = self.root.join("tests/docker/netdelay.py");
                 let child = ns(&["python3"])
@@ -458,6 +460,17 @@ impl Cluster {
                 .args(["-t", &pid, "-n", "ip", "route", "replace", &dest, "via"])
                 .arg(other.core_ip()));
         }
+    }
+
+    /// The edges' log lines about failed edge-to-edge requests (tiered caching).
+    fn tier_warnings(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for e in &EDGES {
+            let out = output(Command::new("docker").args(["logs", &self.container(e.id)]));
+            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            lines.extend(text.lines().filter(|l| l.contains("edge upstream")).map(|l| format!("{}: {l}", e.id)));
+        }
+        lines
     }
 
     fn stop_delayer(&self, edge: &Edge) {
@@ -736,6 +749,8 @@ const TIER_SITES: [TierSite; 3] = [
 struct Timed {
     status: u16,
     ttfb: Duration,
+    /// Until the last byte.
+    total: Duration,
     x_cache: String,
     cache_status: String,
 }
@@ -752,7 +767,7 @@ fn timed_get(edge: &Edge, host: &str, path: &str) -> Timed {
         "-D",
         "-",
         "-w",
-        "\n%{http_code} %{time_starttransfer}",
+        "\n%{http_code} %{time_starttransfer} %{time_total}",
         "-H",
         &host,
         &url,
@@ -760,7 +775,10 @@ fn timed_get(edge: &Edge, host: &str, path: &str) -> Timed {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}: GET {url} ({host}): {}", edge.id, String::from_utf8_lossy(&out.stderr));
     let (head, last) = text.trim_end().rsplit_once('\n').unwrap_or(("", text.trim()));
-    let (status, ttfb) = last.split_once(' ').unwrap_or(("0", "0"));
+    let mut fields = last.split(' ').map(str::trim);
+    let (status, ttfb, total) =
+        (fields.next().unwrap_or("0"), fields.next().unwrap_or("0"), fields.next().unwrap_or("0"));
+    let secs = |s: &str| Duration::from_secs_f64(s.parse().unwrap_or(0.0));
     let header = |name: &str| {
         head.lines()
             .filter_map(|l| l.split_once(':'))
@@ -768,8 +786,9 @@ fn timed_get(edge: &Edge, host: &str, path: &str) -> Timed {
             .map_or(String::new(), |(_, v)| v.trim().to_string())
     };
     Timed {
-        status: status.trim().parse().unwrap_or(0),
-        ttfb: Duration::from_secs_f64(ttfb.trim().parse().unwrap_or(0.0)),
+        status: status.parse().unwrap_or(0),
+        ttfb: secs(ttfb),
+        total: secs(total),
         x_cache: header("x-cache"),
         cache_status: header("cache-status"),
     }
@@ -813,6 +832,8 @@ struct TierRow {
     six: (f64, f64),
     /// TTFB (ms) of one client, the object new to every edge: p50, p99.
     one: (f64, f64),
+    /// Until the last byte (ms), p50: six at once, one client.
+    last_byte: (f64, f64),
 }
 
 /// Step 5: a routing version with three more sites on the one origin -- `direct`
@@ -822,7 +843,8 @@ struct TierRow {
 /// object (the edges' `cdn_origin_requests_total{site}`) and time to first byte
 /// (curl's `time_starttransfer`); and `TIER_OBJECTS` more, each asked of one edge
 /// only (in turn): the TTFB of a lone client. Returns the routing version.
-fn tier_step(root: &Path, last: u64) -> u64 {
+fn tier_step(cluster: &Cluster, last: u64) -> u64 {
+    let root = &cluster.root;
     let text = std::fs::read_to_string(root.join("deploy/config/routing.toml")).expect("deploy/config/routing.toml");
     let mut document =
         serde_json::to_value(cdn_cluster::routing::Routing::from_toml(&text).expect("parses")).expect("as JSON");
@@ -852,8 +874,10 @@ fn tier_step(root: &Path, last: u64) -> u64 {
     let run = std::process::id();
     let mut table = Vec::new();
     for site in &TIER_SITES {
+        let started = Instant::now();
         let host = format!("{}.cdn.test", site.name);
         let mut ttfb = Vec::new();
+        let mut totals = Vec::new();
         let mut per_object = Vec::new();
         let (mut shield_hops, mut peer_hops) = (0.0, 0.0);
         let mut two_tiers = 0;
@@ -873,6 +897,21 @@ fn tier_step(root: &Path, last: u64) -> u64 {
                 }
             }
             let origin = after.origin - before.origin;
+            if origin > site.max_origin {
+                for (e, t) in EDGES.iter().zip(&got) {
+                    eprintln!(
+                        "docker: {}: {} in {:.0} ms, X-Cache {}, Cache-Status {}",
+                        e.id,
+                        t.status,
+                        ms(t.ttfb),
+                        t.x_cache,
+                        t.cache_status
+                    );
+                }
+                for line in cluster.tier_warnings() {
+                    eprintln!("docker: {line}");
+                }
+            }
             assert!(
                 origin <= site.max_origin,
                 "{}: {host}{path} cost the origin {origin} requests (at most {} expected)",
@@ -882,6 +921,7 @@ fn tier_step(root: &Path, last: u64) -> u64 {
             if i > 0 {
                 // The first object of a site opens the connections; not counted.
                 ttfb.extend(got.iter().map(|t| ms(t.ttfb)));
+                totals.extend(got.iter().map(|t| ms(t.total)));
                 per_object.push(origin);
                 shield_hops += after.shield - before.shield;
                 peer_hops += after.peer - before.peer;
@@ -892,15 +932,24 @@ fn tier_step(root: &Path, last: u64) -> u64 {
             assert!(shield_hops > 0.0, "{}: no request went to a shield edge", site.name);
             assert!(two_tiers > 0, "{}: no Cache-Status from a shield", site.name);
         }
+        let six_at_once = started.elapsed();
         // One client, an object no edge has, each edge in turn.
         let mut alone = Vec::new();
+        let mut alone_totals = Vec::new();
         for i in 0..TIER_OBJECTS {
             let e = &EDGES[i % EDGES.len()];
             let path = format!("/_gen/{TIER_SIZE}?k=tier1-{}-{i}-{run}", site.name);
             let t = timed_get(e, &host, &path);
             assert_eq!((t.status, t.x_cache.as_str()), (200, "MISS"), "{}: {host}{path}", e.id);
             alone.push(ms(t.ttfb));
+            alone_totals.push(ms(t.total));
         }
+        eprintln!(
+            "docker: site {}: {:.1} s for the six-at-once rounds, {:.1} s for the lone clients",
+            site.name,
+            six_at_once.as_secs_f64(),
+            (started.elapsed() - six_at_once).as_secs_f64()
+        );
         let n = per_object.len() as f64;
         table.push(TierRow {
             site,
@@ -910,7 +959,12 @@ fn tier_step(root: &Path, last: u64) -> u64 {
             peer: peer_hops / n,
             six: (quantile(&ttfb, 0.5), quantile(&ttfb, 0.99)),
             one: (quantile(&alone, 0.5), quantile(&alone, 0.99)),
+            last_byte: (quantile(&totals, 0.5), quantile(&alone_totals, 0.5)),
         });
+    }
+    let warnings = cluster.tier_warnings();
+    for line in &warnings {
+        eprintln!("docker: {line}");
     }
     eprintln!(
         "docker: RESULT tiered caching, {WAN_DELAY_MS} ms region<->core, new {} KiB objects; per site {TIER_OBJECTS} \
@@ -920,8 +974,8 @@ fn tier_step(root: &Path, last: u64) -> u64 {
         TIER_OBJECTS * EDGES.len()
     );
     eprintln!(
-        "docker: RESULT   {:<8} {:<26} {:>15} {:>7} {:>7} {:>19} {:>19}",
-        "site", "tiers", "origin/object", "shield", "peer", "TTFB 6 at once", "TTFB 1 client"
+        "docker: RESULT   {:<8} {:<26} {:>15} {:>7} {:>7} {:>19} {:>19} {:>17}",
+        "site", "tiers", "origin/object", "shield", "peer", "TTFB 6 at once", "TTFB 1 client", "last byte p50"
     );
     for row in &table {
         let tiers = match (row.site.shield, row.site.share) {
@@ -932,13 +986,15 @@ fn tier_step(root: &Path, last: u64) -> u64 {
         let origin = format!("{:.2} (max {:.0})", row.origin_mean, row.origin_max);
         let six = format!("{:.0}/{:.0} ms", row.six.0, row.six.1);
         let one = format!("{:.0}/{:.0} ms", row.one.0, row.one.1);
+        let last = format!("{:.0}/{:.0} ms", row.last_byte.0, row.last_byte.1);
         eprintln!(
-            "docker: RESULT   {:<8} {:<26} {origin:>15} {:>7.2} {:>7.2} {six:>19} {one:>19}",
+            "docker: RESULT   {:<8} {:<26} {origin:>15} {:>7.2} {:>7.2} {six:>19} {one:>19} {last:>17}",
             row.site.name, tiers, row.shield, row.peer
         );
     }
     eprintln!(
-        "docker: RESULT   (TTFB p50/p99 in ms; of {} and {TIER_OBJECTS} samples, p99 is the slowest)",
+        "docker: RESULT   (TTFB p50/p99 in ms; of {} and {TIER_OBJECTS} samples, p99 is the slowest; last byte: \
+         p50 six at once / one client)",
         TIER_OBJECTS * EDGES.len()
     );
     version
@@ -1039,7 +1095,7 @@ fn multi_region_deployment() {
         cluster.add_wan_delay(e);
     }
     step(
-        &format!("{WAN_DELAY_MS} ms added to each edge's traffic into the core ({:?})", cluster.delay_mode.unwrap()),
+        &format!("{WAN_DELAY_MS} ms added to each edge's traffic with the core ({:?})", cluster.delay_mode.unwrap()),
         t0,
     );
 
@@ -1117,7 +1173,7 @@ fn multi_region_deployment() {
     step(&format!("4. routing: version {routing_version} served by on all six edges, applies timed"), t0);
 
     // 5. Tiered caching: origin requests per object and TTFB, with and without a shield.
-    let routing_version = tier_step(&root, routing_version);
+    let routing_version = tier_step(&cluster, routing_version);
     step(&format!("5. tiered caching: shield region {SHIELD_REGION}, routing version {routing_version}"), t0);
 
     // 6. Kill an edge: out of DNS within 3 s; back: caught up before ready (purges and
