@@ -127,7 +127,7 @@ pub(crate) async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::R
     }
     let routing = read_routing(&args.routing)?;
     let (cert, key) = dev_certificate(&args.data_dir)?;
-    let tls = cdn_node::tls::TlsConfig { cert: Some(cert.clone()), key: Some(key.clone()), self_signed: false };
+    let tls = cdn_node::tls::TlsConfig { cert: Some(cert.clone()), key: Some(key.clone()), ..Default::default() };
     let spki = cdn_node::tls::CertifiedKey::from_pem_files(&cert, &key)?.spki_sha256_base64()?;
 
     // Each role is one task: a role that fails (returns its error) stops the others.

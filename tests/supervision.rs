@@ -60,7 +60,7 @@ async fn an_edge_whose_h3_listener_dies_drains_the_others_and_says_why() {
     config.listen.https = Some(any);
     config.listen.h3 = Some(any);
     config.listen.admin = Some(any);
-    config.tls = Some(cdn_node::tls::TlsConfig { cert: None, key: None, self_signed: true });
+    config.tls = Some(cdn_node::tls::TlsConfig { self_signed: true, ..Default::default() });
     // The drain lasts until the test lets go of its download (see below).
     config.limits.grace = Duration::from_secs(60);
     let edge = cdn_edge::Edge::bind(config, &prometheus::Registry::new()).await.expect("edge binds");

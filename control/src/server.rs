@@ -218,6 +218,7 @@ pub struct Control {
     state: Arc<State>,
     api: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    certs: Option<Arc<cdn_node::certs::Certs>>,
     admin: Option<TcpListener>,
     registry: Registry,
     cluster_shutdown: CancellationToken,
@@ -238,11 +239,16 @@ impl Control {
             Some(addr) => Some(listener::bind(addr).await?),
             None => None,
         };
-        let tls = match &config.tls {
+        let certs = match &config.tls {
             Some(tls) => {
-                let key = tls.load(std::slice::from_ref(&config.node_id), &[config.listen.api.ip()])?;
-                Some(Arc::new(key.server_config(&[b"h2", b"http/1.1"], false)?))
+                let certs = tls.certs(std::slice::from_ref(&config.node_id), &[config.listen.api.ip()])?;
+                certs.register(registry)?;
+                Some(certs)
             }
+            None => None,
+        };
+        let tls = match &certs {
+            Some(certs) => Some(Arc::new(certs.server_config(&[b"h2", b"http/1.1"], false)?)),
             None => None,
         };
         let cluster_shutdown = CancellationToken::new();
@@ -291,7 +297,16 @@ impl Control {
             routing_errors,
             settled: watch::Sender::new(false),
         });
-        Ok(Self { state, api, tls, admin, registry: registry.clone(), cluster_shutdown, faults: Faults::default() })
+        Ok(Self {
+            state,
+            api,
+            tls,
+            certs,
+            admin,
+            registry: registry.clone(),
+            cluster_shutdown,
+            faults: Faults::default(),
+        })
     }
 
     /// The API address.
@@ -322,7 +337,7 @@ impl Control {
     /// Every task runs under one [`Supervisor`]: when one fails, `/readyz` turns
     /// 503, the others stop gracefully, and `serve` returns [`Error::Task`] naming it.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self { state, api, tls, admin, registry, cluster_shutdown, faults } = self;
+        let Self { state, api, tls, certs, admin, registry, cluster_shutdown, faults } = self;
         let readiness = Readiness::new();
         let mut tasks = Supervisor::new("control", shutdown.child_token(), Some(readiness.clone())).with_faults(faults);
         let token = tasks.token();
@@ -386,6 +401,9 @@ impl Control {
             async move { handle(&state, request).await }
         };
         info!(node_id = %state.node_id, "control node started");
+        if let Some(certs) = certs {
+            tasks.spawn("certs", certs.watch(token.clone()));
+        }
         tasks.spawn("api", listener::serve("control-api", api, tls, Limits::default(), token, handler));
         let result = tasks.run().await;
         cluster_shutdown.cancel();

@@ -33,11 +33,11 @@ use crate::{
 /// Builds the QUIC server configuration: TLS 1.3 only, ALPN `h3`, transport tuned
 /// for video (large windows, the configured congestion controller, GSO).
 pub(crate) fn server_config(
-    key: &cdn_node::tls::CertifiedKey,
+    certs: &Arc<cdn_node::certs::Certs>,
     quic: &Quic,
     max_streams: u32,
 ) -> Result<quinn::ServerConfig, Error> {
-    let tls = key.server_config(&[b"h3"], true)?;
+    let tls = certs.server_config(&[b"h3"], true)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = TransportConfig::default();

@@ -42,6 +42,7 @@ pub struct Edge {
     cluster_shutdown: CancellationToken,
     purge_metrics: crate::purge::PurgeMetrics,
     applied: tokio::sync::watch::Sender<std::collections::HashMap<String, u64>>,
+    certs: Option<Arc<cdn_node::certs::Certs>>,
     faults: Faults,
     http_addr: Option<SocketAddr>,
     https_addr: Option<SocketAddr>,
@@ -89,8 +90,8 @@ impl Edge {
             Some(addr) => Some(listener::bind(addr).await?),
             None => None,
         };
-        // One certificate for HTTPS and HTTP/3.
-        let key = match &config.tls {
+        // One set of certificates (chosen by SNI) for HTTPS and HTTP/3.
+        let certs = match &config.tls {
             Some(tls) if config.listen.https.is_some() || config.listen.h3.is_some() => {
                 let ips: Vec<_> =
                     [config.listen.https.map(|a| a.ip()), config.listen.h3.map(|a| a.ip()), config.public_addr]
@@ -98,20 +99,23 @@ impl Edge {
                         .flatten()
                         .filter(|ip| !ip.is_unspecified())
                         .collect();
-                Some(tls.load(std::slice::from_ref(&config.node_id), &ips)?)
+                let certs = tls.certs(std::slice::from_ref(&config.node_id), &ips)?;
+                certs.register(registry)?;
+                Some(certs)
             }
             _ => None,
         };
-        let https = match (config.listen.https, &key) {
-            (Some(addr), Some(key)) => {
-                let server_config = key.server_config(&[b"h2", b"http/1.1"], false)?;
+        let https = match (config.listen.https, &certs) {
+            (Some(addr), Some(certs)) => {
+                let server_config = certs.server_config(&[b"h2", b"http/1.1"], false)?;
                 Some((listener::bind(addr).await?, Arc::new(server_config)))
             }
             _ => None,
         };
-        let h3 = match (config.listen.h3, &key) {
-            (Some(addr), Some(key)) => {
-                let server_config = crate::h3::server_config(key, &config.quic, config.limits.max_concurrent_streams)?;
+        let h3 = match (config.listen.h3, &certs) {
+            (Some(addr), Some(certs)) => {
+                let server_config =
+                    crate::h3::server_config(certs, &config.quic, config.limits.max_concurrent_streams)?;
                 Some(crate::h3::bind(addr, server_config, config.quic.socket_buffer.as_u64())?)
             }
             _ => None,
@@ -123,7 +127,7 @@ impl Edge {
             config.cluster.as_ref().map(|c| cdn_cluster::PeerKey::new(&c.secret)),
             fetch_settings.idle,
             applied_rx,
-            key.as_ref().map_or(&[][..], |k| k.chain.as_slice()),
+            &certs.as_ref().map(|c| c.default_chain()).unwrap_or_default(),
             registry,
         )?);
         let fetcher = Arc::new(Fetcher::new(cache.clone(), tiers, metrics.clone(), clock.clone(), fetch_settings));
@@ -182,6 +186,7 @@ impl Edge {
             cluster_shutdown,
             purge_metrics,
             applied: applied_tx,
+            certs,
             faults: Faults::default(),
         })
     }
@@ -243,6 +248,7 @@ impl Edge {
             cluster_shutdown,
             purge_metrics,
             applied,
+            certs,
             faults,
             http_addr,
             https_addr,
@@ -275,6 +281,9 @@ impl Edge {
         }
         if let Some(endpoint) = h3 {
             tasks.spawn("h3", crate::h3::serve(endpoint, pipeline.clone(), token.clone(), config.limits.clone()));
+        }
+        if let Some(certs) = certs {
+            tasks.spawn("certs", certs.watch(token.clone()));
         }
         if let Some(listener) = admin {
             // Stops after the others: `/readyz` says 503 while they drain.

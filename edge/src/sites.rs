@@ -389,6 +389,9 @@ pub(crate) async fn follow(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = tokio::time::Instant::now();
+    // Documents accepted before this edge started were not waiting for it: their
+    // "apply latency" would be the edge's downtime.
+    let started_ms = cdn_cluster::now_ms();
     let mut current: Option<(u64, String)> = None;
     readiness.set("routing", false);
     cluster.set_routing_applied(0).await;
@@ -400,14 +403,17 @@ pub(crate) async fn follow(
         }
         // One look for a burst (a document's chunks, then its head).
         while changes.try_recv().is_some() {}
-        if let Some(versioned) = cluster.routing().await
-            && current
-                .as_ref()
-                .is_none_or(|(version, by)| (*version, by.as_str()) != (versioned.version, &*versioned.by))
+        let heads = cluster.routing_heads().await;
+        // The document is read (assembled, parsed, validated: up to 1 MiB) only when
+        // a control node holds another version than the one served.
+        let served = |version: u64, by: &str| current.as_ref().is_some_and(|(v, b)| (*v, b.as_str()) == (version, by));
+        let news = heads.values().any(|head| !head.is_none() && !served(head.version, &head.by));
+        if news
+            && let Some(versioned) = cluster.routing().await
+            && !served(versioned.version, &versioned.by)
         {
-            let first = current.is_none();
             sites.apply(&versioned);
-            if !first && versioned.accepted_ms != 0 {
+            if versioned.accepted_ms >= started_ms {
                 let ms = cdn_cluster::now_ms().saturating_sub(versioned.accepted_ms);
                 sites.apply.observe(ms as f64 / 1000.0);
             }
@@ -419,7 +425,6 @@ pub(crate) async fn follow(
             }
         }
         if current.is_none() {
-            let heads = cluster.routing_heads().await;
             // Ready without a document when the control nodes hold none; with no
             // control node in sight after a while, serve anyway (as for purges).
             let none_exists = !heads.is_empty() && heads.values().all(|head| head.is_none());

@@ -184,13 +184,20 @@ impl Tiers {
             }
         }
         let shield = site.shield();
-        if !shield.is_empty() && !shield.contains(&self.region) {
+        if !shield.is_empty() {
             let mut candidates: Vec<(u64, &Arc<Peer>)> = peers
                 .iter()
                 .filter(|p| shield.iter().any(|r| *r == p.region))
                 .filter(unseen)
                 .map(|p| (score(key, &p.node_id), p))
                 .collect();
+            // An edge of a shield region is one of the shields: it asks only those
+            // ranked above itself for the key (none when it is the key's shield), so
+            // the whole fleet fetches each key from the origins once.
+            if shield.contains(&self.region) {
+                let own = score(key, &self.node_id);
+                candidates.retain(|(score, _)| *score > own);
+            }
             candidates.sort_by_key(|(score, _)| std::cmp::Reverse(*score));
             hops.extend(candidates.into_iter().take(2).map(|(_, p)| Hop::Shield(p.clone())));
         }

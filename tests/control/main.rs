@@ -6,9 +6,12 @@
 //! `lossy` (packet loss and partitions between control and edges), `security`
 //! (TLS for the API, the admin listener's address, no secrets in logs or metrics);
 //! `process` runs a control node as a real process; `routing` is the routing
-//! document's API, versions, durability and agreement between control nodes.
+//! document's API, versions, durability and agreement between control nodes;
+//! `edge_routing` is the edges applying it (sites, origin pools, rules) with real
+//! servers.
 
 mod disk_full;
+mod edge_routing;
 mod lossy;
 mod process;
 mod routing;

@@ -56,7 +56,9 @@ async fn the_control_api_over_tls() {
         &dir.path().join("data"),
         "127.0.0.1:0".parse().unwrap(),
         "127.0.0.1:0".parse().unwrap(),
-        |c| c.tls = Some(TlsConfig { cert: Some(cert_file.clone()), key: Some(key_file.clone()), self_signed: false }),
+        |c| {
+            c.tls = Some(TlsConfig { cert: Some(cert_file.clone()), key: Some(key_file.clone()), ..Default::default() })
+        },
     )
     .await;
     let edge = TestEdge::join([127, 0, 0, 91], &origin.url(), control.cluster.gossip_addr(), SECRET).await;

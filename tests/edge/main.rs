@@ -1,6 +1,7 @@
 //! The edge cache against a mock origin, with real HTTP/1.1 and HTTP/2 clients.
 //! The edges, the mock origin and the clients come from `cdn-test-support`.
 
+mod certs;
 mod conditional;
 mod disk;
 mod h3;

@@ -25,6 +25,21 @@ pub struct TlsConfig {
     /// Generate a self-signed certificate at start (development only).
     #[serde(default)]
     pub self_signed: bool,
+    /// More certificates, chosen by the client's SNI (`[[tls.certs]]`); the first
+    /// certificate (`cert`/`key`, else the self-signed one, else the first of these)
+    /// is the default. See [`crate::certs`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certs: Vec<CertFiles>,
+}
+
+/// `[[tls.certs]]`: one more certificate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// PEM private key.
+    pub key: std::path::PathBuf,
 }
 
 impl TlsConfig {
@@ -38,12 +53,21 @@ impl TlsConfig {
             }
             (Some(_), None, _) => problems.push(format!("{prefix}.key: required when {prefix}.cert is set")),
             (None, Some(_), _) => problems.push(format!("{prefix}.cert: required when {prefix}.key is set")),
-            (None, None, false) => problems.push(format!("{prefix}: needs cert and key, or self_signed = true")),
+            (None, None, false) if !self.certs.is_empty() => {}
+            (None, None, false) => {
+                problems.push(format!("{prefix}: needs cert and key, [[{prefix}.certs]], or self_signed = true"))
+            }
         }
         problems
     }
 
-    /// Loads or generates the certificate; `names`/`ips` go into a self-signed one.
+    /// Every certificate of the section, chosen by SNI and reloaded when the files
+    /// change; `names`/`ips` go into a self-signed one.
+    pub fn certs(&self, names: &[String], ips: &[IpAddr]) -> Result<Arc<crate::certs::Certs>, Error> {
+        crate::certs::Certs::load(self, names, ips).map(Arc::new)
+    }
+
+    /// Loads or generates the (first) certificate; `names`/`ips` go into a self-signed one.
     pub fn load(&self, names: &[String], ips: &[IpAddr]) -> Result<CertifiedKey, Error> {
         match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => CertifiedKey::from_pem_files(cert, key),

@@ -33,9 +33,27 @@ pub async fn quic_connect_accepting(addr: SocketAddr, max_udp_payload: u16) -> (
     (endpoint, connection)
 }
 
+/// A QUIC connection with ALPN h3 to `addr` for server name `name`, the server's
+/// certificate checked against `roots` only.
+pub async fn quic_connect_to(
+    addr: SocketAddr,
+    name: &str,
+    roots: rustls::RootCertStore,
+) -> Result<(quinn::Endpoint, quinn::Connection), quinn::ConnectionError> {
+    let mut tls = cdn_node::tls::client_config(cdn_node::tls::ClientTrust::Roots(roots), true, &[b"h3"])
+        .expect("a TLS 1.3 client config");
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("a QUIC-capable TLS config");
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("an address")).expect("a QUIC endpoint");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connection = endpoint.connect(addr, name).expect("connect").await?;
+    Ok((endpoint, connection))
+}
+
 /// An HTTP/3 client connection (quinn + h3) to one server.
 pub struct H3Client {
     send: ::h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    authority: String,
     port: u16,
     /// The QUIC connection, for its statistics.
     pub connection: quinn::Connection,
@@ -51,17 +69,41 @@ impl H3Client {
     /// A client that accepts UDP payloads up to `max_udp_payload`.
     pub async fn connect_accepting(addr: SocketAddr, max_udp_payload: u16) -> Self {
         let (endpoint, connection) = quic_connect_accepting(addr, max_udp_payload).await;
+        Self::over(endpoint, connection, "localhost", addr.port()).await
+    }
+
+    /// A client for `https://<name>:<port>` on `addr`, trusting `roots` only.
+    pub async fn connect_to(
+        addr: SocketAddr,
+        name: &str,
+        roots: rustls::RootCertStore,
+    ) -> Result<Self, quinn::ConnectionError> {
+        let (endpoint, connection) = quic_connect_to(addr, name, roots).await?;
+        Ok(Self::over(endpoint, connection, name, addr.port()).await)
+    }
+
+    async fn over(endpoint: quinn::Endpoint, connection: quinn::Connection, authority: &str, port: u16) -> Self {
         let (mut driver, send) =
             ::h3::client::new(h3_quinn::Connection::new(connection.clone())).await.expect("h3 handshake");
         tokio::spawn(async move {
             let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
         });
-        Self { send, port: addr.port(), connection, _endpoint: endpoint }
+        Self { send, authority: authority.to_string(), port, connection, _endpoint: endpoint }
     }
 
-    /// `GET https://localhost:<port><path>` with `headers`; the whole response.
+    /// The certificate chain the server presented.
+    pub fn peer_chain(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        self.connection
+            .peer_identity()
+            .and_then(|identity| identity.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+            .map(|chain| *chain)
+            .unwrap_or_default()
+    }
+
+    /// `GET https://<name>:<port><path>` with `headers` (name: `localhost` unless
+    /// connected with [`connect_to`](Self::connect_to)); the whole response.
     pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Reply {
-        let mut request = http::Request::get(format!("https://localhost:{}{path}", self.port));
+        let mut request = http::Request::get(format!("https://{}:{}{path}", self.authority, self.port));
         for (name, value) in headers {
             request = request.header(*name, *value);
         }

@@ -178,6 +178,15 @@ impl MockOrigin {
         self.state.lock().unwrap().hits.get(path).copied().unwrap_or(0)
     }
 
+    /// Every path (and query) requested so far, with its count, sorted by path: what
+    /// an edge sent, where a test must show what it did *not* send.
+    pub fn requests(&self) -> Vec<(String, usize)> {
+        let mut seen: Vec<(String, usize)> =
+            self.state.lock().unwrap().hits.iter().map(|(p, n)| (p.clone(), *n)).collect();
+        seen.sort();
+        seen
+    }
+
     /// Forgets the requests counted so far.
     pub fn reset_hits(&self) {
         self.state.lock().unwrap().hits.clear();
