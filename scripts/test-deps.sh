@@ -34,6 +34,8 @@ need_apt=()
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 command -v ffmpeg >/dev/null || need_apt+=(ffmpeg)
 command -v ip >/dev/null || need_apt+=(iproute2)  # loopback up in the suite's network namespace
+# ACME test (tests/control/acme.rs): Let's Encrypt's test CA.
+command -v pebble >/dev/null || [ -x /usr/bin/pebble ] || need_apt+=(pebble)
 if ((${#need_apt[@]})); then
     echo "test-deps: installing ${need_apt[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod api;
 pub mod client;
 mod durable;

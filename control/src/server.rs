@@ -81,6 +81,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// The cluster to join.
     pub cluster: Option<ClusterConfig>,
+    /// Certificates for the fleet through ACME DNS-01 (see [`crate::acme`]).
+    pub acme: Option<crate::acme::AcmeConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -94,6 +96,7 @@ impl std::fmt::Debug for Config {
             .field("retention", &self.retention)
             .field("tls", &self.tls)
             .field("cluster", &self.cluster)
+            .field("acme", &self.acme)
             .finish()
     }
 }
@@ -130,6 +133,7 @@ impl Config {
             retention: default_retention(),
             tls: None,
             cluster: None,
+            acme: None,
         }
     }
 
@@ -151,6 +155,9 @@ impl Config {
         }
         if let Some(cluster) = &self.cluster {
             problems.extend(cluster.problems("cluster"));
+        }
+        if let Some(acme) = &self.acme {
+            problems.extend(acme.problems(self.cluster.is_some()));
         }
         ConfigError::check(problems)
     }
@@ -211,6 +218,8 @@ pub(crate) struct State {
     /// to be the first node): a routing document accepted before then could take a
     /// version another control node already used.
     settled: watch::Sender<bool>,
+    /// The ACME client, with `[acme]` (and a cluster).
+    pub(crate) acme: Option<Arc<crate::acme::Acme>>,
 }
 
 /// A bound control node.
@@ -282,6 +291,16 @@ impl Control {
             "Routing documents not stored because data_dir could not be written (refused or not adopted yet)",
         )?;
         registry.register(Box::new(routing_errors.clone()))?;
+        let acme = match (&config.acme, &cluster, &config.cluster) {
+            (Some(acme), Some(cluster), Some(cluster_config)) => Some(Arc::new(crate::acme::Acme::new(
+                acme.clone(),
+                &config.data_dir,
+                &config.node_id,
+                cluster.clone(),
+                cdn_cluster::CertSeal::new(&cluster_config.secret),
+            ))),
+            _ => None,
+        };
         let state = Arc::new(State {
             node_id: config.node_id.clone(),
             token,
@@ -296,6 +315,7 @@ impl Control {
             routing_version,
             routing_errors,
             settled: watch::Sender::new(false),
+            acme,
         });
         Ok(Self {
             state,
@@ -387,6 +407,9 @@ impl Control {
             tasks.spawn("completions", track_completions(state.clone(), cluster.clone(), token.clone()));
             tasks.spawn("gc", collect_garbage(state.clone(), cluster.clone(), token.clone()));
             tasks.spawn("routing", follow_routing(state.clone(), cluster.clone(), token.clone()));
+            if let Some(acme) = &state.acme {
+                tasks.spawn("acme", acme.clone().run(state.settled.subscribe(), token.clone()));
+            }
             tasks.spawn("cluster", cluster.clone().supervise(token.clone()));
         } else {
             state.settled.send_replace(true);
@@ -469,6 +492,22 @@ async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body
         (&Method::PUT, ["routing"]) => put_routing(state, request).await,
         (&Method::GET, ["routing"]) => get_routing(state).await,
         (&Method::GET, ["overview"]) => reply(StatusCode::OK, &crate::status::overview(state).await),
+        (&Method::POST, ["certificates", "renew"]) => match &state.acme {
+            Some(acme) => {
+                acme.renew_now();
+                reply(StatusCode::ACCEPTED, &serde_json::json!({"renewing": true}))
+            }
+            None => failure(StatusCode::NOT_FOUND, "no [acme] section on this control node"),
+        },
+        (&Method::GET, ["certificates"]) => match &state.acme {
+            Some(acme) => {
+                let current = acme
+                    .current()
+                    .map(|(label, not_after)| serde_json::json!({"label": label, "not_after": not_after}));
+                reply(StatusCode::OK, &serde_json::json!({"certificate": current}))
+            }
+            None => failure(StatusCode::NOT_FOUND, "no [acme] section on this control node"),
+        },
         (&Method::POST, ["edges", node, action @ ("drain" | "undrain")]) => {
             drain(state, node, *action == "drain").await
         }

@@ -189,9 +189,13 @@ impl Cache {
 
     /// Applies a purge — the one place purges reach the cache. Hard: matching
     /// entries are dropped; soft: they are marked for revalidation (the policy then
-    /// revalidates them before use). Fills under way are not stored.
+    /// revalidates them before use). Fills under way are not stored, and are no
+    /// longer joined: a request after the purge starts a fill of its own rather than
+    /// wait for one that may be fetching what was purged (those already waiting get
+    /// its answer: they asked before the purge).
     pub(crate) fn purge(&self, target: &Target, soft: bool) -> usize {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.inflight.lock().unwrap_or_else(PoisonError::into_inner).clear();
         if !soft {
             self.pass_marks.invalidate_all();
         }
@@ -297,5 +301,27 @@ impl Cache {
     /// Entries held in memory.
     pub(crate) fn objects(&self) -> u64 {
         self.store.objects()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_purge_detaches_the_fills_in_flight() {
+        let cache = Cache::new(1 << 20, None);
+        let Flight::Leader(before) = cache.join_or_start("k") else { panic!("the first request leads") };
+        assert!(matches!(cache.join_or_start("k"), Flight::Follower(_)), "coalesced before the purge");
+        let target = Target { urls: vec!["other/x".into()], ..Target::default() };
+        cache.purge(&target, false);
+        // After a purge (of anything), nobody joins a fill that started before it.
+        let Flight::Leader(after) = cache.join_or_start("k") else { panic!("a new fill after the purge") };
+        assert!(!Arc::ptr_eq(&before, &after));
+        // The old fill landing does not end the new one.
+        cache.land("k", &before);
+        assert!(cache.is_filling("k"));
+        cache.land("k", &after);
+        assert!(!cache.is_filling("k"));
     }
 }

@@ -283,6 +283,10 @@ impl Edge {
             tasks.spawn("h3", crate::h3::serve(endpoint, pipeline.clone(), token.clone(), config.limits.clone()));
         }
         if let Some(certs) = certs {
+            if let (Some(cluster), Some(cluster_config)) = (&cluster, &config.cluster) {
+                let seal = cdn_cluster::CertSeal::new(&cluster_config.secret);
+                tasks.spawn("issued-certs", install_issued(certs.clone(), cluster.clone(), seal, token.clone()));
+            }
             tasks.spawn("certs", certs.watch(token.clone()));
         }
         if let Some(listener) = admin {
@@ -382,6 +386,49 @@ async fn maintain(
     }
     if let Some(cluster) = &cluster {
         cluster.publish_health(false, 1.0).await;
+    }
+}
+
+/// Installs the certificates the control plane issues (gossip, keys sealed with the
+/// cluster secret) as they arrive and when renewed, until `shutdown`.
+async fn install_issued(
+    certs: Arc<cdn_node::certs::Certs>,
+    cluster: Arc<cdn_cluster::Cluster>,
+    seal: cdn_cluster::CertSeal,
+    shutdown: CancellationToken,
+) {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut installed: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for (label, cert) in cluster.certs().await {
+            if installed.get(&label).is_some_and(|have| *have >= cert.not_after) {
+                continue;
+            }
+            // Marked as seen either way: a certificate that does not open or load is
+            // reported once, not every second.
+            installed.insert(label.clone(), cert.not_after);
+            let Some(key) = seal.open(&cert.key) else {
+                warn!(%label, "an issued certificate's key does not open with this cluster's secret");
+                continue;
+            };
+            let chain: Result<Vec<_>, _> =
+                rustls_pki_types::CertificateDer::pem_slice_iter(cert.chain.as_bytes()).collect();
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&key);
+            match (chain, key) {
+                (Ok(chain), Ok(key)) if !chain.is_empty() => {
+                    if let Err(error) = certs.install(&label, chain, key) {
+                        warn!(%label, %error, "an issued certificate was not installed");
+                    }
+                }
+                _ => warn!(%label, "an issued certificate does not parse"),
+            }
+        }
     }
 }
 

@@ -80,6 +80,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     counter: AtomicU64,
     degraded_log: Throttle,
+    /// ACME DNS-01 challenges the control plane publishes: name (lowercase, no
+    /// trailing dot) → TXT values.
+    pub(crate) challenges: arc_swap::ArcSwap<std::collections::HashMap<String, Vec<String>>>,
 }
 
 /// A decided response.
@@ -256,6 +259,7 @@ impl Shared {
             metrics,
             counter: AtomicU64::new(0),
             degraded_log: Throttle::default(),
+            challenges: arc_swap::ArcSwap::default(),
         })
     }
 
@@ -323,6 +327,16 @@ impl Shared {
             // No zone transfers: the answers are computed, not stored.
             return reply.error(if kind == NameKind::Outside { ResponseCode::Refused } else { ResponseCode::NotImp });
         }
+        if kind != NameKind::Outside
+            && matches!(qtype, RecordType::TXT | RecordType::ANY)
+            && let Some(records) = self.challenge(query.original().name())
+        {
+            // An ACME DNS-01 challenge: answered while the control plane publishes
+            // it, never cached long (TTL 0).
+            reply.metadata.authoritative = true;
+            reply.answers.extend(records);
+            return reply;
+        }
         let (apex, service, nameserver) = match kind {
             NameKind::Outside => return reply.error(ResponseCode::Refused),
             NameKind::Missing => {
@@ -364,6 +378,29 @@ impl Shared {
             reply.authorities.push(self.zone.negative_soa().clone());
         }
         reply
+    }
+
+    /// The TXT records of an ACME challenge name, when one is published.
+    fn challenge(&self, name: &Name) -> Option<Vec<Record>> {
+        let challenges = self.challenges.load();
+        if challenges.is_empty() {
+            return None;
+        }
+        let text = name.to_ascii();
+        let key = text.trim_end_matches('.').to_ascii_lowercase();
+        let values = challenges.get(&key)?;
+        Some(
+            values
+                .iter()
+                .map(|value| {
+                    Record::from_rdata(
+                        name.clone(),
+                        0,
+                        RData::TXT(hickory_proto::rr::rdata::TXT::new(vec![value.clone()])),
+                    )
+                })
+                .collect(),
+        )
     }
 
     /// Adds the nearest edges for the client to `reply`.

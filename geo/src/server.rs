@@ -150,6 +150,7 @@ impl Geo {
         }
         if let Some(cluster) = &cluster {
             tasks.spawn("cluster", cluster.clone().supervise(token.clone()));
+            tasks.spawn("acme", follow_challenges(shared.clone(), cluster.clone(), token.clone()));
         }
 
         let mut server = Server::new(Handler(shared));
@@ -213,4 +214,22 @@ pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry
         cluster.stopped().await;
     }
     result
+}
+
+/// Keeps the ACME challenges the control plane publishes in `shared` (every
+/// 250 ms), until `shutdown`.
+async fn follow_challenges(shared: Arc<Shared>, cluster: Arc<cdn_cluster::Cluster>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let all: std::collections::HashMap<String, Vec<String>> = cluster.acme_all().await.into_iter().collect();
+        if **shared.challenges.load() != all {
+            tracing::info!(names = all.len(), "ACME challenges changed");
+            shared.challenges.store(Arc::new(all));
+        }
+    }
 }

@@ -89,8 +89,9 @@ impl Origin {
         let tls = match (config.listen.https, &config.tls) {
             (Some(addr), Some(tls)) => {
                 let ips: Vec<_> = Some(addr.ip()).filter(|ip| !ip.is_unspecified()).into_iter().collect();
-                let key = tls.load(&[], &ips)?;
-                Some(Arc::new(key.server_config(&[b"h2", b"http/1.1"], false)?))
+                // Chosen by SNI like the edge's (read once: the origin does not reload).
+                let certs = tls.certs(&[], &ips)?;
+                Some(Arc::new(certs.server_config(&[b"h2", b"http/1.1"], false)?))
             }
             _ => None,
         };

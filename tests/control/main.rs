@@ -8,14 +8,17 @@
 //! `process` runs a control node as a real process; `routing` is the routing
 //! document's API, versions, durability and agreement between control nodes;
 //! `edge_routing` is the edges applying it (sites, origin pools, rules) with real
-//! servers.
+//! servers; `tiers` is tiered caching (shields, in-region sharing, loops, purges
+//! through shields) with real servers.
 
+mod acme;
 mod disk_full;
 mod edge_routing;
 mod lossy;
 mod process;
 mod routing;
 mod security;
+mod tiers;
 
 use std::{net::SocketAddr, time::Duration};
 

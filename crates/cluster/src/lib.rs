@@ -63,7 +63,7 @@ use state::{Drain, Entry, Key, NodeView, Purges, RoutingHead, Serve, Stats, Topi
 pub use transport::PacketLoss;
 
 pub use crate::error::Error;
-pub use crate::peer::PeerKey;
+pub use crate::peer::{CertSeal, PeerKey};
 
 /// The shared secret that authenticates gossip. Never printed.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -564,6 +564,54 @@ impl Cluster {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Publishes (or replaces) the TXT values of an ACME DNS-01 challenge name.
+    pub async fn publish_acme(&self, name: &str, values: Vec<String>) {
+        self.set(&[Entry::Acme { name: name.to_ascii_lowercase(), values }]).await;
+    }
+
+    /// Withdraws an ACME challenge name published by this node.
+    pub async fn withdraw_acme(&self, name: &str) {
+        let key = Key::Acme(name.to_ascii_lowercase()).to_string();
+        self.handle.with_chitchat(|chitchat| chitchat.self_node_state().delete(&key)).await;
+    }
+
+    /// Every live node's ACME challenge names and their TXT values (merged).
+    pub async fn acme_all(&self) -> BTreeMap<String, Vec<String>> {
+        let mut all: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (_, entry) in self.entries(Topic::Acme).await {
+            if let Entry::Acme { name, values } = entry {
+                let merged = all.entry(name).or_default();
+                for value in values {
+                    if !merged.contains(&value) {
+                        merged.push(value);
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    /// Publishes a certificate this (control) node holds.
+    pub async fn publish_cert(&self, cert: state::SealedCert) {
+        self.set(&[Entry::Cert(cert)]).await;
+    }
+
+    /// The newest certificate of each label the live nodes publish.
+    pub async fn certs(&self) -> BTreeMap<String, state::SealedCert> {
+        let mut newest: BTreeMap<String, state::SealedCert> = BTreeMap::new();
+        for (_, entry) in self.entries(Topic::Cert).await {
+            if let Entry::Cert(cert) = entry {
+                match newest.get(&cert.label) {
+                    Some(have) if have.not_after >= cert.not_after => {}
+                    _ => {
+                        newest.insert(cert.label.clone(), cert);
+                    }
+                }
+            }
+        }
+        newest
     }
 
     /// Publishes this (edge) node's traffic counters.

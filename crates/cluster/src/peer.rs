@@ -73,9 +73,79 @@ impl PeerKey {
     }
 }
 
+/// Seals what only members may read (the private keys of certificates the control
+/// plane issues, as they travel in gossip): AES-256-GCM under a key derived from the
+/// cluster secret, a random nonce per message. Gossip itself is authenticated but
+/// not encrypted; this keeps keys unreadable to anyone who sees its packets.
+pub struct CertSeal(ring::aead::LessSafeKey);
+
+impl std::fmt::Debug for CertSeal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertSeal(<redacted>)")
+    }
+}
+
+impl CertSeal {
+    /// The seal of the cluster with `secret`.
+    pub fn new(secret: &Secret) -> Self {
+        let derive = hmac::Key::new(hmac::HMAC_SHA256, secret.bytes());
+        let derived = hmac::sign(&derive, b"cdn certificate seal key v1");
+        let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, derived.as_ref()).expect("32 bytes");
+        Self(ring::aead::LessSafeKey::new(key))
+    }
+
+    /// `plain` sealed, as hex (nonce ‖ ciphertext ‖ tag).
+    pub fn seal(&self, plain: &[u8]) -> String {
+        let mut nonce = [0u8; 12];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).expect("the system RNG");
+        let mut data = plain.to_vec();
+        self.0
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::empty(),
+                &mut data,
+            )
+            .expect("sealing cannot fail below 64 GiB");
+        nonce.iter().chain(&data).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// What [`seal`](Self::seal) sealed; `None` when it was not sealed by this
+    /// cluster's key (or was changed).
+    pub fn open(&self, sealed: &str) -> Option<Vec<u8>> {
+        if !sealed.len().is_multiple_of(2) || sealed.len() < 2 * (12 + 16) {
+            return None;
+        }
+        let bytes: Vec<u8> = (0..sealed.len() / 2)
+            .map(|i| u8::from_str_radix(sealed.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect::<Option<_>>()?;
+        let (nonce, data) = bytes.split_at(12);
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut data = data.to_vec();
+        let plain = self.0.open_in_place(nonce, ring::aead::Aad::empty(), &mut data).ok()?;
+        Some(plain.to_vec())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sealed_keys_open_only_in_their_cluster() {
+        let seal = CertSeal::new(&Secret::new("a cluster secret of 32 bytes...."));
+        let sealed = seal.seal(b"-----BEGIN PRIVATE KEY-----");
+        assert!(!sealed.contains("PRIVATE"));
+        assert_ne!(sealed, seal.seal(b"-----BEGIN PRIVATE KEY-----"), "a nonce of its own");
+        assert_eq!(seal.open(&sealed).unwrap(), b"-----BEGIN PRIVATE KEY-----");
+        let other = CertSeal::new(&Secret::new("another cluster secret of 32 b.."));
+        assert!(other.open(&sealed).is_none());
+        let mut changed = sealed.clone();
+        changed.replace_range(40..41, if &sealed[40..41] == "0" { "1" } else { "0" });
+        assert!(seal.open(&changed).is_none());
+        for junk in ["", "zz", "00"] {
+            assert!(seal.open(junk).is_none());
+        }
+    }
 
     #[test]
     fn tokens_verify_only_with_the_secret_and_in_time() {

@@ -97,6 +97,10 @@ pub enum Key {
     RoutingApplied,
     /// `serve`.
     Serve,
+    /// `acme:<name>`: the TXT values of an ACME DNS-01 challenge name.
+    Acme(String),
+    /// `cert:<label>`: a certificate issued by the control plane, its key sealed.
+    Cert(String),
 }
 
 impl Key {
@@ -122,6 +126,10 @@ impl Key {
                     seq.parse().ok().map(Self::Purge)
                 } else if let Some(control) = key.strip_prefix("applied:") {
                     (!control.is_empty()).then(|| Self::Applied(control.to_string()))
+                } else if let Some(name) = key.strip_prefix("acme:") {
+                    (!name.is_empty()).then(|| Self::Acme(name.to_string()))
+                } else if let Some(label) = key.strip_prefix("cert:") {
+                    (!label.is_empty()).then(|| Self::Cert(label.to_string()))
                 } else if let Some(node) = key.strip_prefix("drain:") {
                     (!node.is_empty()).then(|| Self::Drain(node.to_string()))
                 } else if let Some(chunk) = key.strip_prefix("routing:") {
@@ -182,6 +190,8 @@ impl fmt::Display for Key {
             Self::RoutingChunk { xxh3, index } => write!(f, "routing:{xxh3:016x}:{index}"),
             Self::RoutingApplied => f.write_str("routing_applied"),
             Self::Serve => f.write_str("serve"),
+            Self::Acme(name) => write!(f, "acme:{name}"),
+            Self::Cert(label) => write!(f, "cert:{label}"),
         }
     }
 }
@@ -201,6 +211,10 @@ pub enum Topic {
     RoutingApplied,
     /// Edges' listeners for other edges ([`Key::Serve`]).
     Serve,
+    /// ACME DNS-01 challenges ([`Key::Acme`]).
+    Acme,
+    /// Issued certificates ([`Key::Cert`]).
+    Cert,
 }
 
 impl Topic {
@@ -213,6 +227,8 @@ impl Topic {
             Self::Routing => "routing:",
             Self::RoutingApplied => "routing_applied",
             Self::Serve => "serve",
+            Self::Acme => "acme:",
+            Self::Cert => "cert:",
         }
     }
 }
@@ -462,6 +478,31 @@ pub enum Entry {
     RoutingApplied(u64),
     /// Where this edge takes requests from other edges.
     Serve(Serve),
+    /// The TXT values to answer for an ACME challenge name
+    /// (`_acme-challenge.www.cdn.test`).
+    Acme {
+        /// The name, lowercase, without the trailing dot.
+        name: String,
+        /// Its TXT values.
+        values: Vec<String>,
+    },
+    /// A certificate the control plane issued.
+    Cert(SealedCert),
+}
+
+/// A certificate issued by the control plane as it travels in gossip: the chain in
+/// clear, the private key sealed with a key derived from the cluster secret
+/// ([`crate::peer::CertSeal`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedCert {
+    /// What it is for (the first name it covers); one entry per label.
+    pub label: String,
+    /// Its end of validity, seconds since the Unix epoch (the newest wins).
+    pub not_after: i64,
+    /// The PEM chain, leaf first.
+    pub chain: String,
+    /// The PEM private key, sealed (base64 of nonce ‖ AES-256-GCM ciphertext).
+    pub key: String,
 }
 
 impl Entry {
@@ -485,6 +526,8 @@ impl Entry {
             Self::RoutingChunk { xxh3, index, .. } => Key::RoutingChunk { xxh3: *xxh3, index: *index },
             Self::RoutingApplied(_) => Key::RoutingApplied,
             Self::Serve(_) => Key::Serve,
+            Self::Acme { name, .. } => Key::Acme(name.clone()),
+            Self::Cert(cert) => Key::Cert(cert.label.clone()),
         }
     }
 
@@ -503,6 +546,8 @@ impl Entry {
             Self::Purge(record) => serde_json::to_string(record).expect("PurgeRecord serializes"),
             Self::RoutingHead(head) => serde_json::to_string(head).expect("RoutingHead serializes"),
             Self::Serve(serve) => serde_json::to_string(serve).expect("Serve serializes"),
+            Self::Acme { values, .. } => serde_json::to_string(values).expect("strings serialize"),
+            Self::Cert(cert) => serde_json::to_string(cert).expect("SealedCert serializes"),
             Self::RoutingChunk { text, .. } => text.clone(),
             Self::PurgeFloor(seq) | Self::Applied { seq, .. } | Self::RoutingApplied(seq) => seq.to_string(),
             Self::Drain { drain, .. } => format!("{}:{}", u8::from(drain.drained), drain.at_ms),
@@ -560,6 +605,15 @@ impl Entry {
             Key::RoutingChunk { xxh3, index } => Ok(Self::RoutingChunk { xxh3, index, text: value.to_string() }),
             Key::RoutingApplied => value.parse().map(Self::RoutingApplied).map_err(|e| bad(key, e.into())),
             Key::Serve => serde_json::from_str(value).map(Self::Serve).map_err(|e| bad(key, e.into())),
+            Key::Acme(name) => match serde_json::from_str::<Vec<String>>(value) {
+                Ok(values) => Ok(Self::Acme { name, values }),
+                Err(e) => Err(bad(Key::Acme(name), e.into())),
+            },
+            Key::Cert(label) => match serde_json::from_str::<SealedCert>(value) {
+                Ok(cert) if cert.label == label => Ok(Self::Cert(cert)),
+                Ok(cert) => Err(bad(Key::Cert(label), format!("the entry says label {:?}", cert.label).into())),
+                Err(e) => Err(bad(Key::Cert(label), e.into())),
+            },
         }
     }
 
@@ -617,7 +671,9 @@ impl NodeView {
             | Entry::RoutingHead(_)
             | Entry::RoutingChunk { .. }
             | Entry::RoutingApplied(_)
-            | Entry::Serve(_) => {}
+            | Entry::Serve(_)
+            | Entry::Acme { .. }
+            | Entry::Cert(_) => {}
         }
     }
 
@@ -736,6 +792,13 @@ mod tests {
             Entry::Stats(Stats { upstream: Upstreams { origin: 1, shield: 2, peer: 3 }, ..Stats::default() }),
             Entry::Serve(Serve { http: Some("127.0.0.11:8080".parse().unwrap()), https: None }),
             Entry::Serve(Serve { http: None, https: Some("[::1]:8443".parse().unwrap()) }),
+            Entry::Acme { name: "_acme-challenge.www.cdn.test".into(), values: vec!["abc".into(), "def".into()] },
+            Entry::Cert(SealedCert {
+                label: "www.cdn.test".into(),
+                not_after: 1,
+                chain: "pem".into(),
+                key: "k".into(),
+            }),
             Entry::Purge(record(1)),
             Entry::Purge(PurgeRecord { soft: false, target: Target::everything(), ..record(u64::MAX) }),
             Entry::PurgeFloor(0),

@@ -7,9 +7,9 @@
 //! [`TestEdge::join`] and [`TestEdge::join_with_loss`]). Its clients are in
 //! [`crate::client`].
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use cdn_cluster::{ClusterConfig, PacketLoss};
+use cdn_cluster::{Cluster, ClusterConfig, PacketLoss};
 use cdn_edge::{Clock, Config, Edge};
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +18,8 @@ use crate::net::free_port;
 
 /// A running edge, node id `edge-test-1` unless the config says otherwise.
 pub struct TestEdge {
+    /// Its node id (`edge-test-1` unless the config said otherwise).
+    pub node_id: String,
     pub http: SocketAddr,
     pub https: Option<SocketAddr>,
     pub h3: Option<SocketAddr>,
@@ -25,6 +27,8 @@ pub struct TestEdge {
     /// The cache's clock: `clock.advance(..)` ages every stored response.
     pub clock: Clock,
     pub registry: Registry,
+    /// Its gossip cluster, when it joined one (the view it serves by).
+    pub cluster: Option<Arc<Cluster>>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -37,6 +41,7 @@ impl TestEdge {
         config.listen.http = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         config.listen.admin = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         tweak(&mut config);
+        let node_id = config.node_id.clone();
         let registry = Registry::new();
         let clock = Clock::system();
         let edge = Edge::bind_with_clock(config, &registry, clock.clone()).await.expect("edge binds");
@@ -46,12 +51,13 @@ impl TestEdge {
             edge.admin_addr().expect("an admin listener"),
         );
         let h3 = edge.h3_addr();
+        let cluster = edge.cluster();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
             async move { edge.serve(shutdown).await.expect("edge serves") }
         });
-        Self { http, https, h3, admin, clock, registry, shutdown, task }
+        Self { node_id, http, https, h3, admin, clock, registry, cluster, shutdown, task }
     }
 
     /// Edge `edge-<last octet of ip>`, with HTTP, admin and gossip on `ip` (port 0),
@@ -63,6 +69,19 @@ impl TestEdge {
     /// [`join`](Self::join), with gossip that drops what `loss` says (a clone the
     /// test keeps and changes).
     pub async fn join_with_loss(ip: [u8; 4], origin: &str, seed: SocketAddr, secret: &str, loss: PacketLoss) -> Self {
+        Self::join_with(ip, origin, seed, secret, loss, |_| {}).await
+    }
+
+    /// [`join_with_loss`](Self::join_with_loss), with the config changed by `tweak`
+    /// last (its region, `[cache]`, the cluster's timings...).
+    pub async fn join_with(
+        ip: [u8; 4],
+        origin: &str,
+        seed: SocketAddr,
+        secret: &str,
+        loss: PacketLoss,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         Self::start(origin, |c| {
             c.node_id = format!("edge-{}", ip[3]);
             c.listen.http = Some((ip, 0).into());
@@ -71,6 +90,7 @@ impl TestEdge {
             cluster.seeds = vec![seed.to_string()];
             cluster.loss = loss;
             c.cluster = Some(cluster);
+            tweak(c);
         })
         .await
     }

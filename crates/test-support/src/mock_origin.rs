@@ -1,6 +1,7 @@
 //! A programmable origin for edge tests: routes with fixed responses, delays,
 //! trickled or cut-short bodies, single ranges and ETag revalidation; it counts
-//! every request it sees and keeps the last headers of each.
+//! every request it sees (by path, and by path and `Range`) and keeps the last
+//! headers of each.
 //!
 //! Moved from tests/edge/mock_origin.rs (which tests/control/main.rs also pulled
 //! in with `#[path]`).
@@ -108,6 +109,8 @@ struct State {
     clock: Option<cdn_edge::Clock>,
     routes: HashMap<String, Route>,
     hits: HashMap<String, usize>,
+    /// Requests per (path and query, `Range` header or `""`).
+    range_hits: HashMap<(String, String), usize>,
     last_headers: HashMap<String, HeaderMap>,
 }
 
@@ -189,12 +192,24 @@ impl MockOrigin {
 
     /// Forgets the requests counted so far.
     pub fn reset_hits(&self) {
-        self.state.lock().unwrap().hits.clear();
+        let mut state = self.state.lock().unwrap();
+        state.hits.clear();
+        state.range_hits.clear();
     }
 
     /// The headers of the last request for `path` (empty if none came).
     pub fn last_headers(&self, path: &str) -> HeaderMap {
         self.state.lock().unwrap().last_headers.get(path).cloned().unwrap_or_default()
+    }
+
+    /// The requests seen for `path_and_query`, counted by their `Range` header
+    /// (`""`: none), sorted by it.
+    pub fn range_hits(&self, path: &str) -> Vec<(String, usize)> {
+        let state = self.state.lock().unwrap();
+        let mut seen: Vec<(String, usize)> =
+            state.range_hits.iter().filter(|((p, _), _)| p == path).map(|((_, r), n)| (r.clone(), *n)).collect();
+        seen.sort();
+        seen
     }
 
     /// Stops accepting and drops every open connection.
@@ -209,6 +224,8 @@ async fn respond(state: &Mutex<State>, req: Request<Incoming>) -> Response<BoxBo
         let mut state = state.lock().unwrap();
         let now = state.clock.as_ref().map_or_else(std::time::SystemTime::now, |c| c.now());
         *state.hits.entry(key.clone()).or_default() += 1;
+        let range = req.headers().get("range").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        *state.range_hits.entry((key.clone(), range)).or_default() += 1;
         state.last_headers.insert(key.clone(), req.headers().clone());
         (state.routes.get(&key).or_else(|| state.routes.get(req.uri().path())).cloned(), now)
     };

@@ -452,3 +452,33 @@ fn queries_with_many_questions_get_formerr_without_them() {
     assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
     assert!(r.queries.is_empty());
 }
+
+#[test]
+fn acme_challenges_are_answered_while_published() {
+    let f = fixture();
+    let ask = Ask { name: "_acme-challenge.WWW.cdn.test.", qtype: RecordType::TXT, ..Ask::default() };
+    let r = f.ask(ask);
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain, "nothing published");
+    let mut published = std::collections::HashMap::new();
+    published.insert("_acme-challenge.www.cdn.test".to_string(), vec!["v1".to_string(), "v2".to_string()]);
+    published.insert("_acme-challenge.other.example".to_string(), vec!["x".to_string()]);
+    f.shared.challenges.store(Arc::new(published));
+    let r = f.ask(ask);
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert!(r.metadata.authoritative);
+    let values: Vec<String> = r
+        .answers
+        .iter()
+        .map(|record| match &record.data {
+            RData::TXT(txt) => String::from_utf8(txt.txt_data[0].to_vec()).unwrap(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(values, ["v1", "v2"]);
+    assert!(r.answers.iter().all(|record| record.ttl == 0));
+    // Only TXT, and only inside the zone.
+    let r = f.ask(Ask { qtype: RecordType::A, ..ask });
+    assert!(r.answers.is_empty());
+    let r = f.ask(Ask { name: "_acme-challenge.other.example.", qtype: RecordType::TXT, ..Ask::default() });
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+}
