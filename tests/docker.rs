@@ -391,9 +391,8 @@ impl Cluster {
     }
 
     /// Adds `WAN_DELAY_MS` to everything `edge` sends into the core network (to the
-    /// origin, the control nodes, geo and the other regions) -- with netem; without
-    /// it, to everything it receives from there -- so every region is `WAN_DELAY_MS`
-    /// of round trip away from the core and 2x from another region.
+    /// origin, the control nodes, geo and the other regions), so every region is
+    /// `WAN_DELAY_MS` of round trip away from the core and 2x from another region.
     ///
     /// First it routes the other regions' edge addresses through the core (see
     /// [`route_regions_over_core`](Self::route_regions_over_core)), so what edges of
@@ -421,12 +420,15 @@ impl Cluster {
                 run(&mut ns(&["tc", "qdisc", "replace", "dev", &dev, "root", "netem", "delay", &delay]));
             }
             DelayMode::Nfqueue => {
-                // What the edge *receives* from the core: a packet held on its way out
-                // would still count against its socket (TCP Small Queues), which then
-                // sends a few packets per delay -- about 130 KB/s out of an edge, where
-                // netem (which lets go of the socket) keeps TCP's usual pace. Held on
-                // the way in, the round trip is the same and the sender is not throttled.
-                let rule = ["INPUT", "-i", &dev, "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"];
+                // Everything out of the core interface (to the core, and to the other
+                // regions' edges routed through it). A packet held here still counts
+                // against its TCP socket (TCP Small Queues, which netem avoids), so a
+                // bulk transfer out of an edge runs at about 130 KB/s: a 256 KiB
+                // object from a shield takes ~2 s to its last byte. Holding what the
+                // edge receives instead (INPUT -i <dev>) keeps TCP's pace, but twice
+                // left an edge with no traffic from the core at all after a while (not
+                // understood; docs/deploy.md, WAN latency).
+                let rule = ["OUTPUT", "-o", &dev, "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"];
                 if !output(ns(&["iptables", "-C"]).args(rule)).status.success() {
                     run(ns(&["iptables", "-A"]).args(rule));
                 }
@@ -1130,7 +1132,7 @@ fn multi_region_deployment() {
         cluster.add_wan_delay(e);
     }
     step(
-        &format!("{WAN_DELAY_MS} ms added to each edge's traffic with the core ({:?})", cluster.delay_mode.unwrap()),
+        &format!("{WAN_DELAY_MS} ms added to each edge's traffic into the core ({:?})", cluster.delay_mode.unwrap()),
         t0,
     );
 
