@@ -24,7 +24,32 @@ use crate::server::State;
 #[derive(Debug, Default)]
 pub(crate) struct Rates {
     previous: HashMap<String, (Instant, Stats)>,
-    current: HashMap<String, (f64, f64)>,
+    current: HashMap<String, Rate>,
+}
+
+/// An edge's rates between two polls, per second.
+#[derive(Debug, Default, Clone, Copy)]
+struct Rate {
+    requests: f64,
+    bytes: f64,
+    /// Upstream requests (tiered caching): to origins, shield edges, region peers.
+    origin: f64,
+    shield: f64,
+    peer: f64,
+}
+
+impl Rate {
+    fn between(before: &Stats, now: &Stats, seconds: f64) -> Self {
+        let per_s = |now: u64, before: u64| now.saturating_sub(before) as f64 / seconds;
+        let (u, b) = (&now.upstream, &before.upstream);
+        Self {
+            requests: per_s(now.requests, before.requests),
+            bytes: per_s(now.bytes, before.bytes),
+            origin: per_s(u.origin, b.origin),
+            shield: per_s(u.shield, b.shield),
+            peer: per_s(u.peer, b.peer),
+        }
+    }
 }
 
 /// A one-line description of a purge.
@@ -69,9 +94,7 @@ pub(crate) async fn overview(state: &Arc<State>) -> Value {
             if let Some((then, before)) = rates.previous.get(node).copied() {
                 let seconds = now.duration_since(then).as_secs_f64();
                 if seconds >= 0.5 {
-                    let rps = counters.requests.saturating_sub(before.requests) as f64 / seconds;
-                    let bps = counters.bytes.saturating_sub(before.bytes) as f64 / seconds;
-                    rates.current.insert(node.clone(), (rps, bps));
+                    rates.current.insert(node.clone(), Rate::between(&before, counters, seconds));
                     rates.previous.insert(node.clone(), (now, *counters));
                 }
             } else {
@@ -80,7 +103,8 @@ pub(crate) async fn overview(state: &Arc<State>) -> Value {
         }
         for member in cluster.members().iter() {
             let counters = stats.get(&member.node_id).copied().unwrap_or_default();
-            let (rps, bps) = rates.current.get(&member.node_id).copied().unwrap_or((0.0, 0.0));
+            let rate = rates.current.get(&member.node_id).copied().unwrap_or_default();
+            let upstream = counters.upstream;
             let hit_ratio = (counters.requests > 0).then(|| counters.hits as f64 / counters.requests as f64);
             nodes.push(json!({
                 "node_id": member.node_id,
@@ -94,8 +118,11 @@ pub(crate) async fn overview(state: &Arc<State>) -> Value {
                 "applied_seq": applied.get(&member.node_id),
                 "requests": counters.requests,
                 "hit_ratio": hit_ratio,
-                "requests_per_s": rps,
-                "bytes_per_s": bps,
+                "requests_per_s": rate.requests,
+                "bytes_per_s": rate.bytes,
+                // Requests the edge sent upstream since it started, and per second.
+                "upstream": { "origin": upstream.origin, "shield": upstream.shield, "peer": upstream.peer },
+                "upstream_per_s": { "origin": rate.origin, "shield": rate.shield, "peer": rate.peer },
                 "edge": member.role == Role::Edge,
             }));
         }

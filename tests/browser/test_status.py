@@ -48,6 +48,21 @@ def test_e_status_page_shows_every_edge_and_a_drain(browser, cdn):
         purge = json.loads(response.read())
     b.wait_for(f"return document.querySelector('#purges tbody').textContent.includes('{purge['id']}')",
                "the purge in the list", timeout=10)
+    # The upstream column: requests per second to origins, shields and region peers,
+    # the totals in its title; each edge has fetched from the origin by now.
+    upstream = b.wait_for(
+        "const out = {};"
+        "for (const r of document.querySelectorAll('#nodes tbody tr')) {"
+        "  const td = r.querySelector('td.upstream');"
+        "  const m = td && /origin (\\d+), shield (\\d+), peer (\\d+)/.exec(td.title);"
+        "  if (!m || !/^\\d+\\.\\d · \\d+\\.\\d · \\d+\\.\\d$/.test(td.textContent) || +m[1] < 1) return null;"
+        "  out[r.dataset.node] = [td.textContent, +m[1], +m[2], +m[3]];"
+        "}"
+        "return Object.keys(out).length === 3 ? out : null;",
+        "origin requests in every edge's upstream column", timeout=10)
+    assert set(upstream) == set(EDGES), upstream
+    header = b.execute_script("return document.querySelector('#nodes thead').textContent")
+    assert "upstream/s" in header and "origin · shield · peer" in header, header
     # A drain shows within seconds; an undrain brings the edge back.
     started = time.monotonic()
     api("POST", "/v1/edges/eu-west/drain")

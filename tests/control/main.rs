@@ -388,6 +388,7 @@ async fn operator_commands_purge_list_and_drain() {
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.header("content-type").starts_with("text/html"));
     assert!(String::from_utf8_lossy(&page.body).contains("<svg"));
+    assert!(String::from_utf8_lossy(&page.body).contains("upstream/s"), "the upstream column");
     let (status, _) = api(Method::GET, &format!("http://{}/v1/overview", control.api), None, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let mut seen = Value::Null;
@@ -397,11 +398,31 @@ async fn operator_commands_purge_list_and_drain() {
         if let Some(edge) = edge.filter(|e| e["requests"].as_u64() >= Some(3)) {
             seen = overview.clone();
             assert!(edge["hit_ratio"].as_f64().is_some_and(|r| r > 0.0 && r < 1.0), "{edge}");
+            // Its upstream: the two MISSes went to the origin (no shield, no region peer).
+            let up = &edge["upstream"];
+            assert!(up["origin"].as_u64() >= Some(2), "{edge}");
+            assert_eq!((up["shield"].as_u64(), up["peer"].as_u64()), (Some(0), Some(0)), "{edge}");
+            for kind in ["origin", "shield", "peer"] {
+                assert!(edge["upstream_per_s"][kind].as_f64().is_some_and(|r| r >= 0.0), "{kind}: {edge}");
+            }
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(seen["purges"].as_array().is_some_and(|p| p.iter().any(|p| p["what"] == "tags: ops")), "{seen}");
+    // Misses while the page polls: the origin's upstream rate rises above zero.
+    let mut rate = 0.0;
+    for i in 0..80 {
+        get(&c, &edge.url(&format!("/x?r={i}")), &[]).await;
+        let (_, overview) = api(Method::GET, &format!("http://{}/v1/overview", control.api), Some(TOKEN), None).await;
+        let edge = overview["nodes"].as_array().and_then(|n| n.iter().find(|n| n["node_id"] == "edge-61").cloned());
+        rate = edge.and_then(|e| e["upstream_per_s"]["origin"].as_f64()).unwrap_or(0.0);
+        if rate > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(rate > 0.0, "no origin requests per second on the status page");
     // Refusals are clear and exit non-zero.
     let out = cdn(&["purge", "--url", "not a url"]).output().await.unwrap();
     assert!(!out.status.success());

@@ -10,7 +10,13 @@ batch verdict; the delay is constant, so order is kept).
 Run it inside the network namespace whose traffic it delays, after adding a rule
 there such as
 
-    iptables -A OUTPUT -d 10.210.0.0/24 -j NFQUEUE --queue-num 0 --queue-bypass
+    iptables -A OUTPUT -o eth1 -j NFQUEUE --queue-num 0 --queue-bypass
+
+Unlike netem, a packet held on its way out still counts against its TCP socket
+(TCP Small Queues), which then has only a few packets out per delay: a bulk
+transfer out of the namespace runs at about 130 KB/s whatever the link. Delaying
+what arrives instead (`INPUT -i eth1`) keeps TCP's pace, but in tests/docker.rs it
+twice left a namespace with no inbound traffic at all after a while (not understood).
 
     nsenter -t <pid> -n python3 netdelay.py --queue 0 --delay-ms 40
 
