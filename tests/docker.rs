@@ -394,11 +394,10 @@ impl Cluster {
     /// origin, the control nodes, geo and the other regions), so every region is
     /// `WAN_DELAY_MS` of round trip away from the core and 2x from another region.
     ///
-    /// First it routes the other regions' edge addresses through the core (see
-    /// [`route_regions_over_core`](Self::route_regions_over_core)), so what edges of
-    /// different regions send each other is delayed too.
+    /// Edges reach each other (tiered caching) at their core addresses (they listen
+    /// on all interfaces and gossip on the core), so what edges of different regions
+    /// send each other is delayed too.
     fn add_wan_delay(&self, edge: &Edge) {
-        self.route_regions_over_core(edge);
         let Some(mode) = self.delay_mode else { return };
         let pid = self.pid(edge.id).to_string();
         let ns = |args: &[&str]| {
@@ -446,22 +445,6 @@ impl Cluster {
                     stop_child(old);
                 }
             }
-        }
-    }
-
-    /// Edges reach each other (tiered caching) at the addresses they announce, their
-    /// region-network addresses (`public_addr`), but Docker does not route between
-    /// its bridge networks. A host route per edge of another region, through that
-    /// edge's core address, makes those addresses reachable over the core network,
-    /// where they are as far away as the WAN makes them. (Re-added after a restart or
-    /// a reconnect: routes live in the container's network namespace.)
-    fn route_regions_over_core(&self, edge: &Edge) {
-        let pid = self.pid(edge.id).to_string();
-        for other in EDGES.iter().filter(|o| o.region != edge.region) {
-            let dest = format!("{}/32", other.public_ip());
-            run(Command::new("nsenter")
-                .args(["-t", &pid, "-n", "ip", "route", "replace", &dest, "via"])
-                .arg(other.core_ip()));
         }
     }
 

@@ -329,8 +329,8 @@ impl Tiers {
                 // Its plain listener when it has one (a fleet's private network),
                 // else its TLS one.
                 let base = match serve.get(&member.node_id) {
-                    Some(Serve { http: Some(addr), .. }) => format!("http://{}", with_ip(*addr, member.public_addr)),
-                    Some(Serve { https: Some(addr), .. }) => format!("https://{}", with_ip(*addr, member.public_addr)),
+                    Some(Serve { http: Some(addr), .. }) => format!("http://{}", reachable(*addr, member)),
+                    Some(Serve { https: Some(addr), .. }) => format!("https://{}", reachable(*addr, member)),
                     _ => continue,
                 };
                 let Ok(base) = base.parse::<Uri>() else { continue };
@@ -351,12 +351,12 @@ impl Tiers {
     }
 }
 
-/// An announced listener bound to all interfaces is reached at the public address.
-fn with_ip(addr: SocketAddr, public: Option<std::net::IpAddr>) -> SocketAddr {
-    match public {
-        Some(ip) if addr.ip().is_unspecified() => SocketAddr::new(ip, addr.port()),
-        _ => addr,
-    }
+/// Where another edge's announced listener is reached: as announced, or, bound to
+/// all interfaces, at the address the edge gossips on — the cluster's network, which
+/// every member reaches (its `public_addr` is for users, and may sit on a network
+/// other edges have no route to).
+fn reachable(addr: SocketAddr, member: &cdn_cluster::Member) -> SocketAddr {
+    if addr.ip().is_unspecified() { SocketAddr::new(member.gossip_addr.ip(), addr.port()) } else { addr }
 }
 
 /// The rendezvous score of `node_id` for `key`.
