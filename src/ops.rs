@@ -3,6 +3,19 @@
 //! (`--control`/`CDN_CONTROL`, `--token`/`CDN_TOKEN`; for an `https://` control node
 //! `--ca`/`CDN_CA` or `--insecure`).
 
+/// Prints a line to stdout. A reader that went away (`cdn nodes --json | head`)
+/// ends the command quietly, rather than with a panic on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout(), $($arg)*)
+            && error.kind() == std::io::ErrorKind::BrokenPipe
+        {
+            std::process::exit(0);
+        }
+    }};
+}
+
 use std::{
     collections::BTreeSet,
     io::Write as _,
@@ -131,7 +144,7 @@ pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
     let body =
         PurgeRequest { urls: args.urls, prefixes: args.prefixes, tags: args.tags, all: args.all, soft: args.soft };
     let ack = client.purge(&body).await?;
-    println!("purge {} accepted (seq {})", ack.id, ack.seq);
+    out!("purge {} accepted (seq {})", ack.id, ack.seq);
     if !args.wait {
         return Ok(());
     }
@@ -141,13 +154,13 @@ pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
         let status = client.status(&ack.id).await?;
         for (edge, state) in &status.edges {
             if *state == EdgeProgress::Applied && shown.insert(edge.clone()) {
-                println!("  {edge:<20} applied   (+{} ms)", started.elapsed().as_millis());
+                out!("  {edge:<20} applied   (+{} ms)", started.elapsed().as_millis());
             }
         }
         if status.status == PurgeState::Complete {
             match status.completed_ms {
-                Some(ms) => println!("complete on {} edges in {ms} ms", status.edges.len()),
-                None => println!("complete on {} edges", status.edges.len()),
+                Some(ms) => out!("complete on {} edges in {ms} ms", status.edges.len()),
+                None => out!("complete on {} edges", status.edges.len()),
             }
             return Ok(());
         }
@@ -169,10 +182,10 @@ pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
 pub(crate) async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
     let nodes = args.api.client()?.nodes().await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        out!("{}", serde_json::to_string_pretty(&nodes)?);
         return Ok(());
     }
-    print!("{}", table(&nodes));
+    out!("{}", table(&nodes).trim_end_matches('\n'));
     Ok(())
 }
 
@@ -207,7 +220,7 @@ fn table(nodes: &[NodeView]) -> String {
 
 pub(crate) async fn drain(args: DrainArgs, on: bool) -> anyhow::Result<()> {
     args.api.client()?.drain(&args.node, on).await?;
-    println!("{} {}", args.node, if on { "drained: out of DNS answers" } else { "undrained: back in DNS answers" });
+    out!("{} {}", args.node, if on { "drained: out of DNS answers" } else { "undrained: back in DNS answers" });
     let _ = std::io::stdout().flush();
     Ok(())
 }
@@ -217,7 +230,7 @@ pub(crate) async fn routing(command: RoutingCommand) -> anyhow::Result<()> {
         RoutingCommand::Apply(args) => routing_apply(args).await,
         RoutingCommand::Show(args) => {
             let view = args.api.client()?.routing_get().await?;
-            println!("{}", serde_json::to_string_pretty(&view)?);
+            out!("{}", serde_json::to_string_pretty(&view)?);
             Ok(())
         }
     }
@@ -233,7 +246,7 @@ async fn routing_apply(args: RoutingApplyArgs) -> anyhow::Result<()> {
         }
         Err(error) => return Err(error.into()),
     };
-    println!("routing version {} accepted (by {})", ack.version, ack.by);
+    out!("routing version {} accepted (by {})", ack.version, ack.by);
     let _ = std::io::stdout().flush();
     if !args.wait {
         return Ok(());
@@ -245,16 +258,16 @@ async fn routing_apply(args: RoutingApplyArgs) -> anyhow::Result<()> {
         let progress = wait_progress(&ack, &view)?;
         for edge in progress.applied {
             if shown.insert(edge.to_string()) {
-                println!("  {edge:<20} version {}   (+{} ms)", ack.version, started.elapsed().as_millis());
+                out!("  {edge:<20} version {}   (+{} ms)", ack.version, started.elapsed().as_millis());
             }
         }
         if progress.pending.is_empty() {
             let edges = view.edges.len();
             let ms = started.elapsed().as_millis();
             if edges == 0 {
-                println!("no edge is alive: nothing to wait for");
+                out!("no edge is alive: nothing to wait for");
             } else {
-                println!("version {} applied on {edges} edges in {ms} ms", ack.version);
+                out!("version {} applied on {edges} edges in {ms} ms", ack.version);
             }
             return Ok(());
         }

@@ -259,6 +259,21 @@ impl Fetcher {
     }
 
     async fn run_fill_inner(self: &Arc<Self>, job: &FillJob) {
+        // A fill that landed between this request's miss and this fill's start may
+        // have stored the object: no second fetch for it (a shield asked by five edges
+        // at once fetched a key twice). Not when the client asked to revalidate.
+        if job.stale.is_none()
+            && !job.client_directives.no_cache
+            && let Some((found, _)) = self.cache.lookup(&job.key, &job.client_headers).await
+        {
+            let head = found.head();
+            let lifetime = forced_lifetime(job.site.rule(job.rule), head.status).unwrap_or(head.lifetime);
+            let purged = head.purged.load(std::sync::atomic::Ordering::Acquire);
+            if !purged && head.timing.current_age(self.clock.now()) < lifetime {
+                job.fill.publish(Outcome::Stored(found));
+                return;
+            }
+        }
         let mut probe = job.probe.map(|index| index * self.settings.slice_size..(index + 1) * self.settings.slice_size);
         loop {
             let request_time = self.clock.now();

@@ -441,6 +441,13 @@ impl Pipeline {
                 let source = Source::Sliced(self.sliced_source(sliced, &req, conn));
                 represent(&req.parts, &sliced.head, source, age, status)
             }
+            Outcome::Stored(found) => {
+                let head = found.head();
+                let age = head.timing.current_age(now);
+                let lifetime = sites::forced_lifetime(req.site.rule(req.rule), head.status).unwrap_or(head.lifetime);
+                let source = self.source(found, &req, conn);
+                represent(&req.parts, head, source, age, CacheStatus::hit(CacheResult::Hit, ttl(lifetime, age)))
+            }
             Outcome::Updated(found) => {
                 if !self.vary_matches(found.head(), &req.parts.headers) {
                     return self.forward_get(&req, conn).await;

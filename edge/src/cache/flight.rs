@@ -49,6 +49,9 @@ pub(crate) enum Outcome {
     Slice(Arc<Growing>),
     /// A 304 refreshed the stored response.
     Updated(Found),
+    /// Stored, fresh, by a fill that ended between this request's miss and its
+    /// start of a fill: served from the cache, not fetched again.
+    Stored(Found),
     /// Not shareable. `response` is the origin's answer to exactly the leader's
     /// request when it can be handed over; everyone else fetches for themselves.
     Pass { response: Mutex<Option<Response<Incoming>>>, status: StatusCode },
