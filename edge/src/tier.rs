@@ -24,13 +24,8 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use cdn_cluster::{Cluster, MemberState, PeerKey, Role, state::Serve};
-use cdn_node::listener::Body;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -82,7 +77,7 @@ pub(crate) struct Tiers {
     node_id: String,
     region: String,
     peers: ArcSwap<Vec<Arc<Peer>>>,
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
+    client: crate::upstream::HttpClient,
     key: Option<PeerKey>,
     timeout: Duration,
     counters: Counters,
@@ -118,10 +113,6 @@ impl Tiers {
             shield: requests.with_label_values(&["shield"]),
             peer: requests.with_label_values(&["peer"]),
         };
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(Duration::from_secs(1)));
-        http.set_nodelay(true);
         // Another edge's certificate is trusted when the public roots or this
         // edge's own certificate vouch for it (a fleet sharing a certificate or a
         // private CA whose root is in the chain).
@@ -129,18 +120,8 @@ impl Tiers {
         for cert in own_chain {
             let _ = roots.add(cert.clone());
         }
-        let tls = cdn_node::tls::client_config(cdn_node::tls::ClientTrust::Roots(roots), false, &[])
-            .map_err(|e| crate::Error::Upstream(crate::error::UpstreamSetup::Tls(e)))?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            .build(connector);
+        let client = crate::upstream::client(Duration::from_secs(1), cdn_node::tls::ClientTrust::Roots(roots), 64)
+            .map_err(crate::Error::Upstream)?;
         Ok(Self {
             node_id: node_id.to_string(),
             region: region.to_string(),

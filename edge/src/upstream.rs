@@ -37,10 +37,38 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// A pooled HTTP client (`http://`, and `https://` trusting `trust`; HTTP/1.1, or
+/// HTTP/2 by ALPN) with TCP keepalive, no Nagle and idle connections kept 60 s.
+pub(crate) type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+
+/// The edge's one way to build an [`HttpClient`] (origins, other edges).
+pub(crate) fn client(
+    connect_timeout: Duration,
+    trust: ClientTrust,
+    max_idle_per_host: usize,
+) -> Result<HttpClient, UpstreamSetup> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let tls = tls::client_config(trust, false, &[])?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(max_idle_per_host)
+        .build(connector))
+}
+
 /// The client to one origin.
 #[derive(Clone)]
 pub(crate) struct Upstream {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
+    client: HttpClient,
     base: Uri,
     base_path: String,
     host: Option<HeaderValue>,
@@ -78,22 +106,7 @@ impl<'a> UpstreamSpec<'a> {
 impl Upstream {
     pub(crate) fn new(spec: UpstreamSpec<'_>) -> Result<Self, UpstreamSetup> {
         let base: Uri = spec.url.parse()?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(spec.connect_timeout));
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let tls = tls::client_config(spec.trust, false, &[])?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+        let client = client(spec.connect_timeout, spec.trust, 256)?;
         let host = match spec.host {
             Some(host) => Some(HeaderValue::from_str(host)?),
             None => None,

@@ -213,16 +213,7 @@ impl Certs {
 
     /// A rustls server configuration that picks certificates from `self`.
     pub fn server_config(self: &Arc<Self>, alpn: &[&[u8]], tls13_only: bool) -> Result<rustls::ServerConfig, Error> {
-        let provider = Arc::new(ring_provider::default_provider());
-        let builder = rustls::ServerConfig::builder_with_provider(provider);
-        let builder = if tls13_only {
-            builder.with_protocol_versions(&[&rustls::version::TLS13])
-        } else {
-            builder.with_safe_default_protocol_versions()
-        }?;
-        let mut config = builder.with_no_client_auth().with_cert_resolver(self.clone());
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok(config)
+        crate::tls::server_config(self.clone(), alpn, tls13_only)
     }
 
     /// The default certificate's chain (leaf first).

@@ -66,14 +66,6 @@ impl TlsConfig {
     pub fn certs(&self, names: &[String], ips: &[IpAddr]) -> Result<Arc<crate::certs::Certs>, Error> {
         crate::certs::Certs::load(self, names, ips).map(Arc::new)
     }
-
-    /// Loads or generates the (first) certificate; `names`/`ips` go into a self-signed one.
-    pub fn load(&self, names: &[String], ips: &[IpAddr]) -> Result<CertifiedKey, Error> {
-        match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => CertifiedKey::from_pem_files(cert, key),
-            _ => CertifiedKey::self_signed(names, ips),
-        }
-    }
 }
 
 /// A certificate chain with its private key, ready for rustls or quinn.
@@ -123,20 +115,26 @@ impl CertifiedKey {
         let digest = ring::digest::digest(&ring::digest::SHA256, &pair.subject_public_key_info());
         Ok(base64::engine::general_purpose::STANDARD.encode(digest.as_ref()))
     }
+}
 
-    /// A rustls server configuration with the given ALPN protocols.
-    pub fn server_config(&self, alpn: &[&[u8]], tls13_only: bool) -> Result<rustls::ServerConfig, Error> {
-        let provider = Arc::new(ring_provider::default_provider());
-        let builder = rustls::ServerConfig::builder_with_provider(provider);
-        let builder = if tls13_only {
-            builder.with_protocol_versions(&[&rustls::version::TLS13])
-        } else {
-            builder.with_safe_default_protocol_versions()
-        }?;
-        let mut config = builder.with_no_client_auth().with_single_cert(self.chain.clone(), self.key.clone_key())?;
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok(config)
-    }
+/// The project's one rustls server configuration: the ring provider, TLS 1.3 only
+/// when `tls13_only` (QUIC), no client certificates, certificates from `resolver`,
+/// the given ALPN protocols.
+pub fn server_config(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    alpn: &[&[u8]],
+    tls13_only: bool,
+) -> Result<rustls::ServerConfig, Error> {
+    let provider = Arc::new(ring_provider::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider);
+    let builder = if tls13_only {
+        builder.with_protocol_versions(&[&rustls::version::TLS13])
+    } else {
+        builder.with_safe_default_protocol_versions()
+    }?;
+    let mut config = builder.with_no_client_auth().with_cert_resolver(resolver);
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
 }
 
 /// Which server certificates a client accepts.
@@ -243,8 +241,10 @@ mod tests {
     #[test]
     fn self_signed_builds_a_server_config_and_spki_hash() {
         let key = CertifiedKey::self_signed(&["www.cdn.test".into()], &["127.0.0.11".parse().unwrap()]).unwrap();
-        key.server_config(&[b"h2", b"http/1.1"], false).unwrap();
-        key.server_config(&[b"h3"], true).unwrap();
+        let config = TlsConfig { self_signed: true, ..TlsConfig::default() };
+        let certs = config.certs(&["www.cdn.test".into()], &["127.0.0.11".parse().unwrap()]).unwrap();
+        certs.server_config(&[b"h2", b"http/1.1"], false).unwrap();
+        certs.server_config(&[b"h3"], true).unwrap();
         let spki = key.spki_sha256_base64().unwrap();
         assert_eq!(spki.len(), 44, "base64 of 32 bytes: {spki}");
         // The same key gives the same hash; another key another.
