@@ -226,6 +226,12 @@ async fn a_node_with_another_secret_never_joins() {
     // Its datagrams were counted as rejected.
     let rejected = control.metric("cdn_gossip_rejected_total", &[]);
     assert!(rejected > 0.0, "rejected datagrams are counted");
+    // Every datagram is counted on the wire: the intruder's too (received), and
+    // what the control sends to the good edge.
+    let sent = control.metric("cdn_gossip_bytes_total", &[("direction", "sent")]);
+    let received = control.metric("cdn_gossip_bytes_total", &[("direction", "received")]);
+    let good_received = good.metric("cdn_gossip_bytes_total", &[("direction", "received")]);
+    assert!(sent > 0.0 && received > 0.0 && good_received > 0.0, "{sent} {received} {good_received}");
     intruder.stop().await;
     good.stop().await;
     control.stop().await;

@@ -48,7 +48,7 @@ use std::{
 };
 
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion};
-use prometheus::{IntCounter, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -427,7 +427,16 @@ impl Cluster {
             "Gossip datagrams dropped because they failed authentication",
         )?;
         let members_gauge = IntGaugeVec::new(Opts::new("cdn_cluster_members", "Cluster members by state"), &["state"])?;
+        let bytes = IntCounterVec::new(
+            Opts::new("cdn_gossip_bytes_total", "Gossip datagram bytes on the wire, by direction"),
+            &["direction"],
+        )?;
+        let traffic = transport::Traffic {
+            sent: bytes.with_label_values(&["sent"]),
+            received: bytes.with_label_values(&["received"]),
+        };
         registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(bytes))?;
         registry.register(Box::new(members_gauge.clone()))?;
 
         let generation = now_ms();
@@ -456,6 +465,7 @@ impl Cluster {
             socket,
             config.secret.bytes(),
             rejected,
+            traffic,
             #[cfg(feature = "test-util")]
             config.loss.clone(),
             shutdown.clone(),

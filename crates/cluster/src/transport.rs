@@ -158,6 +158,7 @@ struct Relay {
     inner: SocketAddr,
     key: hmac::Key,
     rejected: IntCounter,
+    traffic: Traffic,
     pipes: Mutex<Pipes>,
     #[cfg(feature = "test-util")]
     loss: PacketLoss,
@@ -205,8 +206,9 @@ impl Relay {
                     debug!(len, %peer, "gossip datagram too large once sealed, dropped");
                     continue;
                 }
-                if let Err(error) = relay.public.send_to(&datagram, peer).await {
-                    debug!(%error, %peer, "gossip send failed");
+                match relay.public.send_to(&datagram, peer).await {
+                    Ok(sent) => relay.traffic.sent.inc_by(sent as u64),
+                    Err(error) => debug!(%error, %peer, "gossip send failed"),
                 }
             }
         });
@@ -228,6 +230,7 @@ impl Relay {
                     continue;
                 }
             };
+            self.traffic.received.inc_by(len as u64);
             let Some(payload) = open(&self.key, &buffer[..len]) else {
                 self.rejected.inc();
                 debug!(from = %peer, len, "gossip datagram failed authentication, dropped");
@@ -247,11 +250,21 @@ impl Relay {
     }
 }
 
+/// Gossip bytes on the wire (sealed datagrams, as the network carries them).
+#[derive(Clone)]
+pub(crate) struct Traffic {
+    /// Bytes of the datagrams sent to peers.
+    pub(crate) sent: IntCounter,
+    /// Bytes of the datagrams received, authentic or not.
+    pub(crate) received: IntCounter,
+}
+
 /// A chitchat transport whose traffic goes through the authenticating relay.
 pub(crate) struct AuthTransport {
     public: Mutex<Option<UdpSocket>>,
     key: hmac::Key,
     rejected: IntCounter,
+    traffic: Traffic,
     #[cfg(feature = "test-util")]
     loss: PacketLoss,
     shutdown: CancellationToken,
@@ -266,6 +279,7 @@ impl AuthTransport {
         public: UdpSocket,
         secret: &[u8],
         rejected: IntCounter,
+        traffic: Traffic,
         #[cfg(feature = "test-util")] loss: PacketLoss,
         shutdown: CancellationToken,
         tasks: TaskTracker,
@@ -274,6 +288,7 @@ impl AuthTransport {
             public: Mutex::new(Some(public)),
             key: key(secret),
             rejected,
+            traffic,
             #[cfg(feature = "test-util")]
             loss,
             shutdown,
@@ -298,6 +313,7 @@ impl Transport for AuthTransport {
             inner: inner.local_addr()?,
             key: self.key.clone(),
             rejected: self.rejected.clone(),
+            traffic: self.traffic.clone(),
             pipes: Mutex::default(),
             #[cfg(feature = "test-util")]
             loss: self.loss.clone(),
