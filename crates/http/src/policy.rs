@@ -350,8 +350,11 @@ pub enum Reason {
     Method,
     /// A status a cache does not store (1xx, 206, 304).
     Status,
-    /// `no-store` on either side.
+    /// `no-store` in the response.
     NoStore,
+    /// `no-store` in the request: this response is not stored, but the URL is not
+    /// uncacheable for the next client.
+    RequestNoStore,
     /// `private`.
     Private,
     /// The request had `Authorization` and the response did not allow sharing it.
@@ -376,6 +379,7 @@ impl Reason {
             Self::Method => "method",
             Self::Status => "status",
             Self::NoStore => "no-store",
+            Self::RequestNoStore => "request-no-store",
             Self::Private => "private",
             Self::Authorization => "authorization",
             Self::VaryStar => "vary-star",
@@ -388,9 +392,9 @@ impl Reason {
 
     /// Whether the URL itself is uncacheable for a while ("hit-for-pass"): requests
     /// for it then skip coalescing. Not for a response that was only too large or an
-    /// error standing in front of a stale copy.
+    /// error standing in front of a stale copy, nor for a request's own `no-store`.
     pub fn remember(self) -> bool {
-        !matches!(self, Self::TooLarge | Self::ErrorOverStale)
+        !matches!(self, Self::TooLarge | Self::ErrorOverStale | Self::RequestNoStore)
     }
 }
 
@@ -438,8 +442,11 @@ pub fn storable(
     if status.is_informational() || status == StatusCode::PARTIAL_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Err(Reason::Status);
     }
-    if request.no_store || response.no_store {
+    if response.no_store {
         return Err(Reason::NoStore);
+    }
+    if request.no_store {
+        return Err(Reason::RequestNoStore);
     }
     if response.private {
         return Err(Reason::Private);

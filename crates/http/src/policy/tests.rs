@@ -60,7 +60,8 @@ fn storability() {
     };
     assert_eq!(ok("", false, 200, &[("cache-control", "max-age=60")]), Ok(()));
     assert_eq!(ok("", false, 200, &[("cache-control", "no-store")]), Err(Reason::NoStore));
-    assert_eq!(ok("no-store", false, 200, &[("cache-control", "max-age=60")]), Err(Reason::NoStore));
+    assert_eq!(ok("no-store", false, 200, &[("cache-control", "max-age=60")]), Err(Reason::RequestNoStore));
+    assert!(!Reason::RequestNoStore.remember(), "one client's no-store does not make the URL uncacheable");
     assert_eq!(ok("", false, 200, &[("cache-control", "private, max-age=60")]), Err(Reason::Private));
     assert_eq!(ok("", true, 200, &[("cache-control", "max-age=60")]), Err(Reason::Authorization));
     assert_eq!(ok("", true, 200, &[("cache-control", "s-maxage=60")]), Ok(()));
