@@ -130,8 +130,8 @@ impl Pipeline {
         let mut site = None;
         // The edge's own cache fields reach other edges (which obey them too), never
         // clients (RFC 9213 §2 lets a cache that honours CDN-Cache-Control remove it).
-        let from_edge = request.headers().contains_key(tier::CDN_PEER)
-            && self.fetcher.tiers().member(request.headers()).is_some();
+        let from_edge =
+            request.headers().contains_key(tier::CDN_PEER) && self.fetcher.tiers().member(request.headers()).is_some();
         let served = self.route(request, conn, &mut site).await;
         let Served { mut response, status } = served;
         let headers = response.headers_mut();
@@ -659,9 +659,9 @@ fn request_host<B>(request: &Request<B>, tls: bool) -> Result<String, &'static s
     }
     let scheme = request.uri().scheme_str().unwrap_or(if tls { "https" } else { "http" });
     let host_field = match host_field {
-        Some(value) => Some(
-            value.to_str().ok().and_then(|v| key::request_authority(v, scheme)).ok_or("invalid host field\n")?,
-        ),
+        Some(value) => {
+            Some(value.to_str().ok().and_then(|v| key::request_authority(v, scheme)).ok_or("invalid host field\n")?)
+        }
         None => None,
     };
     let Some(authority) = request.uri().authority() else {

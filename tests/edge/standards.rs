@@ -78,7 +78,10 @@ async fn surrogate_control_beats_cache_control_and_never_reaches_clients() {
     origin.route("/sc-no-store", bare("n", &[("surrogate-control", "no-store"), ("cache-control", "max-age=60")]));
     origin.route(
         "/both",
-        bare("b", &[("cdn-cache-control", "no-store"), ("surrogate-control", "max-age=60"), ("cache-control", "max-age=60")]),
+        bare(
+            "b",
+            &[("cdn-cache-control", "no-store"), ("surrogate-control", "max-age=60"), ("cache-control", "max-age=60")],
+        ),
     );
     let edge = TestEdge::start(&origin.url(), |_| {}).await;
     let c = client();
@@ -395,15 +398,17 @@ async fn hosts_are_normalised_and_ambiguous_ones_refused() {
         assert!(reply.contains("x-cache: HIT"), "{same:?} is the same cache entry: {reply}");
     }
     // Absolute-form: the target's authority wins over Host.
-    let absolute = raw_request(
-        edge.http,
-        "GET http://A.TEST./host HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let absolute =
+        raw_request(edge.http, "GET http://A.TEST./host HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n")
+            .await;
     assert!(absolute.contains("x-cache: HIT"), "{absolute}");
     // Two Host fields, or an invalid one: 400, never an answer from the cache.
-    for bad in ["Host: a.test\r\nHost: a.test\r\n", "Host: a.test\r\nHost: b.test\r\n", "Host: a.test:x\r\n", "Host: a..test\r\n"]
-    {
+    for bad in [
+        "Host: a.test\r\nHost: a.test\r\n",
+        "Host: a.test\r\nHost: b.test\r\n",
+        "Host: a.test:x\r\n",
+        "Host: a..test\r\n",
+    ] {
         let reply = raw_request(edge.http, &raw(bad)).await;
         assert!(reply.starts_with("HTTP/1.1 400"), "{bad:?}: {reply}");
         assert!(!reply.contains("x-cache: HIT"), "{bad:?}: {reply}");

@@ -298,7 +298,8 @@ fn heuristic_only_for_heuristic_statuses() {
     let date = httpdate::fmt_http_date(now);
     let lm = httpdate::fmt_http_date(now - Duration::from_secs(300));
     let h = headers(&[("date", &date), ("last-modified", &lm)]);
-    let life = |status: u16| freshness_lifetime(StatusCode::from_u16(status).unwrap(), &h, &Directives::response(&h), now, &s);
+    let life =
+        |status: u16| freshness_lifetime(StatusCode::from_u16(status).unwrap(), &h, &Directives::response(&h), now, &s);
     assert_eq!(life(200), Duration::from_secs(30), "10 % of 300 s");
     assert_eq!(life(302), Duration::ZERO, "302 is not heuristically cacheable");
     let old = httpdate::fmt_http_date(now - Duration::from_secs(3000));
