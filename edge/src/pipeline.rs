@@ -132,7 +132,7 @@ impl Pipeline {
         // clients (RFC 9213 §2 lets a cache that honours CDN-Cache-Control remove it).
         let from_edge =
             request.headers().contains_key(tier::CDN_PEER) && self.fetcher.tiers().member(request.headers()).is_some();
-        let served = self.route(request, conn, &mut site).await;
+        let served = self.route(request, conn, from_edge, &mut site).await;
         let Served { mut response, status } = served;
         let headers = response.headers_mut();
         headers.remove(SURROGATE_KEY);
@@ -174,7 +174,13 @@ impl Pipeline {
     }
 
     /// Finds the request's site (left in `found` for the metrics) and serves it.
-    async fn route<B>(self: &Arc<Self>, request: Request<B>, conn: Conn, found: &mut Option<Arc<Site>>) -> Served
+    async fn route<B>(
+        self: &Arc<Self>,
+        request: Request<B>,
+        conn: Conn,
+        from_edge: bool,
+        found: &mut Option<Arc<Site>>,
+    ) -> Served
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -189,7 +195,7 @@ impl Pipeline {
                 CacheResult::Bypass,
             );
         }
-        let host = match request_host(&request, conn.tls) {
+        let host = match request_host(&request, conn.tls, from_edge) {
             Ok(host) => host,
             Err(why) => return error(StatusCode::BAD_REQUEST, why, CacheResult::Bypass),
         };
@@ -651,7 +657,10 @@ fn fetch_failure(e: &FetchError) -> Served {
 /// more than one `Host` field line, an invalid `Host`, no host at all, or an
 /// HTTP/2 or HTTP/3 `:authority` that names another host or port than `Host`.
 /// An HTTP/1.1 absolute-form target's authority wins over `Host` (RFC 9112 §3.2.2).
-fn request_host<B>(request: &Request<B>, tls: bool) -> Result<String, &'static str> {
+/// A request from another edge of the cluster (`from_edge`: a verified `cdn-peer`
+/// token) names the peer's address in its URI and the client's host in `Host`, as a
+/// proxy does: there `Host` wins.
+fn request_host<B>(request: &Request<B>, tls: bool, from_edge: bool) -> Result<String, &'static str> {
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let host_field = hosts.next();
     if hosts.next().is_some() {
@@ -664,7 +673,8 @@ fn request_host<B>(request: &Request<B>, tls: bool) -> Result<String, &'static s
         }
         None => None,
     };
-    let Some(authority) = request.uri().authority() else {
+    let authority = request.uri().authority().filter(|_| !(from_edge && host_field.is_some()));
+    let Some(authority) = authority else {
         return host_field.map(|(host, _)| host).ok_or("missing host\n");
     };
     let target = key::request_authority(authority.as_str(), scheme).ok_or("invalid request authority\n")?;
@@ -695,7 +705,7 @@ mod tests {
         let uri: http::Uri = "/v/a.mp4?x=1".parse().unwrap();
         assert_eq!(key::primary("https", "www.cdn.test", &uri, false), "https://www.cdn.test/v/a.mp4?x=1");
         assert_eq!(key::primary("https", "www.cdn.test", &uri, true), "https://www.cdn.test/v/a.mp4");
-        let host = |request: &Request<()>| request_host(request, true);
+        let host = |request: &Request<()>| request_host(request, true, false);
         let request = Request::builder().uri("/x").header("host", "WWW.cdn.test:8443").body(()).unwrap();
         assert_eq!(host(&request).as_deref(), Ok("www.cdn.test"));
         let request = Request::builder().uri("/x").header("host", "WWW.cdn.test.").body(()).unwrap();
@@ -720,5 +730,13 @@ mod tests {
         assert_eq!(h2("https://a.test/x", "A.test.:443").as_deref(), Ok("a.test"));
         assert!(h2("https://a.test/x", "b.test").is_err());
         assert!(h2("https://a.test/x", "a.test:8443").is_err());
+        // From another edge (a tier request over h2 to the peer's address): Host wins.
+        let request = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("https://10.0.0.2:443/x")
+            .header("host", "A.test")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&request, true, true).as_deref(), Ok("a.test"));
     }
 }
