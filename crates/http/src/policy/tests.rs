@@ -348,3 +348,19 @@ proptest! {
         prop_assert_eq!(Timing::new(&h, t0, t0).initial_age, Duration::from_secs(expected));
     }
 }
+
+#[test]
+fn head_responses_update_or_invalidate() {
+    let stored =
+        headers(&[("etag", "\"a\""), ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"), ("content-length", "10")]);
+    assert_eq!(head_update(&stored, &headers(&[("etag", "\"a\""), ("x-new", "1")])), HeadUpdate::Update);
+    assert_eq!(head_update(&stored, &headers(&[])), HeadUpdate::Update);
+    assert_eq!(head_update(&stored, &headers(&[("etag", "\"b\"")])), HeadUpdate::Invalidate);
+    assert_eq!(head_update(&stored, &headers(&[("content-length", "11")])), HeadUpdate::Invalidate);
+    assert_eq!(
+        head_update(&stored, &headers(&[("last-modified", "Mon, 07 Nov 1994 08:49:37 GMT")])),
+        HeadUpdate::Invalidate
+    );
+    // A validator the stored response lacks: the representation is not known to be the same.
+    assert_eq!(head_update(&headers(&[]), &headers(&[("etag", "\"a\"")])), HeadUpdate::Invalidate);
+}
