@@ -78,7 +78,8 @@ fn normalise_url(url: &str) -> Result<String, String> {
     let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| format!("url {url:?} has no host"))?;
     let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
     let path_and_query = if path_and_query.is_empty() { "/" } else { path_and_query };
-    Ok(format!("{}{}", host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase(), path_and_query))
+    let host = cdn_http::key::normalize_host(host).ok_or_else(|| format!("url {url:?} has an invalid host"))?;
+    Ok(format!("{host}{path_and_query}"))
 }
 
 /// `https://host/v/` or `host/v/` → `host/v/`.
@@ -100,7 +101,9 @@ fn normalise_prefix(prefix: &str) -> Result<String, String> {
     let uri: http::Uri =
         format!("http://{host}{path}").parse().map_err(|_| format!("prefix {prefix:?} does not parse"))?;
     let host = uri.host().unwrap_or(host);
-    Ok(format!("{}{}", host.to_ascii_lowercase(), path))
+    // The host as the edge keys it (case, brackets, one trailing dot).
+    let host = cdn_http::key::normalize_host(host).ok_or_else(|| format!("prefix {prefix:?} has an invalid host"))?;
+    Ok(format!("{host}{path}"))
 }
 
 #[cfg(test)]
@@ -131,6 +134,14 @@ mod tests {
         assert_eq!(t.urls, ["www.cdn.test/v/a.mp4?x=1"]);
         assert_eq!(t.prefixes, ["www.cdn.test/v/", "h/p"]);
         assert_eq!(t.tags, ["video"]);
+        // Hosts as the edge keys them: a trailing dot and the port go.
+        let t = request(r#"{"urls": ["https://A.test.:443/x"], "prefixes": ["A.Test./v/", "https://a.test.:8443/w"]}"#)
+            .unwrap()
+            .target()
+            .unwrap();
+        assert_eq!(t.urls, ["a.test/x"]);
+        assert_eq!(t.prefixes, ["a.test/v/", "a.test/w"]);
+        assert!(request(r#"{"urls": ["https://a..test/x"]}"#).unwrap().target().is_err());
     }
 
     #[test]

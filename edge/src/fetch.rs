@@ -344,7 +344,7 @@ impl Fetcher {
         response_time: SystemTime,
         store: bool,
     ) {
-        let directives = Directives::from_headers(&rp.headers);
+        let directives = Directives::response(&rp.headers);
         let authorization = job.client_headers.contains_key(header::AUTHORIZATION);
         let content_length = content_length(&rp.headers);
         let forced = forced_lifetime(job.site.rule(job.rule), rp.status);
@@ -463,7 +463,7 @@ impl Fetcher {
         }
         rp.headers.remove(header::CONTENT_RANGE);
         rp.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
-        let directives = Directives::from_headers(&rp.headers);
+        let directives = Directives::response(&rp.headers);
         let authorization = job.client_headers.contains_key(header::AUTHORIZATION);
         let storable = policy::storable(
             &Method::GET,
@@ -607,6 +607,34 @@ impl Fetcher {
     }
 }
 
+impl Fetcher {
+    /// A 200 answering a HEAD the edge forwarded (not a fill: fills are GETs) updates
+    /// the stored GET response the request would have been served, or drops it when
+    /// the validators say the representation changed (RFC 9111 §4.3.5).
+    pub(crate) async fn head_answered(
+        &self,
+        key: &str,
+        request: &HeaderMap,
+        response: &HeaderMap,
+        (request_time, response_time): (SystemTime, SystemTime),
+    ) {
+        let Some((found, _)) = self.cache.lookup(key, request).await else { return };
+        let mut update = response.clone();
+        strip_hop_by_hop(&mut update);
+        match policy::head_update(&found.head().headers, &update) {
+            policy::HeadUpdate::Invalidate => {
+                debug!(%key, "a HEAD response changed the validators: dropping the stored response");
+                self.cache.invalidate_url(key);
+            }
+            policy::HeadUpdate::Update => {
+                debug!(%key, "a HEAD response updates the stored response");
+                let epoch = self.cache.epoch();
+                let _ = self.refreshed(key, &found, &update, request_time, response_time, epoch).await;
+            }
+        }
+    }
+}
+
 /// Where a sliced object's slices come from: its site's origins, with the path
 /// and headers of the request that found it.
 pub(crate) struct SliceOrigin {
@@ -666,7 +694,7 @@ fn refreshed_head(
     let mut headers = stale.headers.clone();
     let mut replaced: Vec<&HeaderName> = Vec::new();
     for (name, value) in update {
-        if policy::keep_on_update(name) || name == SURROGATE_KEY || name == CACHE_TAG {
+        if policy::keep_on_update(name, settings) || name == SURROGATE_KEY || name == CACHE_TAG {
             continue;
         }
         if !replaced.contains(&name) {
@@ -675,7 +703,7 @@ fn refreshed_head(
         }
         headers.append(name.clone(), value.clone());
     }
-    let directives = Directives::from_headers(&headers);
+    let directives = Directives::response(&headers);
     let lifetime = policy::freshness_lifetime(stale.status, &headers, &directives, response_time, settings);
     let timing = Timing::new(&headers, request_time, response_time);
     let mut tags = stale.tags.clone();

@@ -128,11 +128,19 @@ impl Pipeline {
     {
         let started = Instant::now();
         let mut site = None;
-        let served = self.route(request, conn, &mut site).await;
+        // The edge's own cache fields reach other edges (which obey them too), never
+        // clients (RFC 9213 §2 lets a cache that honours CDN-Cache-Control remove it).
+        let from_edge =
+            request.headers().contains_key(tier::CDN_PEER) && self.fetcher.tiers().member(request.headers()).is_some();
+        let served = self.route(request, conn, from_edge, &mut site).await;
         let Served { mut response, status } = served;
         let headers = response.headers_mut();
         headers.remove(SURROGATE_KEY);
         headers.remove(CACHE_TAG);
+        if !from_edge {
+            headers.remove(policy::CDN_CACHE_CONTROL);
+            headers.remove(policy::SURROGATE_CONTROL);
+        }
         headers.insert(X_CACHE, HeaderValue::from_static(status.result.x_cache()));
         // An upstream cache's account (a shield's) comes first (RFC 9211 §2: the
         // cache nearest the origin first).
@@ -166,7 +174,13 @@ impl Pipeline {
     }
 
     /// Finds the request's site (left in `found` for the metrics) and serves it.
-    async fn route<B>(self: &Arc<Self>, request: Request<B>, conn: Conn, found: &mut Option<Arc<Site>>) -> Served
+    async fn route<B>(
+        self: &Arc<Self>,
+        request: Request<B>,
+        conn: Conn,
+        from_edge: bool,
+        found: &mut Option<Arc<Site>>,
+    ) -> Served
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -181,8 +195,9 @@ impl Pipeline {
                 CacheResult::Bypass,
             );
         }
-        let Some(host) = request_host(&request) else {
-            return error(StatusCode::BAD_REQUEST, "missing or invalid host\n", CacheResult::Bypass);
+        let host = match request_host(&request, conn.tls, from_edge) {
+            Ok(host) => host,
+            Err(why) => return error(StatusCode::BAD_REQUEST, why, CacheResult::Bypass),
         };
         let site = match self.sites.find(&host) {
             sites::Found::Site(site) => site,
@@ -283,7 +298,7 @@ impl Pipeline {
             else {
                 continue;
             };
-            let same_host = uri.host().is_none_or(|h| h.eq_ignore_ascii_case(host));
+            let same_host = uri.host().is_none_or(|h| key::normalize_host(h).as_deref() == Some(host));
             if same_host && uri.path().starts_with('/') {
                 let rule = site.rule(site.rule_index(uri.path()));
                 for scheme in ["http", "https"] {
@@ -296,7 +311,7 @@ impl Pipeline {
     async fn cached(self: &Arc<Self>, req: Req, conn: Conn) -> Served {
         if self.cache.is_pass(&req.key) {
             // Recently uncacheable ("hit-for-pass"): go straight to the origin.
-            let mut served = Box::pin(self.forward(&req.site, &req.parts, conn, empty(), req.scheme)).await;
+            let mut served = Box::pin(self.forward_read(&req, conn)).await;
             served.status = CacheStatus::bypass(Some(served.response.status().as_u16()));
             return served;
         }
@@ -497,9 +512,21 @@ impl Pipeline {
 
     /// A GET/HEAD sent on its own (not coalesced, not stored).
     async fn forward_get(&self, req: &Req, conn: Conn) -> Served {
-        let mut served = self.forward(&req.site, &req.parts, conn, empty(), req.scheme).await;
+        let mut served = self.forward_read(req, conn).await;
         if served.status.fwd_status.is_some() {
             served.status.fwd = Some(Fwd::UriMiss);
+        }
+        served
+    }
+
+    /// A GET or HEAD of a cacheable URL sent as it is; a 200 to a HEAD updates (or
+    /// drops) the stored response (RFC 9111 §4.3.5).
+    async fn forward_read(&self, req: &Req, conn: Conn) -> Served {
+        let sent = self.clock.now();
+        let served = self.forward(&req.site, &req.parts, conn, empty(), req.scheme).await;
+        if req.parts.method == Method::HEAD && served.response.status() == StatusCode::OK {
+            let times = (sent, self.clock.now());
+            self.fetcher.head_answered(&req.key, &req.parts.headers, served.response.headers(), times).await;
         }
         served
     }
@@ -624,18 +651,39 @@ fn fetch_failure(e: &FetchError) -> Served {
     error(status, text, CacheResult::Miss)
 }
 
-/// The request's host, lowercased, without port: from the URI (HTTP/2, HTTP/3,
-/// absolute-form) or the Host header.
-fn request_host<B>(request: &Request<B>) -> Option<String> {
-    let authority = match request.uri().authority() {
-        Some(authority) => authority.clone(),
-        None => {
-            let value = request.headers().get(header::HOST)?.to_str().ok()?;
-            value.parse::<http::uri::Authority>().ok()?
+/// The request's host as the key, site and purge matching use it
+/// ([`key::normalize_host`]: lowercase, no trailing dot, no port), or why the
+/// request is refused with 400 (RFC 9112 §3.2, RFC 9113 §8.3.1, RFC 9114 §4.3.1):
+/// more than one `Host` field line, an invalid `Host`, no host at all, or an
+/// HTTP/2 or HTTP/3 `:authority` that names another host or port than `Host`.
+/// An HTTP/1.1 absolute-form target's authority wins over `Host` (RFC 9112 §3.2.2).
+/// A request from another edge of the cluster (`from_edge`: a verified `cdn-peer`
+/// token) names the peer's address in its URI and the client's host in `Host`, as a
+/// proxy does: there `Host` wins.
+fn request_host<B>(request: &Request<B>, tls: bool, from_edge: bool) -> Result<String, &'static str> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host_field = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one host field\n");
+    }
+    let scheme = request.uri().scheme_str().unwrap_or(if tls { "https" } else { "http" });
+    let host_field = match host_field {
+        Some(value) => {
+            Some(value.to_str().ok().and_then(|v| key::request_authority(v, scheme)).ok_or("invalid host field\n")?)
         }
+        None => None,
     };
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+    let authority = request.uri().authority().filter(|_| !(from_edge && host_field.is_some()));
+    let Some(authority) = authority else {
+        return host_field.map(|(host, _)| host).ok_or("missing host\n");
+    };
+    let target = key::request_authority(authority.as_str(), scheme).ok_or("invalid request authority\n")?;
+    if matches!(request.version(), Version::HTTP_2 | Version::HTTP_3)
+        && host_field.as_ref().is_some_and(|field| *field != target)
+    {
+        return Err(":authority and host disagree\n");
+    }
+    Ok(target.0)
 }
 
 fn path_and_query(uri: &http::Uri) -> String {
@@ -657,11 +705,38 @@ mod tests {
         let uri: http::Uri = "/v/a.mp4?x=1".parse().unwrap();
         assert_eq!(key::primary("https", "www.cdn.test", &uri, false), "https://www.cdn.test/v/a.mp4?x=1");
         assert_eq!(key::primary("https", "www.cdn.test", &uri, true), "https://www.cdn.test/v/a.mp4");
+        let host = |request: &Request<()>| request_host(request, true, false);
         let request = Request::builder().uri("/x").header("host", "WWW.cdn.test:8443").body(()).unwrap();
-        assert_eq!(request_host(&request).as_deref(), Some("www.cdn.test"));
+        assert_eq!(host(&request).as_deref(), Ok("www.cdn.test"));
+        let request = Request::builder().uri("/x").header("host", "WWW.cdn.test.").body(()).unwrap();
+        assert_eq!(host(&request).as_deref(), Ok("www.cdn.test"));
         let request = Request::builder().uri("https://[::1]:8443/x").body(()).unwrap();
-        assert_eq!(request_host(&request).as_deref(), Some("::1"));
+        assert_eq!(host(&request).as_deref(), Ok("::1"));
         let request = Request::builder().uri("/x").body(()).unwrap();
-        assert_eq!(request_host(&request), None);
+        assert!(host(&request).is_err());
+        // Two Host lines, or an invalid one: refused.
+        let request = Request::builder().uri("/x").header("host", "a.test").header("host", "a.test").body(()).unwrap();
+        assert!(host(&request).is_err());
+        let request = Request::builder().uri("/x").header("host", "a.test:abc").body(()).unwrap();
+        assert!(host(&request).is_err());
+        // HTTP/1.1 absolute-form: the target's authority wins over Host.
+        let request = Request::builder().uri("http://b.test/x").header("host", "a.test").body(()).unwrap();
+        assert_eq!(host(&request).as_deref(), Ok("b.test"));
+        // HTTP/2: :authority and Host must name the same host and port.
+        let h2 = |uri: &str, field: &str| {
+            let request = Request::builder().version(Version::HTTP_2).uri(uri).header("host", field).body(()).unwrap();
+            host(&request)
+        };
+        assert_eq!(h2("https://a.test/x", "A.test.:443").as_deref(), Ok("a.test"));
+        assert!(h2("https://a.test/x", "b.test").is_err());
+        assert!(h2("https://a.test/x", "a.test:8443").is_err());
+        // From another edge (a tier request over h2 to the peer's address): Host wins.
+        let request = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("https://10.0.0.2:443/x")
+            .header("host", "A.test")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&request, true, true).as_deref(), Ok("a.test"));
     }
 }

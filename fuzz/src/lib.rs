@@ -28,10 +28,29 @@ pub fn range(data: &[u8]) {
     }
 }
 
-/// Cache-Control parsing and the freshness decision.
+/// Cache-Control parsing and the freshness decision; the response line is also tried
+/// as `CDN-Cache-Control` (a Structured Fields Dictionary) and `Surrogate-Control`,
+/// and the host line (the third) as a `Host` field.
 pub fn cache_control(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let (request, response) = text.split_once('\n').unwrap_or((text, text));
+    let (request, rest) = text.split_once('\n').unwrap_or((text, text));
+    let (response, host) = rest.split_once('\n').unwrap_or((rest, rest));
+    if let Some((name, port)) = cdn_http::key::request_authority(host, "https") {
+        assert_eq!(cdn_http::key::normalize_host(&name), Some(name.clone()), "normalising is idempotent");
+        assert_ne!(port, Some(443), "the default port is dropped");
+    }
+    let mut headers = http::HeaderMap::new();
+    if let Ok(value) = http::HeaderValue::from_str(response) {
+        for name in [cdn_http::policy::CDN_CACHE_CONTROL, cdn_http::policy::SURROGATE_CONTROL, http::header::AGE] {
+            headers.append(name, value.clone());
+        }
+    }
+    let targeted = cdn_http::policy::Directives::response(&headers);
+    let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let settings = cdn_http::policy::Settings::default();
+    let lifetime = cdn_http::policy::freshness_lifetime(http::StatusCode::OK, &headers, &targeted, now, &settings);
+    assert!(lifetime <= Duration::from_secs(1 << 31), "lifetime {lifetime:?}");
+    let _ = cdn_http::policy::Timing::new(&headers, now, now);
     let request = cdn_http::policy::Directives::parse(request);
     let response = cdn_http::policy::Directives::parse(response);
     for (lifetime, age) in [(0, 0), (10, 5), (10, 20), (u32::MAX as u64, 1)] {

@@ -24,7 +24,10 @@
 //!
 //! Ignored tests are open bugs: `cargo test --test control -- --ignored tiers::`.
 //!
-//! Edges use 127.0.0.201..=232 (node ids `edge-<last octet>`); the rest of the suite
+//! - CDN-Cache-Control through a shield: the edge behind it obeys it too, no client
+//!   sees it.
+//!
+//! Edges use 127.0.0.201..=234 (node ids `edge-<last octet>`); the rest of the suite
 //! does not.
 
 use std::{
@@ -996,5 +999,38 @@ async fn slices_from_a_shield_are_completed_by_an_origin_without_ranges() {
     let later = try_get(&c, edge, "/noranges", &[("range", &range_header(&range))]).await;
     let later = later.unwrap_or_else(|e| panic!("a later part with the shield gone: {e}"));
     assert_eq!((later.status, later.body.clone()), (StatusCode::PARTIAL_CONTENT, body.slice(range)));
+    cdn.stop().await;
+}
+
+/// CDN-Cache-Control (RFC 9213) through a shield: the shield passes it on to the edge
+/// behind it (a verified edge request), which obeys it too; no client ever sees it.
+#[tokio::test]
+async fn cdn_cache_control_reaches_the_edge_behind_a_shield_but_no_client() {
+    let cdn = Tiered::start(vec![Spec::new(233, "r1"), Spec::new(234, "r2")]).await;
+    cdn.apply(json!({ "shield": ["r1"] })).await;
+    let c = client();
+    let (shield, edge) = (&cdn.edges[0], &cdn.edges[1]);
+    wait_forwards(&c, &cdn.origin, edge, &[shield.node_id.as_str()]).await;
+    cdn.origin.route(
+        "/cdn-cc",
+        Route::ok("no-store", "for the edges only")
+            .header("cdn-cache-control", "max-age=600")
+            .header("surrogate-control", "max-age=600"),
+    );
+    let first = get(&c, edge, "/cdn-cc", &[]).await;
+    assert_eq!((first.status, text(&first)), (StatusCode::OK, "for the edges only".into()));
+    let via = origin_loop(&cdn.origin, "/cdn-cc");
+    assert_eq!(via, [edge.node_id.clone(), shield.node_id.clone()], "filled through the shield");
+    let second = get(&c, edge, "/cdn-cc", &[]).await;
+    assert_eq!(second.x_cache(), "HIT", "the edge behind the shield obeyed CDN-Cache-Control");
+    for reply in [&first, &second] {
+        assert_eq!(reply.header("cache-control"), "no-store", "clients get the origin's Cache-Control");
+        assert!(!reply.headers.contains_key("cdn-cache-control"), "no client sees CDN-Cache-Control");
+        assert!(!reply.headers.contains_key("surrogate-control"), "nor Surrogate-Control");
+    }
+    let direct = get(&c, shield, "/cdn-cc", &[]).await;
+    assert_eq!(direct.x_cache(), "HIT");
+    assert!(!direct.headers.contains_key("cdn-cache-control"), "a client of the shield does not see it either");
+    assert_eq!(cdn.origin.hits("/cdn-cc"), 1);
     cdn.stop().await;
 }

@@ -24,6 +24,53 @@ pub fn primary(scheme: &str, host: &str, uri: &Uri, ignore_query: bool) -> Strin
     }
 }
 
+/// A host as the cache key, site matching and purge matching use it (RFC 9110 §4.2.3
+/// equivalence, and the root's trailing dot): lowercase, IPv6 brackets and one
+/// trailing dot removed. `None` for an empty host or one with an empty label
+/// (`a..test`, `.`).
+pub fn normalize_host(host: &str) -> Option<String> {
+    if let Some(literal) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return literal.parse::<std::net::Ipv6Addr>().is_ok().then(|| literal.to_ascii_lowercase());
+    }
+    if host.contains(':') {
+        return host.parse::<std::net::Ipv6Addr>().is_ok().then(|| host.to_ascii_lowercase());
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
+    // reg-name (RFC 3986 §3.2.2): unreserved, pct-encoded and sub-delims.
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b);
+    if host.is_empty() || !host.bytes().all(allowed) || host.split('.').any(str::is_empty) {
+        return None;
+    }
+    Some(host.to_ascii_lowercase())
+}
+
+/// A request's `Host` field value or `:authority` (RFC 9110 §7.2: `uri-host [":"
+/// port]`, no userinfo), normalised: the host by [`normalize_host`], the port `None`
+/// when absent or the default of `scheme` (80 for http, 443 for https). `None`
+/// when it is not a valid authority.
+pub fn request_authority(authority: &str, scheme: &str) -> Option<(String, Option<u16>)> {
+    if authority.contains('@') {
+        return None;
+    }
+    let parsed: http::uri::Authority = authority.parse().ok()?;
+    // After the host: nothing, or ":" and digits (an empty port is allowed).
+    let rest = &parsed.as_str()[parsed.host().len()..];
+    if let Some(digits) = rest.strip_prefix(':') {
+        if !digits.bytes().all(|b| b.is_ascii_digit()) || (!digits.is_empty() && digits.parse::<u16>().is_err()) {
+            return None;
+        }
+    } else if !rest.is_empty() {
+        return None;
+    }
+    let default = match scheme {
+        "https" => Some(443),
+        "http" => Some(80),
+        _ => None,
+    };
+    let port = parsed.port_u16().filter(|port| Some(*port) != default);
+    Some((normalize_host(parsed.host())?, port))
+}
+
 /// The key of slice `index` of the object under `primary`.
 pub fn slice(primary: &str, index: u64) -> String {
     format!("{primary}{SEPARATOR}slice:{index}")
@@ -119,6 +166,41 @@ mod tests {
         assert!(belongs_to(&variant(&key, &values), &key));
         assert!(belongs_to(&key, &key));
         assert!(!belongs_to("https://h/v/a.mp4?x=12", &key));
+    }
+
+    #[test]
+    fn hosts() {
+        for same in ["a.test", "A.Test", "a.test.", "A.TEST."] {
+            assert_eq!(normalize_host(same).as_deref(), Some("a.test"), "{same}");
+        }
+        assert_eq!(normalize_host("[::1]").as_deref(), Some("::1"));
+        for bad in ["", ".", "a..test", ".a.test", "a.test.."] {
+            assert_eq!(normalize_host(bad), None, "{bad:?}");
+        }
+        let a = |text: &str, scheme: &str| request_authority(text, scheme);
+        assert_eq!(a("a.test:443", "https"), Some(("a.test".into(), None)));
+        assert_eq!(a("a.test.:80", "http"), Some(("a.test".into(), None)));
+        assert_eq!(a("a.test:80", "https"), Some(("a.test".into(), Some(80))));
+        assert_eq!(a("[::1]:8443", "https"), Some(("::1".into(), Some(8443))));
+        for bad in ["", "user@a.test", "a.test:x", "a test", "a.test:99999", "a..test"] {
+            assert_eq!(a(bad, "http"), None, "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn host_normalisation_is_idempotent(host in "[a-zA-Z0-9.:\\[\\]-]{0,30}", port in proptest::option::of(0u16..)) {
+            if let Some(once) = normalize_host(&host) {
+                proptest::prop_assert_eq!(normalize_host(&once), Some(once.clone()));
+                proptest::prop_assert!(!once.ends_with('.') || once.contains(':'));
+                proptest::prop_assert_eq!(once.to_ascii_lowercase(), once.clone());
+            }
+            let text = match port { Some(port) => format!("{host}:{port}"), None => host.clone() };
+            if let Some((name, port)) = request_authority(&text, "https") {
+                proptest::prop_assert_eq!(normalize_host(&name), Some(name.clone()));
+                proptest::prop_assert_ne!(port, Some(443));
+            }
+        }
     }
 
     #[test]

@@ -11,13 +11,34 @@ use http::{HeaderMap, Method, StatusCode, header};
 /// The value RFC 9111 §1.2.2 says to use for delta-seconds that overflow.
 const DELTA_MAX: u64 = 2_147_483_648;
 
+/// The targeted cache-control field of RFC 9213 aimed at CDNs.
+pub const CDN_CACHE_CONTROL: header::HeaderName = header::HeaderName::from_static("cdn-cache-control");
+/// The surrogate field of the W3C Edge Architecture note, as Fastly and Akamai users
+/// send it.
+pub const SURROGATE_CONTROL: header::HeaderName = header::HeaderName::from_static("surrogate-control");
+
+/// Which response field a shared cache took its directives from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Source {
+    /// `Cache-Control` (with `Expires`).
+    #[default]
+    CacheControl,
+    /// `CDN-Cache-Control` (RFC 9213): `Cache-Control` and `Expires` are ignored.
+    CdnCacheControl,
+    /// `Surrogate-Control`: `Cache-Control` and `Expires` are ignored.
+    SurrogateControl,
+}
+
 /// Cache-Control directives of a request or a response (RFC 9111 §5.2).
 ///
 /// Unknown directives are ignored; for a repeated directive the first occurrence
 /// counts (§4.2.1); an invalid `max-age`/`s-maxage` value makes the response stale
-/// (`Some(0)`).
+/// (`Some(0)`). A directive written with whitespace around its `=` (`max-age = 5`)
+/// is not the RFC's syntax: its value counts as invalid.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Directives {
+    /// The field these directives came from (responses; see [`Directives::response`]).
+    pub source: Source,
     /// `no-store`.
     pub no_store: bool,
     /// `no-cache` (qualified forms are treated like the unqualified one).
@@ -67,6 +88,115 @@ impl Directives {
         directives
     }
 
+    /// The directives a shared cache (the edge) obeys for a response: a valid,
+    /// non-empty `CDN-Cache-Control` (RFC 9213), else a `Surrogate-Control` with at
+    /// least one caching directive, else `Cache-Control`. When one of the first two
+    /// is used, `Cache-Control` and `Expires` are ignored for the edge's own
+    /// decisions (RFC 9213 §2.1); they still reach downstream caches.
+    pub fn response(headers: &HeaderMap) -> Self {
+        Self::targeted(headers).or_else(|| Self::surrogate(headers)).unwrap_or_else(|| Self::from_headers(headers))
+    }
+
+    /// `CDN-Cache-Control` (RFC 9213 §2.2): every field line joined and parsed as a
+    /// Structured Fields Dictionary. `None` when absent, empty, or when it does not
+    /// parse (the field is then ignored as a whole). Members whose value violates a
+    /// directive's constraints (`max-age=5.0`, `max-age="5"`, `no-store=3`) are
+    /// ignored one by one; parameters are ignored.
+    pub fn targeted(headers: &HeaderMap) -> Option<Self> {
+        let mut lines = Vec::new();
+        for value in headers.get_all(CDN_CACHE_CONTROL) {
+            lines.push(value.to_str().ok()?);
+        }
+        if lines.is_empty() {
+            return None;
+        }
+        let joined = lines.join(", ");
+        let dictionary = sfv::Parser::new(&joined).parse::<sfv::Dictionary>().ok()?;
+        if dictionary.is_empty() {
+            return None;
+        }
+        let mut directives = Self { source: Source::CdnCacheControl, ..Self::default() };
+        for (name, entry) in &dictionary {
+            let value = match entry {
+                sfv::ListEntry::Item(item) => match &item.bare_item {
+                    sfv::BareItem::Boolean(true) => Targeted::Flag,
+                    sfv::BareItem::Integer(n) => match u64::try_from(i64::from(*n)) {
+                        Ok(n) => Targeted::Seconds(n.min(DELTA_MAX)),
+                        Err(_) => continue,
+                    },
+                    sfv::BareItem::String(_) => Targeted::FieldNames,
+                    _ => continue,
+                },
+                sfv::ListEntry::InnerList(_) => Targeted::FieldNames,
+            };
+            directives.apply_targeted(name.as_str(), value);
+        }
+        Some(directives)
+    }
+
+    fn apply_targeted(&mut self, name: &str, value: Targeted) {
+        let qualified = matches!(value, Targeted::Flag | Targeted::FieldNames);
+        let flag = matches!(value, Targeted::Flag);
+        let seconds = match value {
+            Targeted::Seconds(n) => Some(n),
+            _ => None,
+        };
+        match name {
+            "no-store" if flag => self.no_store = true,
+            "no-cache" if qualified => self.no_cache = true,
+            "private" if qualified => self.private = true,
+            "public" if flag => self.public = true,
+            "must-revalidate" if flag => self.must_revalidate = true,
+            "proxy-revalidate" if flag => self.proxy_revalidate = true,
+            "must-understand" if flag => self.must_understand = true,
+            "max-age" if seconds.is_some() => self.max_age = seconds,
+            "s-maxage" if seconds.is_some() => self.s_maxage = seconds,
+            "stale-while-revalidate" if seconds.is_some() => self.stale_while_revalidate = seconds,
+            "stale-if-error" if seconds.is_some() => self.stale_if_error = seconds,
+            _ => {}
+        }
+    }
+
+    /// `Surrogate-Control` (W3C Edge Architecture 1.0), parsed like Cache-Control:
+    /// `max-age=N` (and `max-age=N+M`, `M` being a `stale-if-error` window),
+    /// `no-store`, `no-store-remote` (the edge is a remote surrogate: not stored) and
+    /// the Cache-Control response directives; `content="ESI/1.0"` and other
+    /// unknown directives are ignored. `None` when it names no caching directive.
+    pub fn surrogate(headers: &HeaderMap) -> Option<Self> {
+        let mut directives = Self { source: Source::SurrogateControl, ..Self::default() };
+        let mut seen: Vec<String> = Vec::new();
+        for value in headers.get_all(SURROGATE_CONTROL) {
+            let Ok(text) = value.to_str() else { continue };
+            for (name, arg) in split_directives(text) {
+                let name = match name.to_ascii_lowercase().as_str() {
+                    "no-store-remote" => "no-store".to_string(),
+                    name => name.to_string(),
+                };
+                if seen.contains(&name) || !RESPONSE_DIRECTIVES.contains(&name.as_str()) {
+                    continue;
+                }
+                match (name.as_str(), arg.and_then(|a| a.split_once('+'))) {
+                    ("max-age", Some((fresh, stale))) => {
+                        directives.apply("max-age", Some(fresh));
+                        if !seen.iter().any(|s| s == "stale-if-error") {
+                            directives.apply("stale-if-error", Some(stale));
+                            seen.push("stale-if-error".to_string());
+                        }
+                    }
+                    _ => directives.apply(&name, arg),
+                }
+                seen.push(name);
+            }
+        }
+        (!seen.is_empty()).then_some(directives)
+    }
+
+    /// Whether `Expires` counts for these directives: only beside `Cache-Control`
+    /// (RFC 9213 §2.1: a targeted field replaces both).
+    pub fn expires_applies(&self) -> bool {
+        self.source == Source::CacheControl
+    }
+
     /// Parses one Cache-Control value (for tests and fuzzing).
     pub fn parse(text: &str) -> Self {
         let mut headers = HeaderMap::new();
@@ -105,6 +235,32 @@ impl Directives {
     }
 }
 
+/// A targeted field member's value, by the shape the directive allows.
+#[derive(Clone, Copy)]
+enum Targeted {
+    /// Boolean true (a bare key).
+    Flag,
+    /// A non-negative Integer.
+    Seconds(u64),
+    /// A String or an Inner List (field names of qualified `private`/`no-cache`).
+    FieldNames,
+}
+
+/// The response directives of Cache-Control a surrogate field may use.
+const RESPONSE_DIRECTIVES: [&str; 11] = [
+    "no-store",
+    "no-cache",
+    "private",
+    "public",
+    "must-revalidate",
+    "proxy-revalidate",
+    "max-age",
+    "s-maxage",
+    "stale-while-revalidate",
+    "stale-if-error",
+    "must-understand",
+];
+
 /// Splits a Cache-Control value into `(name, argument)` pairs, honouring quoted
 /// strings (which may contain commas).
 fn split_directives(text: &str) -> Vec<(&str, Option<&str>)> {
@@ -116,9 +272,14 @@ fn split_directives(text: &str) -> Vec<(&str, Option<&str>)> {
         Some(match part.split_once('=') {
             None => (part, None),
             Some((name, arg)) => {
-                let arg = arg.trim();
+                // `cache-directive = token [ "=" ( token / quoted-string ) ]`: no
+                // whitespace around "=". `max-age = 5` keeps its name but its value
+                // is invalid (so a max-age written that way means stale).
+                if name.ends_with(char::is_whitespace) || arg.starts_with(char::is_whitespace) {
+                    return Some((name.trim_end(), Some("")));
+                }
                 let arg = arg.strip_prefix('"').and_then(|a| a.strip_suffix('"')).unwrap_or(arg);
-                (name.trim(), Some(arg))
+                (name, Some(arg))
             }
         })
     }
@@ -189,8 +350,11 @@ pub enum Reason {
     Method,
     /// A status a cache does not store (1xx, 206, 304).
     Status,
-    /// `no-store` on either side.
+    /// `no-store` in the response.
     NoStore,
+    /// `no-store` in the request: this response is not stored, but the URL is not
+    /// uncacheable for the next client.
+    RequestNoStore,
     /// `private`.
     Private,
     /// The request had `Authorization` and the response did not allow sharing it.
@@ -215,6 +379,7 @@ impl Reason {
             Self::Method => "method",
             Self::Status => "status",
             Self::NoStore => "no-store",
+            Self::RequestNoStore => "request-no-store",
             Self::Private => "private",
             Self::Authorization => "authorization",
             Self::VaryStar => "vary-star",
@@ -227,9 +392,9 @@ impl Reason {
 
     /// Whether the URL itself is uncacheable for a while ("hit-for-pass"): requests
     /// for it then skip coalescing. Not for a response that was only too large or an
-    /// error standing in front of a stale copy.
+    /// error standing in front of a stale copy, nor for a request's own `no-store`.
     pub fn remember(self) -> bool {
-        !matches!(self, Self::TooLarge | Self::ErrorOverStale)
+        !matches!(self, Self::TooLarge | Self::ErrorOverStale | Self::RequestNoStore)
     }
 }
 
@@ -277,8 +442,11 @@ pub fn storable(
     if status.is_informational() || status == StatusCode::PARTIAL_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Err(Reason::Status);
     }
-    if request.no_store || response.no_store {
+    if response.no_store {
         return Err(Reason::NoStore);
+    }
+    if request.no_store {
+        return Err(Reason::RequestNoStore);
     }
     if response.private {
         return Err(Reason::Private);
@@ -292,7 +460,9 @@ pub fn storable(
     if headers.contains_key(header::SET_COOKIE) && !settings.store_set_cookie {
         return Err(Reason::SetCookie);
     }
-    let explicit = response.max_age.is_some() || response.s_maxage.is_some() || headers.contains_key(header::EXPIRES);
+    let explicit = response.max_age.is_some()
+        || response.s_maxage.is_some()
+        || (response.expires_applies() && headers.contains_key(header::EXPIRES));
     if explicit || response.public || heuristically_cacheable(status) { Ok(()) } else { Err(Reason::NoFreshness) }
 }
 
@@ -334,7 +504,7 @@ pub fn freshness_lifetime(
         return Duration::from_secs(s);
     }
     let date = date_header(headers, &header::DATE).unwrap_or(response_time);
-    if headers.contains_key(header::EXPIRES) {
+    if response.expires_applies() && headers.contains_key(header::EXPIRES) {
         // An invalid Expires (e.g. "0") means already expired.
         return date_header(headers, &header::EXPIRES)
             .and_then(|expires| expires.duration_since(date).ok())
@@ -451,9 +621,39 @@ pub fn stale_if_error(request: &Directives, response: &Directives, lifetime: Dur
     window.is_some_and(|w| staleness <= Duration::from_secs(w))
 }
 
-/// Headers a 304 must not replace in the stored response (RFC 9111 §3.2).
-pub fn keep_on_update(name: &header::HeaderName) -> bool {
-    name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::CONTENT_RANGE
+/// Headers of a 304 (or of a 200 to a HEAD) that must not replace or join the
+/// stored response's (RFC 9111 §3.2): `Content-Length` (the stored body's framing
+/// stays), `Transfer-Encoding`, `Content-Range` (a 304 says nothing about a part,
+/// and the stored response is whole), and `Set-Cookie` when the edge does not store
+/// responses carrying it (it would be handed to every later client).
+pub fn keep_on_update(name: &header::HeaderName, settings: &Settings) -> bool {
+    name == header::CONTENT_LENGTH
+        || name == header::TRANSFER_ENCODING
+        || name == header::CONTENT_RANGE
+        || (name == header::SET_COOKIE && !settings.store_set_cookie)
+}
+
+/// What a 200 to a HEAD the edge forwarded does to the stored GET response for the
+/// same request (RFC 9111 §4.3.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadUpdate {
+    /// The validators agree: update the stored headers as from a 304 (§4.3.4).
+    Update,
+    /// The representation changed (an `ETag` or `Last-Modified` the stored
+    /// response does not have, or another `Content-Length`): drop the stored one.
+    Invalidate,
+}
+
+/// Compares a HEAD response's `ETag`, `Last-Modified` and `Content-Length` with the
+/// stored GET response's (RFC 9111 §4.3.5).
+pub fn head_update(stored: &HeaderMap, head: &HeaderMap) -> HeadUpdate {
+    let differs = |name: &header::HeaderName| head.get(name).is_some_and(|value| stored.get(name) != Some(value));
+    let length_differs = stored.contains_key(header::CONTENT_LENGTH) && differs(&header::CONTENT_LENGTH);
+    if differs(&header::ETAG) || differs(&header::LAST_MODIFIED) || length_differs {
+        HeadUpdate::Invalidate
+    } else {
+        HeadUpdate::Update
+    }
 }
 
 #[cfg(test)]

@@ -60,7 +60,8 @@ fn storability() {
     };
     assert_eq!(ok("", false, 200, &[("cache-control", "max-age=60")]), Ok(()));
     assert_eq!(ok("", false, 200, &[("cache-control", "no-store")]), Err(Reason::NoStore));
-    assert_eq!(ok("no-store", false, 200, &[("cache-control", "max-age=60")]), Err(Reason::NoStore));
+    assert_eq!(ok("no-store", false, 200, &[("cache-control", "max-age=60")]), Err(Reason::RequestNoStore));
+    assert!(!Reason::RequestNoStore.remember(), "one client's no-store does not make the URL uncacheable");
     assert_eq!(ok("", false, 200, &[("cache-control", "private, max-age=60")]), Err(Reason::Private));
     assert_eq!(ok("", true, 200, &[("cache-control", "max-age=60")]), Err(Reason::Authorization));
     assert_eq!(ok("", true, 200, &[("cache-control", "s-maxage=60")]), Ok(()));
@@ -157,4 +158,209 @@ proptest! {
         let action = evaluate(&Directives::default(), false, &Directives::default(), Duration::from_secs(lifetime), Duration::from_secs(age), false);
         prop_assert_eq!(action == Action::Fresh, age < lifetime);
     }
+}
+
+/// The corners a strict cache tester tries (RFC 9111 §4.2.1, §5.2, §1.2.2).
+#[test]
+fn malformed_and_duplicate_directives() {
+    let max_age = |text: &str| Directives::parse(text).max_age;
+    // Duplicates: the first occurrence counts (§4.2.1 allows "first" or "stale").
+    assert_eq!(max_age("max-age=1, max-age=3600"), Some(1));
+    assert_eq!(max_age("max-age=3600, MAX-AGE=1"), Some(3600));
+    // Whitespace around "=" is not the syntax: the value is invalid, so stale.
+    assert_eq!(max_age("max-age = 5"), Some(0));
+    assert_eq!(max_age("max-age =5"), Some(0));
+    assert_eq!(max_age("max-age= 5"), Some(0));
+    // Not delta-seconds: stale.
+    assert_eq!(max_age("max-age=5.0"), Some(0));
+    assert_eq!(max_age("max-age=a100"), Some(0));
+    assert_eq!(max_age("max-age=100a"), Some(0));
+    assert_eq!(max_age("max-age=+5"), Some(0));
+    assert_eq!(max_age("max-age="), Some(0));
+    assert_eq!(max_age("max-age"), Some(0));
+    assert_eq!(max_age("max-age=\"5"), Some(0));
+    // The quoted form is accepted (§5.2: recipients accept both forms).
+    assert_eq!(max_age("max-age=\"5\""), Some(5));
+    // Whitespace around the commas is fine.
+    assert_eq!(max_age("  public ,max-age=7 , "), Some(7));
+    // A quoted argument may contain commas and "=".
+    let d = Directives::parse("private=\"a, max-age=9\", max-age=3");
+    assert!(d.private);
+    assert_eq!(d.max_age, Some(3));
+}
+
+#[test]
+fn age_header_corners() {
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let date = httpdate::fmt_http_date(t0);
+    let initial = |age: &str| Timing::new(&headers(&[("date", &date), ("age", age)]), t0, t0).initial_age;
+    assert_eq!(initial("30"), Duration::from_secs(30));
+    assert_eq!(initial(" 30 "), Duration::from_secs(30));
+    // Junk after the number, a list, a sign or a fraction: invalid, ignored (age 0).
+    for bad in ["30abc", "30, 40", "-30", "30.5", "+30", "abc", ""] {
+        assert_eq!(initial(bad), Duration::ZERO, "Age: {bad:?}");
+    }
+    assert_eq!(initial("99999999999999999999999"), Duration::from_secs(DELTA_MAX));
+}
+
+#[test]
+fn cdn_cache_control_wins() {
+    let s = Settings::default();
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let date = httpdate::fmt_http_date(now);
+    let in_100 = httpdate::fmt_http_date(now + Duration::from_secs(100));
+    let life = |h: &HeaderMap| freshness_lifetime(StatusCode::OK, h, &Directives::response(h), now, &s);
+    let store = |h: &HeaderMap| {
+        storable(&Method::GET, &Directives::default(), false, StatusCode::OK, h, &Directives::response(h), &s)
+    };
+    // CDN-Cache-Control beats Cache-Control both ways.
+    let h = headers(&[("cdn-cache-control", "max-age=60"), ("cache-control", "no-store")]);
+    assert_eq!(Directives::response(&h).source, Source::CdnCacheControl);
+    assert_eq!(store(&h), Ok(()));
+    assert_eq!(life(&h), Duration::from_secs(60));
+    let h = headers(&[("cdn-cache-control", "no-store"), ("cache-control", "max-age=60")]);
+    assert_eq!(store(&h), Err(Reason::NoStore));
+    let h = headers(&[("cdn-cache-control", "private"), ("cache-control", "public, max-age=60")]);
+    assert_eq!(store(&h), Err(Reason::Private));
+    // Expires is ignored beside a targeted field (here: heuristic freshness applies).
+    let h = headers(&[("cdn-cache-control", "public"), ("date", &date), ("expires", &in_100)]);
+    assert_eq!(life(&h), Duration::ZERO);
+    // An invalid field is ignored as a whole: Cache-Control applies.
+    for bad in ["max-age=60,", "max-age=60;;", "max-age=\"60", "Max-Age=60", "max-age=60 no-store", ""] {
+        let h = headers(&[("cdn-cache-control", bad), ("cache-control", "max-age=5")]);
+        assert_eq!(Directives::response(&h).source, Source::CacheControl, "{bad:?}");
+        assert_eq!(life(&h), Duration::from_secs(5), "{bad:?}");
+    }
+    // Members violating a directive's constraints are not consumed.
+    let d = |text: &str| Directives::targeted(&headers(&[("cdn-cache-control", text)])).unwrap();
+    assert_eq!(d("max-age=5.0").max_age, None);
+    assert_eq!(d("max-age=\"5\"").max_age, None);
+    assert_eq!(d("max-age=-5").max_age, None);
+    assert!(!d("no-store=3").no_store);
+    assert!(!d("no-store=?0").no_store);
+    assert!(d("no-store=?1").no_store);
+    assert!(d("private=(\"set-cookie\")").private && d("no-cache=\"x\"").no_cache);
+    // Parameters are ignored; a duplicate key: the last one (Structured Fields).
+    assert_eq!(d("max-age=30;foo=bar").max_age, Some(30));
+    assert_eq!(d("max-age=1, max-age=30").max_age, Some(30));
+    // Every directive the issue names.
+    let all = d("s-maxage=9, must-revalidate, no-cache, stale-while-revalidate=7, stale-if-error=8, proxy-revalidate");
+    assert_eq!((all.s_maxage, all.stale_while_revalidate, all.stale_if_error), (Some(9), Some(7), Some(8)));
+    assert!(all.must_revalidate && all.no_cache && all.proxy_revalidate);
+    // Two field lines are one dictionary.
+    let two = headers(&[("cdn-cache-control", "max-age=60"), ("cdn-cache-control", "must-revalidate")]);
+    let t = Directives::targeted(&two).unwrap();
+    assert!(t.must_revalidate && t.max_age == Some(60));
+    // "none" (RFC 9213 §3.1) is valid and non-empty: Cache-Control no-store is ignored,
+    // the response is stored with heuristic or no freshness.
+    let h = headers(&[("cdn-cache-control", "none"), ("cache-control", "no-store")]);
+    assert_eq!(store(&h), Ok(()));
+}
+
+#[test]
+fn surrogate_control() {
+    let s = Settings::default();
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let life = |h: &HeaderMap| freshness_lifetime(StatusCode::OK, h, &Directives::response(h), now, &s);
+    let h = headers(&[("surrogate-control", "max-age=300, content=\"ESI/1.0\""), ("cache-control", "no-store")]);
+    assert_eq!(Directives::response(&h).source, Source::SurrogateControl);
+    assert_eq!(life(&h), Duration::from_secs(300));
+    let h = headers(&[("surrogate-control", "no-store"), ("cache-control", "max-age=60")]);
+    assert!(Directives::response(&h).no_store);
+    assert!(Directives::response(&headers(&[("surrogate-control", "no-store-remote")])).no_store);
+    // content= alone is not a caching directive: Cache-Control applies.
+    let h = headers(&[("surrogate-control", "content=\"ESI/1.0\""), ("cache-control", "max-age=5")]);
+    assert_eq!(Directives::response(&h).source, Source::CacheControl);
+    assert_eq!(life(&h), Duration::from_secs(5));
+    // max-age=N+M: M is a stale-if-error window.
+    let d = Directives::response(&headers(&[("surrogate-control", "max-age=60+600")]));
+    assert_eq!((d.max_age, d.stale_if_error), (Some(60), Some(600)));
+    // CDN-Cache-Control beats Surrogate-Control.
+    let h = headers(&[("surrogate-control", "max-age=300"), ("cdn-cache-control", "max-age=30")]);
+    assert_eq!(life(&h), Duration::from_secs(30));
+}
+
+#[test]
+fn updates_leave_framing_and_cookies_alone() {
+    let s = Settings::default();
+    assert!(keep_on_update(&header::CONTENT_RANGE, &s));
+    assert!(keep_on_update(&header::CONTENT_LENGTH, &s));
+    assert!(keep_on_update(&header::SET_COOKIE, &s));
+    assert!(!keep_on_update(&header::CACHE_CONTROL, &s));
+    let store = Settings { store_set_cookie: true, ..Settings::default() };
+    assert!(!keep_on_update(&header::SET_COOKIE, &store));
+}
+
+#[test]
+fn heuristic_only_for_heuristic_statuses() {
+    let s = Settings { heuristic_max: Duration::from_secs(50), ..Settings::default() };
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let date = httpdate::fmt_http_date(now);
+    let lm = httpdate::fmt_http_date(now - Duration::from_secs(300));
+    let h = headers(&[("date", &date), ("last-modified", &lm)]);
+    let life =
+        |status: u16| freshness_lifetime(StatusCode::from_u16(status).unwrap(), &h, &Directives::response(&h), now, &s);
+    assert_eq!(life(200), Duration::from_secs(30), "10 % of 300 s");
+    assert_eq!(life(302), Duration::ZERO, "302 is not heuristically cacheable");
+    let old = httpdate::fmt_http_date(now - Duration::from_secs(3000));
+    let h = headers(&[("date", &date), ("last-modified", &old)]);
+    assert_eq!(freshness_lifetime(StatusCode::OK, &h, &Directives::response(&h), now, &s), Duration::from_secs(50));
+    // A Last-Modified in the future gives nothing.
+    let future = httpdate::fmt_http_date(now + Duration::from_secs(3000));
+    let h = headers(&[("date", &date), ("last-modified", &future)]);
+    assert_eq!(freshness_lifetime(StatusCode::OK, &h, &Directives::response(&h), now, &s), Duration::ZERO);
+}
+
+proptest! {
+    #[test]
+    fn targeted_parsing_never_panics(text in "[ -~]{0,80}", cc in "[ -~]{0,40}") {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&text) { h.insert(CDN_CACHE_CONTROL, v.clone()); h.insert(SURROGATE_CONTROL, v); }
+        if let Ok(v) = HeaderValue::from_str(&cc) { h.insert(header::CACHE_CONTROL, v); }
+        let d = Directives::response(&h);
+        for v in [d.max_age, d.s_maxage, d.stale_if_error, d.stale_while_revalidate].into_iter().flatten() {
+            prop_assert!(v <= DELTA_MAX);
+        }
+        // A parsed targeted field always wins; otherwise Cache-Control's parse.
+        if let Some(t) = Directives::targeted(&h) { prop_assert_eq!(d, t); }
+    }
+
+    #[test]
+    fn targeted_max_age_round_trips(n in 0u64..1_000_000_000_000, extra in "(, (no-store|public|must-revalidate|x=1|y=\"z\"))?") {
+        let h = headers(&[("cdn-cache-control", &format!("max-age={n}{extra}"))]);
+        prop_assert_eq!(Directives::response(&h).max_age, Some(n.min(DELTA_MAX)));
+    }
+
+    #[test]
+    fn max_age_with_spaces_or_junk_is_stale(n in 0u64..100_000, junk in "( =| = |= |\\.0|a|x| ,max-age=9)") {
+        let before = matches!(junk.as_str(), " =" | " = " | "= ");
+        let text = if before { format!("max-age{junk}{n}") } else { format!("max-age={n}{junk}") };
+        let d = Directives::parse(&text);
+        prop_assert_eq!(d.max_age, if junk == " ,max-age=9" { Some(n) } else { Some(0) }, "{}", text);
+    }
+
+    #[test]
+    fn age_with_junk_is_ignored(n in 0u64..100_000, junk in "[a-z., -]{1,5}") {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let h = headers(&[("date", &httpdate::fmt_http_date(t0)), ("age", &format!("{n}{junk}"))]);
+        let trimmed_ok = junk.trim().is_empty();
+        let expected = if trimmed_ok { n } else { 0 };
+        prop_assert_eq!(Timing::new(&h, t0, t0).initial_age, Duration::from_secs(expected));
+    }
+}
+
+#[test]
+fn head_responses_update_or_invalidate() {
+    let stored =
+        headers(&[("etag", "\"a\""), ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"), ("content-length", "10")]);
+    assert_eq!(head_update(&stored, &headers(&[("etag", "\"a\""), ("x-new", "1")])), HeadUpdate::Update);
+    assert_eq!(head_update(&stored, &headers(&[])), HeadUpdate::Update);
+    assert_eq!(head_update(&stored, &headers(&[("etag", "\"b\"")])), HeadUpdate::Invalidate);
+    assert_eq!(head_update(&stored, &headers(&[("content-length", "11")])), HeadUpdate::Invalidate);
+    assert_eq!(
+        head_update(&stored, &headers(&[("last-modified", "Mon, 07 Nov 1994 08:49:37 GMT")])),
+        HeadUpdate::Invalidate
+    );
+    // A validator the stored response lacks: the representation is not known to be the same.
+    assert_eq!(head_update(&headers(&[]), &headers(&[("etag", "\"a\"")])), HeadUpdate::Invalidate);
 }

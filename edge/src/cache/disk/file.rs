@@ -178,7 +178,7 @@ impl HeadMeta {
         let time = |us: u64| UNIX_EPOCH + Duration::from_micros(us);
         Ok(Head {
             status,
-            directives: Directives::from_headers(&headers),
+            directives: Directives::response(&headers),
             headers,
             timing: Timing {
                 request_time: time(self.request_time_us),
@@ -479,7 +479,7 @@ mod tests {
         let now = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
         Arc::new(Head {
             status: StatusCode::OK,
-            directives: Directives::from_headers(&headers),
+            directives: Directives::response(&headers),
             headers,
             timing: Timing { request_time: now, response_time: now, initial_age: Duration::from_secs(3) },
             lifetime: Duration::from_secs(60),
