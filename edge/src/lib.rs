@@ -38,6 +38,7 @@ mod h3;
 pub mod metrics;
 mod pipeline;
 mod pool;
+pub mod signing;
 mod purge;
 mod server;
 mod sites;
