@@ -195,9 +195,8 @@ impl TryFrom<RawKey> for SigningKey {
     type Error = String;
 
     fn try_from(raw: RawKey) -> Result<Self, String> {
-        let read = |path: &PathBuf| {
-            std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-        };
+        let read =
+            |path: &PathBuf| std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()));
         let id = raw.id;
         match raw.algorithm.as_deref().unwrap_or("HS256") {
             "HS256" => {
@@ -210,7 +209,8 @@ impl TryFrom<RawKey> for SigningKey {
                     (Some(_), Some(_)) => return Err(format!("key {id:?}: give secret or secret_file, not both")),
                     (None, None) => return Err(format!("key {id:?}: needs secret or secret_file")),
                 };
-                let secret = secret_bytes(text.trim_end_matches(['\r', '\n'])).map_err(|e| format!("key {id:?}: {e}"))?;
+                let secret =
+                    secret_bytes(text.trim_end_matches(['\r', '\n'])).map_err(|e| format!("key {id:?}: {e}"))?;
                 Self::hs256(id.clone(), secret).map_err(|e| format!("key {id:?}: {e}"))
             }
             "ES256" => {
@@ -453,7 +453,14 @@ impl Verifier {
     }
 
     /// The request's URI without the package, when the package holds.
-    fn verify<B>(&self, signed: &Signed, request: &Request<B>, peer: IpAddr, tls: bool, now: f64) -> Result<Uri, Reason> {
+    fn verify<B>(
+        &self,
+        signed: &Signed,
+        request: &Request<B>,
+        peer: IpAddr,
+        tls: bool,
+        now: f64,
+    ) -> Result<Uri, Reason> {
         let uri = request.uri();
         let (package, rest) = split_package(uri.query())?;
         let token = percent_encoding::percent_decode_str(package).decode_utf8().map_err(|_| Reason::Malformed)?;
@@ -666,7 +673,8 @@ fn normalized_uri(scheme: &str, authority: &str, path: &str, query: Option<&str>
     let default = if scheme == "https" { "443" } else { "80" };
     let path = if path.is_empty() { "/" } else { path };
     let path = remove_dot_segments(&normalize_percent(path));
-    let mut uri = String::with_capacity(scheme.len() + 3 + authority.len() + path.len() + query.map_or(0, str::len) + 1);
+    let mut uri =
+        String::with_capacity(scheme.len() + 3 + authority.len() + path.len() + query.map_or(0, str::len) + 1);
     uri.push_str(scheme);
     uri.push_str("://");
     uri.push_str(host);

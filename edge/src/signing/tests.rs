@@ -32,7 +32,8 @@ fn token(kid: &str, secret: &[u8], claims: &Value) -> String {
 
 /// A token made by hand: any header, HMAC-SHA256 over it.
 fn raw_token(header: &Value, claims: &Value, secret: &[u8]) -> String {
-    let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
+    let input =
+        format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(ring::hmac::sign(&key, input.as_bytes())))
 }
@@ -131,7 +132,9 @@ fn the_package_and_the_key() {
 #[test]
 fn times() {
     let v = verifier();
-    let go = |claims: Value, now: u64| check_with(&v, &paid(&["k1"]), &with_token("/paid/a", &token("k1", SECRET, &claims)), at(now));
+    let go = |claims: Value, now: u64| {
+        check_with(&v, &paid(&["k1"]), &with_token("/paid/a", &token("k1", SECRET, &claims)), at(now))
+    };
     assert_eq!(go(json!({}), NOW), Err("missing_exp"));
     assert_eq!(go(json!({"nbf": NOW - 10}), NOW), Err("missing_exp"));
     assert_eq!(go(json!({"exp": "tomorrow"}), NOW), Err("malformed"));
@@ -202,11 +205,7 @@ fn uri_containers() {
     let v = verifier();
     let go = |target: &str, container: &str| {
         let t = token("k1", SECRET, &json!({"exp": NOW + 60, "cdniuc": container}));
-        let target = if target.contains('?') {
-            format!("{target}&{PARAMETER}={t}")
-        } else {
-            with_token(target, &t)
-        };
+        let target = if target.contains('?') { format!("{target}&{PARAMETER}={t}") } else { with_token(target, &t) };
         check(&v, &target)
     };
     // One regex covers every segment of a stream, and nothing else.
