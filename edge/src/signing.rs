@@ -754,6 +754,66 @@ fn remove_dot_segments(path: &str) -> String {
     output.concat()
 }
 
+/// What a token made by [`sign_url`] is valid for (its `cdniuc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cover<'a> {
+    /// Exactly the URL signed (`hash:`).
+    Uri,
+    /// Every URI the expression matches whole (`regex:`), e.g. a stream's segments.
+    Regex(&'a str),
+    /// Every path under the site's `signed.path_prefix` (no `cdniuc`).
+    Prefix,
+}
+
+/// `url` (absolute, `http` or `https`) with a `URISigningPackage` appended: an HS256
+/// token of `key` (with `kid`), valid until `expires` and covering `cover`. What
+/// `cdn sign` prints.
+pub fn sign_url(url: &str, key: &SigningKey, expires: SystemTime, cover: Cover<'_>) -> Result<String, String> {
+    let Material::Hs256(secret) = &key.material else {
+        return Err(format!("key {:?} is an ES256 public key: sign with its private key elsewhere", key.id));
+    };
+    let uri: Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+    let scheme = uri.scheme_str().filter(|s| matches!(*s, "http" | "https"));
+    let (Some(scheme), Some(authority)) = (scheme, uri.authority()) else {
+        return Err(format!("{url:?} is not an absolute http:// or https:// URL"));
+    };
+    if split_package(uri.query()).is_ok() {
+        return Err(format!("{url:?} already carries a {PARAMETER}"));
+    }
+    let exp = expires.duration_since(UNIX_EPOCH).map_err(|_| "expiry before 1970".to_string())?.as_secs();
+    let mut claims = Map::new();
+    claims.insert("exp".into(), exp.into());
+    claims.insert("cdniv".into(), 1.into());
+    match cover {
+        Cover::Uri => {
+            let normalized = normalized_uri(scheme, authority.as_str(), uri.path(), uri.query());
+            let digest = ring::digest::digest(&ring::digest::SHA256, normalized.as_bytes());
+            let hash = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest);
+            claims.insert("cdniuc".into(), format!("hash:{hash}").into());
+        }
+        Cover::Regex(pattern) => {
+            if pattern.len() > MAX_REGEX || compile(pattern).is_none() {
+                return Err(format!("{pattern:?} is not a usable regex (at most {MAX_REGEX} bytes)"));
+            }
+            claims.insert("cdniuc".into(), format!("regex:{pattern}").into());
+        }
+        Cover::Prefix => {}
+    }
+    let header = jsonwebtoken::Header { kid: Some(key.id.clone()), ..jsonwebtoken::Header::new(Algorithm::HS256) };
+    let token = jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(secret))
+        .map_err(|e| format!("signing failed: {e}"))?;
+    let join = if uri.query().is_some() { '&' } else { '?' };
+    Ok(format!("{url}{join}{PARAMETER}={token}"))
+}
+
+impl SigningKey {
+    /// An HS256 key whose secret is written as in the config (`base64:…`, `hex:…`,
+    /// or text); for `cdn sign --secret-file`.
+    pub fn hs256_from_text(id: impl Into<String>, text: &str) -> Result<Self, String> {
+        Self::hs256(id, secret_bytes(text.trim_end_matches(['\r', '\n']))?)
+    }
+}
+
 /// Warns of key ids a routing document's site accepts that this edge lacks.
 pub(crate) fn warn_missing_keys(verifier: &Verifier, site: &str, signed: Option<&Signed>) {
     for id in signed.map(|s| s.keys.as_slice()).unwrap_or_default() {

@@ -220,3 +220,57 @@ async fn keys_rotate_and_https_uris_are_signed_as_https() {
     assert_eq!(origin.hits("/paid/b.mp4"), 1);
     edge.stop().await;
 }
+
+/// `cdn sign URL ...`: the signed URL it prints.
+fn cdn_sign(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cdn")).arg("sign").args(args).output().unwrap();
+    assert!(out.status.success(), "cdn sign {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test]
+async fn cdn_sign_makes_urls_the_edge_accepts() {
+    let origin = MockOrigin::start().await;
+    origin.route("/paid/one.mp4", Route::ok("max-age=600", "one"));
+    origin.route("/paid/two.mp4", Route::ok("max-age=600", "two"));
+    for n in 1..=3 {
+        origin.route(&format!("/paid/live/seg-{n}.ts"), Route::ok("max-age=600", format!("seg {n}")));
+    }
+    let edge = signing_edge(&origin).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("k1");
+    std::fs::write(&secret, format!("base64:{}\n", base64::engine::general_purpose::STANDARD.encode(K1))).unwrap();
+    let secret = secret.to_str().unwrap();
+    let c = client();
+    // One URL (hash:): it works, and its token does not open another path.
+    let one = cdn_sign(&[&edge.url("/paid/one.mp4"), "--key-id", "k1", "--secret-file", secret]);
+    assert!(one.contains("?URISigningPackage=ey"), "{one}");
+    assert_eq!(get(&c, &one, &[]).await.body, "one");
+    let two = one.replace("/paid/one.mp4", "/paid/two.mp4");
+    assert_eq!(get(&c, &two, &[]).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(edge.metric("cdn_signing_rejected_total", &[("reason", "uri_mismatch")]), 1.0);
+    // A stream (regex:): one token for every segment.
+    let regex = format!(r"http://127\.0\.0\.1:{}/paid/live/seg-[0-9]+\.ts", edge.http.port());
+    let live =
+        cdn_sign(&[&edge.url("/paid/live/seg-1.ts"), "--key-id", "k1", "--secret-file", secret, "--regex", &regex]);
+    for n in 1..=3 {
+        let r = get(&c, &live.replace("seg-1.ts", &format!("seg-{n}.ts")), &[]).await;
+        assert_eq!((r.status, r.body), (StatusCode::OK, Bytes::from(format!("seg {n}"))), "segment {n}");
+    }
+    // Expired at once.
+    let gone = cdn_sign(&[&edge.url("/paid/one.mp4"), "--key-id", "k1", "--secret-file", secret, "--expires", "0s"]);
+    assert_eq!(get(&c, &gone, &[]).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(edge.metric("cdn_signing_rejected_total", &[("reason", "expired")]), 1.0);
+    // A key of the wrong id is refused by the edge, a short secret by cdn sign.
+    let k9 = cdn_sign(&[&edge.url("/paid/one.mp4"), "--key-id", "k9", "--secret-file", secret]);
+    assert_eq!(get(&c, &k9, &[]).await.status, StatusCode::FORBIDDEN);
+    std::fs::write(dir.path().join("short"), "too short").unwrap();
+    let short = dir.path().join("short");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cdn"))
+        .args(["sign", &edge.url("/paid/one.mp4"), "--key-id", "k1", "--secret-file", short.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32"), "{}", String::from_utf8_lossy(&out.stderr));
+    edge.stop().await;
+}
