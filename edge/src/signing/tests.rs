@@ -416,3 +416,51 @@ fn an_edge_config_with_signed_origin_paths() {
     assert!(problems.iter().any(|p| p.starts_with("origin.signed.path_prefix")), "{problems:?}");
     assert!(problems.iter().any(|p| p.starts_with("origin.signed.keys[0]: \"k9\" is not in")), "{problems:?}");
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn segment() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "a", "b.ts", ".", "..", "%2E", "%2e", "%2E%2E", "%41", "%2F", "%2f", "~", "%7e", "", "x%20y",
+        ])
+    }
+
+    proptest! {
+        /// Nothing a client sends makes the checks panic.
+        #[test]
+        fn any_input_is_answered(path in "/\\PC{0,40}", query in "\\PC{0,60}", host in "\\PC{0,20}") {
+            let _ = normalized_uri("https", &host, &path, Some(&query));
+            let _ = needs_signature(&paid(&["k1"]), &path);
+            let _ = split_package(Some(&query));
+            let v = verifier();
+            if let Ok(target) = format!("{path}?{query}").parse::<Uri>() {
+                let mut request = Request::get(target).header("host", "cdn.test").body(()).unwrap();
+                let _ = v.check(Some(&paid(&["k1"])), &mut request, Ipv4Addr::LOCALHOST.into(), true, at(NOW), |_| false);
+            }
+        }
+
+        /// Normalizing a normalized URI changes nothing, and it holds no dot segment.
+        #[test]
+        fn normalization_is_idempotent(segments in prop::collection::vec(segment(), 0..8)) {
+            let path = format!("/{}", segments.join("/"));
+            let once = normalized_uri("http", "h", &path, None);
+            let again = normalized_uri("http", "h", &once["http://h".len()..], None);
+            prop_assert_eq!(&once, &again);
+            prop_assert!(!once.contains("/./") && !once.contains("/../") && !once.ends_with("/.") && !once.ends_with("/.."));
+        }
+
+        /// Wherever the package is, the rest of the query comes back in its order.
+        #[test]
+        fn the_package_comes_out_of_any_query(names in prop::collection::vec("[a-z]{1,3}(=[a-z0-9]{0,3})?", 0..6), at in 0usize..6) {
+            let mut pairs = names.clone();
+            pairs.insert(at.min(pairs.len()), format!("{PARAMETER}=tok"));
+            let query = pairs.join("&");
+            let (package, rest) = split_package(Some(&query)).unwrap();
+            prop_assert_eq!(package, "tok");
+            prop_assert_eq!(rest, (!names.is_empty()).then(|| names.join("&")));
+        }
+    }
+}
