@@ -602,6 +602,20 @@ fn compile(pattern: &str) -> Option<Regex> {
         .ok()
 }
 
+/// `path_and_query` with every `URISigningPackage` parameter taken out: what logs
+/// may show of a request (a token is a bearer credential until it expires).
+pub fn redacted(path_and_query: &str) -> Cow<'_, str> {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return Cow::Borrowed(path_and_query);
+    };
+    let is_package = |pair: &&str| pair.split_once('=').map_or(*pair, |(name, _)| name) == PARAMETER;
+    if !query.split('&').any(|pair| is_package(&pair)) {
+        return Cow::Borrowed(path_and_query);
+    }
+    let kept: Vec<&str> = query.split('&').filter(|pair| !pair.is_empty() && !is_package(pair)).collect();
+    if kept.is_empty() { Cow::Owned(path.to_string()) } else { Cow::Owned(format!("{path}?{}", kept.join("&"))) }
+}
+
 /// The package (as written) and the rest of the query (`None`: nothing left).
 /// No package, or two: refused.
 fn split_package(query: Option<&str>) -> Result<(&str, Option<String>), Reason> {

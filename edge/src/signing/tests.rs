@@ -238,6 +238,16 @@ fn uri_containers() {
 }
 
 #[test]
+fn logs_see_no_package() {
+    assert_eq!(redacted("/paid/a.mp4"), "/paid/a.mp4");
+    assert_eq!(redacted("/paid/a.mp4?x=1"), "/paid/a.mp4?x=1");
+    assert_eq!(redacted("/paid/a.mp4?URISigningPackage=eyJ.x.y"), "/paid/a.mp4");
+    assert_eq!(redacted("/paid/a.mp4?x=1&URISigningPackage=eyJ.x.y&y=2"), "/paid/a.mp4?x=1&y=2");
+    assert_eq!(redacted("/a?URISigningPackage=1&URISigningPackage"), "/a");
+    assert!(matches!(redacted("/a?b=1"), Cow::Borrowed(_)));
+}
+
+#[test]
 fn normalization() {
     assert_eq!(normalized_uri("http", "CDN.Test.", "/a", None), "http://cdn.test/a");
     assert_eq!(normalized_uri("http", "cdn.test:80", "", None), "http://cdn.test/");
