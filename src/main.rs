@@ -63,6 +63,8 @@ enum Command {
     /// Apply or show the routing document: sites, origin pools, cache rules.
     #[command(subcommand)]
     Routing(ops::RoutingCommand),
+    /// Sign a URL for paths that need one (RFC 9246): prints it with its URISigningPackage.
+    Sign(ops::SignArgs),
 }
 
 #[derive(Debug, Args)]
@@ -225,6 +227,7 @@ async fn async_main(command: Command) -> ExitCode {
         Command::Drain(args) => client_result(ops::drain(args, true).await),
         Command::Undrain(args) => client_result(ops::drain(args, false).await),
         Command::Routing(command) => client_result(ops::routing(command).await),
+        Command::Sign(args) => client_result(ops::sign(&args)),
         Command::Dev(args) => {
             spawn_signal_handler(shutdown.clone());
             match dev::run(args, shutdown).await {

@@ -2,6 +2,7 @@
 //! `cdn routing apply|show` — clients of a control node's API
 //! (`--control`/`CDN_CONTROL`, `--token`/`CDN_TOKEN`; for an `https://` control node
 //! `--ca`/`CDN_CA` or `--insecure`).
+//! `cdn sign` works alone: it signs a URL with a key's secret (RFC 9246).
 
 /// Prints a line to stdout. A reader that went away (`cdn nodes --json | head`)
 /// ends the command quietly, rather than with a panic on the broken pipe.
@@ -382,4 +383,45 @@ mod tests {
         let error = wait_progress(&ack, &view(3, "c2", json!({}))).unwrap_err().to_string();
         assert!(error.contains("superseded by version 3 (by c2)"), "{error}");
     }
+}
+
+/// `cdn sign`.
+#[derive(Debug, Args)]
+pub(crate) struct SignArgs {
+    /// The absolute URL to sign (`https://cdn.example/paid/a.mp4`).
+    url: String,
+    /// The key's id (`kid`), as in `[[signing.keys]]`.
+    #[arg(long)]
+    key_id: String,
+    /// File holding the key's HS256 secret, written as in `[[signing.keys]]`
+    /// (`base64:…`, `hex:…`, or the text itself).
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// How long the URL stays valid (`exp`).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    expires: Duration,
+    /// Cover every URI this expression matches whole (`cdniuc` `regex:`), e.g. all
+    /// segments of a stream, instead of this URL alone (`hash:`).
+    #[arg(long, conflicts_with = "any_path")]
+    regex: Option<String>,
+    /// Cover every path the site signs (no `cdniuc`), instead of this URL alone.
+    #[arg(long)]
+    any_path: bool,
+}
+
+/// `cdn sign`: prints the signed URL.
+pub(crate) fn sign(args: &SignArgs) -> anyhow::Result<()> {
+    use cdn_edge::signing::{Cover, SigningKey, sign_url};
+    let text = std::fs::read_to_string(&args.secret_file)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.secret_file.display()))?;
+    let key = SigningKey::hs256_from_text(args.key_id.clone(), &text).map_err(anyhow::Error::msg)?;
+    let cover = match (&args.regex, args.any_path) {
+        (Some(regex), _) => Cover::Regex(regex),
+        (None, true) => Cover::Prefix,
+        (None, false) => Cover::Uri,
+    };
+    let expires = std::time::SystemTime::now() + args.expires;
+    let signed = sign_url(&args.url, &key, expires, cover).map_err(anyhow::Error::msg)?;
+    out!("{signed}");
+    Ok(())
 }

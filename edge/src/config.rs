@@ -48,6 +48,9 @@ pub struct Config {
     pub quic: Quic,
     /// The cluster to join (purges, routing, health); standalone without it.
     pub cluster: Option<cdn_cluster::ClusterConfig>,
+    /// Keys for signed URLs (RFC 9246), `[[signing.keys]]`.
+    #[serde(default)]
+    pub signing: crate::signing::SigningConfig,
 }
 
 /// QUIC congestion controllers quinn offers.
@@ -149,6 +152,9 @@ pub struct Origin {
     /// Accept any certificate from an `https` origin (testing only).
     #[serde(default)]
     pub insecure: bool,
+    /// Paths of the implicit site that need a signed URL (as a routing document's
+    /// `signed`).
+    pub signed: Option<cdn_cluster::routing::Signed>,
 }
 
 /// `origin.connect_timeout` when not set (and for a routing document's origins
@@ -336,11 +342,13 @@ impl Config {
                 timeout: default_timeout(),
                 host: None,
                 insecure: false,
+                signed: None,
             }),
             cache: Cache::default(),
             limits: Limits::default(),
             quic: Quic::default(),
             cluster: None,
+            signing: crate::signing::SigningConfig::default(),
         }
     }
 
@@ -365,6 +373,14 @@ impl Config {
                     && http::HeaderValue::from_str(host).is_err()
                 {
                     problems.push(format!("origin.host: {host:?} is not a valid Host header"));
+                }
+                if let Some(signed) = &origin.signed {
+                    problems.extend(signed.problems("origin.signed"));
+                    for (k, id) in signed.keys.iter().enumerate() {
+                        if !self.signing.has(id) {
+                            problems.push(format!("origin.signed.keys[{k}]: {id:?} is not in [[signing.keys]]"));
+                        }
+                    }
                 }
             }
             None if self.cluster.is_none() => problems.push(
@@ -433,6 +449,7 @@ impl Config {
         if let Some(cluster) = &self.cluster {
             problems.extend(cluster.problems("cluster"));
         }
+        problems.extend(self.signing.problems("signing"));
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections: must be at least 1".into());
         }

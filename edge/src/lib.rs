@@ -40,6 +40,7 @@ mod pipeline;
 mod pool;
 mod purge;
 mod server;
+pub mod signing;
 mod sites;
 mod tier;
 mod upstream;

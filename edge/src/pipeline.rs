@@ -176,7 +176,7 @@ impl Pipeline {
     /// Finds the request's site (left in `found` for the metrics) and serves it.
     async fn route<B>(
         self: &Arc<Self>,
-        request: Request<B>,
+        mut request: Request<B>,
         conn: Conn,
         from_edge: bool,
         found: &mut Option<Arc<Site>>,
@@ -218,7 +218,24 @@ impl Pipeline {
         if cors && let Some(preflight) = preflight(&request) {
             return preflight;
         }
-        let mut served = Box::pin(self.route_site(request, conn, &site, rule_index, &host)).await;
+        // URI signing (RFC 9246): checked, and the package taken out of the URI,
+        // before the cache key, the cache and the origin see the request.
+        let signing = self.sites.signing().check(
+            site.signed(),
+            &mut request,
+            conn.peer.ip(),
+            conn.tls,
+            self.clock.now(),
+            |headers| self.fetcher.tiers().member(headers).is_some(),
+        );
+        let mut served = match signing {
+            Ok(()) => Box::pin(self.route_site(request, conn, &site, rule_index, &host)).await,
+            Err(rejected) => {
+                let mut served = error(StatusCode::FORBIDDEN, "forbidden\n", CacheResult::Bypass);
+                served.response.extensions_mut().insert(rejected);
+                served
+            }
+        };
         if cors {
             add_cors(served.response.headers_mut());
         }

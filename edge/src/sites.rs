@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 use crate::{
     metrics::{Metrics, SiteCounters},
     pool::{Origin, Pool},
+    signing::Verifier,
     upstream::UpstreamSpec,
 };
 
@@ -46,6 +47,8 @@ pub(crate) struct Site {
     pub(crate) pool: Arc<Pool>,
     /// The implicit site's `cache.ignore_query`.
     ignore_query: bool,
+    /// Paths that need a signed URL (the document's `signed`, or `[origin] signed`).
+    signed: Option<cdn_cluster::routing::Signed>,
     /// Its request counters.
     pub(crate) counters: SiteCounters,
 }
@@ -60,6 +63,11 @@ impl Site {
     /// Whether each key has one owner edge per region (`share = "region"`).
     pub(crate) fn share_region(&self) -> bool {
         self.spec.as_ref().is_some_and(|spec| spec.share == Some(cdn_cluster::routing::Share::Region))
+    }
+
+    /// Paths that need a signed URL.
+    pub(crate) fn signed(&self) -> Option<&cdn_cluster::routing::Signed> {
+        self.signed.as_ref()
     }
 
     /// The index of the rule for `path` (without the query).
@@ -183,6 +191,8 @@ pub(crate) struct Sites {
     health: IntGaugeVec,
     version: IntGauge,
     apply: Histogram,
+    /// Signed-URL checks (the edge's `[[signing.keys]]`).
+    signing: Verifier,
 }
 
 impl Sites {
@@ -217,6 +227,7 @@ impl Sites {
         let implicit = match &config.origin {
             Some(origin) => {
                 let gauge = health.with_label_values(&[IMPLICIT, &origin.url]);
+                let signed = origin.signed.clone();
                 let origin =
                     Origin::new(UpstreamSpec::of_config(origin), None, gauge).map_err(crate::Error::Upstream)?;
                 Some(Arc::new(Site {
@@ -225,11 +236,13 @@ impl Sites {
                     spec: None,
                     pool: Arc::new(Pool::new(IMPLICIT, vec![(Arc::new(origin), 1, false)], None)),
                     ignore_query: config.cache.ignore_query,
+                    signed,
                     counters: metrics.site_counters(IMPLICIT),
                 }))
             }
             None => None,
         };
+        let signing = Verifier::new(&config.signing, registry)?;
         Ok(Self {
             table: ArcSwap::from_pointee(Table::empty()),
             implicit,
@@ -239,7 +252,13 @@ impl Sites {
             health,
             version,
             apply,
+            signing,
         })
+    }
+
+    /// The signed-URL checks.
+    pub(crate) fn signing(&self) -> &Verifier {
+        &self.signing
     }
 
     /// The site of a request for `host` (lowercase, without port).
@@ -298,6 +317,7 @@ impl Sites {
                     members.push((built, origin.weight, origin.backup));
                 }
             }
+            crate::signing::warn_missing_keys(&self.signing, &spec.name, spec.signed.as_ref());
             let pool = Arc::new(Pool::new(&spec.name, members, spec.health.clone()));
             pool.spawn_probes(&probes);
             sites.push(Arc::new(Site {
@@ -306,6 +326,7 @@ impl Sites {
                 spec: Some(spec.clone()),
                 pool,
                 ignore_query: false,
+                signed: spec.signed.clone(),
                 counters: self.metrics.site_counters(&spec.name),
             }));
         }
@@ -479,6 +500,7 @@ mod tests {
             spec: Some(spec),
             pool: Arc::new(Pool::new("video", vec![(origin, 1, false)], None)),
             ignore_query: false,
+            signed: None,
             counters: metrics.site_counters("video"),
         }
     }

@@ -18,6 +18,7 @@ mod lossy;
 mod process;
 mod routing;
 mod security;
+mod signing;
 mod tiers;
 
 use std::{net::SocketAddr, time::Duration};

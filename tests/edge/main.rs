@@ -8,6 +8,7 @@ mod h3;
 mod hardening;
 mod overload;
 mod ranges;
+mod signing;
 mod standards;
 mod zerocopy;
 

@@ -250,6 +250,20 @@ fn default_signed_prefix() -> String {
     "/".to_string()
 }
 
+impl Signed {
+    /// Every problem of this table, each as `field.key: what is wrong` (what a
+    /// document's validation says of a site's `signed`; for an edge's own
+    /// `[origin] signed`).
+    pub fn problems(&self, field: &str) -> Vec<String> {
+        validate::signed_alone(self, field)
+    }
+}
+
+/// Whether `id` is a signing key id (`kid`): 1-64 of `A-Z a-z 0-9 . _ -`.
+pub fn is_key_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// A routing document under its version, as the control plane publishes it.
 ///
 /// Of two documents the one with the higher `version` is newer; on equal versions

@@ -323,6 +323,13 @@ fn query_problems(query: &QueryRule, field: &str, problems: &mut Problems) {
     }
 }
 
+/// The problems of one `signed` table alone (an edge's `[origin] signed`).
+pub(super) fn signed_alone(signed: &Signed, field: &str) -> Vec<String> {
+    let mut problems = Problems::default();
+    signed_problems(signed, field, &mut problems);
+    problems.finish().err().unwrap_or_default()
+}
+
 fn signed_problems(signed: &Signed, field: &str, problems: &mut Problems) {
     if let Some(what) = path_problem(&signed.path_prefix, true) {
         problems.add(format!("{field}.path_prefix"), what);
@@ -332,9 +339,7 @@ fn signed_problems(signed: &Signed, field: &str, problems: &mut Problems) {
     }
     limit(problems, &format!("{field}.keys"), "keys", signed.keys.len());
     for (k, key) in signed.keys.iter().enumerate() {
-        let ok = (1..=64).contains(&key.len())
-            && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !ok {
+        if !super::is_key_id(key) {
             problems.add(
                 format!("{field}.keys[{k}]"),
                 format_args!("{key:?} is not a key id (1-64 of A-Z, a-z, 0-9, '.', '_', '-')"),
