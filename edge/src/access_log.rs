@@ -182,7 +182,11 @@ impl AccessLog {
             return None;
         }
         let headers = request.headers();
-        let host = request.uri().host().map(str::to_string).or_else(|| text(headers, header::HOST));
+        // The host as the client named it, without the port.
+        let host = request.uri().host().map(str::to_string).or_else(|| {
+            let value = headers.get(header::HOST)?.to_str().ok()?;
+            Some(value.parse::<http::uri::Authority>().ok()?.host().to_string())
+        });
         Some(Pending {
             log: self.clone(),
             time: SystemTime::now(),
@@ -531,6 +535,8 @@ struct LogFile {
     reopen: Arc<AtomicBool>,
     errors: IntCounter,
     failing: bool,
+    /// Lines in the buffer since the last flush (lost if the flush fails).
+    buffered: u64,
 }
 
 impl LogFile {
@@ -544,6 +550,7 @@ impl LogFile {
             reopen,
             errors,
             failing: false,
+            buffered: 0,
         };
         if log.path.as_os_str() != "-" {
             log.open_file()?;
@@ -552,9 +559,7 @@ impl LogFile {
     }
 
     fn open_file(&mut self) -> io::Result<()> {
-        if let Some(mut old) = self.file.take() {
-            let _ = old.flush();
-        }
+        self.flush_file();
         let file = OpenOptions::new().create(true).append(true).open(&self.path)?;
         self.written = file.metadata().map(|m| m.len()).unwrap_or(0);
         self.file = Some(BufWriter::with_capacity(64 * 1024, file));
@@ -563,9 +568,8 @@ impl LogFile {
 
     /// `path` → `path.1` → ... → `path.<keep>` (the oldest goes), then a new `path`.
     fn rotate(&mut self) -> io::Result<()> {
-        if let Some(mut old) = self.file.take() {
-            let _ = old.flush();
-        }
+        self.flush_file();
+        self.file = None;
         let numbered = |n: usize| -> PathBuf {
             let mut name = self.path.clone().into_os_string();
             name.push(format!(".{n}"));
@@ -599,7 +603,23 @@ impl LogFile {
         let file = self.file.as_mut().ok_or_else(|| io::Error::other("access log not open"))?;
         file.write_all(buf)?;
         self.written += buf.len() as u64;
+        self.buffered += 1;
         Ok(())
+    }
+
+    /// Flushes the buffer; the lines in it are counted as errors if that fails.
+    fn flush_file(&mut self) {
+        let Some(file) = &mut self.file else { return };
+        let lines = std::mem::take(&mut self.buffered);
+        if let Err(error) = file.flush() {
+            self.errors.inc_by(lines);
+            if !self.failing {
+                warn!(path = %self.path.display(), %error, "access log lines not written");
+            }
+            self.failing = true;
+            // What is left in the buffer is lost: start afresh on the next line.
+            self.file = None;
+        }
     }
 }
 
@@ -635,10 +655,11 @@ impl Write for LogFile {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match &mut self.file {
-            Some(file) => file.flush(),
-            None => io::stdout().flush(),
+        if self.path.as_os_str() == "-" {
+            return io::stdout().flush();
         }
+        self.flush_file();
+        Ok(())
     }
 }
 
@@ -859,7 +880,7 @@ pub(crate) mod cmcd {
             // A string where a number belongs, a token where a string belongs, bad
             // keys, unterminated strings, empty members.
             let parsed =
-                parse(r#"br="3200",sid=abc,BR=5,=4,bl=12a,d=1.5,cid="unterminated,ot=v,,x-custom="a\"b",bs=?0"#);
+                parse(r#"br="3200",sid=abc,BR=5,=4,bl=12a,d=1.5,ot=v,,x-custom="a\"b",bs=?0,cid="unterminated"#);
             assert_eq!(parsed, json!({"ot": "v", "x-custom": "a\"b", "bs": false}));
             // A comma inside a quoted string does not split.
             assert_eq!(parse(r#"cid="a,b",br=1"#), json!({"cid": "a,b", "br": 1}));
