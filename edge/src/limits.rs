@@ -209,6 +209,30 @@ mod tests {
         assert!((0..100).all(|_| limits.admit(IpAddr::from([10, 0, 0, 1])).is_some()));
     }
 
+    /// The docker and swarm edges have per-client limits on, far above what their
+    /// tests send from one address.
+    #[test]
+    fn deployed_edges_limit_clients_generously() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut checked = 0;
+        for dir in ["deploy/config", "deploy/swarm"] {
+            for region in ["us", "eu", "ap"] {
+                for n in 1..=2 {
+                    let path = root.join(format!("{dir}/{region}-{n}.toml"));
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    // The [limits] table only (the swarm's read secrets from files).
+                    let table: toml::Table = toml::from_str(&text).unwrap();
+                    let limits: Limits = table["limits"].clone().try_into().unwrap();
+                    assert!(limits.per_client_rps.is_some_and(|n| n >= 1000), "{}", path.display());
+                    assert!(limits.per_client_burst.is_some_and(|n| n >= 1000), "{}", path.display());
+                    assert!(limits.per_client_connections.is_some_and(|n| n >= 256), "{}", path.display());
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 12);
+    }
+
     #[test]
     fn retry_after_rounds_up() {
         assert_eq!(retry_after(Duration::ZERO), 1);
