@@ -247,6 +247,22 @@ async fn rotates_by_size_keeping_n_files() {
     edge.stop().await;
 }
 
+/// A full disk (`/dev/full`: every write fails with ENOSPC): lines are counted as
+/// errors, requests are served.
+#[tokio::test]
+async fn a_full_disk_counts_errors() {
+    let origin = MockOrigin::start().await;
+    origin.route("/v/seg1.ts", segment());
+    let edge = TestEdge::start(&origin.url(), |c| c.access_log = Some(log_settings(Path::new("/dev/full")))).await;
+    requests(&edge, 5).await;
+    wait::until("write errors counted", Duration::from_secs(10), Duration::from_millis(20), async || {
+        (edge.metric("cdn_access_log_errors_total", &[]) >= 1.0).then_some(())
+    })
+    .await;
+    requests(&edge, 1).await;
+    edge.stop().await;
+}
+
 /// The `q`-quantile of `samples`.
 fn quantile(samples: &mut [Duration], q: f64) -> Duration {
     samples.sort();
