@@ -272,8 +272,27 @@ fn quantile(samples: &mut [Duration], q: f64) -> Duration {
 /// An access log on a FIFO nobody reads: the writer thread blocks once the pipe is
 /// full (as it would on a stalled disk). Requests keep their latency; the lines
 /// beyond the queue are dropped and counted.
-#[tokio::test]
-async fn a_blocked_writer_costs_requests_nothing_and_drops_are_counted() {
+///
+/// Run on a thread of its own with a deadline: a log written on the request path
+/// would block the runtime's thread for good, and the test must fail, not hang.
+#[test]
+fn a_blocked_writer_costs_requests_nothing_and_drops_are_counted() {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let run = std::panic::AssertUnwindSafe(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(blocked_writer());
+        });
+        let _ = done.send(std::panic::catch_unwind(run));
+    });
+    match result.recv_timeout(Duration::from_secs(90)) {
+        Ok(Ok(())) => {}
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => panic!("requests hang behind the blocked access log"),
+    }
+}
+
+async fn blocked_writer() {
     use std::os::unix::fs::OpenOptionsExt as _;
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("access.fifo");
