@@ -333,6 +333,7 @@ impl Pending {
             site: head.site.map(str::to_string),
             cache: head.cache,
             cache_status: head.cache_status.to_string(),
+            // Other refusals' types (URI signing's `SigningRejected`) are read here too.
             reason: response.extensions().get::<Reason>().map(|r| r.0),
             bytes: 0,
             pending: self,
