@@ -51,6 +51,8 @@ pub struct Config {
     /// Keys for signed URLs (RFC 9246), `[[signing.keys]]`.
     #[serde(default)]
     pub signing: crate::signing::SigningConfig,
+    /// The access log (`[access_log]`); none when absent.
+    pub access_log: Option<crate::access_log::Settings>,
 }
 
 /// QUIC congestion controllers quinn offers.
@@ -266,6 +268,17 @@ pub struct Limits {
     /// How long shutdown waits for open requests.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub grace: Duration,
+    /// Requests per second one client (IPv4 address, IPv6 /64) may send; more get
+    /// 429 with `Retry-After`. None: no limit.
+    #[serde(default)]
+    pub per_client_rps: Option<u32>,
+    /// Requests a client may send at once above its rate (default: the rate).
+    #[serde(default)]
+    pub per_client_burst: Option<u32>,
+    /// Open connections one client may have (TCP and QUIC counted together); more
+    /// are closed at accept. None: no limit.
+    #[serde(default)]
+    pub per_client_connections: Option<u32>,
 }
 
 fn default_header_timeout() -> Duration {
@@ -306,6 +319,9 @@ impl Default for Limits {
             idle_timeout: default_idle_timeout(),
             send_timeout: default_send_timeout(),
             grace: default_grace(),
+            per_client_rps: None,
+            per_client_burst: None,
+            per_client_connections: None,
         }
     }
 }
@@ -322,6 +338,7 @@ impl Limits {
             grace: self.grace,
             connections: None,
             closed: None,
+            admission: None,
         }
     }
 }
@@ -349,6 +366,7 @@ impl Config {
             quic: Quic::default(),
             cluster: None,
             signing: crate::signing::SigningConfig::default(),
+            access_log: None,
         }
     }
 
@@ -455,6 +473,21 @@ impl Config {
         }
         if self.limits.max_concurrent_streams == 0 {
             problems.push("limits.max_concurrent_streams: must be at least 1".into());
+        }
+        for (key, value) in [
+            ("limits.per_client_rps", self.limits.per_client_rps),
+            ("limits.per_client_burst", self.limits.per_client_burst),
+            ("limits.per_client_connections", self.limits.per_client_connections),
+        ] {
+            if value == Some(0) {
+                problems.push(format!("{key}: must be at least 1 (leave it out for no limit)"));
+            }
+        }
+        if self.limits.per_client_burst.is_some() && self.limits.per_client_rps.is_none() {
+            problems.push("limits.per_client_burst: needs limits.per_client_rps".into());
+        }
+        if let Some(access_log) = &self.access_log {
+            problems.extend(access_log.problems());
         }
         ConfigError::check(problems)
     }

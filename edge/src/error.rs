@@ -29,6 +29,15 @@ pub enum Error {
     /// The disk tier could not be opened.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// The access log could not be opened.
+    #[error("access_log.path {path}: {source}")]
+    AccessLog {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
     /// A metric could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),

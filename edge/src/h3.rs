@@ -108,7 +108,16 @@ pub(crate) async fn serve(endpoint: Endpoint, pipeline: Arc<Pipeline>, shutdown:
                 None => break,
             },
         };
-        connections.spawn(connection(incoming, pipeline.clone(), shutdown.clone(), limits.clone()));
+        // Per-client connection limit: refused before the handshake.
+        let slot = match pipeline.client_limits().map(|l| l.admit(incoming.remote_address().ip())) {
+            Some(None) => {
+                incoming.refuse();
+                continue;
+            }
+            Some(Some(slot)) => Some(slot),
+            None => None,
+        };
+        connections.spawn(connection(incoming, pipeline.clone(), shutdown.clone(), limits.clone(), slot));
         while connections.try_join_next().is_some() {}
     }
     let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
@@ -124,6 +133,7 @@ async fn connection(
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
     limits: Arc<Limits>,
+    _slot: Option<crate::limits::Slot>,
 ) {
     let connection = match incoming.await {
         Ok(connection) => connection,

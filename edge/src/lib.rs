@@ -24,10 +24,13 @@
 //!   client to one origin; `tier`: shields and in-region owners (tiered caching).
 //! - `purge`: applies purges arriving through gossip to the cache.
 //! - `server`: listeners and lifecycle ([`Edge`], [`run`]).
+//! - [`access_log`]: JSON access log lines, written off the request path;
+//!   `limits`: per-client request rates and connections.
 //! - [`metrics`], [`clock`], [`error`].
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 mod body;
 mod cache;
 pub mod clock;
@@ -35,6 +38,7 @@ pub mod config;
 pub mod error;
 mod fetch;
 mod h3;
+mod limits;
 pub mod metrics;
 mod pipeline;
 mod pool;

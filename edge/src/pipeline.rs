@@ -30,6 +30,7 @@ use tracing::debug;
 pub(crate) use self::respond::stream_body;
 use self::respond::{Served, SlicedSource, Source, represent};
 use crate::{
+    access_log::{self, AccessLog, Counted},
     cache::{
         Cache, Flight, Found, Head, Outcome, Sliced, Tier,
         status::{CacheStatus, Detail, Fwd},
@@ -37,6 +38,7 @@ use crate::{
     clock::Clock,
     error::FetchError,
     fetch::{Fetcher, FillRequest, SliceOrigin, strip_for_shared},
+    limits::ClientLimits,
     metrics::{CacheResult, Metrics, Protocol},
     sites::{self, Site, Sites},
     tier,
@@ -90,6 +92,8 @@ pub(crate) struct Pipeline {
     sites: Arc<Sites>,
     pub(crate) metrics: Metrics,
     clock: Clock,
+    access_log: Option<Arc<AccessLog>>,
+    limits: Option<Arc<ClientLimits>>,
 }
 
 impl Pipeline {
@@ -102,7 +106,29 @@ impl Pipeline {
         clock: Clock,
     ) -> Self {
         let served_by = HeaderValue::from_str(&settings.node_id).unwrap_or_else(|_| HeaderValue::from_static("edge"));
-        Self { settings, served_by, cache, fetcher, sites, metrics, clock }
+        Self { settings, served_by, cache, fetcher, sites, metrics, clock, access_log: None, limits: None }
+    }
+
+    /// Logs requests to `access_log`.
+    pub(crate) fn with_access_log(mut self, access_log: Option<Arc<AccessLog>>) -> Self {
+        self.access_log = access_log;
+        self
+    }
+
+    /// Holds clients to `limits`.
+    pub(crate) fn with_client_limits(mut self, limits: Option<Arc<ClientLimits>>) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The per-client limits, when configured.
+    pub(crate) fn client_limits(&self) -> Option<&Arc<ClientLimits>> {
+        self.limits.as_ref()
+    }
+
+    /// The access log, when configured.
+    pub(crate) fn access_log(&self) -> Option<&Arc<AccessLog>> {
+        self.access_log.as_ref()
     }
 
     /// The cache behind the pipeline.
@@ -127,12 +153,16 @@ impl Pipeline {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
+        let pending = self.access_log.as_ref().and_then(|log| log.start(&request, conn.peer, conn.protocol));
         let mut site = None;
         // The edge's own cache fields reach other edges (which obey them too), never
         // clients (RFC 9213 §2 lets a cache that honours CDN-Cache-Control remove it).
         let from_edge =
             request.headers().contains_key(tier::CDN_PEER) && self.fetcher.tiers().member(request.headers()).is_some();
-        let served = self.route(request, conn, from_edge, &mut site).await;
+        let served = match self.limits.as_ref().map(|limits| limits.check_rate(conn.peer.ip())) {
+            Some(Err(wait)) => rate_limited(wait),
+            _ => self.route(request, conn, from_edge, &mut site).await,
+        };
         let Served { mut response, status } = served;
         let headers = response.headers_mut();
         headers.remove(SURROGATE_KEY);
@@ -161,16 +191,17 @@ impl Pipeline {
         }
         self.metrics.count_request(site.as_ref().map(|site| &site.counters), conn.protocol, status.result);
         self.metrics.duration.observe(started.elapsed().as_secs_f64());
+        let record = pending.map(|pending| {
+            let cache_status = status.header_value();
+            let head = access_log::Head {
+                site: site.as_deref().map(|site| site.name.as_str()),
+                cache: status.result.x_cache(),
+                cache_status: cache_status.to_str().unwrap_or_default(),
+            };
+            pending.responded(&response, &head)
+        });
         let counter = self.metrics.response_bytes.clone();
-        response.map(|body| {
-            body.map_frame(move |frame| {
-                if let Some(data) = frame.data_ref() {
-                    counter.inc_by(data.len() as u64);
-                }
-                frame
-            })
-            .boxed_unsync()
-        })
+        response.map(|body| Counted::new(body, counter, record).boxed_unsync())
     }
 
     /// Finds the request's site (left in `found` for the metrics) and serves it.
@@ -650,6 +681,15 @@ fn ttl(lifetime: Duration, age: Duration) -> i64 {
     let lifetime = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX);
     let age = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
     lifetime.saturating_sub(age)
+}
+
+/// 429 for a client over its request rate.
+fn rate_limited(wait: Duration) -> Served {
+    let mut served = error(StatusCode::TOO_MANY_REQUESTS, "too many requests\n", CacheResult::Bypass);
+    let headers = served.response.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(crate::limits::retry_after(wait)));
+    served.response.extensions_mut().insert(access_log::Reason("rate limit"));
+    served
 }
 
 fn error(status: StatusCode, text: &'static str, result: CacheResult) -> Served {

@@ -144,6 +144,11 @@ impl Edge {
             None => None,
         };
         let local = |l: Option<&TcpListener>| l.and_then(|l| l.local_addr().ok());
+        let access_log = match &config.access_log {
+            Some(settings) => Some(crate::access_log::AccessLog::open(settings, &config.node_id, registry)?),
+            None => None,
+        };
+        let client_limits = crate::limits::ClientLimits::new(&config.limits, registry)?;
         let purge_metrics = crate::purge::PurgeMetrics::register(registry)?;
         let cluster_shutdown = CancellationToken::new();
         let cluster = match &config.cluster {
@@ -177,7 +182,11 @@ impl Edge {
             admin_addr: local(admin.as_ref()),
             h3_addr,
             config,
-            pipeline: Arc::new(Pipeline::new(settings, cache, fetcher, sites, metrics, clock)),
+            pipeline: Arc::new(
+                Pipeline::new(settings, cache, fetcher, sites, metrics, clock)
+                    .with_access_log(access_log)
+                    .with_client_limits(client_limits),
+            ),
             http,
             https,
             h3,
@@ -261,6 +270,7 @@ impl Edge {
         let mut limits = config.limits.listener();
         limits.connections = Some(pipeline.metrics.connections.with_label_values(&["tcp"]));
         limits.closed = Some(Closed::of(&pipeline.metrics.connections_closed, "tcp"));
+        limits.admission = pipeline.client_limits().and_then(|l| l.admission());
         readiness.set("origin", false);
         let mut tasks = Supervisor::new("edge", shutdown.child_token(), Some(readiness.clone())).with_faults(faults);
         let token = tasks.token();
@@ -285,6 +295,12 @@ impl Edge {
         }
         if let Some(endpoint) = h3 {
             tasks.spawn("h3", crate::h3::serve(endpoint, pipeline.clone(), token.clone(), config.limits.clone()));
+        }
+        if let Some(client_limits) = pipeline.client_limits() {
+            tasks.spawn("limits", client_limits.clone().forget_idle(token.clone()));
+        }
+        if let Some(access_log) = pipeline.access_log() {
+            tasks.spawn("access-log", access_log.reopen_on_hangup(token.clone()));
         }
         if let Some(certs) = certs {
             if let (Some(cluster), Some(cluster_config)) = (&cluster, &config.cluster) {

@@ -1,11 +1,13 @@
 //! The edge cache against a mock origin, with real HTTP/1.1 and HTTP/2 clients.
 //! The edges, the mock origin and the clients come from `cdn-test-support`.
 
+mod access_log;
 mod certs;
 mod conditional;
 mod disk;
 mod h3;
 mod hardening;
+mod limits;
 mod overload;
 mod ranges;
 mod signing;

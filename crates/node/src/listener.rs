@@ -77,6 +77,28 @@ pub struct Limits {
     pub connections: Option<prometheus::IntGauge>,
     /// Counts connections the server closed (idle, stalled, cancels), when set.
     pub closed: Option<Closed>,
+    /// Decides at accept whether the client may open one more connection, when set.
+    pub admission: Option<Admission>,
+}
+
+/// What a listener asks at accept: `Some(guard)` admits the client (the guard is
+/// held while the connection is open), `None` closes the connection at once.
+#[derive(Clone)]
+pub struct Admission(Arc<AdmitFn>);
+
+type AdmitFn = dyn Fn(SocketAddr) -> Option<Box<dyn Send + Sync>> + Send + Sync;
+
+impl Admission {
+    /// An admission deciding with `admit`.
+    pub fn new(admit: impl Fn(SocketAddr) -> Option<Box<dyn Send + Sync>> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(admit))
+    }
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Admission")
+    }
 }
 
 impl Default for Limits {
@@ -91,6 +113,7 @@ impl Default for Limits {
             grace: Duration::from_secs(10),
             connections: None,
             closed: None,
+            admission: None,
         }
     }
 }
@@ -179,6 +202,13 @@ pub async fn serve<H, F>(
                 }
             },
         };
+        let admitted = match &limits.admission {
+            Some(admission) => match (admission.0)(peer) {
+                Some(guard) => Some(guard),
+                None => continue, // closed before any TLS or HTTP work
+            },
+            None => None,
+        };
         let _ = stream.set_nodelay(true);
         let info = ConnInfo { peer, local, tls: acceptor.is_some() };
         let activity = Activity::new(Instant::now());
@@ -206,6 +236,7 @@ pub async fn serve<H, F>(
         }
         tasks.spawn(async move {
             let _permit = permit;
+            let _admitted = admitted;
             let _open = OpenConnection(limits.connections.clone());
             let driver = Driver { activity: &activity, limits: &limits, shutdown: &shutdown, force: &force };
             let end = match acceptor {
