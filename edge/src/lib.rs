@@ -31,6 +31,7 @@
 mod body;
 mod cache;
 pub mod clock;
+mod compress;
 pub mod config;
 pub mod error;
 mod fetch;
