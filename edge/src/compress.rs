@@ -142,11 +142,16 @@ pub(crate) async fn store(
         debug!(%key, len, "compression saves nothing; stored as it is");
         return cache.insert(key, object, epoch).await;
     }
+    let mut made = Vec::new();
     for (coding, encoded) in [(Coding::Identity, None), (Coding::Gzip, gzip), (Coding::Br, br)] {
         if let Some(encoded) = &encoded {
-            counters.count(coding, len, encoded.len());
+            made.push((coding, encoded.len()));
         }
         cache.insert(key, variant(&object, coding, encoded), epoch).await;
+    }
+    // Counted once stored: a variant counted can be looked up.
+    for (coding, encoded) in made {
+        counters.count(coding, len, encoded);
     }
 }
 

@@ -2,6 +2,7 @@
 //! The edges, the mock origin and the clients come from `cdn-test-support`.
 
 mod certs;
+mod compression;
 mod conditional;
 mod disk;
 mod h3;
