@@ -302,6 +302,19 @@ mod tests {
     }
 
     #[test]
+    fn settings_from_config() {
+        let cache: crate::config::Cache = toml::from_str("").unwrap();
+        let on = Settings::from_config(&cache);
+        assert!(on.enabled);
+        assert_eq!(on.min_size, 256);
+        let cache: crate::config::Cache = toml::from_str("compress = false\ncompress_min = \"1KiB\"").unwrap();
+        let off = Settings::from_config(&cache);
+        assert!(!off.enabled);
+        assert_eq!(off.min_size, 1024);
+        assert!(toml::from_str::<crate::config::Cache>("compress_min = \"lots\"").is_err());
+    }
+
+    #[test]
     fn what_is_compressed() {
         let ok = StatusCode::OK;
         let html = headers(&[("content-type", "text/html; charset=utf-8")]);
