@@ -305,6 +305,39 @@ async fn media_encoded_no_transform_and_small_bodies_are_left_alone() {
     edge.stop().await;
 }
 
+/// Concurrent misses in every encoding share one fill: one origin request, one
+/// compression per encoding; then each encoding is a HIT.
+#[tokio::test]
+async fn concurrent_misses_compress_once() {
+    let origin = MockOrigin::start().await;
+    let text = page();
+    origin.route(
+        "/slow.css",
+        Route::ok("max-age=60", text.clone()).header("content-type", "text/css").delay(Duration::from_millis(300)),
+    );
+    let edge = TestEdge::start(&origin.url(), |_| {}).await;
+    let c = client();
+    let url = edge.url("/slow.css");
+    let encodings = ["gzip", "br", "identity", "gzip, br", "br;q=0.1, gzip", "*"];
+    let replies = futures_util::future::join_all((0..12).map(|i| {
+        let (c, url) = (c.clone(), url.clone());
+        async move { get(&c, &url, &[("accept-encoding", encodings[i % encodings.len()])]).await }
+    }))
+    .await;
+    for r in &replies {
+        assert_eq!((r.status, r.header("content-encoding")), (StatusCode::OK, ""), "{:?}", r.headers);
+        assert_eq!(r.body, text.as_bytes());
+    }
+    compressed(&edge).await;
+    for (ae, want) in [("gzip", "gzip"), ("br", "br"), ("identity", "")] {
+        let r = get(&c, &url, &[("accept-encoding", ae)]).await;
+        assert_eq!((r.x_cache(), r.header("content-encoding")), ("HIT", want), "{ae}");
+    }
+    assert_eq!(origin.hits("/slow.css"), 1);
+    assert_eq!(sum_in(&edge.registry, "cdn_compressed_total", &[]), 2.0, "gzip and br, once each");
+    edge.stop().await;
+}
+
 /// `[cache] compress = false`: text is stored and served as the origin sent it.
 #[tokio::test]
 async fn compression_can_be_turned_off() {
