@@ -109,7 +109,8 @@ pub(crate) fn prepare(settings: &Settings, status: StatusCode, headers: &mut Hea
 /// Stores a whole object that a fill received: as it is, or (a [`candidate`]) as
 /// its identity, gzip and brotli variants. A coding that does not make the body
 /// smaller is stored with the identity body; when neither does, the object is
-/// stored as it is.
+/// stored as it is. While the variants are made, the object as it came is in
+/// memory, so requests in between are HITs (of the identity body).
 pub(crate) async fn store(
     cache: &Cache,
     counters: &Counters,
@@ -122,6 +123,8 @@ pub(crate) async fn store(
     if !candidate(settings, object.head.status, &object.head.headers, Some(len as u64)) {
         return cache.insert(key, object, epoch).await;
     }
+    // Found (as it came) while the variants are made: the next request is a HIT.
+    cache.insert_memory(key, object.clone(), epoch).await;
     let body = object.body.clone();
     let (gzip, br) = match tokio::task::spawn_blocking(move || (gzip(&body), brotli(&body))).await {
         Ok(encoded) => encoded,
