@@ -36,6 +36,11 @@ const BROTLI_WINDOW: i32 = 22;
 /// gzip level: zlib's default.
 const GZIP_LEVEL: u32 = 6;
 
+/// Digest fields computed over the identity body (`Repr-Digest` and
+/// `Content-Digest` of RFC 9530, and the older `Digest` and `Content-MD5`): wrong
+/// for an encoded one, so a compressed variant drops them.
+const DIGESTS: [&str; 4] = ["repr-digest", "content-digest", "digest", "content-md5"];
+
 /// What the edge compresses (`[cache] compress`, `compress_min`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Settings {
@@ -173,6 +178,10 @@ fn variant(object: &Object, coding: Coding, encoded: Option<Bytes>) -> Object {
         Some(encoded) => {
             headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(coding.as_str()));
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(encoded.len()));
+            // Digests of the identity body do not hold for the encoded one (RFC 9530).
+            for name in DIGESTS {
+                headers.remove(name);
+            }
             if let Some(etag) = headers.remove(header::ETAG)
                 && let Some(weak) = weak_etag(&etag)
             {
@@ -369,7 +378,7 @@ mod tests {
         let counters = Counters::register(&Registry::new()).unwrap();
         let text: String = (0..200).map(|i| format!("<p>line {i} of the page</p>\n")).collect();
         let mut head = test_head(vec![], vec![]);
-        head.headers = headers(&[("content-type", "text/html"), ("etag", "\"p1\"")]);
+        head.headers = headers(&[("content-type", "text/html"), ("etag", "\"p1\""), ("repr-digest", "sha-256=:x:")]);
         let object = Object { head: Arc::new(head), body: Bytes::from(text.clone()) };
         store(&cache, &counters, &settings(), "k", object, cache.epoch()).await;
         let found = |ae: &'static str| {
@@ -391,6 +400,8 @@ mod tests {
         let gz = found("gzip, deflate").await;
         assert_eq!(gz.head.headers["content-encoding"], "gzip");
         assert_eq!(gz.head.headers["etag"], "W/\"p1\"");
+        assert!(!gz.head.headers.contains_key("repr-digest"));
+        assert_eq!(identity.head.headers["repr-digest"], "sha-256=:x:");
         assert_eq!(gz.head.headers["content-length"], gz.body.len().to_string().as_str());
         let mut decoded = String::new();
         flate2::read::GzDecoder::new(&gz.body[..]).read_to_string(&mut decoded).unwrap();
