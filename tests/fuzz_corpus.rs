@@ -44,3 +44,8 @@ fn config_corpus() {
 fn dns_corpus() {
     corpus("dns", targets::dns);
 }
+
+#[test]
+fn accept_encoding_corpus() {
+    corpus("accept_encoding", targets::accept_encoding);
+}

@@ -242,6 +242,16 @@ impl Cache {
         self.store.insert(key, object).await;
     }
 
+    /// Stores a whole object in memory only, unless a purge came after `epoch`:
+    /// what lookups find while a fill's compressed variants are made, until
+    /// [`insert`](Self::insert) stores those in both tiers (the disk gets one write
+    /// per entry, never a stale one racing the variants').
+    pub(crate) async fn insert_memory(&self, key: &str, object: Object, epoch: u64) {
+        if self.epoch() == epoch {
+            self.store.insert(key, object).await;
+        }
+    }
+
     /// Stores the head of a sliced object under `key`, unless a purge came after
     /// `epoch`.
     pub(crate) async fn insert_sliced(&self, key: &str, sliced: Arc<Sliced>, epoch: u64) {

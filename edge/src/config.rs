@@ -199,6 +199,21 @@ pub struct Cache {
     /// The disk tier: one `[[cache.disk]]` table per disk (none: memory only).
     #[serde(default)]
     pub disk: Vec<Disk>,
+    /// Compress text the origin sends uncompressed, once, into stored `br` and
+    /// `gzip` variants (docs/caching.md, "Compression").
+    #[serde(default = "default_compress")]
+    pub compress: bool,
+    /// Bodies smaller than this are not compressed.
+    #[serde(default = "default_compress_min")]
+    pub compress_min: ByteSize,
+}
+
+fn default_compress() -> bool {
+    true
+}
+
+fn default_compress_min() -> ByteSize {
+    ByteSize::b(256)
 }
 
 /// `[[cache.disk]]`: one directory of the disk tier.
@@ -237,6 +252,8 @@ impl Default for Cache {
             store_set_cookie: false,
             heuristic_max: default_heuristic_max(),
             disk: Vec::new(),
+            compress: default_compress(),
+            compress_min: default_compress_min(),
         }
     }
 }

@@ -56,6 +56,8 @@ pub(crate) struct FetchSettings {
     pub(crate) slice_size: u64,
     /// The longest pause allowed between body chunks from an origin.
     pub(crate) idle: std::time::Duration,
+    /// What the edge compresses.
+    pub(crate) compress: crate::compress::Settings,
 }
 
 impl FetchSettings {
@@ -67,7 +69,8 @@ impl FetchSettings {
             ..Settings::default()
         };
         let idle = origin.map_or(crate::config::DEFAULT_TIMEOUT, |origin| origin.timeout);
-        Self { policy, max_object: cache.max_object.as_u64(), slice_size: cache.slice.as_u64(), idle }
+        let compress = crate::compress::Settings::from_config(cache);
+        Self { policy, max_object: cache.max_object.as_u64(), slice_size: cache.slice.as_u64(), idle, compress }
     }
 }
 
@@ -377,6 +380,7 @@ impl Fetcher {
         rp.headers.remove(SURROGATE_KEY);
         rp.headers.remove(CACHE_TAG);
         let vary = vary_values(&policy::vary_names(&rp.headers).unwrap_or_default(), &job.client_headers);
+        crate::compress::prepare(&self.settings.compress, rp.status, &mut rp.headers, content_length);
         let lifetime =
             policy::freshness_lifetime(rp.status, &rp.headers, &directives, response_time, &self.settings.policy);
         let timing = Timing::new(&rp.headers, request_time, response_time);
@@ -398,7 +402,16 @@ impl Fetcher {
             && self.cache.epoch() == job.epoch
             && let Some(bytes) = growing.concat()
         {
-            self.cache.insert(&job.key, Object { head, body: bytes }, job.epoch).await;
+            let (compression, settings) = (&self.metrics.compression, &self.settings.compress);
+            crate::compress::store(
+                &self.cache,
+                compression,
+                settings,
+                &job.key,
+                Object { head, body: bytes },
+                job.epoch,
+            )
+            .await;
         }
     }
 
@@ -703,6 +716,7 @@ fn refreshed_head(
         }
         headers.append(name.clone(), value.clone());
     }
+    crate::compress::keep_on_refresh(&stale.headers, &mut headers);
     let directives = Directives::response(&headers);
     let lifetime = policy::freshness_lifetime(stale.status, &headers, &directives, response_time, settings);
     let timing = Timing::new(&headers, request_time, response_time);

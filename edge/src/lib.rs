@@ -34,6 +34,7 @@ pub mod access_log;
 mod body;
 mod cache;
 pub mod clock;
+mod compress;
 pub mod config;
 pub mod error;
 mod fetch;

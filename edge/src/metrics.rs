@@ -87,6 +87,8 @@ pub(crate) struct Metrics {
     pub(crate) cache_objects: IntGaugeVec,
     pub(crate) connections: IntGaugeVec,
     pub(crate) connections_closed: IntCounterVec,
+    /// Variants the edge compressed and stored, and the bytes each saved.
+    pub(crate) compression: crate::compress::Counters,
 }
 
 impl Metrics {
@@ -157,6 +159,7 @@ impl Metrics {
         registry.register(Box::new(origin_requests.clone()))?;
         registry.register(Box::new(cache_bytes.clone()))?;
         registry.register(Box::new(cache_objects.clone()))?;
+        let compression = crate::compress::Counters::register(registry)?;
         // Process-wide: every listener of this process sends through it.
         registry.register(Box::new(cdn_node::zerocopy::sent_counter()))?;
         let no_site = SiteCounters(Protocol::ALL.map(|protocol| {
@@ -172,6 +175,7 @@ impl Metrics {
             cache_objects,
             connections,
             connections_closed,
+            compression,
         })
     }
 

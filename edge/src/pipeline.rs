@@ -438,6 +438,7 @@ impl Pipeline {
     fn fill_request(&self, req: &Req, conn: Conn) -> FillRequest {
         let mut origin_headers = self.origin_headers(&req.parts, conn, req.scheme);
         strip_for_shared(&mut origin_headers);
+        crate::compress::fill_accept_encoding(&mut origin_headers);
         FillRequest {
             site: req.site.clone(),
             rule: req.rule,

@@ -145,3 +145,20 @@ pub fn dns(data: &[u8]) {
     assert!(!on_tcp.metadata.truncation, "truncated over tcp");
     assert_ne!(on_tcp.metadata.response_code, ResponseCode::ServFail, "tcp: SERVFAIL");
 }
+
+/// `Accept-Encoding` folding (the `Vary: Accept-Encoding` cache key): never panics,
+/// and never picks a coding the header gives `q=0` first.
+pub fn accept_encoding(data: &[u8]) {
+    use cdn_http::coding::{Coding, preferred};
+    use http::{HeaderMap, HeaderValue, header::ACCEPT_ENCODING};
+    let Ok(value) = HeaderValue::from_bytes(data) else { return };
+    let mut headers = HeaderMap::new();
+    headers.insert(ACCEPT_ENCODING, value.clone());
+    let _ = preferred(&headers);
+    for (excluded, coding) in [("br;q=0", Coding::Br), ("gzip;q=0", Coding::Gzip)] {
+        let mut headers = HeaderMap::new();
+        headers.append(ACCEPT_ENCODING, HeaderValue::from_static(excluded));
+        headers.append(ACCEPT_ENCODING, value.clone());
+        assert_ne!(preferred(&headers), coding, "{value:?}");
+    }
+}

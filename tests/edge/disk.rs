@@ -1206,3 +1206,43 @@ async fn an_unsafe_request_invalidates_the_disk_copy_too() {
     drop(c);
     edge.sigterm().await;
 }
+
+/// Compressed variants (docs/caching.md, "Compression") are disk entries like any
+/// `Vary` variant: after a restart each encoding is a disk HIT, decoding to the
+/// origin's text, with no origin request.
+#[tokio::test]
+async fn compressed_variants_are_disk_hits_after_a_restart() {
+    use std::io::Read as _;
+    let origin = MockOrigin::start().await;
+    let text: String = (0..2000).map(|i| format!(".c{i} {{ margin: {i}px; }}\n")).collect();
+    origin.route("/z/site.css", Route::ok("public, max-age=3600", text.clone()).header("content-type", "text/css"));
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Spec::new(dir.path(), "edge-disk-compress", &origin.url(), "memory = \"8MiB\"");
+    let edge = EdgeProcess::start(&spec).await;
+    let c = client();
+    assert_eq!(get(&c, &edge.url("/z/site.css"), &[]).await.body, text.as_bytes());
+    // The Vary marker and the identity, gzip and br variants.
+    edge.wait_for_disk_entries(4).await;
+    assert_eq!(edge.metric("cdn_compressed_total", &[]).await, 2.0);
+    drop(c);
+    edge.sigterm().await;
+
+    origin.reset_hits();
+    let edge = EdgeProcess::start(&spec).await;
+    let c = client();
+    for (ae, encoding) in [("gzip, deflate", "gzip"), ("br", "br"), ("identity", "")] {
+        let r = get(&c, &edge.url("/z/site.css"), &[("accept-encoding", ae)]).await;
+        assert!(is_disk_hit(&r), "{ae}: X-Cache {}, Cache-Status {}", r.x_cache(), r.header("cache-status"));
+        assert_eq!(r.header("content-encoding"), encoding, "{ae}");
+        let mut decoded = String::new();
+        match encoding {
+            "gzip" => flate2::read::GzDecoder::new(&r.body[..]).read_to_string(&mut decoded).map(|_| ()).unwrap(),
+            "br" => brotli::Decompressor::new(&r.body[..], 4096).read_to_string(&mut decoded).map(|_| ()).unwrap(),
+            _ => decoded = String::from_utf8(r.body.to_vec()).unwrap(),
+        }
+        assert!(decoded == text, "{ae}: the origin's text");
+    }
+    assert_eq!(origin.hits("/z/site.css"), 0, "no origin request after the restart");
+    assert_eq!(edge.metric("cdn_cache_disk_errors_total", &[]).await, 0.0, "{}", edge.output());
+    edge.sigterm().await;
+}

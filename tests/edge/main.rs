@@ -3,6 +3,7 @@
 
 mod access_log;
 mod certs;
+mod compression;
 mod conditional;
 mod disk;
 mod h3;

@@ -108,11 +108,16 @@ pub fn url(key: &str) -> &str {
 }
 
 /// The request's values of the varying headers, normalised (all field lines joined,
-/// whitespace around commas removed).
+/// whitespace around commas removed). `Accept-Encoding` is folded into the coding
+/// it prefers (`br`, `gzip` or `identity`, see [`crate::coding::preferred`]): the
+/// many spellings of that header make at most three variants.
 pub fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Vec<(HeaderName, String)> {
     names
         .iter()
         .map(|name| {
+            if name == http::header::ACCEPT_ENCODING {
+                return (name.clone(), crate::coding::preferred(request).as_str().to_string());
+            }
             let joined = request
                 .get_all(name)
                 .iter()
@@ -201,6 +206,26 @@ mod tests {
                 proptest::prop_assert_ne!(port, Some(443));
             }
         }
+    }
+
+    #[test]
+    fn accept_encoding_makes_three_variants_at_most() {
+        let names = [http::header::ACCEPT_ENCODING, http::header::ACCEPT_LANGUAGE];
+        let mut seen = std::collections::HashSet::new();
+        for ae in
+            ["gzip, deflate, br", "br", "gzip;q=0, br", "br, gzip", "*", "gzip", "x-gzip, deflate", "", "identity"]
+        {
+            let mut headers = HeaderMap::new();
+            headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_str(ae).unwrap());
+            headers.insert(http::header::ACCEPT_LANGUAGE, HeaderValue::from_static("en,  fr"));
+            let values = vary_values(&names, &headers);
+            assert_eq!(values[1].1, "en,fr");
+            seen.insert(values[0].1.clone());
+        }
+        seen.insert(vary_values(&names, &HeaderMap::new())[0].1.clone());
+        let mut seen: Vec<_> = seen.into_iter().collect();
+        seen.sort();
+        assert_eq!(seen, ["br", "gzip", "identity"]);
     }
 
     #[test]

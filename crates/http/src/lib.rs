@@ -15,9 +15,12 @@
 //! - [`policy`]: Cache-Control directives, storability, freshness, age and what to
 //!   do with a stored response (RFC 9111, RFC 5861).
 //! - [`key`]: cache keys (primary, variant, slice), surrogate keys.
+//! - [`coding`]: `Accept-Encoding` folded into `br`, `gzip` or `identity`, the media
+//!   types worth compressing, `no-transform`.
 
 #![forbid(unsafe_code)]
 
+pub mod coding;
 pub mod conditional;
 pub mod key;
 pub mod policy;
