@@ -44,7 +44,13 @@ fn sha256(uri: &str) -> String {
 
 /// A standalone edge whose `/paid/` paths need a token of `k1` or `k2`.
 async fn signing_edge(origin: &MockOrigin) -> TestEdge {
+    signing_edge_logged(origin, None).await
+}
+
+/// The same, with its access log in `log`.
+async fn signing_edge_logged(origin: &MockOrigin, log: Option<&std::path::Path>) -> TestEdge {
     TestEdge::start(&origin.url(), |c| {
+        c.access_log = log.map(cdn_edge::access_log::Settings::new);
         c.signing.keys = vec![SigningKey::hs256("k1", K1).unwrap(), SigningKey::hs256("k2", K2).unwrap()];
         c.origin.as_mut().unwrap().signed =
             Some(Signed { path_prefix: "/paid/".into(), keys: vec!["k1".into(), "k2".into()] });
@@ -93,7 +99,9 @@ async fn a_signed_url_is_served_and_cached_once_for_every_token() {
 async fn bad_tokens_are_refused_before_the_cache_and_the_origin() {
     let origin = MockOrigin::start().await;
     origin.route("/paid/movie.mp4", Route::ok("public, max-age=600", "the movie"));
-    let edge = signing_edge(&origin).await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("access.log");
+    let edge = signing_edge_logged(&origin, Some(&log)).await;
     let c = client();
     // Stored first, so a refusal cannot be an origin's answer.
     let good = sign("k1", K1, &fresh());
@@ -132,6 +140,28 @@ async fn bad_tokens_are_refused_before_the_cache_and_the_origin() {
     let r = get(&c, &edge.url(&with("/paid/movie.mp4", &pinned)), &[]).await;
     assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "HIT"));
     assert_eq!(origin.hits("/paid/movie.mp4"), 1);
+    // The access log says why each refusal happened, and never shows a token.
+    let expected = 1 + cases.len() + 2 + 1;
+    let lines = cdn_test_support::wait::until(
+        "every request in the access log",
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(20),
+        async || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<Value> = text.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+            (lines.len() >= expected).then_some(lines)
+        },
+    )
+    .await;
+    let reasons: Vec<&str> =
+        lines.iter().filter(|l| l["status"] == 403).map(|l| l["reason"].as_str().unwrap()).collect();
+    let mut wanted: Vec<&str> = cases.iter().map(|(_, _, reason)| *reason).collect();
+    wanted.extend(["missing", "missing"]);
+    assert_eq!(reasons, wanted, "{lines:?}");
+    for line in &lines {
+        let path = line["path"].as_str().unwrap();
+        assert!(!path.contains(&good) && !path.contains(&pinned), "a token reached the log: {path}");
+    }
     edge.stop().await;
 }
 
