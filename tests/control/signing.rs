@@ -38,16 +38,7 @@ fn exp_in(secs: u64) -> Value {
 
 /// The node ids in the `CDN-Loop` of the origin's last request for `path`.
 fn origin_loop(origin: &MockOrigin, path: &str) -> Vec<String> {
-    let headers = origin.last_headers(path);
-    headers
-        .get_all("cdn-loop")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|item| item.split(';').next())
-        .map(|id| id.trim().to_string())
-        .filter(|id| !id.is_empty())
-        .collect()
+    crate::tiers::loop_ids(&origin.last_headers(path))
 }
 
 #[tokio::test]

@@ -185,7 +185,7 @@ fn text(reply: &Reply) -> String {
 }
 
 /// The node ids of `CDN-Loop` in `headers`, in order.
-fn loop_ids(headers: &HeaderMap) -> Vec<String> {
+pub(crate) fn loop_ids(headers: &HeaderMap) -> Vec<String> {
     headers
         .get_all("cdn-loop")
         .iter()

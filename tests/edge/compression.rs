@@ -8,45 +8,14 @@ use std::{io::Read as _, time::Duration};
 
 use bytes::Bytes;
 use http::StatusCode;
-use prometheus::Registry;
-use tokio_util::sync::CancellationToken;
 
 use cdn_test_support::{
     client::{Reply, client, get, send},
     edge::TestEdge,
     metrics::sum_in,
     mock_origin::{MockOrigin, Route},
+    origin,
 };
-
-/// A real origin serving `/page.html`.
-struct FileOrigin {
-    url: String,
-    shutdown: CancellationToken,
-    _root: tempfile::TempDir,
-}
-
-impl FileOrigin {
-    async fn start(files: &[(&str, &[u8])]) -> Self {
-        let root = tempfile::tempdir().unwrap();
-        for (name, body) in files {
-            std::fs::write(root.path().join(name), body).unwrap();
-        }
-        let mut config = cdn_origin::Config::new(root.path().canonicalize().unwrap());
-        config.listen.http = "127.0.0.1:0".parse().unwrap();
-        config.listen.admin = None;
-        let origin = cdn_origin::Origin::bind(config, &Registry::new()).await.unwrap();
-        let url = format!("http://{}", origin.http_addr());
-        let shutdown = CancellationToken::new();
-        tokio::spawn(origin.serve(shutdown.clone()));
-        Self { url, shutdown, _root: root }
-    }
-}
-
-impl Drop for FileOrigin {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
 
 /// A page of text that compresses well (about 30 KB).
 fn page() -> String {
@@ -97,8 +66,8 @@ fn origin_requests(edge: &TestEdge) -> f64 {
 #[tokio::test]
 async fn text_is_compressed_once_and_served_per_encoding() {
     let text = page();
-    let origin = FileOrigin::start(&[("page.html", text.as_bytes())]).await;
-    let edge = TestEdge::start(&origin.url, |_| {}).await;
+    let origin = origin::start_serving(&[("page.html", text.as_bytes())]).await;
+    let edge = TestEdge::start(&origin.url(""), |_| {}).await;
     let (c, url) = (client(), edge.url("/page.html"));
 
     let first = get(&c, &url, &[("accept-encoding", "gzip, deflate, br")]).await;
@@ -181,8 +150,8 @@ async fn text_is_compressed_once_and_served_per_encoding() {
 #[tokio::test]
 async fn ranges_conditionals_and_revalidation_of_a_compressed_variant() {
     let text = page();
-    let origin = FileOrigin::start(&[("page.html", text.as_bytes())]).await;
-    let edge = TestEdge::start(&origin.url, |_| {}).await;
+    let origin = origin::start_serving(&[("page.html", text.as_bytes())]).await;
+    let edge = TestEdge::start(&origin.url(""), |_| {}).await;
     let (c, url) = (client(), edge.url("/page.html"));
     let first = get(&c, &url, &[]).await;
     assert_eq!(first.x_cache(), "MISS");

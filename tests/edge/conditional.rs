@@ -4,48 +4,19 @@
 //! itself must contain a comma).
 
 use http::StatusCode;
-use prometheus::Registry;
-use tokio_util::sync::CancellationToken;
 
 use cdn_test_support::{
     client::{Reply, client, get, send},
     edge::TestEdge,
     mock_origin::{MockOrigin, Route},
+    origin::{self, TestOrigin},
 };
-
-/// A real origin serving one small file, `/doc.txt`.
-struct FileOrigin {
-    url: String,
-    shutdown: CancellationToken,
-    _root: tempfile::TempDir,
-}
 
 const BODY: &str = "conditional requests, answered by the edge\n";
 
-impl FileOrigin {
-    async fn start() -> Self {
-        let root = tempfile::tempdir().unwrap();
-        std::fs::write(root.path().join("doc.txt"), BODY).unwrap();
-        let mut config = cdn_origin::Config::new(root.path().canonicalize().unwrap());
-        config.listen.http = "127.0.0.1:0".parse().unwrap();
-        config.listen.admin = None;
-        let origin = cdn_origin::Origin::bind(config, &Registry::new()).await.unwrap();
-        let url = format!("http://{}", origin.http_addr());
-        let shutdown = CancellationToken::new();
-        tokio::spawn(origin.serve(shutdown.clone()));
-        Self { url, shutdown, _root: root }
-    }
-}
-
-impl Drop for FileOrigin {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
 /// Caches `/doc.txt` at the edge; returns the edge and the origin's 200.
-async fn cached_doc(origin: &FileOrigin) -> (TestEdge, Reply) {
-    let edge = TestEdge::start(&origin.url, |_| {}).await;
+async fn cached_doc(origin: &TestOrigin) -> (TestEdge, Reply) {
+    let edge = TestEdge::start(&origin.url(""), |_| {}).await;
     let first = get(&client(), &edge.url("/doc.txt"), &[]).await;
     assert_eq!((first.status, first.x_cache()), (StatusCode::OK, "MISS"));
     assert!(first.header("etag").starts_with('"'), "{:?}", first.headers);
@@ -62,7 +33,7 @@ fn assert_hit(r: &Reply, status: StatusCode, what: &str) {
 
 #[tokio::test]
 async fn if_none_match_lists_with_commas_inside_tags() {
-    let origin = FileOrigin::start().await;
+    let origin = origin::start_serving(&[("doc.txt", BODY.as_bytes())]).await;
     let (edge, first) = cached_doc(&origin).await;
     let etag = first.header("etag");
     let c = client();
@@ -108,7 +79,7 @@ async fn a_stored_etag_with_a_comma_is_matched_whole() {
 
 #[tokio::test]
 async fn if_match_on_a_hit() {
-    let origin = FileOrigin::start().await;
+    let origin = origin::start_serving(&[("doc.txt", BODY.as_bytes())]).await;
     let (edge, first) = cached_doc(&origin).await;
     let etag = first.header("etag");
     let c = client();
@@ -141,7 +112,7 @@ async fn if_match_on_a_hit() {
 
 #[tokio::test]
 async fn if_unmodified_since_on_a_hit() {
-    let origin = FileOrigin::start().await;
+    let origin = origin::start_serving(&[("doc.txt", BODY.as_bytes())]).await;
     let (edge, first) = cached_doc(&origin).await;
     let modified = first.header("last-modified");
     let c = client();

@@ -134,6 +134,20 @@ pub async fn start_generator() -> TestOrigin {
 }
 
 /// An origin that owns `dir` and serves it with a config adjusted by `adjust`.
+/// An origin serving exactly `files` (name, body) from a fresh directory, without
+/// an admin listener or generated objects.
+pub async fn start_serving(files: &[(&str, &[u8])]) -> TestOrigin {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (name, body) in files {
+        std::fs::write(dir.path().join(name), body).expect("content file");
+    }
+    start_in(dir, |config| {
+        config.listen.admin = None;
+        config.generate = false;
+    })
+    .await
+}
+
 async fn start_in(dir: TempDir, adjust: impl FnOnce(&mut cdn_origin::Config)) -> TestOrigin {
     let mut config = config(dir.path());
     adjust(&mut config);
