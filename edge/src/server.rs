@@ -85,7 +85,7 @@ impl Edge {
         let cache = Arc::new(Cache::new(config.cache.memory.as_u64(), disks));
         let fetch_settings = FetchSettings::from_config(&config.cache, config.origin.as_ref());
 
-        let mut settings = pipeline::Settings { node_id: config.node_id.clone(), alt_svc: None };
+        let mut settings = pipeline::Settings { node_id: config.node_id.clone(), alt_svc: None, fast_hits: true };
 
         let http = match config.listen.http {
             Some(addr) => Some(listener::bind(addr).await?),
@@ -276,12 +276,24 @@ impl Edge {
                 }
             }
         };
+        // Plain HTTP/1.1 cache HITs take the listener's short way (pipeline::fast).
+        let fast = Some(Arc::new(pipeline::fast::FastHits(pipeline.clone())));
         if let Some(listener) = http {
-            tasks
-                .spawn("http", listener::serve("http", listener, None, limits.clone(), token.clone(), handler.clone()));
+            let serve = listener::serve_fast(
+                "http",
+                listener,
+                None,
+                limits.clone(),
+                token.clone(),
+                handler.clone(),
+                fast.clone(),
+            );
+            tasks.spawn("http", serve);
         }
         if let Some((listener, tls)) = https {
-            tasks.spawn("https", listener::serve("https", listener, Some(tls), limits.clone(), token.clone(), handler));
+            let serve =
+                listener::serve_fast("https", listener, Some(tls), limits.clone(), token.clone(), handler, fast);
+            tasks.spawn("https", serve);
         }
         if let Some(endpoint) = h3 {
             tasks.spawn("h3", crate::h3::serve(endpoint, pipeline.clone(), token.clone(), config.limits.clone()));

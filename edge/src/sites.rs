@@ -62,6 +62,11 @@ impl Site {
         self.spec.as_ref().is_some_and(|spec| spec.share == Some(cdn_cluster::routing::Share::Region))
     }
 
+    /// Whether some of its paths need a signed URL.
+    pub(crate) fn signed(&self) -> bool {
+        self.spec.as_ref().is_some_and(|spec| spec.signed.is_some())
+    }
+
     /// The index of the rule for `path` (without the query).
     pub(crate) fn rule_index(&self, path: &str) -> Option<usize> {
         self.spec.as_ref()?.rules.iter().position(|rule| rule.matches(path))
@@ -76,8 +81,20 @@ impl Site {
     /// `rule`: `site:scheme://host/path?query`, the query without the parameters
     /// the rule ignores.
     pub(crate) fn key(&self, scheme: &str, host: &str, uri: &Uri, rule: Option<&Rule>) -> String {
-        let path = if uri.path().is_empty() { "/" } else { uri.path() };
-        let query = self.keyed_query(uri.query(), rule);
+        self.key_of(scheme, host, uri.path(), uri.query(), rule)
+    }
+
+    /// [`key`](Self::key) from the target's path and query.
+    pub(crate) fn key_of(
+        &self,
+        scheme: &str,
+        host: &str,
+        path: &str,
+        query: Option<&str>,
+        rule: Option<&Rule>,
+    ) -> String {
+        let path = if path.is_empty() { "/" } else { path };
+        let query = self.keyed_query(query, rule);
         let mut key = String::with_capacity(
             self.key_prefix.len()
                 + scheme.len()

@@ -4,6 +4,7 @@
 mod certs;
 mod conditional;
 mod disk;
+mod fast;
 mod h3;
 mod hardening;
 mod overload;
