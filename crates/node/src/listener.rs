@@ -369,9 +369,9 @@ impl Driver<'_> {
         let (io, read) = match fast_path {
             None => (io, bytes::Bytes::new()),
             Some(fast_path) => {
-                let stop = CancellationToken::new();
+                let stop = fast::Stop::default();
                 let run = pin!(fast::run(io, fast_path, info, self.activity, &stop));
-                match self.drive(run, |_| stop.cancel()).await {
+                match self.drive(run, |_| stop.stop()).await {
                     End::Done(fast::Outcome::Handoff(io, read)) => (io, read),
                     End::Done(fast::Outcome::Done) => return End::Done(Ok(())),
                     End::Done(fast::Outcome::Failed(error)) => return End::Done(Err(error.into())),

@@ -29,7 +29,7 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     sync::{Arc, Weak, atomic::Ordering},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -199,7 +199,6 @@ impl Pipeline {
         if self.cache.is_pass(&key) {
             return None;
         }
-        let started = Instant::now();
         let real = SystemTime::now();
         let now = self.clock.at(real);
         let head = &object.head;
@@ -222,7 +221,9 @@ impl Pipeline {
         self.metrics.fast_hits.inc();
         let body = if request.head { Bytes::new() } else { object.body.clone() };
         self.metrics.response_bytes.inc_by(body.len() as u64);
-        self.metrics.duration.observe(started.elapsed().as_secs_f64());
+        // Under a microsecond from here to the head; observed as 0 (the smallest
+        // bucket is 0.5 ms) rather than paying two more clock reads per HIT.
+        self.metrics.duration.observe(0.0);
         Some(Answer { head: encoded, body })
     }
 

@@ -26,8 +26,8 @@ use std::{
 };
 
 use bytes::{Buf as _, Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
-use tokio_util::sync::CancellationToken;
 
 use super::{ConnInfo, activity::Activity};
 
@@ -74,6 +74,35 @@ impl FastPath for NoFastPath {
     #[allow(clippy::manual_async_fn)]
     fn answer(&self, _: &Simple<'_>, _: &ConnInfo) -> impl Future<Output = Option<Answer>> + Send {
         async { match *self {} }
+    }
+}
+
+/// The connection's request to stop the short way between requests (its graceful
+/// close). Two atomics where a `CancellationToken` would take a lock per request.
+#[derive(Debug, Default)]
+pub(super) struct Stop {
+    stopped: std::sync::atomic::AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Stop {
+    /// Asks the short way to stop.
+    pub(super) fn stop(&self) {
+        self.stopped.store(true, std::sync::atomic::Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once [`stop`](Self::stop) was called.
+    fn poll_stopped(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.is_stopped() {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.is_stopped() { Poll::Ready(()) } else { Poll::Pending }
     }
 }
 
@@ -148,14 +177,8 @@ fn parse<'b>(buf: &'b [u8], headers: &'b mut [httparse::Header<'b>; MAX_HEADERS]
 
 /// Serves `io`'s requests the short way while they are simple and `fast` answers
 /// them; returns the socket and the unanswered bytes for hyper otherwise. Stops
-/// between requests once `stop` is cancelled (the connection's graceful close).
-pub(super) async fn run<S, P>(
-    mut io: S,
-    fast: &P,
-    info: ConnInfo,
-    activity: &Activity,
-    stop: &CancellationToken,
-) -> Outcome<S>
+/// between requests once `stop` is set (the connection's graceful close).
+pub(super) async fn run<S, P>(mut io: S, fast: &P, info: ConnInfo, activity: &Activity, stop: &Stop) -> Outcome<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     P: FastPath,
@@ -178,7 +201,7 @@ where
                 }
                 activity.served(Instant::now());
                 buf.advance(len);
-                if stop.is_cancelled() {
+                if stop.is_stopped() {
                     return Outcome::Done;
                 }
                 // Pipelined requests already here are answered before reading more.
@@ -187,8 +210,8 @@ where
         }
         let read = tokio::select! {
             biased;
-            () = stop.cancelled(), if buf.is_empty() => return Outcome::Done,
             read = io.read_buf(&mut buf) => read,
+            () = std::future::poll_fn(|cx| stop.poll_stopped(cx)), if buf.is_empty() => return Outcome::Done,
         };
         match read {
             Ok(0) => return Outcome::Done,
