@@ -56,21 +56,40 @@ def round_ratios(rows_by, server, key):
     return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
+def spread(rows, get, fmt="{:.0f}"):
+    """ "median [min–max]" of GET over the runs."""
+    values = [get(r) for r in rows]
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
+
+
+def us_per_request(r, key="server_cpu_s"):
+    """Server CPU microseconds per request of one run (KEY: all, user or system CPU)."""
+    return 1e6 * r[key] / r["requests"] if r.get(key) is not None and r["requests"] else None
+
+
 def hit_table(name, rows_by, settings):
-    print("| server | req/s | edge ÷ this (req/s) | per round: median (min–max) | p50 ms | p99 ms | server CPU "
-          "| requests per server CPU-s | edge ÷ this (per CPU-s), per round | errors | load generator + other CPU "
-          "| runs (req/s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| server | req/s median [min–max] | edge ÷ this (medians) | edge ÷ this, round by round: median (min–max) "
+          "| p50 ms | p99 ms | server CPU | **CPU-µs per request** [min–max] | user / system µs per request "
+          "| edge ÷ this (per CPU-s), per round | errors | load generator + other CPU | runs (req/s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     edge = med(rows_by.get("edge", []), "req_per_s")
     for s in SERVERS:
         rows = rows_by.get(s)
         if not rows:
             continue
         server, other = cpu_cells(rows)
-        per_cpu = statistics.median(r["requests"] / r["server_cpu_s"] for r in rows if r["server_cpu_s"] > 0)
-        print(f'| {s} | {med(rows, "req_per_s"):.0f} | {ratio(edge, med(rows, "req_per_s"))} '
+        split = "—"
+        if all(r.get("server_user_s") is not None for r in rows):
+            user = statistics.median(us_per_request(r, "server_user_s") for r in rows if r["requests"])
+            system = statistics.median(us_per_request(r, "server_sys_s") for r in rows if r["requests"])
+            split = f"{user:.2f} / {system:.2f}"
+        print(f'| {s} | {spread(rows, lambda r: r["req_per_s"])} | {ratio(edge, med(rows, "req_per_s"))} '
               f'| {round_ratios(rows_by, s, "req_per_s")} | {med(rows, "p50_ms"):.3f} '
-              f'| {med(rows, "p99_ms"):.3f} | {server:.0f}% | {per_cpu:.0f} | {round_ratios(rows_by, s, per_server_cpu)} '
+              f'| {med(rows, "p99_ms"):.3f} | {server:.0f}% | {spread(rows, us_per_request, "{:.2f}")} | {split} '
+              f'| {round_ratios(rows_by, s, per_server_cpu)} '
               f'| {sum(r["errors"] for r in rows)} '
               f'| {other:.0f}% | {[round(r["req_per_s"]) for r in rows]} |')
 
@@ -156,12 +175,13 @@ def main():
         reps = max(len(v) for v in rows_by.values())
         if scenario == "h1":
             print(f'### {case} cache HIT over HTTP/1.1 keep-alive\n\n`wrk -t{g("THREADS")} -c{g("CONNS")} '
-                  f'-d{g("DURATION")} --latency`, medians of {reps} rounds.\n')
+                  f'-d{g("DURATION")} --latency`, {reps} rounds (servers alternating), medians [min–max].\n')
             hit_table(scenario, rows_by, settings)
         elif scenario == "h2":
             print(f'### {case} cache HIT over HTTP/2 (cleartext, prior knowledge)\n\n`h2load -t1 -c{g("H2_CONNS")} '
                   f'-m{g("H2_STREAMS")} -D{g("DURATION")}` ({int(g("H2_CONNS", 0)) * int(g("H2_STREAMS", 0))} '
-                  f'streams in flight), p50/p99 from its per-request log, medians of {reps} rounds.\n')
+                  f'streams in flight), p50/p99 from its per-request log, {reps} rounds (servers alternating), '
+                  f'medians [min–max].\n')
             hit_table(scenario, rows_by, settings)
         elif scenario == "throughput":
             conns = rows_by[next(iter(rows_by))][0]["connections"]

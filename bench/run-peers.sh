@@ -5,8 +5,8 @@
 #   memory      RSS of each cache holding MEMORY_OBJECTS distinct 1 KiB objects, per object
 #   storm       a miss storm: STORM_OBJECTS uncached objects × STORM_PER_OBJECT concurrent
 #               requests; origin requests seen (coalescing) and total time
-#   h1          1 KiB cache HITs over HTTP/1.1 keep-alive (wrk): req/s, p50/p99
-#   h2          1 KiB cache HITs over cleartext HTTP/2, prior knowledge (h2load): req/s, p50/p99
+#   h1          1 KiB cache HITs over HTTP/1.1 keep-alive (wrk): req/s, p50/p99, CPU-µs per request
+#   h2          1 KiB cache HITs over cleartext HTTP/2, prior knowledge (h2load): the same
 #   throughput  MB/s of 1 MiB and 100 MiB cache HITs over HTTP/1.1 (loadgen)
 #   ranges      MB/s of random 1 MiB ranges of a cached 1 GiB object over HTTP/1.1
 #               (loadgen; nginx through its `slice 1m` location, aligned and unaligned)
@@ -14,7 +14,9 @@
 # Installs its peers from Debian when they are missing (nginx, varnish, wrk,
 # nghttp2-client), starts one `cdn origin` with generated objects and, in front of
 # it, `cdn edge`, nginx and Varnish, each on its own loopback address, warms each
-# cache, and then measures them in rotating order, REPEAT times. Every server is pinned
+# cache, and then measures them in rotating order, REPEAT times (h1 and h2: ROUNDS times,
+# default 5; with the edge and one peer that is the edge and nginx alternately, each
+# going first in every other round). Every server is pinned
 # to CPU 0 (`taskset -c 0`, one worker/thread pool where the server has the knob), the
 # load generators to CPU 1. Prints markdown tables of medians with the edge's ratio to
 # each peer (bench/peers-report.py); the raw runs go to bench/out/peers-<time>.jsonl.
@@ -27,6 +29,7 @@
 # Environment (all optional):
 #   SCENARIOS="memory storm h1 h2 throughput ranges"   which to run (always in this order)
 #   DURATION=5s    each timed run;  REPEAT=3  rounds (tables show medians)
+#   ROUNDS=5       rounds of the h1 and h2 scenarios (tables: median [min–max])
 #   CONNS=50 THREADS=1 OBJECT=1KiB           h1: wrk connections, threads, object
 #   H2_CONNS=10 H2_STREAMS=10                h2: h2load connections, streams per connection
 #   SIZES="1MiB 100MiB" CONNS_1MiB=8 CONNS_100MiB=1   throughput: objects, loadgen connections
@@ -47,6 +50,7 @@ ALL_SCENARIOS="memory storm h1 h2 throughput ranges"
 SCENARIOS=${SCENARIOS:-$ALL_SCENARIOS}
 DURATION=${DURATION:-5s}
 REPEAT=${REPEAT:-3}
+ROUNDS=${ROUNDS:-5}
 CONNS=${CONNS:-50}
 THREADS=${THREADS:-1}
 OBJECT=${OBJECT:-1KiB}
@@ -131,7 +135,7 @@ if [[ -n "$BASELINE" ]]; then
 fi
 declare -A PID
 python3 -c 'import json, sys; print(json.dumps({"settings": dict(a.split("=", 1) for a in sys.argv[1:])}))' \
-    "SCENARIOS=$SCENARIOS" "DURATION=$DURATION" "REPEAT=$REPEAT" "CONNS=$CONNS" "THREADS=$THREADS" \
+    "SCENARIOS=$SCENARIOS" "DURATION=$DURATION" "REPEAT=$REPEAT" "ROUNDS=$ROUNDS" "CONNS=$CONNS" "THREADS=$THREADS" \
     "OBJECT=$OBJECT" "H2_CONNS=$H2_CONNS" "H2_STREAMS=$H2_STREAMS" "RANGE_OBJECT=$RANGE_OBJECT" \
     "RANGE_CONNS=$RANGE_CONNS" "MEMORY_OBJECTS=$MEMORY_OBJECTS" "STORM_OBJECTS=$STORM_OBJECTS" \
     "STORM_PER_OBJECT=$STORM_PER_OBJECT" "STORM_SIZE=$STORM_SIZE" "STORM_RATE=$STORM_RATE" \
@@ -189,6 +193,8 @@ user root;
 daemon off;
 master_process on;
 worker_processes 1;
+# Pinned as the edge is (taskset -c 0 as well, which the worker inherits).
+worker_cpu_affinity 01;
 worker_rlimit_nofile 65536;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
@@ -200,6 +206,11 @@ http {
     tcp_nodelay on;
     keepalive_timeout 65s;
     keepalive_requests 100000000;
+    # Its cache files stay open between HITs (no open/fstat/close per request).
+    open_file_cache max=10000 inactive=60s;
+    open_file_cache_valid 60s;
+    open_file_cache_min_uses 1;
+    open_file_cache_errors on;
     client_body_temp_path $WORK/nginx/temp/body;
     proxy_temp_path $WORK/nginx/temp/proxy;
     fastcgi_temp_path $WORK/nginx/temp/fastcgi;
@@ -282,12 +293,13 @@ warm() {
 }
 
 # All CPU of a server: nginx's and Varnish's workers are children of the pid we started.
+# "total user system" CPU seconds.
 tree_cpu() {
-    local total=0 pid
+    local pid
     for pid in $1 $(pgrep -P "$1" 2>/dev/null); do
-        total=$(awk -v t="$total" -v c="$(cpu_seconds "$pid" 2>/dev/null || echo 0)" 'BEGIN { printf "%.2f", t + c }')
-    done
-    echo "$total"
+        cat "/proc/$pid/stat" 2>/dev/null
+    done | awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); u += $12; s += $13 }
+        END { printf "%.2f %.2f %.2f\n", (u + s) / hz, u / hz, s / hz }'
 }
 
 # The order of round REP: rotated (so no server always goes first or last).
@@ -300,16 +312,16 @@ order() {
 # COMMAND (which pins itself to CPU 1), turns its output into a JSON object with PARSER
 # and appends it to $RESULTS with the server's CPU use and everyone else's.
 measure() {
-    local scenario=$1 case=$2 server=$3 rep=$4 parser=$5 before after busy0 busy1 t0 t1 out line
+    local scenario=$1 case=$2 server=$3 rep=$4 parser=$5 before after user0 user1 sys0 sys1 busy0 busy1 t0 t1 out line
     shift 5
     wait_quiet
-    before=$(tree_cpu "${PID[$server]}")
+    read -r before user0 sys0 < <(tree_cpu "${PID[$server]}")
     busy0=$(busy_seconds)
     t0=$(date +%s.%N)
     out=$("$@")
     t1=$(date +%s.%N)
     busy1=$(busy_seconds)
-    after=$(tree_cpu "${PID[$server]}")
+    read -r after user1 sys1 < <(tree_cpu "${PID[$server]}")
     line=$("$parser" <<<"$out")
     log "$scenario $case $server #$rep: $line"
     python3 -c '
@@ -317,8 +329,10 @@ import json, sys
 d = json.loads(sys.argv[1])
 a = sys.argv[2:]
 d.update(scenario=a[0], case=a[1], server=a[2], rep=int(a[3]), wall_s=round(float(a[5]) - float(a[4]), 3),
-         server_cpu_s=round(float(a[7]) - float(a[6]), 2), busy_cpu_s=round(float(a[9]) - float(a[8]), 2))
+         server_cpu_s=round(float(a[7]) - float(a[6]), 2), busy_cpu_s=round(float(a[9]) - float(a[8]), 2),
+         server_user_s=round(float(a[11]) - float(a[10]), 2), server_sys_s=round(float(a[13]) - float(a[12]), 2))
 print(json.dumps(d))' "$line" "$scenario" "$case" "$server" "$rep" "$t0" "$t1" "$before" "$after" "$busy0" "$busy1" \
+        "$user0" "$user1" "$sys0" "$sys1" \
         >>"$RESULTS"
 }
 
@@ -490,7 +504,7 @@ if wants h1 || wants h2; then
     done
 fi
 if wants h1; then
-    for rep in $(seq 1 "$REPEAT"); do
+    for rep in $(seq 1 "$ROUNDS"); do
         for server in $(order "$rep"); do
             measure h1 "$OBJECT" "$server" "$rep" wrk_json \
                 taskset -c 1 wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "http://${ADDR[$server]}/_gen/$OBJECT"
@@ -498,7 +512,7 @@ if wants h1; then
     done
 fi
 if wants h2; then
-    for rep in $(seq 1 "$REPEAT"); do
+    for rep in $(seq 1 "$ROUNDS"); do
         for server in $(order "$rep"); do
             measure h2 "$OBJECT" "$server" "$rep" h2load_json \
                 taskset -c 1 h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D"${DURATION%s}" \

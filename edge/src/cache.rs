@@ -142,6 +142,15 @@ impl Cache {
         }
     }
 
+    /// The whole object stored in memory under `key`, when it does not vary: what
+    /// [`lookup`](Self::lookup) finds first for any request (the HIT short way).
+    pub(crate) async fn memory_object(&self, key: &str) -> Option<Object> {
+        match self.store.get(key).await? {
+            Entry::Object(object) if object.head.vary.is_empty() => Some(object),
+            _ => None,
+        }
+    }
+
     /// Puts an entry read from disk into memory, unless a purge came since `start`
     /// (then it is taken out again: the purge may not have seen it).
     async fn promote(&self, key: String, entry: Entry, start: u64) -> Option<()> {

@@ -25,6 +25,12 @@ impl Clock {
         SystemTime::now() + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
     }
 
+    /// `real` (a reading of the system clock), as the cache sees it: one clock
+    /// read serves both the `Date` header and the cache's age arithmetic.
+    pub fn at(&self, real: SystemTime) -> SystemTime {
+        real + Duration::from_millis(self.offset_ms.load(Ordering::Relaxed))
+    }
+
     /// Moves this clock (and its clones) forward by `by`. Test hook (feature
     /// `test-util`), with [`Edge::bind_with_clock`](crate::Edge::bind_with_clock).
     #[cfg(feature = "test-util")]

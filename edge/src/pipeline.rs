@@ -6,6 +6,7 @@
 //! policy of `cdn_http::policy`) and delegates: lookups and coalescing to the
 //! [`Cache`], origin fetches to the [`Fetcher`], building the response to `respond`.
 
+pub(crate) mod fast;
 mod respond;
 
 use std::{
@@ -58,6 +59,9 @@ pub(crate) struct Settings {
     pub(crate) node_id: String,
     /// `Alt-Svc` for TLS responses (the HTTP/3 port), when HTTP/3 is served.
     pub(crate) alt_svc: Option<HeaderValue>,
+    /// Whether plain HTTP/1.1 cache HITs may take the short way (`fast`); off when
+    /// something must see every request in `handle` (access logs, ...).
+    pub(crate) fast_hits: bool,
 }
 
 /// What a listener knows about the connection a request came on.
@@ -164,7 +168,27 @@ impl Pipeline {
             _ => self.route(request, conn, from_edge, &mut site).await,
         };
         let Served { mut response, status } = served;
-        let headers = response.headers_mut();
+        self.decorate(response.headers_mut(), &status, conn.tls, conn.protocol, from_edge);
+        self.metrics.count_request(site.as_ref().map(|site| &site.counters), conn.protocol, status.result);
+        self.metrics.duration.observe(started.elapsed().as_secs_f64());
+        let record = pending.map(|pending| {
+            let cache_status = status.header_value();
+            let head = access_log::Head {
+                site: site.as_deref().map(|site| site.name.as_str()),
+                cache: status.result.x_cache(),
+                cache_status: cache_status.to_str().unwrap_or_default(),
+            };
+            pending.responded(&response, &head)
+        });
+        let counter = self.metrics.response_bytes.clone();
+        response.map(|body| Counted::new(body, counter, record).boxed_unsync())
+    }
+
+    /// The headers every response gets from the edge (`X-Cache`, `Cache-Status`,
+    /// `X-Served-By`, `Alt-Svc`), the same for the HIT short way (`fast`). The edge's
+    /// own cache fields (CDN-Cache-Control, Surrogate-Control) stay only for another
+    /// edge of the cluster (`from_edge`).
+    fn decorate(&self, headers: &mut HeaderMap, status: &CacheStatus, tls: bool, protocol: Protocol, from_edge: bool) {
         headers.remove(SURROGATE_KEY);
         headers.remove(CACHE_TAG);
         if !from_edge {
@@ -183,25 +207,12 @@ impl Pipeline {
         };
         headers.insert(CACHE_STATUS, value);
         headers.insert(X_SERVED_BY, self.served_by.clone());
-        if conn.tls
-            && conn.protocol != Protocol::H3
+        if tls
+            && protocol != Protocol::H3
             && let Some(alt_svc) = &self.settings.alt_svc
         {
             headers.insert(header::ALT_SVC, alt_svc.clone());
         }
-        self.metrics.count_request(site.as_ref().map(|site| &site.counters), conn.protocol, status.result);
-        self.metrics.duration.observe(started.elapsed().as_secs_f64());
-        let record = pending.map(|pending| {
-            let cache_status = status.header_value();
-            let head = access_log::Head {
-                site: site.as_deref().map(|site| site.name.as_str()),
-                cache: status.result.x_cache(),
-                cache_status: cache_status.to_str().unwrap_or_default(),
-            };
-            pending.responded(&response, &head)
-        });
-        let counter = self.metrics.response_bytes.clone();
-        response.map(|body| Counted::new(body, counter, record).boxed_unsync())
     }
 
     /// Finds the request's site (left in `found` for the metrics) and serves it.

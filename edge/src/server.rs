@@ -85,7 +85,9 @@ impl Edge {
         let cache = Arc::new(Cache::new(config.cache.memory.as_u64(), disks));
         let fetch_settings = FetchSettings::from_config(&config.cache, config.origin.as_ref());
 
-        let mut settings = pipeline::Settings { node_id: config.node_id.clone(), alt_svc: None };
+        // The HIT short way skips `Pipeline::handle`, where access log records start.
+        let fast_hits = config.access_log.is_none();
+        let mut settings = pipeline::Settings { node_id: config.node_id.clone(), alt_svc: None, fast_hits };
 
         let http = match config.listen.http {
             Some(addr) => Some(listener::bind(addr).await?),
@@ -286,12 +288,24 @@ impl Edge {
                 }
             }
         };
+        // Plain HTTP/1.1 cache HITs take the listener's short way (pipeline::fast).
+        let fast = Some(Arc::new(pipeline::fast::FastHits(pipeline.clone())));
         if let Some(listener) = http {
-            tasks
-                .spawn("http", listener::serve("http", listener, None, limits.clone(), token.clone(), handler.clone()));
+            let serve = listener::serve_fast(
+                "http",
+                listener,
+                None,
+                limits.clone(),
+                token.clone(),
+                handler.clone(),
+                fast.clone(),
+            );
+            tasks.spawn("http", serve);
         }
         if let Some((listener, tls)) = https {
-            tasks.spawn("https", listener::serve("https", listener, Some(tls), limits.clone(), token.clone(), handler));
+            let serve =
+                listener::serve_fast("https", listener, Some(tls), limits.clone(), token.clone(), handler, fast);
+            tasks.spawn("https", serve);
         }
         if let Some(endpoint) = h3 {
             tasks.spawn("h3", crate::h3::serve(endpoint, pipeline.clone(), token.clone(), config.limits.clone()));

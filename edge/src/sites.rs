@@ -84,8 +84,20 @@ impl Site {
     /// `rule`: `site:scheme://host/path?query`, the query without the parameters
     /// the rule ignores.
     pub(crate) fn key(&self, scheme: &str, host: &str, uri: &Uri, rule: Option<&Rule>) -> String {
-        let path = if uri.path().is_empty() { "/" } else { uri.path() };
-        let query = self.keyed_query(uri.query(), rule);
+        self.key_of(scheme, host, uri.path(), uri.query(), rule)
+    }
+
+    /// [`key`](Self::key) from the target's path and query.
+    pub(crate) fn key_of(
+        &self,
+        scheme: &str,
+        host: &str,
+        path: &str,
+        query: Option<&str>,
+        rule: Option<&Rule>,
+    ) -> String {
+        let path = if path.is_empty() { "/" } else { path };
+        let query = self.keyed_query(query, rule);
         let mut key = String::with_capacity(
             self.key_prefix.len()
                 + scheme.len()

@@ -6,6 +6,7 @@ mod certs;
 mod compression;
 mod conditional;
 mod disk;
+mod fast;
 mod h3;
 mod hardening;
 mod limits;

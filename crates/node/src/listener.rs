@@ -14,6 +14,7 @@
 //! stream floods) is dropped at once.
 
 pub mod activity;
+pub mod fast;
 
 use std::{
     convert::Infallible,
@@ -36,7 +37,10 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use self::activity::{Activity, Closed, Reason, Tracked, Verdict, Watched};
+use self::{
+    activity::{Activity, Closed, Reason, Tracked, Verdict, Watched},
+    fast::{FastPath, NoFastPath, Rewound},
+};
 use crate::Error;
 
 /// The boxed error type of response bodies.
@@ -152,6 +156,25 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_fast::<H, F, NoFastPath>(name, listener, tls, limits, shutdown, handler, None).await;
+}
+
+/// [`serve`], with a short way for simple HTTP/1.1 requests ([`fast`]): plain
+/// HTTP/1.1 connections and TLS ones that chose `http/1.1` offer their simple
+/// requests to `fast_path` first; hyper serves the rest.
+pub async fn serve_fast<H, F, P>(
+    name: &'static str,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    handler: H,
+    fast_path: Option<Arc<P>>,
+) where
+    H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+    P: FastPath,
+{
     let local = match listener.local_addr() {
         Ok(addr) => addr,
         Err(error) => {
@@ -234,6 +257,7 @@ pub async fn serve<H, F>(
         if let Some(gauge) = &limits.connections {
             gauge.inc();
         }
+        let fast_path = fast_path.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let _admitted = admitted;
@@ -241,9 +265,8 @@ pub async fn serve<H, F>(
             let driver = Driver { activity: &activity, limits: &limits, shutdown: &shutdown, force: &force };
             let end = match acceptor {
                 None => {
-                    let io = TokioIo::new(Watched::new(stream, activity.clone()));
-                    let conn = pin!(builder.serve_connection(io, service));
-                    driver.drive(conn, |conn| conn.graceful_shutdown()).await
+                    let io = Watched::new(stream, activity.clone());
+                    driver.serve(io, fast_path.as_deref(), info, &builder, service).await
                 }
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
@@ -261,9 +284,10 @@ pub async fn serve<H, F>(
                             }
                         },
                     };
-                    let io = TokioIo::new(Watched::new(tls, activity.clone()));
-                    let conn = pin!(builder.serve_connection(io, service));
-                    driver.drive(conn, |conn| conn.graceful_shutdown()).await
+                    // HTTP/2 (ALPN h2) goes straight to hyper.
+                    let fast_path = fast_path.as_deref().filter(|_| tls.get_ref().1.alpn_protocol() != Some(b"h2"));
+                    let io = Watched::new(tls, activity.clone());
+                    driver.serve(io, fast_path, info, &builder, service).await
                 }
             };
             let reason = match end {
@@ -336,9 +360,9 @@ fn announced_length(response: &Response<Body>, head: bool) -> Option<u64> {
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// How a connection's driver ended.
-enum End {
+enum End<R = Result<(), BoxError>> {
     /// The connection finished by itself (or after a graceful close).
-    Done(Result<(), BoxError>),
+    Done(R),
     /// Closed by the server's limits.
     Closed(Reason),
     /// The shutdown grace period ran out.
@@ -354,9 +378,47 @@ struct Driver<'a> {
 }
 
 impl Driver<'_> {
-    async fn drive<C>(&self, mut conn: Pin<&mut C>, graceful: impl Fn(Pin<&mut C>)) -> End
+    /// Serves a connection: the short way while `fast_path` answers its requests
+    /// (when there is one), then hyper, with what the short way read replayed.
+    async fn serve<S, P, Svc>(
+        &self,
+        io: Watched<S>,
+        fast_path: Option<&P>,
+        info: ConnInfo,
+        builder: &auto::Builder<TokioExecutor>,
+        service: Svc,
+    ) -> End
     where
-        C: Future<Output = Result<(), BoxError>>,
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + crate::zerocopy::Sink + Unpin + Send + 'static,
+        P: FastPath,
+        Svc: hyper::service::Service<Request<Incoming>, Response = Response<Tracked>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        Svc::Future: Send + 'static,
+    {
+        let (io, read) = match fast_path {
+            None => (io, bytes::Bytes::new()),
+            Some(fast_path) => {
+                let stop = fast::Stop::default();
+                let run = pin!(fast::run(io, fast_path, info, self.activity, &stop));
+                match self.drive(run, |_| stop.stop()).await {
+                    End::Done(fast::Outcome::Handoff(io, read)) => (io, read),
+                    End::Done(fast::Outcome::Done) => return End::Done(Ok(())),
+                    End::Done(fast::Outcome::Failed(error)) => return End::Done(Err(error.into())),
+                    End::Closed(reason) => return End::Closed(reason),
+                    End::Forced => return End::Forced,
+                }
+            }
+        };
+        let io = TokioIo::new(Rewound::new(io, read));
+        let conn = pin!(builder.serve_connection(io, service));
+        self.drive(conn, |conn| conn.graceful_shutdown()).await
+    }
+
+    async fn drive<C, R>(&self, mut conn: Pin<&mut C>, graceful: impl Fn(Pin<&mut C>)) -> End<R>
+    where
+        C: Future<Output = R>,
     {
         let (idle, send, head) = (self.limits.idle_timeout, self.limits.send_timeout, self.limits.header_read_timeout);
         let mut closing = false;

@@ -168,6 +168,18 @@ impl Activity {
         RequestGuard { activity: self.clone(), phase: Phase::Handler }
     }
 
+    /// A request answered whole at once (the listener's short way, `super::fast`):
+    /// one finished request, the connection idle again from `now`.
+    pub fn served(&self, now: Instant) {
+        let mut state = self.lock();
+        state.finished += 1;
+        state.progress = now;
+        if state.in_flight == 0 {
+            state.idle_since = now;
+        }
+        self.head.store(0, Ordering::Relaxed);
+    }
+
     /// Responses finished and requests cancelled so far.
     pub fn counts(&self) -> (u64, u64) {
         let state = self.lock();
