@@ -107,10 +107,7 @@ pub(crate) fn parse<'p>(packet: &'p [u8], services: &[Vec<u8>]) -> Option<Query<
         return None;
     }
     let counts = (u16_at(packet, 4)?, u16_at(packet, 6)?, u16_at(packet, 8)?, u16_at(packet, 10)?);
-    let additional = match counts {
-        (1, 0, 0, additional @ (0 | 1)) => additional,
-        _ => return None,
-    };
+    let (1, 0, 0, additional @ (0 | 1)) = counts else { return None };
     // The name: uncompressed labels up to the root.
     let mut at = 12;
     loop {

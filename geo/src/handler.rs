@@ -384,9 +384,9 @@ impl Shared {
         if service && reply.answers.is_empty() {
             match qtype {
                 RecordType::A | RecordType::ANY => {
-                    self.edges(request, &owner, Family::V4, ecs, &mut reply, counter, now);
+                    self.edges(request, Family::V4, ecs, &mut reply, counter, now);
                 }
-                RecordType::AAAA => self.edges(request, &owner, Family::V6, ecs, &mut reply, counter, now),
+                RecordType::AAAA => self.edges(request, Family::V6, ecs, &mut reply, counter, now),
                 _ => {}
             }
         }
@@ -438,13 +438,15 @@ impl Shared {
     fn edges(
         &self,
         request: &Request,
-        owner: &Name,
         family: Family,
         ecs: Option<ClientSubnet>,
         reply: &mut Reply,
         counter: u64,
         now: Instant,
     ) {
+        // The records' owner: the question's name as asked (`answer` checked there is one).
+        let [query] = request.queries.queries() else { return };
+        let owner = query.original().name();
         let (addr, subnet) = match ecs {
             Some(subnet) if subnet.source_prefix() > 0 => (subnet.addr(), Some(subnet)),
             _ => (request.src().ip(), None),
