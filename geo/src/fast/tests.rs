@@ -150,17 +150,22 @@ fn parse_takes_the_common_query_and_leaves_the_rest() {
         edns.options_mut().insert(EdnsOption::Subnet("10.2.0.0/16".parse().unwrap()));
     })));
     // Address bits past the source prefix (FORMERR on the slow path), a v4 prefix
-    // over 32, an unknown family, the address longer than the prefix needs.
+    // over 32, an unknown family, the address shorter than the prefix needs.
     for option in [
         vec![0, 1, 12, 0, 10, 1],
-        vec![0, 1, 16, 0, 10, 1, 2],
         vec![0, 1, 33, 0, 10, 1, 2, 3, 4],
         vec![0, 3, 8, 0, 10],
-        vec![0, 1, 8, 0, 10, 0],
+        vec![0, 1, 24, 0, 10, 0],
         vec![0, 1],
     ] {
         let packet = edns_with(&|edns| edns.options_mut().insert(EdnsOption::Unknown(8, option.clone())));
         assert!(!fast(&packet), "{option:?}");
+    }
+    // Octets past those the prefix needs are ignored (as hickory does; dnsperf's -E).
+    for option in [vec![0, 1, 24, 0, 192, 0, 2, 0], vec![0, 1, 16, 0, 10, 1, 2], vec![0, 1, 8, 0, 10, 0xff]] {
+        let packet = edns_with(&|edns| edns.options_mut().insert(EdnsOption::Unknown(8, option.clone())));
+        let ecs = parse(&packet, &services).unwrap().ecs.unwrap();
+        assert_eq!(ecs.address.len(), usize::from(ecs.source).div_ceil(8), "{option:?}");
     }
     assert!(fast(&edns_with(&|edns| edns.options_mut().insert(EdnsOption::Unknown(8, vec![0, 1, 0, 0])))), "/0");
 }
@@ -210,6 +215,23 @@ fn queries() -> Vec<(Vec<u8>, SocketAddr)> {
                 }
             }
         }
+    }
+    // ECS options as some clients send them: the whole address with a shorter
+    // prefix (ignored octets), or bits set past the prefix (FORMERR).
+    for option in [
+        vec![0, 1, 24, 0, 192, 0, 2, 0],
+        vec![0, 1, 24, 0, 10, 3, 9, 77],
+        vec![0, 1, 16, 0, 10, 1, 2],
+        vec![0, 1, 12, 0, 10, 1],
+        vec![0, 2, 48, 0, 0x20, 0x01, 0x0d, 0xb8, 0, 1, 9, 9],
+    ] {
+        let mut message = Message::query();
+        message.metadata.id = 4242;
+        message.add_query(HickoryQuery::query(Name::from_ascii("www.cdn.test.").unwrap(), RecordType::A));
+        let mut edns = Edns::new();
+        edns.options_mut().insert(EdnsOption::Unknown(8, option));
+        message.set_edns(edns);
+        all.push((message.to_vec().unwrap(), src("203.0.113.5")));
     }
     // Header flags the answer copies (RD, CD) or ignores (AD, and bits a query should not set).
     for flags in [0x00, 0x01, 0x10, 0x20, 0x30, 0x04, 0x02, 0x40, 0x80] {
