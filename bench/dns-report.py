@@ -42,6 +42,8 @@ def main(path):
         return row["cpu"] / row["done"] * 1e6 if row["done"] else float("nan")
 
     for mode, title in (("plain", "plain queries"), ("ecs", "ECS on every query (192.0.2.0/24)")):
+        if not any(m == mode for (_, m) in qps):
+            continue
         ref = qps.get(("gdnsd", mode), {})
         print(f"\n**{title}** (`www.cdn.test A`; median [min–max] over rounds)\n")
         print(
