@@ -100,13 +100,23 @@ pub struct Listen {
     pub dns: SocketAddr,
     /// Admin: `/metrics`, `/healthz`, `/readyz`.
     pub admin: Option<SocketAddr>,
+    /// UDP sockets on `dns`, each with its own thread (`SO_REUSEPORT`: the kernel
+    /// spreads clients over them). 0: one per core.
+    pub udp_sockets: usize,
 }
 
 impl Default for Listen {
     fn default() -> Self {
-        Self { dns: SocketAddr::from(([127, 0, 0, 1], 5300)), admin: Some(SocketAddr::from(([127, 0, 0, 1], 9053))) }
+        Self {
+            dns: SocketAddr::from(([127, 0, 0, 1], 5300)),
+            admin: Some(SocketAddr::from(([127, 0, 0, 1], 9053))),
+            udp_sockets: 0,
+        }
     }
 }
+
+/// Most UDP sockets `listen.udp_sockets` may ask for.
+const MAX_UDP_SOCKETS: usize = 256;
 
 /// A point on the globe, degrees (the project's one lat/lon type).
 pub type Location = GeoPoint;
@@ -244,6 +254,12 @@ impl Config {
         if self.answers == 0 || self.answers > MAX_ANSWERS {
             problems.push(format!("answers: {} is not within 1..={MAX_ANSWERS}", self.answers));
         }
+        if self.listen.udp_sockets > MAX_UDP_SOCKETS {
+            problems.push(format!(
+                "listen.udp_sockets: {} is over {MAX_UDP_SOCKETS} (0 is one per core)",
+                self.listen.udp_sockets
+            ));
+        }
         if self.ttl > Duration::from_secs(86_400) {
             problems.push("ttl: must be at most 1 day".into());
         }
@@ -347,6 +363,7 @@ mod tests {
         assert_eq!(config.listen.admin, Some("127.0.0.1:9053".parse().unwrap()));
         assert_eq!(config.soa.minimum, Duration::from_secs(60));
         assert_eq!(config.rate_limit, 200);
+        assert_eq!(config.listen.udp_sockets, 0, "one per core");
         let networks = config.parsed_networks().unwrap();
         assert_eq!(networks.len(), 2);
         assert_eq!(networks[1].1.region.as_deref(), Some("eu-west"));
@@ -379,6 +396,7 @@ mod tests {
             Network { cidr: "10.2.0.0/16".into(), location: None, region: None },
         ];
         config.soa.ttl = Duration::from_secs(u64::MAX / 2);
+        config.listen.udp_sockets = 100_000;
         let problems = config.validate().unwrap_err().problems;
         for key in [
             "node_id",
@@ -392,6 +410,7 @@ mod tests {
             "networks[2].cidr",
             "networks[3]:",
             "soa.ttl",
+            "listen.udp_sockets",
         ] {
             assert!(problems.iter().any(|p| p.starts_with(key)), "{key} in {problems:?}");
         }

@@ -2,15 +2,19 @@
 //! server does: for the `dns` fuzz target (fuzz/) and its corpus test
 //! (tests/fuzz_corpus.rs). Not a stable API.
 //!
-//! [`Harness::exchange`] runs the server's own path: the packet is parsed as
-//! hickory-server parses it, handed to the same [`Handler`] the sockets use, and
-//! the response is encoded by hickory-server's own `ResponseHandle` (the one its
-//! UDP and TCP listeners use, with their size limits), into a channel instead of a
+//! [`Harness::exchange`] runs the server's own path. Over UDP: the worker each UDP
+//! socket has (the fast path, else the slow path); and whenever the fast path
+//! answers, the slow path must give the very same bytes for the same query
+//! (checked on every input). Over TCP (and on the UDP slow path): the packet is
+//! parsed as hickory-server parses it, handed to the same [`Handler`] the sockets
+//! use, and the response is encoded by hickory-server's own `ResponseHandle` (the
+//! one its listeners use, with their size limits), into a channel instead of a
 //! socket.
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
+    time::Instant,
 };
 
 use cdn_cluster::{GeoPoint, Member, MemberState, Role};
@@ -23,6 +27,7 @@ use hickory_server::{
 
 use crate::{
     config::{Config, Location, Network},
+    fast::Worker,
     handler::{Handler, MemberSource, Shared},
     metrics::Metrics,
     mmdb::GeoDb,
@@ -49,6 +54,7 @@ pub const ZONE: &str = "cdn.test";
 /// answer).
 pub struct Harness {
     handler: Handler,
+    worker: Mutex<Worker>,
 }
 
 impl std::fmt::Debug for Harness {
@@ -152,9 +158,10 @@ impl Harness {
         let members = Arc::new(members());
         let source: MemberSource = Arc::new(move || members.clone());
         let metrics = Metrics::register(&prometheus::Registry::new()).expect("fresh registry");
-        let shared =
-            Shared::new(&config, Arc::new(GeoDb::none()), source, metrics).expect("the fuzzing config is valid");
-        Self { handler: Handler(Arc::new(shared)) }
+        let shared = Arc::new(
+            Shared::new(&config, Arc::new(GeoDb::none()), source, metrics).expect("the fuzzing config is valid"),
+        );
+        Self { handler: Handler(shared.clone()), worker: Mutex::new(Worker::new(shared, 0)) }
     }
 
     /// Answers one packet from `src` as the server does, returning the response's
@@ -164,7 +171,8 @@ impl Harness {
     /// response (dropped against reflection), or the handler dropped it.
     ///
     /// # Panics
-    /// If the handler waits on anything (it does no I/O).
+    /// If the handler waits on anything (it does no I/O), or the UDP fast path
+    /// answers other than the slow path would.
     pub fn exchange(&self, packet: &[u8], src: SocketAddr, transport: Transport) -> Option<Vec<u8>> {
         let protocol = match transport {
             Transport::Udp => Protocol::Udp,
@@ -173,6 +181,16 @@ impl Harness {
         let request = Request::from_bytes(packet.to_vec(), src, protocol).ok()?;
         if request.metadata.message_type == MessageType::Response {
             return None;
+        }
+        if transport == Transport::Udp {
+            let mut worker = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
+            for counter in [0, 1, 7] {
+                if let Some(fast) = worker.fast_only(packet, src, counter) {
+                    let slow = worker.slow_only(packet, src, counter);
+                    assert_eq!(Some(&fast), slow.as_ref(), "the fast path answers as the slow path does");
+                }
+            }
+            return worker.handle(packet, src, Instant::now()).map(<[u8]>::to_vec);
         }
         let (stream, mut sent) = BufDnsStreamHandle::new(src);
         let response = ResponseHandle::new(src, stream, protocol);

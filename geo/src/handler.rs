@@ -39,8 +39,8 @@ use cdn_node::ConfigError;
 
 use crate::{
     config::{Config, MAX_ANSWERS},
-    locate::{Database, Locator, canonical},
-    metrics::{Metrics, rcode_label},
+    locate::{Database, Located, Locator, canonical},
+    metrics::Metrics,
     mmdb::GeoDb,
     ratelimit::{RateLimiter, Verdict, client_network},
     select::{Family, Health, Policy, mix64, select},
@@ -200,7 +200,7 @@ fn echoed_question(queries: &Queries) -> Queries {
 }
 
 /// An empty question section.
-fn no_question() -> Queries {
+pub(crate) fn no_question() -> Queries {
     Queries::read(&mut BinDecoder::new(&[]), 0).unwrap_or_else(|_| unreachable!("nothing to read"))
 }
 
@@ -231,6 +231,13 @@ fn client_hash(addr: IpAddr) -> u64 {
         IpAddr::V6(v6) => u128::from(v6),
     };
     mix64((bits as u64) ^ ((bits >> 64) as u64).rotate_left(17))
+}
+
+/// The seed of the spread among near edges for a client at `addr` (the ECS
+/// address when `ecs`, else the query's source) and the query counter's `counter`.
+pub(crate) fn seed(addr: IpAddr, ecs: bool, counter: u64) -> u64 {
+    let client = if ecs { client_hash(addr) } else { client_hash(client_network(addr).network()) };
+    mix64(client ^ counter.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 impl Shared {
@@ -265,34 +272,50 @@ impl Shared {
 
     /// Decides the response to `request` at `now`.
     pub(crate) fn respond(&self, request: &Request, now: Instant) -> Outcome {
-        let udp = request.protocol() == Protocol::Udp;
-        let mut slip = false;
-        if udp && let Some(limiter) = &self.limiter {
-            let verdict = limiter.lock().unwrap_or_else(PoisonError::into_inner).check(request.src().ip(), now);
-            match verdict {
-                Verdict::Answer => {}
-                Verdict::Slip => {
-                    self.metrics.rate_limited.inc();
-                    slip = true;
-                }
-                Verdict::Drop => {
-                    self.metrics.rate_limited.inc();
-                    return Outcome::Drop;
-                }
-            }
+        let verdict = if request.protocol() == Protocol::Udp {
+            self.rate_limit(request.src().ip(), now)
+        } else {
+            Verdict::Answer
+        };
+        self.respond_decided(request, verdict, self.next_counter(), now)
+    }
+
+    /// The next value of the query counter that seeds the spread among near edges.
+    pub(crate) fn next_counter(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The rate limit's verdict on a UDP response to `addr` (counted when it is
+    /// not [`Verdict::Answer`]).
+    pub(crate) fn rate_limit(&self, addr: IpAddr, now: Instant) -> Verdict {
+        let Some(limiter) = &self.limiter else { return Verdict::Answer };
+        let verdict = limiter.lock().unwrap_or_else(PoisonError::into_inner).check(addr, now);
+        if verdict != Verdict::Answer {
+            self.metrics.rate_limited.inc();
         }
-        let mut reply = self.answer(request, slip, now);
-        if udp {
+        verdict
+    }
+
+    /// Decides the response to `request` once the rate limit has ruled (`verdict`;
+    /// [`Verdict::Answer`] over TCP), with `counter` seeding the spread.
+    pub(crate) fn respond_decided(&self, request: &Request, verdict: Verdict, counter: u64, now: Instant) -> Outcome {
+        let slip = match verdict {
+            Verdict::Answer => false,
+            Verdict::Slip => true,
+            Verdict::Drop => return Outcome::Drop,
+        };
+        let mut reply = self.answer(request, slip, counter, now);
+        if request.protocol() == Protocol::Udp {
             self.fit(request, &mut reply);
         }
-        self.metrics.queries.with_label_values(&[rcode_label(reply.metadata.response_code)]).inc();
+        self.metrics.query(reply.metadata.response_code).inc();
         if let Some(region) = &reply.region {
             self.metrics.answers.with_label_values(&[region.as_str()]).inc();
         }
         Outcome::Send(reply)
     }
 
-    fn answer(&self, request: &Request, slip: bool, now: Instant) -> Reply {
+    fn answer(&self, request: &Request, slip: bool, counter: u64, now: Instant) -> Reply {
         let mut reply = Reply::new(request);
         if request.edns.as_ref().is_some_and(|edns| edns.version() > 0) {
             return reply.error(ResponseCode::BADVERS);
@@ -360,8 +383,10 @@ impl Shared {
         }
         if service && reply.answers.is_empty() {
             match qtype {
-                RecordType::A | RecordType::ANY => self.edges(request, &owner, Family::V4, ecs, &mut reply, now),
-                RecordType::AAAA => self.edges(request, &owner, Family::V6, ecs, &mut reply, now),
+                RecordType::A | RecordType::ANY => {
+                    self.edges(request, Family::V4, ecs, &mut reply, counter, now);
+                }
+                RecordType::AAAA => self.edges(request, Family::V6, ecs, &mut reply, counter, now),
                 _ => {}
             }
         }
@@ -378,6 +403,12 @@ impl Shared {
             reply.authorities.push(self.zone.negative_soa().clone());
         }
         reply
+    }
+
+    /// Where the client at `addr` is.
+    pub(crate) fn locate(&self, addr: IpAddr) -> Located<'_> {
+        let db = self.geodb.current();
+        self.locator.locate(addr, db.as_deref().map(|db| db as &dyn Database))
     }
 
     /// The TXT records of an ACME challenge name, when one is published.
@@ -407,28 +438,25 @@ impl Shared {
     fn edges(
         &self,
         request: &Request,
-        owner: &Name,
         family: Family,
         ecs: Option<ClientSubnet>,
         reply: &mut Reply,
+        counter: u64,
         now: Instant,
     ) {
+        // The records' owner: the question's name as asked (`answer` checked there is one).
+        let [query] = request.queries.queries() else { return };
+        let owner = query.original().name();
         let (addr, subnet) = match ecs {
             Some(subnet) if subnet.source_prefix() > 0 => (subnet.addr(), Some(subnet)),
             _ => (request.src().ip(), None),
         };
-        let db = self.geodb.current();
-        let located = self.locator.locate(addr, db.as_deref().map(|db| db as &dyn Database));
+        let located = self.locate(addr);
         if let Some(subnet) = subnet {
             reply.set_ecs(subnet, located.scope);
         }
         let members = (self.members)();
-        let client = match subnet {
-            Some(subnet) => client_hash(subnet.addr()),
-            None => client_hash(client_network(addr).network()),
-        };
-        let counter = self.counter.fetch_add(1, Ordering::Relaxed);
-        let seed = mix64(client ^ counter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let seed = seed(addr, subnet.is_some(), counter);
         let selection = select(&members, &located.location, family, &self.policy, seed);
         if selection.health != Health::Healthy && !selection.edges.is_empty() {
             self.metrics.degraded.inc();
@@ -493,14 +521,30 @@ pub(crate) struct Handler(pub(crate) Arc<Shared>);
 
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response_handle: R) -> ResponseInfo {
+        let start = Instant::now();
+        self.handle_decided(request, response_handle, None, start).await
+    }
+}
+
+impl Handler {
+    /// Answers `request` through `response_handle`, as [`RequestHandler::handle_request`]
+    /// does, except that a UDP query's rate-limit verdict and query counter may
+    /// have been decided already (by the UDP fast path, which then fell back here);
+    /// `start` is when the query arrived.
+    pub(crate) async fn handle_decided<R: ResponseHandler>(
         &self,
         request: &Request,
         mut response_handle: R,
+        decided: Option<(Verdict, u64)>,
+        start: Instant,
     ) -> ResponseInfo {
-        let start = Instant::now();
         let shared = &self.0;
-        let reply = match shared.respond(request, start) {
+        let outcome = match decided {
+            Some((verdict, counter)) => shared.respond_decided(request, verdict, counter, start),
+            None => shared.respond(request, start),
+        };
+        let reply = match outcome {
             Outcome::Send(reply) => reply,
             Outcome::Drop => {
                 let mut metadata = Metadata::response_from_request(&request.metadata);

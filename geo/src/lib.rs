@@ -18,6 +18,9 @@
 //! - `countries`: country and continent centroids for country-only databases.
 //! - `mmdb`: the `.mmdb` reader and its reload on change.
 //! - `handler`: one query → one response (ECS, EDNS, truncation, rate limit).
+//! - `fast`: the UDP fast path (common queries answered from cached plans and
+//!   pre-encoded records), falling back to `handler` for the rest.
+//! - `udp`: the UDP sockets (`SO_REUSEPORT`, one thread each).
 //! - `server`: sockets and lifecycle ([`Geo`]).
 //! - `metrics`, [`error`].
 //! - `fuzzing` (feature `test-util`): the server's request path over a fixed zone
@@ -28,8 +31,9 @@
 pub mod config;
 mod countries;
 pub mod error;
+mod fast;
 #[doc(hidden)]
-#[cfg(feature = "test-util")]
+#[cfg(any(test, feature = "test-util"))]
 pub mod fuzzing;
 mod handler;
 pub mod locate;
@@ -38,6 +42,7 @@ mod mmdb;
 mod ratelimit;
 pub mod select;
 mod server;
+mod udp;
 mod zone;
 
 pub use config::Config;

@@ -52,6 +52,21 @@ pub struct Located<'a> {
     pub scope: u8,
     /// What located it.
     pub source: Source,
+    /// Which location it is, for caching answers per location: clients with the
+    /// same key are at the same [`location`](Self::location).
+    pub(crate) key: LocationKey,
+}
+
+/// Identifies a client location without holding it: answers planned for one
+/// location serve every client with its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum LocationKey {
+    /// The static network at this index (most specific first).
+    Network(usize),
+    /// A point from the GeoIP database (latitude and longitude bits).
+    Point(u64, u64),
+    /// The default location.
+    Default,
 }
 
 /// What a GeoIP database says about an address.
@@ -108,19 +123,25 @@ impl Locator {
     /// Where the client at `addr` is.
     pub fn locate<'a>(&'a self, addr: IpAddr, db: Option<&dyn Database>) -> Located<'a> {
         let addr = canonical(addr);
-        let (location, prefix, source) =
-            if let Some((net, location)) = self.networks.iter().find(|(net, _)| net.contains(&addr)) {
-                (Cow::Borrowed(location), net.prefix_len(), Source::Network)
-            } else {
-                match db.and_then(|db| db.lookup(addr)) {
-                    Some(DbAnswer { point: Some(point), prefix }) => {
-                        (Cow::Owned(ClientLocation::at(point)), prefix, Source::Database)
-                    }
-                    Some(DbAnswer { point: None, prefix }) => (Cow::Borrowed(&self.default), prefix, Source::Default),
-                    None => (Cow::Borrowed(&self.default), 0, Source::Default),
+        let (location, prefix, source, key) = if let Some((i, (net, location))) =
+            self.networks.iter().enumerate().find(|(_, (net, _))| net.contains(&addr))
+        {
+            (Cow::Borrowed(location), net.prefix_len(), Source::Network, LocationKey::Network(i))
+        } else {
+            match db.and_then(|db| db.lookup(addr)) {
+                Some(DbAnswer { point: Some(point), prefix }) => (
+                    Cow::Owned(ClientLocation::at(point)),
+                    prefix,
+                    Source::Database,
+                    LocationKey::Point(point.lat.to_bits(), point.lon.to_bits()),
+                ),
+                Some(DbAnswer { point: None, prefix }) => {
+                    (Cow::Borrowed(&self.default), prefix, Source::Default, LocationKey::Default)
                 }
-            };
-        Located { location, scope: self.scope(addr, prefix), source }
+                None => (Cow::Borrowed(&self.default), 0, Source::Default, LocationKey::Default),
+            }
+        };
+        Located { location, scope: self.scope(addr, prefix), source, key }
     }
 
     /// The shortest prefix ≥ `prefix` around `addr` that overlaps no static network

@@ -22,8 +22,6 @@ pub(crate) fn rcode_label(code: ResponseCode) -> &'static str {
 /// Every metric of the geo role.
 #[derive(Debug, Clone)]
 pub(crate) struct Metrics {
-    /// `cdn_dns_queries_total{rcode}`: responses sent, by response code.
-    pub(crate) queries: IntCounterVec,
     /// `cdn_dns_answers_total{region}`: edge answers, by the region of the first edge.
     pub(crate) answers: IntCounterVec,
     /// `cdn_dns_answer_duration_seconds`: time from query to response sent.
@@ -34,6 +32,9 @@ pub(crate) struct Metrics {
     pub(crate) truncated: IntCounter,
     /// `cdn_dns_degraded_answers_total`: answers given with no healthy edge (least-bad edges).
     pub(crate) degraded: IntCounter,
+    /// `cdn_dns_queries_total{rcode}`: responses sent, by response code; one
+    /// child per [`RCODES`] entry, resolved once (counting is one atomic add).
+    by_rcode: [IntCounter; RCODES.len()],
 }
 
 impl Metrics {
@@ -63,9 +64,14 @@ impl Metrics {
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(truncated.clone()))?;
         registry.register(Box::new(degraded.clone()))?;
-        for rcode in RCODES {
-            queries.with_label_values(&[rcode]);
-        }
-        Ok(Self { queries, answers, duration, rate_limited, truncated, degraded })
+        let by_rcode = RCODES.map(|rcode| queries.with_label_values(&[rcode]));
+        Ok(Self { answers, duration, rate_limited, truncated, degraded, by_rcode })
+    }
+
+    /// `cdn_dns_queries_total{rcode}` for a response with `code`.
+    pub(crate) fn query(&self, code: ResponseCode) -> &IntCounter {
+        let label = rcode_label(code);
+        let index = RCODES.iter().position(|rcode| *rcode == label).unwrap_or(RCODES.len() - 1);
+        &self.by_rcode[index]
     }
 }

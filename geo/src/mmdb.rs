@@ -5,7 +5,7 @@ use std::{
     net::IpAddr,
     panic::{AssertUnwindSafe, catch_unwind},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
@@ -106,7 +106,8 @@ impl Stamp {
 #[derive(Debug, Default)]
 pub(crate) struct GeoDb {
     path: Option<PathBuf>,
-    current: RwLock<Option<Arc<Mmdb>>>,
+    /// Read on every query that no static network locates: lock-free.
+    current: arc_swap::ArcSwapOption<Mmdb>,
     stamp: Mutex<Option<Stamp>>,
 }
 
@@ -146,14 +147,14 @@ impl GeoDb {
         info!(path = %path.display(), database_type = db.database_type(), "geoip database loaded");
         Ok(Self {
             path: Some(path.to_path_buf()),
-            current: RwLock::new(Some(Arc::new(db))),
+            current: arc_swap::ArcSwapOption::new(Some(Arc::new(db))),
             stamp: Mutex::new(Some(stamp)),
         })
     }
 
-    /// The database in use, if any.
-    pub(crate) fn current(&self) -> Option<Arc<Mmdb>> {
-        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+    /// The database in use, if any (a cheap guard: no reference count touched).
+    pub(crate) fn current(&self) -> arc_swap::Guard<Option<Arc<Mmdb>>> {
+        self.current.load()
     }
 
     /// Loads the file again when it changed since the last load; keeps the old
@@ -167,7 +168,7 @@ impl GeoDb {
         }
         let (db, stamp) = load(path).await?;
         info!(path = %path.display(), database_type = db.database_type(), "geoip database reloaded");
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(db));
+        self.current.store(Some(Arc::new(db)));
         *self.stamp.lock().unwrap_or_else(PoisonError::into_inner) = Some(stamp);
         Ok(true)
     }
@@ -265,21 +266,21 @@ mod tests {
         std::fs::write(&path, sample()).unwrap();
         let db = GeoDb::open(&path).await.unwrap();
         assert!(!db.reload_if_changed().await.unwrap());
-        let before = db.current().unwrap().lookup(at("81.2.69.142")).unwrap().point;
+        let before = db.current().as_ref().unwrap().lookup(at("81.2.69.142")).unwrap().point;
         let moved = write_v4("GeoIP2-City", &[(Ipv4Addr::new(81, 2, 69, 0), 24, city(19.0, 72.8, "IN"))]);
         std::fs::write(&path, &moved).unwrap();
         assert!(db.reload_if_changed().await.unwrap());
-        let after = db.current().unwrap().lookup(at("81.2.69.142")).unwrap().point;
+        let after = db.current().as_ref().unwrap().lookup(at("81.2.69.142")).unwrap().point;
         assert_ne!(before, after);
         assert_eq!(after, Some(GeoPoint { lat: 19.0, lon: 72.8 }));
         // A broken file keeps the old database and is retried.
         std::fs::write(&path, b"broken").unwrap();
         assert!(db.reload_if_changed().await.is_err());
-        assert_eq!(db.current().unwrap().lookup(at("81.2.69.142")).unwrap().point, after);
+        assert_eq!(db.current().as_ref().unwrap().lookup(at("81.2.69.142")).unwrap().point, after);
         assert!(db.reload_if_changed().await.is_err(), "still retrying");
         std::fs::write(&path, sample()).unwrap();
         assert!(db.reload_if_changed().await.unwrap());
-        assert_eq!(db.current().unwrap().lookup(at("81.2.69.142")).unwrap().point, before);
+        assert_eq!(db.current().as_ref().unwrap().lookup(at("81.2.69.142")).unwrap().point, before);
         assert!(GeoDb::open(&dir.path().join("missing.mmdb")).await.is_err());
         assert!(GeoDb::none().current().is_none());
     }

@@ -24,7 +24,7 @@ pub fn haversine_km(a: GeoPoint, b: GeoPoint) -> f64 {
 }
 
 /// The address family asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
     /// A records.
     V4,
@@ -34,9 +34,10 @@ pub enum Family {
 
 /// How an edge may be used, best first. Answers come from the best class that has
 /// any edge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum Health {
     /// Alive, ready, not drained, under `max_load`.
+    #[default]
     Healthy,
     /// Alive and ready but at or over `max_load`.
     Overloaded,
@@ -91,122 +92,175 @@ pub fn select<'a>(
     policy: &Policy,
     seed: u64,
 ) -> Selection<'a> {
-    let candidates: Vec<(&Member, Health)> = members
-        .iter()
-        .filter(|m| m.role == Role::Edge)
-        .filter(|m| m.public_addr.is_some_and(|ip| ip.is_ipv4() == (family == Family::V4)))
-        .map(|m| (m, Health::of(m, policy.max_load)))
-        .collect();
-    let Some(health) = candidates.iter().map(|(_, health)| *health).min() else {
-        return Selection { edges: Vec::new(), health: Health::Healthy };
-    };
-    let pool: Vec<&Member> = candidates.into_iter().filter(|(_, h)| *h == health).map(|(m, _)| m).collect();
-    let need = policy.answers;
-    let mut rng = SplitMix64(seed);
+    let plan = Plan::new(members, client, family, policy);
+    let (mut drawn, mut scratch) = (Vec::new(), Vec::new());
+    plan.draw(seed, &mut drawn, &mut scratch);
+    Selection { edges: drawn.iter().map(|&at| &members[plan.order[at]]).collect(), health: plan.health }
+}
 
-    let home_region = client.region.as_deref().filter(|region| pool.iter().any(|m| m.region == *region));
-    let mut edges = match (home_region, client.point) {
-        (Some(region), point) => {
-            let (home, away): (Vec<&Member>, Vec<&Member>) = pool.into_iter().partition(|m| m.region == region);
-            let anchor = point.or_else(|| centroid(&home));
-            let mut edges = match point {
-                Some(point) => by_distance(home, point, policy, need, &mut rng),
-                None => spread(home, |m| headroom(m, policy.max_load), need, &mut rng),
-            };
-            if edges.len() < need {
-                edges.extend(match anchor {
-                    Some(anchor) => by_distance(away, anchor, policy, need - edges.len(), &mut rng),
-                    None => spread(away, |m| headroom(m, policy.max_load), need - edges.len(), &mut rng),
-                });
+/// The part of a selection that does not depend on the seed: the candidate edges
+/// in their base order, and the runs of them that a seed orders by a weighted draw.
+/// [`select`] is a plan and one [`draw`](Self::draw); the UDP fast path keeps the
+/// plan per client location (until the member view changes) and only draws per
+/// query.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Plan {
+    /// Indices into the members the plan was made from, in base order.
+    pub(crate) order: Vec<usize>,
+    /// Each position's weight in its run (sanitized: finite and positive).
+    weights: Vec<f64>,
+    /// Weighted runs over `order`, in order and disjoint; positions outside them
+    /// keep their base order.
+    runs: Vec<Run>,
+    /// The health class of every candidate (`Healthy` when there is none).
+    pub(crate) health: Health,
+    /// How many edges an answer carries.
+    need: usize,
+}
+
+/// Positions `start..end` of a plan, of which the first `draws` places are drawn by
+/// weight without replacement, the rest following in base order.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    start: usize,
+    end: usize,
+    draws: usize,
+}
+
+impl Plan {
+    /// Plans the selection for a client at `client` for `family`.
+    pub(crate) fn new(members: &[Member], client: &ClientLocation, family: Family, policy: &Policy) -> Self {
+        let mut plan = Self { need: policy.answers, ..Self::default() };
+        let candidates: Vec<(usize, Health)> = members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.role == Role::Edge)
+            .filter(|(_, m)| m.public_addr.is_some_and(|ip| ip.is_ipv4() == (family == Family::V4)))
+            .map(|(i, m)| (i, Health::of(m, policy.max_load)))
+            .collect();
+        let Some(health) = candidates.iter().map(|(_, health)| *health).min() else {
+            plan.health = Health::Healthy;
+            return plan;
+        };
+        plan.health = health;
+        let pool: Vec<usize> = candidates.into_iter().filter(|(_, h)| *h == health).map(|(i, _)| i).collect();
+        let need = policy.answers;
+
+        let home_region = client.region.as_deref().filter(|region| pool.iter().any(|&i| members[i].region == *region));
+        match (home_region, client.point) {
+            (Some(region), point) => {
+                let (home, away): (Vec<usize>, Vec<usize>) =
+                    pool.into_iter().partition(|&i| members[i].region == region);
+                let anchor = point.or_else(|| centroid(&home.iter().map(|&i| &members[i]).collect::<Vec<_>>()));
+                match point {
+                    Some(point) => plan.by_distance(members, home, point, policy, need),
+                    None => plan.spread(members, home, policy, need),
+                }
+                let placed = plan.order.len();
+                if placed < need {
+                    match anchor {
+                        Some(anchor) => plan.by_distance(members, away, anchor, policy, need - placed),
+                        None => plan.spread(members, away, policy, need - placed),
+                    }
+                }
             }
-            edges
+            (None, Some(point)) => plan.by_distance(members, pool, point, policy, need),
+            (None, None) => plan.spread(members, pool, policy, need),
         }
-        (None, Some(point)) => by_distance(pool, point, policy, need, &mut rng),
-        (None, None) => spread(pool, |m| headroom(m, policy.max_load), need, &mut rng),
-    };
-    edges.truncate(need);
-    Selection { edges, health }
+        plan
+    }
+
+    /// Appends `edges` ordered by distance from `point`; those within the near
+    /// radius of the nearest are drawn by weight (headroom, and somewhat by
+    /// closeness).
+    fn by_distance(&mut self, members: &[Member], edges: Vec<usize>, point: GeoPoint, policy: &Policy, need: usize) {
+        let mut ranked: Vec<(f64, usize)> = edges
+            .into_iter()
+            .map(|i| (members[i].location.map_or(f64::INFINITY, |at| haversine_km(point, at)), i))
+            .map(|(d, i)| (if d.is_nan() { f64::INFINITY } else { d }, i))
+            .collect();
+        ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| members[a.1].node_id.cmp(&members[b.1].node_id)));
+        let Some(&(nearest, _)) = ranked.first() else { return };
+        if nearest.is_infinite() {
+            // Nobody has a location: distance cannot decide.
+            self.spread(members, ranked.into_iter().map(|(_, i)| i).collect(), policy, need);
+            return;
+        }
+        let radius = policy.near_radius_km.max(0.0);
+        let split = ranked.iter().position(|(d, _)| *d > nearest + radius).unwrap_or(ranked.len());
+        let start = self.order.len();
+        for (at, &(d, i)) in ranked.iter().enumerate() {
+            let weight = if at < split {
+                let closeness = if radius > 0.0 { 1.0 - 0.5 * ((d - nearest) / radius).clamp(0.0, 1.0) } else { 1.0 };
+                headroom(&members[i], policy.max_load) * closeness
+            } else {
+                1.0
+            };
+            self.push(i, weight);
+        }
+        self.runs.push(Run { start, end: start + split, draws: need });
+    }
+
+    /// Appends `edges` in a weighted random order (weight: headroom).
+    fn spread(&mut self, members: &[Member], mut edges: Vec<usize>, policy: &Policy, need: usize) {
+        edges.sort_by(|&a, &b| members[a].node_id.cmp(&members[b].node_id));
+        let start = self.order.len();
+        for i in edges {
+            self.push(i, headroom(&members[i], policy.max_load));
+        }
+        self.runs.push(Run { start, end: self.order.len(), draws: need });
+    }
+
+    fn push(&mut self, member: usize, weight: f64) {
+        self.order.push(member);
+        self.weights.push(if weight.is_finite() && weight > 0.0 { weight } else { 1e-6 });
+    }
+
+    /// The answer for `seed`: positions in [`order`](Self::order), at most `need`
+    /// of them, into `out` (`scratch` is working space; both are reused so that a
+    /// draw allocates nothing once they have grown).
+    pub(crate) fn draw(&self, seed: u64, out: &mut Vec<usize>, scratch: &mut Vec<(f64, usize)>) {
+        out.clear();
+        let mut rng = SplitMix64(seed);
+        let mut next = 0;
+        for run in &self.runs {
+            if out.len() >= self.need {
+                break;
+            }
+            out.extend(next..run.start);
+            // Draws up to `draws` places, each with probability proportional to its
+            // weight; the rest follow in base order.
+            scratch.clear();
+            scratch.extend((run.start..run.end).map(|at| (self.weights[at], at)));
+            let mut drawn = 0;
+            while !scratch.is_empty() && drawn < run.draws {
+                let total: f64 = scratch.iter().map(|(w, _)| w).sum();
+                let mut target = rng.next_f64() * total;
+                let mut pick = scratch.len() - 1;
+                for (i, (w, _)) in scratch.iter().enumerate() {
+                    if target < *w {
+                        pick = i;
+                        break;
+                    }
+                    target -= w;
+                }
+                out.push(scratch.remove(pick).1);
+                drawn += 1;
+            }
+            out.extend(scratch.iter().map(|(_, at)| *at));
+            next = run.end;
+        }
+        if out.len() < self.need {
+            out.extend(next..self.order.len());
+        }
+        out.truncate(self.need);
+    }
 }
 
 /// Spare capacity as a weight: an idle edge weighs 1, one at `max_load` 0.05.
 fn headroom(member: &Member, max_load: f64) -> f64 {
     let spare = max_load - member.load;
     if spare.is_finite() { spare.clamp(0.05, 1.0) } else { 0.05 }
-}
-
-/// `members` ordered by distance from `point`; those within the near radius of the
-/// nearest are spread by weight (headroom, and somewhat by closeness).
-fn by_distance<'a>(
-    members: Vec<&'a Member>,
-    point: GeoPoint,
-    policy: &Policy,
-    need: usize,
-    rng: &mut SplitMix64,
-) -> Vec<&'a Member> {
-    let mut ranked: Vec<(f64, &Member)> = members
-        .into_iter()
-        .map(|m| (m.location.map_or(f64::INFINITY, |at| haversine_km(point, at)), m))
-        .map(|(d, m)| (if d.is_nan() { f64::INFINITY } else { d }, m))
-        .collect();
-    ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.node_id.cmp(&b.1.node_id)));
-    let Some(&(nearest, _)) = ranked.first() else { return Vec::new() };
-    if nearest.is_infinite() {
-        // Nobody has a location: distance cannot decide.
-        return spread(ranked.into_iter().map(|(_, m)| m).collect(), |m| headroom(m, policy.max_load), need, rng);
-    }
-    let radius = policy.near_radius_km.max(0.0);
-    let split = ranked.iter().position(|(d, _)| *d > nearest + radius).unwrap_or(ranked.len());
-    let far = ranked.split_off(split);
-    let near_weights: Vec<f64> = ranked
-        .iter()
-        .map(|(d, m)| {
-            let closeness = if radius > 0.0 { 1.0 - 0.5 * ((d - nearest) / radius).clamp(0.0, 1.0) } else { 1.0 };
-            headroom(m, policy.max_load) * closeness
-        })
-        .collect();
-    let near: Vec<&Member> = ranked.into_iter().map(|(_, m)| m).collect();
-    let mut edges = weighted_order(near, &near_weights, need, rng);
-    edges.extend(far.into_iter().map(|(_, m)| m));
-    edges
-}
-
-/// `members` in a weighted random order (only the first `need` places are drawn).
-fn spread<'a>(
-    members: Vec<&'a Member>,
-    weight: impl Fn(&Member) -> f64,
-    need: usize,
-    rng: &mut SplitMix64,
-) -> Vec<&'a Member> {
-    let mut members = members;
-    members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-    let weights: Vec<f64> = members.iter().map(|m| weight(m)).collect();
-    weighted_order(members, &weights, need, rng)
-}
-
-/// Draws up to `need` members without replacement, each with probability
-/// proportional to its weight; the rest follow in their given order.
-fn weighted_order<'a>(members: Vec<&'a Member>, weights: &[f64], need: usize, rng: &mut SplitMix64) -> Vec<&'a Member> {
-    let mut pool: Vec<(f64, &Member)> = members
-        .into_iter()
-        .zip(weights.iter().copied().chain(std::iter::repeat(1.0)))
-        .map(|(m, w)| (if w.is_finite() && w > 0.0 { w } else { 1e-6 }, m))
-        .collect();
-    let mut out = Vec::with_capacity(pool.len());
-    while !pool.is_empty() && out.len() < need {
-        let total: f64 = pool.iter().map(|(w, _)| w).sum();
-        let mut target = rng.next_f64() * total;
-        let mut pick = pool.len() - 1;
-        for (i, (w, _)) in pool.iter().enumerate() {
-            if target < *w {
-                pick = i;
-                break;
-            }
-            target -= w;
-        }
-        out.push(pool.remove(pick).1);
-    }
-    out.extend(pool.into_iter().map(|(_, m)| m));
-    out
 }
 
 /// The mean position of the members that have one (on the sphere).
@@ -251,6 +305,148 @@ pub(crate) fn mix64(x: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    /// The selection as it was before [`Plan`]: the reference the plan must match.
+    mod reference {
+        use super::super::*;
+
+        /// Picks the edges answering a client at `client` for `family`.
+        pub(super) fn select<'a>(
+            members: &'a [Member],
+            client: &ClientLocation,
+            family: Family,
+            policy: &Policy,
+            seed: u64,
+        ) -> Selection<'a> {
+            let candidates: Vec<(&Member, Health)> = members
+                .iter()
+                .filter(|m| m.role == Role::Edge)
+                .filter(|m| m.public_addr.is_some_and(|ip| ip.is_ipv4() == (family == Family::V4)))
+                .map(|m| (m, Health::of(m, policy.max_load)))
+                .collect();
+            let Some(health) = candidates.iter().map(|(_, health)| *health).min() else {
+                return Selection { edges: Vec::new(), health: Health::Healthy };
+            };
+            let pool: Vec<&Member> = candidates.into_iter().filter(|(_, h)| *h == health).map(|(m, _)| m).collect();
+            let need = policy.answers;
+            let mut rng = SplitMix64(seed);
+
+            let home_region = client.region.as_deref().filter(|region| pool.iter().any(|m| m.region == *region));
+            let mut edges = match (home_region, client.point) {
+                (Some(region), point) => {
+                    let (home, away): (Vec<&Member>, Vec<&Member>) = pool.into_iter().partition(|m| m.region == region);
+                    let anchor = point.or_else(|| centroid(&home));
+                    let mut edges = match point {
+                        Some(point) => by_distance(home, point, policy, need, &mut rng),
+                        None => spread(home, |m| headroom(m, policy.max_load), need, &mut rng),
+                    };
+                    if edges.len() < need {
+                        edges.extend(match anchor {
+                            Some(anchor) => by_distance(away, anchor, policy, need - edges.len(), &mut rng),
+                            None => spread(away, |m| headroom(m, policy.max_load), need - edges.len(), &mut rng),
+                        });
+                    }
+                    edges
+                }
+                (None, Some(point)) => by_distance(pool, point, policy, need, &mut rng),
+                (None, None) => spread(pool, |m| headroom(m, policy.max_load), need, &mut rng),
+            };
+            edges.truncate(need);
+            Selection { edges, health }
+        }
+
+        /// Spare capacity as a weight: an idle edge weighs 1, one at `max_load` 0.05.
+        fn headroom(member: &Member, max_load: f64) -> f64 {
+            let spare = max_load - member.load;
+            if spare.is_finite() { spare.clamp(0.05, 1.0) } else { 0.05 }
+        }
+
+        /// `members` ordered by distance from `point`; those within the near radius of the
+        /// nearest are spread by weight (headroom, and somewhat by closeness).
+        fn by_distance<'a>(
+            members: Vec<&'a Member>,
+            point: GeoPoint,
+            policy: &Policy,
+            need: usize,
+            rng: &mut SplitMix64,
+        ) -> Vec<&'a Member> {
+            let mut ranked: Vec<(f64, &Member)> = members
+                .into_iter()
+                .map(|m| (m.location.map_or(f64::INFINITY, |at| haversine_km(point, at)), m))
+                .map(|(d, m)| (if d.is_nan() { f64::INFINITY } else { d }, m))
+                .collect();
+            ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.node_id.cmp(&b.1.node_id)));
+            let Some(&(nearest, _)) = ranked.first() else { return Vec::new() };
+            if nearest.is_infinite() {
+                // Nobody has a location: distance cannot decide.
+                return spread(
+                    ranked.into_iter().map(|(_, m)| m).collect(),
+                    |m| headroom(m, policy.max_load),
+                    need,
+                    rng,
+                );
+            }
+            let radius = policy.near_radius_km.max(0.0);
+            let split = ranked.iter().position(|(d, _)| *d > nearest + radius).unwrap_or(ranked.len());
+            let far = ranked.split_off(split);
+            let near_weights: Vec<f64> = ranked
+                .iter()
+                .map(|(d, m)| {
+                    let closeness =
+                        if radius > 0.0 { 1.0 - 0.5 * ((d - nearest) / radius).clamp(0.0, 1.0) } else { 1.0 };
+                    headroom(m, policy.max_load) * closeness
+                })
+                .collect();
+            let near: Vec<&Member> = ranked.into_iter().map(|(_, m)| m).collect();
+            let mut edges = weighted_order(near, &near_weights, need, rng);
+            edges.extend(far.into_iter().map(|(_, m)| m));
+            edges
+        }
+
+        /// `members` in a weighted random order (only the first `need` places are drawn).
+        fn spread<'a>(
+            members: Vec<&'a Member>,
+            weight: impl Fn(&Member) -> f64,
+            need: usize,
+            rng: &mut SplitMix64,
+        ) -> Vec<&'a Member> {
+            let mut members = members;
+            members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+            let weights: Vec<f64> = members.iter().map(|m| weight(m)).collect();
+            weighted_order(members, &weights, need, rng)
+        }
+
+        /// Draws up to `need` members without replacement, each with probability
+        /// proportional to its weight; the rest follow in their given order.
+        fn weighted_order<'a>(
+            members: Vec<&'a Member>,
+            weights: &[f64],
+            need: usize,
+            rng: &mut SplitMix64,
+        ) -> Vec<&'a Member> {
+            let mut pool: Vec<(f64, &Member)> = members
+                .into_iter()
+                .zip(weights.iter().copied().chain(std::iter::repeat(1.0)))
+                .map(|(m, w)| (if w.is_finite() && w > 0.0 { w } else { 1e-6 }, m))
+                .collect();
+            let mut out = Vec::with_capacity(pool.len());
+            while !pool.is_empty() && out.len() < need {
+                let total: f64 = pool.iter().map(|(w, _)| w).sum();
+                let mut target = rng.next_f64() * total;
+                let mut pick = pool.len() - 1;
+                for (i, (w, _)) in pool.iter().enumerate() {
+                    if target < *w {
+                        pick = i;
+                        break;
+                    }
+                    target -= w;
+                }
+                out.push(pool.remove(pick).1);
+            }
+            out.extend(pool.into_iter().map(|(_, m)| m));
+            out
+        }
+    }
     use std::{
         collections::HashMap,
         net::{IpAddr, SocketAddr},
@@ -445,5 +641,112 @@ mod tests {
         let d = edge("d", "r", GeoPoint { lat: 0.0, lon: -170.0 }, "127.0.0.3");
         assert!(centroid(&[&d, &edge("e", "r", GeoPoint { lat: 0.0, lon: 10.0 }, "127.0.0.4")]).is_none());
         assert!(centroid(&[]).is_none());
+    }
+
+    /// A varied cluster: 40 edges over five regions, IPv4 and IPv6, some without a
+    /// location, some unhealthy, loads from idle to over the limit, plus non-edges.
+    fn varied() -> Vec<Member> {
+        let regions =
+            [("us-east", NYC), ("eu-west", DUBLIN), ("eu-west", LONDON), ("ap-south", MUMBAI), ("us-east", WASHINGTON)];
+        let mut members: Vec<Member> = (0..40u8)
+            .map(|i| {
+                let (region, at) = regions[usize::from(i) % regions.len()];
+                let ip = if i % 3 == 0 { format!("2001:db8::{i}") } else { format!("127.0.1.{i}") };
+                let offset = f64::from(i) / 7.0;
+                let mut m = edge(
+                    &format!("{region}-{i}"),
+                    region,
+                    GeoPoint { lat: at.lat + offset, lon: at.lon - offset },
+                    &ip,
+                );
+                m.location = (i % 11 != 7).then_some(m.location.unwrap());
+                m.state = match i % 9 {
+                    4 => MemberState::Dead,
+                    6 => MemberState::Drained,
+                    8 => MemberState::Suspect,
+                    _ => MemberState::Alive,
+                };
+                m.ready = i % 10 != 3;
+                m.load = if i % 8 == 5 { 0.95 } else { f64::from(i % 5) / 10.0 };
+                m
+            })
+            .collect();
+        let mut origin = edge("origin", "eu-west", DUBLIN, "127.0.0.20");
+        origin.role = Role::Origin;
+        members.push(origin);
+        members
+    }
+
+    #[test]
+    fn plans_draw_what_the_reference_selection_picks() {
+        let clients = [
+            ClientLocation::at(NYC),
+            ClientLocation::at(LONDON),
+            ClientLocation::at(GeoPoint { lat: -33.9, lon: 151.2 }),
+            ClientLocation { point: Some(MUMBAI), region: Some("eu-west".into()) },
+            ClientLocation::in_region("us-east"),
+            ClientLocation::in_region("mars"),
+            ClientLocation::default(),
+        ];
+        let mut clusters = vec![varied(), three(), Vec::new()];
+        let mut dead = varied();
+        for member in &mut dead {
+            member.state = MemberState::Dead;
+        }
+        clusters.push(dead);
+        let mut unlocated = varied();
+        for member in &mut unlocated {
+            member.location = None;
+        }
+        clusters.push(unlocated);
+        let mut compared = 0;
+        for members in &clusters {
+            for client in &clients {
+                for family in [Family::V4, Family::V6] {
+                    for answers in [1, 2, 3, 20, 64] {
+                        for near_radius_km in [0.0, 500.0, 3000.0, 20_000.0] {
+                            let policy = Policy { answers, near_radius_km, max_load: 0.9 };
+                            for seed in 0..40u64 {
+                                let seed = mix64(seed);
+                                let got = select(members, client, family, &policy, seed);
+                                let want = reference::select(members, client, family, &policy, seed);
+                                assert_eq!(ids(&got), ids(&want), "{client:?} {family:?} {policy:?} {seed}");
+                                assert_eq!(got.health, want.health);
+                                compared += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(compared > 10_000);
+    }
+
+    #[test]
+    fn one_plan_many_draws() {
+        let members = three();
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        // Nearest first and no near tie: every seed gives the same answer.
+        let plan = Plan::new(&members, &ClientLocation::at(LONDON), Family::V4, &POLICY);
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..100 {
+            plan.draw(mix64(seed), &mut out, &mut scratch);
+            seen.insert(out.iter().map(|&at| members[plan.order[at]].node_id.clone()).collect::<Vec<_>>());
+        }
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen.into_iter().next().unwrap(), ["eu-west-1", "us-east-1"]);
+        // Nowhere in particular: spread over all three, two at a time.
+        let plan = Plan::new(&members, &ClientLocation::default(), Family::V4, &POLICY);
+        let mut firsts = std::collections::HashSet::new();
+        for seed in 0..100 {
+            plan.draw(mix64(seed), &mut out, &mut scratch);
+            assert_eq!(out.len(), 2);
+            firsts.insert(out[0]);
+        }
+        assert_eq!(firsts.len(), 3);
+        // No candidate: nothing drawn.
+        let plan = Plan::new(&members, &ClientLocation::at(LONDON), Family::V6, &POLICY);
+        plan.draw(1, &mut out, &mut scratch);
+        assert!(out.is_empty());
     }
 }

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hickory_server::Server;
 use prometheus::Registry;
-use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -21,6 +21,7 @@ use crate::{
     handler::{Handler, MemberSource, Shared},
     metrics::Metrics,
     mmdb::GeoDb,
+    udp,
 };
 
 /// How long an idle TCP connection may stay open.
@@ -32,7 +33,8 @@ const TCP_QUEUE: usize = 32;
 pub struct Geo {
     config: Config,
     shared: Arc<Shared>,
-    udp: UdpSocket,
+    /// The UDP sockets, all on `dns_addr` (`SO_REUSEPORT` when more than one).
+    udp: Vec<std::net::UdpSocket>,
     tcp: TcpListener,
     admin: Option<TcpListener>,
     dns_addr: SocketAddr,
@@ -67,15 +69,23 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-/// Binds UDP and TCP on one address; with port 0, on one free port for both.
-async fn bind_dns(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), Error> {
+/// Binds `count` UDP sockets and TCP on one address; with port 0, on one free port
+/// for all.
+fn bind_dns(addr: SocketAddr, count: usize) -> Result<(Vec<std::net::UdpSocket>, TcpListener, SocketAddr), Error> {
     let attempts = if addr.port() == 0 { 20 } else { 1 };
+    let shared = count > 1;
     let mut last = None;
     for _ in 0..attempts {
-        let udp = UdpSocket::bind(addr).await.map_err(bind_error(addr, "udp"))?;
-        let local = udp.local_addr().map_err(bind_error(addr, "udp"))?;
+        let first = udp::bind(addr, shared).map_err(bind_error(addr, "udp"))?;
+        let local = first.local_addr().map_err(bind_error(addr, "udp"))?;
         match bind_tcp(local) {
-            Ok(tcp) => return Ok((udp, tcp, local)),
+            Ok(tcp) => {
+                let mut sockets = vec![first];
+                for _ in 1..count {
+                    sockets.push(udp::bind(local, true).map_err(bind_error(local, "udp"))?);
+                }
+                return Ok((sockets, tcp, local));
+            }
             Err(error) => last = Some(error),
         }
     }
@@ -94,7 +104,7 @@ impl Geo {
         };
         let metrics = Metrics::register(registry)?;
         let shared = Arc::new(Shared::new(&config, Arc::new(geodb), members, metrics)?);
-        let (udp, tcp, dns_addr) = bind_dns(config.listen.dns).await?;
+        let (udp, tcp, dns_addr) = bind_dns(config.listen.dns, udp::socket_count(config.listen.udp_sockets))?;
         let admin = match config.listen.admin {
             Some(addr) => Some(cdn_node::listener::bind(addr).await?),
             None => None,
@@ -153,24 +163,35 @@ impl Geo {
             tasks.spawn("acme", follow_challenges(shared.clone(), cluster.clone(), token.clone()));
         }
 
+        // UDP: our own sockets and threads (the fast path); TCP: hickory-server.
+        let udp_sockets = udp.len();
+        let mut udp = udp::Servers::spawn(udp, &shared).map_err(|source| Error::Bind {
+            addr: dns_addr,
+            protocol: "udp",
+            source,
+        })?;
         let mut server = Server::new(Handler(shared));
-        server.register_socket(udp);
         server.register_listener(tcp, TCP_IDLE, TCP_QUEUE);
         // The DNS server ending on its own (Ok or not) before shutdown fails the role.
         tasks.spawn("dns", async move {
+            // Also when this task is dropped unfinished (a panic).
+            let _stop_udp = udp.stop_on_drop();
             let ended = tokio::select! {
-                result = server.block_until_done() => Some(result),
+                result = server.block_until_done() => Some(result.map_err(|error| std::io::Error::other(error.to_string()))),
+                reason = udp.failed() => Some(Err(std::io::Error::other(reason))),
                 () = token.cancelled() => None,
             };
+            udp.stop().await;
             match ended {
                 Some(result) => result,
-                None => server.shutdown_gracefully().await,
+                None => server.shutdown_gracefully().await.map_err(|error| std::io::Error::other(error.to_string())),
             }
         });
         info!(
             node_id = %config.node_id,
             zone = %config.zone,
             dns = %dns_addr,
+            udp_sockets,
             geoip_db = ?config.geoip_db,
             "geo-dns started"
         );

@@ -5,9 +5,12 @@
 
 use std::net::IpAddr;
 
-use hickory_proto::rr::{
-    LowerName, Name, RData, Record,
-    rdata::{A, AAAA, NS, SOA},
+use hickory_proto::{
+    rr::{
+        LowerName, Name, RData, Record,
+        rdata::{A, AAAA, NS, SOA},
+    },
+    serialize::binary::{BinEncodable, BinEncoder, NameEncoding},
 };
 
 use crate::config::Config;
@@ -224,6 +227,21 @@ impl Zone {
         } else {
             NameKind::Missing
         }
+    }
+
+    /// The service names in wire format, lowercase and uncompressed (what the UDP
+    /// fast path compares a query's name with, ignoring ASCII case).
+    pub(crate) fn service_wire_names(&self) -> Vec<Vec<u8>> {
+        self.services
+            .iter()
+            .filter_map(|name| {
+                let mut bytes = Vec::with_capacity(name.len() + 2);
+                let mut encoder = BinEncoder::new(&mut bytes);
+                encoder.set_name_encoding(NameEncoding::Uncompressed);
+                Name::from(name.clone()).emit(&mut encoder).ok()?;
+                Some(bytes)
+            })
+            .collect()
     }
 
     /// The SOA record for the answer section.
