@@ -37,6 +37,8 @@
 #   MEMORY_OBJECTS=10000
 #   STORM_OBJECTS=100 STORM_PER_OBJECT=10 STORM_SIZE=64KiB STORM_RATE=65536 (origin bytes/s:
 #                  each storm object takes the origin about a second to send)
+#   EDGE_CPUS=0           the CPUs the edge may use (0-1: both, the load generator
+#                          then shares CPU 1 with it; for HIT req/s by cores)
 #   BASELINE=/path/to/cdn   also measure this (older) cdn binary as `edge-base`
 #   PEERS="nginx varnish"    which peers to start (a subset, or "" for none);
 #   SKIP_VARNISH=1           the same as leaving varnish out of PEERS
@@ -174,7 +176,7 @@ memory = "2GiB"
 [limits]
 max_connections = 100000
 EOF
-    taskset -c 0 "$binary" edge --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
+    taskset -c "${EDGE_CPUS:-0}" "$binary" edge --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
     PID[$name]=$!
     track "${PID[$name]}"
 }
