@@ -38,7 +38,7 @@ build_cdn
 
 # A small cluster so geo has healthy edges to choose from; kept off CPU 0 and niced
 # (idle once up: gossip only).
-aside() { taskset -c 1 nice -n 10 "$@"; }
+aside() { exec taskset -c 1 nice -n 10 "$@"; }  # exec: $! of `aside … &` is the server itself (cleanup kills it)
 mkdir -p "$WORK/content" && echo ok > "$WORK/content/index.html"
 printf 'root = "%s"\n[listen]\nhttp = "127.0.0.80:8080"\nadmin = "127.0.0.80:9091"\n' "$WORK/content" > "$WORK/origin.toml"
 cat > "$WORK/control.toml" <<TOML
