@@ -361,10 +361,24 @@ pub(crate) struct Record {
     pub(crate) bytes: u64,
 }
 
+/// The `X-Cache` value as the log spells it: `hit`, `miss`, `stale`,
+/// `revalidated`, `bypass` (the contract's names).
+fn lowercase(x_cache: &'static str) -> &'static str {
+    match x_cache {
+        "HIT" => "hit",
+        "MISS" => "miss",
+        "STALE" => "stale",
+        "REVALIDATED" => "revalidated",
+        "BYPASS" => "bypass",
+        other => other,
+    }
+}
+
 /// One access log line (see docs/access-logs.md).
 #[derive(Serialize)]
 struct Line<'a> {
-    time: String,
+    /// RFC 3339 (docs/design.md names the field `ts`).
+    ts: String,
     node: &'a str,
     client: SocketAddr,
     protocol: &'static str,
@@ -400,7 +414,7 @@ impl Record {
         let p = &self.pending;
         let complete = ended || self.expected.is_some_and(|n| n == self.bytes);
         let line = Line {
-            time: humantime::format_rfc3339_millis(p.time).to_string(),
+            ts: humantime::format_rfc3339_millis(p.time).to_string(),
             node: &p.log.node,
             client: p.client,
             protocol: p.protocol.as_str(),
@@ -415,7 +429,7 @@ impl Record {
             content_range: self.content_range.as_deref(),
             ttfb_ms: millis(self.ttfb),
             duration_ms: millis(p.started.elapsed()),
-            cache: self.cache,
+            cache: lowercase(self.cache),
             cache_status: &self.cache_status,
             user_agent: p.user_agent.as_deref(),
             referer: p.referer.as_deref(),

@@ -53,6 +53,10 @@ pub struct Config {
     pub signing: crate::signing::SigningConfig,
     /// The access log (`[access_log]`); none when absent.
     pub access_log: Option<crate::access_log::Settings>,
+    /// `[log] access = "path"`: the short form of `[access_log] path` (defaults
+    /// for the rest).
+    #[serde(default)]
+    pub log: Log,
 }
 
 /// QUIC congestion controllers quinn offers.
@@ -288,14 +292,14 @@ pub struct Limits {
     /// Requests per second one client (IPv4 address, IPv6 /64) may send; more get
     /// 429 with `Retry-After`. None: no limit.
     #[serde(default)]
-    pub per_client_rps: Option<u32>,
+    pub client_rps: Option<u32>,
     /// Requests a client may send at once above its rate (default: the rate).
     #[serde(default)]
-    pub per_client_burst: Option<u32>,
+    pub client_burst: Option<u32>,
     /// Open connections one client may have (TCP and QUIC counted together); more
     /// are closed at accept. None: no limit.
     #[serde(default)]
-    pub per_client_connections: Option<u32>,
+    pub client_connections: Option<u32>,
 }
 
 fn default_header_timeout() -> Duration {
@@ -336,9 +340,9 @@ impl Default for Limits {
             idle_timeout: default_idle_timeout(),
             send_timeout: default_send_timeout(),
             grace: default_grace(),
-            per_client_rps: None,
-            per_client_burst: None,
-            per_client_connections: None,
+            client_rps: None,
+            client_burst: None,
+            client_connections: None,
         }
     }
 }
@@ -360,7 +364,20 @@ impl Limits {
     }
 }
 
+/// `[log]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// The access log's file (`"-"`: standard output).
+    pub access: Option<std::path::PathBuf>,
+}
+
 impl Config {
+    /// The access log's settings, from `[access_log]` or `[log] access`.
+    pub fn access_log_settings(&self) -> Option<crate::access_log::Settings> {
+        self.access_log.clone().or_else(|| self.log.access.as_ref().map(crate::access_log::Settings::new))
+    }
+
     /// A config for an edge of `node_id` in front of `origin_url`, defaults elsewhere.
     pub fn new(node_id: impl Into<String>, origin_url: impl Into<String>) -> Self {
         Self {
@@ -384,6 +401,7 @@ impl Config {
             cluster: None,
             signing: crate::signing::SigningConfig::default(),
             access_log: None,
+            log: Log::default(),
         }
     }
 
@@ -491,19 +509,13 @@ impl Config {
         if self.limits.max_concurrent_streams == 0 {
             problems.push("limits.max_concurrent_streams: must be at least 1".into());
         }
-        for (key, value) in [
-            ("limits.per_client_rps", self.limits.per_client_rps),
-            ("limits.per_client_burst", self.limits.per_client_burst),
-            ("limits.per_client_connections", self.limits.per_client_connections),
-        ] {
-            if value == Some(0) {
-                problems.push(format!("{key}: must be at least 1 (leave it out for no limit)"));
-            }
+        if self.limits.client_burst.is_some_and(|b| b > 0) && self.limits.client_rps.is_none_or(|r| r == 0) {
+            problems.push("limits.client_burst: needs limits.client_rps".into());
         }
-        if self.limits.per_client_burst.is_some() && self.limits.per_client_rps.is_none() {
-            problems.push("limits.per_client_burst: needs limits.per_client_rps".into());
+        if self.access_log.is_some() && self.log.access.is_some() {
+            problems.push("log.access: set either [log] access or [access_log] path, not both".into());
         }
-        if let Some(access_log) = &self.access_log {
+        if let Some(access_log) = &self.access_log_settings() {
             problems.extend(access_log.problems());
         }
         ConfigError::check(problems)
@@ -513,6 +525,20 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_access_is_the_short_form_of_access_log() {
+        let base = "node_id = \"a\"\n[origin]\nurl = \"http://o\"\n";
+        let short: Config = toml::from_str(&format!("{base}[log]\naccess = \"/tmp/a.log\"\n")).unwrap();
+        let settings = short.access_log_settings().unwrap();
+        assert_eq!((settings.path.to_str(), settings.sample), (Some("/tmp/a.log"), 1.0));
+        assert!(toml::from_str::<Config>(base).unwrap().access_log_settings().is_none());
+        let both: Config =
+            toml::from_str(&format!("{base}[log]\naccess = \"/tmp/a.log\"\n[access_log]\npath = \"/tmp/b.log\"\n"))
+                .unwrap();
+        let err = both.validate().unwrap_err().to_string();
+        assert!(err.contains("log.access: set either"), "{err}");
+    }
 
     #[test]
     fn sizes_and_durations_parse() {

@@ -54,11 +54,11 @@ impl ClientLimits {
             &["kind"],
         )?;
         registry.register(Box::new(limited.clone()))?;
-        let rate = limits.per_client_rps.and_then(NonZeroU32::new).map(|rps| {
-            let burst = limits.per_client_burst.and_then(NonZeroU32::new).unwrap_or(rps);
+        let rate = limits.client_rps.and_then(NonZeroU32::new).map(|rps| {
+            let burst = limits.client_burst.and_then(NonZeroU32::new).unwrap_or(rps);
             RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst))
         });
-        let connections = limits.per_client_connections.filter(|n| *n > 0).map(|n| (n, Mutex::new(HashMap::new())));
+        let connections = limits.client_connections.filter(|n| *n > 0).map(|n| (n, Mutex::new(HashMap::new())));
         if rate.is_none() && connections.is_none() {
             return Ok(None);
         }
@@ -155,12 +155,8 @@ mod tests {
     use super::*;
 
     fn limits(rps: Option<u32>, burst: Option<u32>, connections: Option<u32>) -> Arc<ClientLimits> {
-        let limits = Limits {
-            per_client_rps: rps,
-            per_client_burst: burst,
-            per_client_connections: connections,
-            ..Limits::default()
-        };
+        let limits =
+            Limits { client_rps: rps, client_burst: burst, client_connections: connections, ..Limits::default() };
         ClientLimits::new(&limits, &Registry::new()).unwrap().unwrap()
     }
 
@@ -223,9 +219,9 @@ mod tests {
                     // The [limits] table only (the swarm's read secrets from files).
                     let table: toml::Table = toml::from_str(&text).unwrap();
                     let limits: Limits = table["limits"].clone().try_into().unwrap();
-                    assert!(limits.per_client_rps.is_some_and(|n| n >= 1000), "{}", path.display());
-                    assert!(limits.per_client_burst.is_some_and(|n| n >= 1000), "{}", path.display());
-                    assert!(limits.per_client_connections.is_some_and(|n| n >= 256), "{}", path.display());
+                    assert!(limits.client_rps.is_some_and(|n| n >= 1000), "{}", path.display());
+                    assert!(limits.client_burst.is_some_and(|n| n >= 1000), "{}", path.display());
+                    assert!(limits.client_connections.is_some_and(|n| n >= 256), "{}", path.display());
                     checked += 1;
                 }
             }

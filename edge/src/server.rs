@@ -86,7 +86,7 @@ impl Edge {
         let fetch_settings = FetchSettings::from_config(&config.cache, config.origin.as_ref());
 
         // The HIT short way skips `Pipeline::handle`, where access log records start.
-        let fast_hits = config.access_log.is_none();
+        let fast_hits = config.access_log_settings().is_none();
         let mut settings = pipeline::Settings { node_id: config.node_id.clone(), alt_svc: None, fast_hits };
 
         let http = match config.listen.http {
@@ -146,7 +146,7 @@ impl Edge {
             None => None,
         };
         let local = |l: Option<&TcpListener>| l.and_then(|l| l.local_addr().ok());
-        let access_log = match &config.access_log {
+        let access_log = match &config.access_log_settings() {
             Some(settings) => Some(crate::access_log::AccessLog::open(settings, &config.node_id, registry)?),
             None => None,
         };

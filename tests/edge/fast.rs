@@ -267,8 +267,8 @@ async fn compression_limits_and_access_logs_keep_their_say() {
     origin.route("/f", Route::ok("public, max-age=600", vec![b'x'; 1024]).header("content-type", "image/png"));
     origin.route("/t", Route::ok("public, max-age=600", "some text ".repeat(100)).header("content-type", "text/plain"));
     let edge = TestEdge::start(&origin.url(), |c| {
-        c.limits.per_client_rps = Some(50);
-        c.limits.per_client_burst = Some(5);
+        c.limits.client_rps = Some(50);
+        c.limits.client_burst = Some(5);
     })
     .await;
     let host = format!("127.0.0.1:{}", edge.http.port());

@@ -37,8 +37,8 @@ async fn a_client_over_its_rate_gets_429_while_another_is_served() {
     let origin = MockOrigin::start().await;
     origin.route("/a", Route::ok("public, max-age=600", "hello"));
     let edge = TestEdge::start(&origin.url(), |c| {
-        c.limits.per_client_rps = Some(2);
-        c.limits.per_client_burst = Some(3);
+        c.limits.client_rps = Some(2);
+        c.limits.client_burst = Some(3);
     })
     .await;
     let (a, b) = (client_from(CLIENT_A), client_from(CLIENT_B));
@@ -89,7 +89,7 @@ async fn connection_from(ip: [u8; 4], edge: SocketAddr) -> std::io::Result<tokio
 async fn connections_over_the_limit_are_closed() {
     let origin = MockOrigin::start().await;
     origin.route("/a", Route::ok("public, max-age=600", "hello"));
-    let edge = TestEdge::start(&origin.url(), |c| c.limits.per_client_connections = Some(2)).await;
+    let edge = TestEdge::start(&origin.url(), |c| c.limits.client_connections = Some(2)).await;
     let first = connection_from(CLIENT_A, edge.http).await.unwrap();
     let _second = connection_from(CLIENT_A, edge.http).await.unwrap();
     let third = connection_from(CLIENT_A, edge.http).await;
@@ -122,8 +122,8 @@ async fn http3_clients_are_limited_too() {
     let origin = MockOrigin::start().await;
     origin.route("/a", Route::ok("public, max-age=600", "hello"));
     let edge = start_tls_edge(&origin.url(), |c| {
-        c.limits.per_client_rps = Some(1);
-        c.limits.per_client_connections = Some(1);
+        c.limits.client_rps = Some(1);
+        c.limits.client_connections = Some(1);
     })
     .await;
     let h3 = edge.h3.unwrap();

@@ -19,7 +19,7 @@
 //!   stale-while-revalidate go the full way);
 //! - `Settings::fast_hits` off (something must see every request in `handle`: the
 //!   edge turns it off when the access log is on);
-//! - a client over its per-client rate (`[limits] per_client_rps`): the full way
+//! - a client over its per-client rate (`[limits] client_rps`): the full way
 //!   answers 429.
 //!
 //! A connection's first request that goes the full way hands the connection to
