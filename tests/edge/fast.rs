@@ -6,9 +6,11 @@
 use std::{net::SocketAddr, time::Duration};
 
 use cdn_test_support::{
-    edge::TestEdge,
+    client::{Reply, get, h2c_client, send, tls_client},
+    edge::{TestEdge, start_tls_edge},
     mock_origin::{MockOrigin, Route},
 };
+use http::{StatusCode, Version};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -313,5 +315,82 @@ async fn compression_limits_and_access_logs_keep_their_say() {
         (std::fs::read_to_string(&log).unwrap_or_default().lines().count() == 3).then_some(())
     })
     .await;
+    edge.stop().await;
+}
+
+/// A response's headers in order, `date` left out (hyper's clock and the test's may
+/// be a second apart).
+fn dateless(reply: &Reply) -> Vec<(String, String)> {
+    reply
+        .headers
+        .iter()
+        .filter(|(name, _)| *name != "date")
+        .map(|(name, value)| (name.to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+        .collect()
+}
+
+/// The HTTP/2 short way (fresh memory HITs answered with a prepared header map,
+/// pipeline::fast): the same response as the full pipeline over h2c and h2 over TLS,
+/// counted the same, and anything unusual goes the full way.
+#[tokio::test]
+async fn an_h2_fast_hit_is_the_pipelines_answer() {
+    let (origin, edge, _) = warm_edge().await;
+    edge.clock.advance(Duration::from_secs(7));
+    let h2c = h2c_client();
+    let url = edge.url("/f");
+    for method in ["GET", "HEAD"] {
+        let mut same = false;
+        for _ in 0..3 {
+            let before = fast_hits(&edge);
+            let hits = edge.metric("cdn_requests_total", &[("protocol", "h2"), ("cache", "hit")]);
+            let fast = send(&h2c, method, &url, &[("user-agent", "t")]).await;
+            assert_eq!(fast.version, Version::HTTP_2);
+            assert_eq!(fast_hits(&edge), before + 1.0, "{method}: the short way answered");
+            assert_eq!(edge.metric("cdn_requests_total", &[("protocol", "h2"), ("cache", "hit")]), hits + 1.0);
+            let full = send(&h2c, method, &url, &[("x-full", "1")]).await;
+            assert_eq!(fast_hits(&edge), before + 1.0, "{method}: the full way answered");
+            assert_eq!(fast.status, StatusCode::OK);
+            assert_eq!(fast.x_cache(), "HIT");
+            assert!(!fast.header("date").is_empty(), "hyper dates it");
+            assert_eq!(fast.header("content-length"), "1024");
+            assert!(fast.header("age").starts_with('7') || fast.header("age").starts_with('8'));
+            assert_eq!(fast.body, if method == "GET" { vec![b'x'; 1024] } else { vec![] });
+            if dateless(&fast) == dateless(&full) && fast.body == full.body {
+                same = true;
+                break;
+            }
+            eprintln!("{method} differs (a second boundary?):\n{:?}\n---\n{:?}", fast.headers, full.headers);
+        }
+        assert!(same, "{method}: the short way's answer is the pipeline's");
+    }
+    // Unusual requests: a Host field that is not the :authority (the full way's 400),
+    // a request that must be revalidated, a range.
+    let before = fast_hits(&edge);
+    let r = get(&h2c, &url, &[("host", "other.test")]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = get(&h2c, &url, &[("range", "bytes=0-9")]).await;
+    assert_eq!((r.status, r.body.len()), (StatusCode::PARTIAL_CONTENT, 10));
+    let r = get(&h2c, &url, &[("cache-control", "no-cache")]).await;
+    assert_ne!(r.x_cache(), "HIT");
+    assert_eq!(origin.hits("/f"), 2);
+    assert_eq!(fast_hits(&edge), before, "none of these took the short way");
+    edge.stop().await;
+
+    // Over TLS (ALPN h2): the short way too, with the full way's Alt-Svc.
+    let origin = MockOrigin::start().await;
+    origin.route("/t", Route::ok("public, max-age=600", vec![b'y'; 2048]));
+    let edge = start_tls_edge(&origin.url(), |_| {}).await;
+    let tls = tls_client();
+    let url = format!("https://localhost:{}/t", edge.https.unwrap().port());
+    assert_eq!(get(&tls, &url, &[]).await.x_cache(), "MISS");
+    let before = fast_hits(&edge);
+    let fast = get(&tls, &url, &[]).await;
+    assert_eq!((fast.version, fast.x_cache()), (Version::HTTP_2, "HIT"));
+    assert_eq!(fast_hits(&edge), before + 1.0);
+    assert!(!fast.header("alt-svc").is_empty(), "{:?}", fast.headers);
+    let full = get(&tls, &url, &[("x-full", "1")]).await;
+    assert_eq!(fast.header("alt-svc"), full.header("alt-svc"));
+    assert_eq!(fast.body, full.body);
+    assert_eq!(origin.hits("/t"), 1);
     edge.stop().await;
 }

@@ -30,7 +30,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -183,7 +183,7 @@ pub async fn serve_fast<H, F, P>(
         }
     };
     info!(listener = name, addr = %local, tls = tls.is_some(), "listening");
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(InlineFirst);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -385,7 +385,7 @@ impl Driver<'_> {
         io: Watched<S>,
         fast_path: Option<&P>,
         info: ConnInfo,
-        builder: &auto::Builder<TokioExecutor>,
+        builder: &auto::Builder<InlineFirst>,
         service: Svc,
     ) -> End
     where
@@ -456,6 +456,34 @@ impl Driver<'_> {
     }
 }
 
+/// The executor of HTTP/2 streams: each stream's future (the handler, then sending
+/// the response) is first polled once on the connection's own task, and spawned as
+/// a task of its own only if it cannot finish at once. A response the handler has
+/// ready (an edge's cache HIT) is then sent without a task per stream, a wake-up of
+/// the connection's task from another one, or a trip through the scheduler;
+/// anything that waits (a miss on the origin, a body larger than the stream's
+/// window) goes on in its own task as before.
+///
+/// The first poll uses a no-op waker: a future that is not ready is spawned at once,
+/// and the spawned task's first poll registers its real waker (futures must allow a
+/// poll that nothing woke), so no wake-up is lost.
+#[derive(Debug, Clone, Copy)]
+pub struct InlineFirst;
+
+impl<F> hyper::rt::Executor<F> for InlineFirst
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        let mut future = Box::pin(future);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if future.as_mut().poll(&mut cx).is_pending() {
+            tokio::spawn(future);
+        }
+    }
+}
+
 /// Decrements the open-connections gauge when the connection ends.
 struct OpenConnection(Option<prometheus::IntGauge>);
 
@@ -464,5 +492,36 @@ impl Drop for OpenConnection {
         if let Some(gauge) = &self.0 {
             gauge.dec();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use hyper::rt::Executor as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn ready_streams_run_inline_and_waiting_ones_in_a_task() {
+        // Ready at once: done before `execute` returns, on this task.
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        InlineFirst.execute(async move { flag.store(true, Ordering::SeqCst) });
+        assert!(done.load(Ordering::SeqCst));
+
+        // Waiting: spawned, and woken by what it waits for although its first poll
+        // had a no-op waker.
+        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        InlineFirst.execute(async move {
+            let value = rx.await.unwrap();
+            done_tx.send(value + 1).unwrap();
+        });
+        tokio::task::yield_now().await;
+        tx.send(41).unwrap();
+        let value = tokio::time::timeout(Duration::from_secs(5), done_rx).await.expect("the spawned task was woken");
+        assert_eq!(value.unwrap(), 42);
     }
 }

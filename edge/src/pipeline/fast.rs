@@ -1,6 +1,10 @@
-//! The HIT short way: plain HTTP/1.1 GET and HEAD requests that are fresh cache
+//! The HIT short ways: plain HTTP/1.1 GET and HEAD requests that are fresh cache
 //! HITs, answered by the listener itself ([`cdn_node::listener::fast`]) without
-//! hyper's dispatcher and without building a `Request` or a `Response`.
+//! hyper's dispatcher and without building a `Request` or a `Response`; and
+//! HTTP/2 ones, answered by the edge's handler before the pipeline
+//! ([`Pipeline::fast_hit_h2`]) with a header map prepared per object (hyper still
+//! frames and HPACK-encodes it; its stream executor runs such a ready answer on the
+//! connection's task, `cdn_node::listener::InlineFirst`).
 //!
 //! The rule is "anything unusual goes the full way": [`Pipeline::fast_hit`] answers
 //! only when the answer is the one [`Pipeline::handle`] would give, byte for byte
@@ -41,11 +45,12 @@ use std::{
 
 use bytes::Bytes;
 use cdn_http::policy::{self, Action, Directives};
+use cdn_node::listener::{Body, full};
 use cdn_node::listener::{
     ConnInfo,
     fast::{Answer, FastPath, Simple},
 };
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, Method, StatusCode, Version, header};
 
 use super::{
     Pipeline,
@@ -178,9 +183,31 @@ struct Encoded {
     bytes: Bytes,
 }
 
+/// HTTP/2 response headers prepared for one (Age, ttl, TLS) of one object.
+struct Prepared {
+    owner: Weak<Head>,
+    pipeline: usize,
+    age: u64,
+    ttl: i64,
+    tls: bool,
+    headers: HeaderMap,
+}
+
 thread_local! {
     /// Encoded heads by their head's address.
     static ENCODED: RefCell<HashMap<usize, Encoded>> = RefCell::new(HashMap::new());
+    /// Prepared HTTP/2 headers by their head's address.
+    static PREPARED: RefCell<HashMap<usize, Prepared>> = RefCell::new(HashMap::new());
+}
+
+/// A fresh memory HIT of a plain object, found by [`Pipeline::fresh_hit`].
+struct Hit {
+    object: Object,
+    site: Arc<sites::Site>,
+    age: Duration,
+    ttl: i64,
+    /// The system clock when it was looked up.
+    real: SystemTime,
 }
 
 impl Pipeline {
@@ -192,6 +219,61 @@ impl Pipeline {
         }
         let host = plain_host(request.host)?;
         let (path, query) = plain_target(request.target)?;
+        let hit = self.fresh_hit(host, path, query, tls).await?;
+        let encoded = self.encoded_head(&hit.object, hit.age, hit.ttl, hit.real, tls)?;
+        self.admit(&hit, client, Protocol::H1)?;
+        let body = if request.head { Bytes::new() } else { hit.object.body.clone() };
+        self.metrics.response_bytes.inc_by(body.len() as u64);
+        Some(Answer { head: encoded, body })
+    }
+
+    /// The response to an HTTP/2 request when it is a fresh HIT of a plain object:
+    /// the full way's response (`represent` + `decorate`), its header map kept per
+    /// object and thread until Age or the ttl change, so that a HIT costs a lookup
+    /// and a map clone instead of the pipeline. Hyper adds `date` as it does to
+    /// every response. `None` sends it the full way; the rules are the HTTP/1.1
+    /// short way's (module docs), with the host from `:authority` (a `Host` field
+    /// must say exactly the same).
+    pub(crate) async fn fast_hit_h2<B>(
+        &self,
+        request: &http::Request<B>,
+        tls: bool,
+        client: std::net::IpAddr,
+    ) -> Option<http::Response<Body>> {
+        let head = match *request.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return None,
+        };
+        if !self.settings.fast_hits
+            || request.version() != Version::HTTP_2
+            || !request.headers().keys().all(|name| harmless(name.as_str()))
+        {
+            return None;
+        }
+        let authority = request.uri().authority()?.as_str();
+        let mut fields = request.headers().get_all(header::HOST).iter();
+        if let Some(field) = fields.next()
+            && (field.as_bytes() != authority.as_bytes() || fields.next().is_some())
+        {
+            return None;
+        }
+        let host = plain_host(authority)?;
+        let target = request.uri().path_and_query()?.as_str();
+        let (path, query) = plain_target(target)?;
+        let hit = self.fresh_hit(host, path, query, tls).await?;
+        let headers = self.prepared_headers(&hit, tls)?;
+        self.admit(&hit, client, Protocol::H2)?;
+        let body = if head { Bytes::new() } else { hit.object.body.clone() };
+        self.metrics.response_bytes.inc_by(body.len() as u64);
+        let mut response = http::Response::new(full(body));
+        *response.headers_mut() = headers;
+        Some(response)
+    }
+
+    /// The object at (`host`, `path`, `query`) when it is a fresh memory HIT the
+    /// short ways may answer (module docs).
+    async fn fresh_hit(&self, host: &str, path: &str, query: Option<&str>, tls: bool) -> Option<Hit> {
         let sites::Found::Site(site) = self.sites.find(host) else { return None };
         if site.signed().is_some() {
             return None;
@@ -226,22 +308,56 @@ impl Pipeline {
             return None;
         }
         let ttl = ttl(lifetime, age);
-        let encoded = self.encoded_head(&object, age, ttl, real, tls)?;
-        // Per-client limits, checked last (a check that passes takes the client's
-        // share): over its rate, the full way answers 429.
+        Some(Hit { object, site, age, ttl, real })
+    }
+
+    /// The last step of a short-way HIT: the client's per-client rate (checked last,
+    /// as a check that passes takes the client's share; over its rate the full way
+    /// answers 429), then the counters.
+    fn admit(&self, hit: &Hit, client: std::net::IpAddr, protocol: Protocol) -> Option<()> {
         if let Some(limits) = &self.limits
             && limits.check_rate(client).is_err()
         {
             return None;
         }
-        self.metrics.count_request(Some(&site.counters), Protocol::H1, CacheResult::Hit);
+        self.metrics.count_request(Some(&hit.site.counters), protocol, CacheResult::Hit);
         self.metrics.fast_hits.inc();
-        let body = if request.head { Bytes::new() } else { object.body.clone() };
-        self.metrics.response_bytes.inc_by(body.len() as u64);
         // Under a microsecond from here to the head; observed as 0 (the smallest
         // bucket is 0.5 ms) rather than paying two more clock reads per HIT.
         self.metrics.duration.observe(0.0);
-        Some(Answer { head: encoded, body })
+        Some(())
+    }
+
+    /// The HTTP/2 response headers of `hit`: from this thread's prepared maps when
+    /// one fits.
+    fn prepared_headers(&self, hit: &Hit, tls: bool) -> Option<HeaderMap> {
+        let id = Arc::as_ptr(&hit.object.head) as usize;
+        let pipeline = std::ptr::from_ref(self) as usize;
+        let age_s = hit.age.as_secs();
+        let cached = PREPARED.with_borrow(|prepared| {
+            let p = prepared.get(&id)?;
+            (p.owner.as_ptr() as usize == id
+                && p.pipeline == pipeline
+                && p.age == age_s
+                && p.ttl == hit.ttl
+                && p.tls == tls)
+                .then(|| p.headers.clone())
+        });
+        if cached.is_some() {
+            return cached;
+        }
+        let headers = self.hit_headers(&hit.object, hit.age, hit.ttl, tls, Protocol::H2)?;
+        PREPARED.with_borrow_mut(|prepared| {
+            if prepared.len() >= KEEP {
+                prepared.retain(|_, p| p.owner.strong_count() > 0);
+                if prepared.len() >= KEEP {
+                    prepared.clear();
+                }
+            }
+            let owner = Arc::downgrade(&hit.object.head);
+            prepared.insert(id, Prepared { owner, pipeline, age: age_s, ttl: hit.ttl, tls, headers: headers.clone() });
+        });
+        Some(headers)
     }
 
     /// The encoded response head of a HIT of `object`, `age` old with `ttl` left, at
@@ -282,6 +398,21 @@ impl Pipeline {
     /// `decorate`) and encodes it as hyper would; `None` when hyper would write
     /// something else than the headers as they are.
     fn encode_head(&self, object: &Object, age: Duration, ttl: i64, date: u64, tls: bool) -> Option<Bytes> {
+        let headers = self.hit_headers(object, age, ttl, tls, Protocol::H1)?;
+        let date = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(date));
+        encode_h1(&headers, object.body.len(), &date)
+    }
+
+    /// A HIT's response headers as the full way builds them (`represent`, then
+    /// `decorate`); `None` if that is not a 200.
+    fn hit_headers(
+        &self,
+        object: &Object,
+        age: Duration,
+        ttl: i64,
+        tls: bool,
+        protocol: Protocol,
+    ) -> Option<HeaderMap> {
         let (request, ()) = http::Request::get("/").body(()).ok()?.into_parts();
         let status = CacheStatus::hit(CacheResult::Hit, ttl);
         let served = represent(&request, &object.head, Source::Bytes(object.body.clone()), age, status);
@@ -289,9 +420,8 @@ impl Pipeline {
         if response.status != StatusCode::OK {
             return None;
         }
-        self.decorate(&mut response.headers, &served.status, tls, Protocol::H1, false);
-        let date = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(date));
-        encode_h1(&response.headers, object.body.len(), &date)
+        self.decorate(&mut response.headers, &served.status, tls, protocol, false);
+        Some(response.headers)
     }
 }
 
