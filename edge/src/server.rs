@@ -290,7 +290,9 @@ impl Edge {
                         return response;
                     }
                     let conn = Conn { protocol, peer: info.peer, tls: info.tls };
-                    pipeline.handle(request, conn).await
+                    // Boxed: the full way's future is large, and hyper moves this one
+                    // (twice, for HTTP/2) before its first poll.
+                    Box::pin(pipeline.handle(request, conn)).await
                 }
             }
         };
