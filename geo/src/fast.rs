@@ -45,7 +45,7 @@ use tracing::debug;
 use cdn_cluster::Member;
 
 use crate::{
-    handler::{Handler, Shared, UDP_PAYLOAD, no_question, seed},
+    handler::{Handler, MemberView, Shared, UDP_PAYLOAD, no_question, seed},
     locate::LocationKey,
     ratelimit::Verdict,
     select::{Family, Health, Plan},
@@ -237,11 +237,15 @@ pub(crate) struct Worker {
     shared: Arc<Shared>,
     handler: Handler,
     services: Vec<Vec<u8>>,
+    /// This worker's reader of the member view (a watch keeps its own version).
+    view: MemberView,
     /// The member view the plans were made from.
     members: Arc<Vec<Member>>,
     plans: Plans,
     /// Seeds the spread, as the slow path's query counter does.
     counter: u64,
+    /// Fast-path answers whose duration is not observed yet ([`Worker::observe`]).
+    untimed: u32,
     /// The response being written (reused).
     out: Vec<u8>,
     drawn: Vec<usize>,
@@ -267,14 +271,17 @@ impl Worker {
     /// A worker over `shared`; `index` (the socket's) spreads the workers' counters.
     pub(crate) fn new(shared: Arc<Shared>, index: usize) -> Self {
         let services = shared.zone.service_wire_names();
-        let members = (shared.members)();
+        let mut view = shared.members.clone();
+        let members = view.changed().unwrap_or_else(|| view.load());
         Self {
             handler: Handler(shared.clone()),
             shared,
             services,
+            view,
             members,
             plans: Plans::default(),
             counter: (index as u64) << 48,
+            untimed: 0,
             out: Vec::with_capacity(MAX_DATAGRAM),
             drawn: Vec::new(),
             scratch: Vec::new(),
@@ -283,6 +290,9 @@ impl Worker {
 
     /// The response to the UDP datagram `packet` from `src`, received at `start`,
     /// or `None` to send nothing (unreadable header, a response, rate limited).
+    ///
+    /// The slow path observes its answer's duration itself; a fast-path answer's is
+    /// observed by the next [`Worker::observe`] (once per batch of datagrams).
     pub(crate) fn handle(&mut self, packet: &[u8], src: SocketAddr, start: Instant) -> Option<&[u8]> {
         let Some(query) = parse(packet, &self.services) else {
             return self.slow(packet, src, None, start);
@@ -294,16 +304,30 @@ impl Worker {
             // As the slow path: nothing sent, nothing more counted.
             Verdict::Drop => None,
             Verdict::Slip => self.slow(packet, src, Some((verdict, counter)), start),
-            Verdict::Answer => match self.fast(&query, packet.len(), src, counter, start) {
+            Verdict::Answer => match self.fast(&query, packet.len(), src, counter) {
                 Fast::Answered => Some(&self.out),
                 Fast::Fallback => self.slow(packet, src, Some((verdict, counter)), start),
             },
         }
     }
 
-    /// Keeps the plans while the member view is the same.
+    /// Observes the duration of the fast-path answers given since the last call,
+    /// from `start` (when their batch arrived) to now: one clock read at most.
+    pub(crate) fn observe(&mut self, start: Instant) {
+        if self.untimed == 0 {
+            return;
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        for _ in 0..self.untimed {
+            self.shared.metrics.duration.observe(seconds);
+        }
+        self.untimed = 0;
+    }
+
+    /// Keeps the plans while the member view is the same: a watched view is only
+    /// read again when its version changed.
     fn refresh_members(&mut self) {
-        let members = (self.shared.members)();
+        let Some(members) = self.view.changed() else { return };
         if !Arc::ptr_eq(&members, &self.members) {
             if *members != *self.members {
                 self.plans.clear();
@@ -313,15 +337,8 @@ impl Worker {
     }
 
     /// Answers `query` (of `len` bytes) from the plans into `out`, with `counter`
-    /// seeding the spread; counts it and times it from `start`.
-    pub(crate) fn fast(
-        &mut self,
-        query: &Query<'_>,
-        len: usize,
-        src: SocketAddr,
-        counter: u64,
-        start: Instant,
-    ) -> Fast {
+    /// seeding the spread; counts it (its duration: [`Worker::observe`]).
+    pub(crate) fn fast(&mut self, query: &Query<'_>, len: usize, src: SocketAddr, counter: u64) -> Fast {
         let (addr, ecs) = match query.ecs {
             Some(ecs) if ecs.source > 0 => (ecs.addr, true),
             _ => (src.ip(), false),
@@ -394,7 +411,7 @@ impl Worker {
         }
         self.shared.metrics.query(ResponseCode::NoError).inc();
         cached.edges[first].answers.inc();
-        self.shared.metrics.duration.observe(start.elapsed().as_secs_f64());
+        self.untimed = self.untimed.saturating_add(1);
         debug!(client = %addr, scope = located.scope, first = %self.members[cached.plan.order[first]].node_id, "edge answer (fast path)");
         Fast::Answered
     }
@@ -438,7 +455,7 @@ impl Worker {
     #[cfg(any(test, feature = "test-util"))]
     pub(crate) fn fast_only(&mut self, packet: &[u8], src: SocketAddr, counter: u64) -> Option<Vec<u8>> {
         let query = parse(packet, &self.services)?;
-        match self.fast(&query, packet.len(), src, counter, Instant::now()) {
+        match self.fast(&query, packet.len(), src, counter) {
             Fast::Answered => Some(self.out.clone()),
             Fast::Fallback => None,
         }

@@ -32,6 +32,7 @@ use hickory_server::{
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
     zone_handler::{MessageResponse, MessageResponseBuilder, Queries},
 };
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use cdn_cluster::Member;
@@ -53,6 +54,65 @@ pub(crate) const UDP_PAYLOAD: u16 = 1232;
 /// The cluster view: every member, as the gossip layer sees it right now.
 pub type MemberSource = Arc<dyn Fn() -> Arc<Vec<Member>> + Send + Sync>;
 
+/// Where geo reads the cluster view from.
+#[derive(Clone)]
+pub enum MemberView {
+    /// A function, called on every read (tests, embedders): a change shows in the
+    /// next answer.
+    Source(MemberSource),
+    /// A watch channel (the cluster's view, [`cdn_cluster::Cluster::watch`]): its
+    /// version tells a UDP thread whether the view changed since it last looked, so
+    /// a fast-path query costs one atomic load unless it did.
+    Watch(watch::Receiver<Arc<Vec<Member>>>),
+}
+
+impl std::fmt::Debug for MemberView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Source(_) => f.write_str("MemberView::Source"),
+            Self::Watch(_) => f.write_str("MemberView::Watch"),
+        }
+    }
+}
+
+impl From<MemberSource> for MemberView {
+    fn from(source: MemberSource) -> Self {
+        Self::Source(source)
+    }
+}
+
+impl From<watch::Receiver<Arc<Vec<Member>>>> for MemberView {
+    fn from(receiver: watch::Receiver<Arc<Vec<Member>>>) -> Self {
+        Self::Watch(receiver)
+    }
+}
+
+impl MemberView {
+    /// The view now.
+    pub(crate) fn load(&self) -> Arc<Vec<Member>> {
+        match self {
+            Self::Source(source) => source(),
+            Self::Watch(receiver) => receiver.borrow().clone(),
+        }
+    }
+
+    /// The view now if it may have changed since this (clone of the) view last
+    /// returned it, else `None`. A watch answers from its version; a function is
+    /// called every time.
+    pub(crate) fn changed(&mut self) -> Option<Arc<Vec<Member>>> {
+        match self {
+            Self::Source(source) => Some(source()),
+            Self::Watch(receiver) => {
+                // Closed (the cluster stopped): the last view stays readable.
+                if matches!(receiver.has_changed(), Ok(false)) {
+                    return None;
+                }
+                Some(receiver.borrow_and_update().clone())
+            }
+        }
+    }
+}
+
 /// Logs at most once per period.
 #[derive(Debug, Default)]
 struct Throttle(Mutex<Option<Instant>>);
@@ -73,7 +133,7 @@ pub(crate) struct Shared {
     pub(crate) zone: Zone,
     pub(crate) locator: Locator,
     pub(crate) geodb: Arc<GeoDb>,
-    pub(crate) members: MemberSource,
+    pub(crate) members: MemberView,
     pub(crate) policy: Policy,
     pub(crate) ttl: u32,
     pub(crate) limiter: Option<Mutex<RateLimiter>>,
@@ -245,7 +305,7 @@ impl Shared {
     pub(crate) fn new(
         config: &Config,
         geodb: Arc<GeoDb>,
-        members: MemberSource,
+        members: impl Into<MemberView>,
         metrics: Metrics,
     ) -> Result<Self, ConfigError> {
         let zone = Zone::from_config(config).map_err(|problems| ConfigError { problems })?;
@@ -255,7 +315,7 @@ impl Shared {
             zone,
             locator: Locator::new(networks, config.default_region.clone()),
             geodb,
-            members,
+            members: members.into(),
             policy: Policy {
                 answers: config.answers.clamp(1, MAX_ANSWERS),
                 near_radius_km: config.near_radius_km,
@@ -455,7 +515,7 @@ impl Shared {
         if let Some(subnet) = subnet {
             reply.set_ecs(subnet, located.scope);
         }
-        let members = (self.members)();
+        let members = self.members.load();
         let seed = seed(addr, subnet.is_some(), counter);
         let selection = select(&members, &located.location, family, &self.policy, seed);
         if selection.health != Health::Healthy && !selection.edges.is_empty() {

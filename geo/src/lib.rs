@@ -20,7 +20,8 @@
 //! - `handler`: one query → one response (ECS, EDNS, truncation, rate limit).
 //! - `fast`: the UDP fast path (common queries answered from cached plans and
 //!   pre-encoded records), falling back to `handler` for the rest.
-//! - `udp`: the UDP sockets (`SO_REUSEPORT`, one thread each).
+//! - `udp`: the UDP sockets (`SO_REUSEPORT`, one thread each, datagrams read and
+//!   answered in batches: `recvmmsg`, `sendmmsg`).
 //! - `server`: sockets and lifecycle ([`Geo`]).
 //! - `metrics`, [`error`].
 //! - `fuzzing` (feature `test-util`): the server's request path over a fixed zone
@@ -47,6 +48,6 @@ mod zone;
 
 pub use config::Config;
 pub use error::Error;
-pub use handler::MemberSource;
+pub use handler::{MemberSource, MemberView};
 pub use mmdb::GeoDbError;
 pub use server::{Geo, run};

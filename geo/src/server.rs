@@ -18,7 +18,7 @@ use cdn_node::{
 use crate::{
     Error,
     config::Config,
-    handler::{Handler, MemberSource, Shared},
+    handler::{Handler, MemberView, Shared},
     metrics::Metrics,
     mmdb::GeoDb,
     udp,
@@ -95,8 +95,11 @@ fn bind_dns(addr: SocketAddr, count: usize) -> Result<(Vec<std::net::UdpSocket>,
 
 impl Geo {
     /// Validates the config, loads the GeoIP database and binds the DNS (UDP and
-    /// TCP) and admin sockets. `members` is the cluster view, read on every query.
-    pub async fn bind(config: Config, registry: &Registry, members: MemberSource) -> Result<Self, Error> {
+    /// TCP) and admin sockets. `members` is the cluster view: a [`MemberSource`]
+    /// (read on every query) or a watch channel (read when its version changes).
+    ///
+    /// [`MemberSource`]: crate::MemberSource
+    pub async fn bind(config: Config, registry: &Registry, members: impl Into<MemberView>) -> Result<Self, Error> {
         config.validate()?;
         let geodb = match &config.geoip_db {
             Some(path) => GeoDb::open(path).await.map_err(|source| Error::GeoDb { path: path.clone(), source })?,
@@ -206,7 +209,7 @@ impl Geo {
 /// failed (the cluster leaves the gossip after the DNS listeners stopped).
 pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry) -> Result<(), Error> {
     let cluster_shutdown = CancellationToken::new();
-    let (members, cluster): (MemberSource, _) = match &config.cluster {
+    let (members, cluster): (MemberView, _) = match &config.cluster {
         Some(cluster_config) => {
             let node = cdn_cluster::NodeInfo {
                 node_id: config.node_id.clone(),
@@ -218,10 +221,9 @@ pub async fn run(config: Config, shutdown: CancellationToken, registry: Registry
             };
             let cluster = cdn_cluster::Cluster::join(cluster_config, node, &registry, cluster_shutdown.clone()).await?;
             cluster.publish_health(true, 0.0).await;
-            let view = cluster.clone();
-            (Arc::new(move || view.members()), Some(cluster))
+            (MemberView::Watch(cluster.watch()), Some(cluster))
         }
-        None => (Arc::new(|| Arc::new(Vec::new())), None),
+        None => (MemberView::Source(Arc::new(|| Arc::new(Vec::new()))), None),
     };
     let result = match Geo::bind(config, &registry, members).await {
         Ok(mut geo) => {

@@ -10,7 +10,13 @@ use hickory_proto::{
 };
 
 use super::*;
-use crate::{config::Config, fuzzing, handler::MemberSource, metrics::Metrics, mmdb::GeoDb};
+use crate::{
+    config::Config,
+    fuzzing,
+    handler::{MemberSource, MemberView},
+    metrics::Metrics,
+    mmdb::GeoDb,
+};
 
 struct Fixture {
     worker: Worker,
@@ -429,4 +435,51 @@ fn services_cover_every_configured_name() {
         Name::from_ascii(name).unwrap().emit(&mut BinEncoder::new(&mut bytes)).unwrap();
         assert!(wire.contains(&bytes), "{name}");
     }
+}
+
+#[test]
+fn a_watched_view_is_read_again_only_when_its_version_changes() {
+    let mut config = fuzzing::config();
+    config.answers = 2;
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(fuzzing::members()));
+    let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+    let shared = Arc::new(Shared::new(&config, Arc::new(GeoDb::none()), MemberView::Watch(rx), metrics).unwrap());
+
+    // The view's version says whether to read it again.
+    let mut view = shared.members.clone();
+    assert!(view.changed().is_none(), "unchanged since the channel was made");
+    let same = Arc::new(fuzzing::members());
+    tx.send_replace(same.clone());
+    assert!(Arc::ptr_eq(&view.changed().unwrap(), &same));
+    assert!(view.changed().is_none(), "read once per change");
+
+    let mut worker = Worker::new(shared.clone(), 0);
+    assert!(Arc::ptr_eq(&worker.members, &same));
+    let packet = query(1, "www.cdn.test.", RecordType::A, Some((1232, Some("10.3.0.0/24"))));
+    let ask = |worker: &mut Worker| {
+        let bytes = worker.fast_only(&packet, src("192.0.2.1"), 0).expect("a fast-path answer");
+        addrs(&Message::from_vec(&bytes).unwrap())
+    };
+    let before = ask(&mut worker);
+    assert_eq!(worker.plans(), 1);
+    // The same members sent again: read, the plans kept.
+    let again = Arc::new(fuzzing::members());
+    tx.send_replace(again.clone());
+    assert_eq!(ask(&mut worker), before);
+    assert!(Arc::ptr_eq(&worker.members, &again), "the new view was read");
+    assert_eq!(worker.plans(), 1, "and the plans kept");
+    // The answered edges drained: the very next answer leaves them out.
+    let mut drained = fuzzing::members();
+    for member in &mut drained {
+        if member.public_addr.is_some_and(|ip| before.contains(&ip.to_string())) {
+            member.state = MemberState::Drained;
+        }
+    }
+    tx.send_replace(Arc::new(drained));
+    let after = ask(&mut worker);
+    assert!(after.iter().all(|ip| !before.contains(ip)), "{after:?} still holds one of {before:?}");
+    // The cluster gone (the channel closed): its last view still answers.
+    drop(tx);
+    assert_eq!(ask(&mut worker), after);
+    assert_eq!(shared.members.load().len(), fuzzing::members().len());
 }
