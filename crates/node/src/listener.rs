@@ -197,8 +197,11 @@ pub async fn serve_fast<H, F, P>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+        // No keep-alive PINGs: the driver closes a connection idle for `idle_timeout`
+        // and drops one whose client stops reading (`send_timeout`), which is what
+        // they would find out; and hyper's ping recorder takes a lock and reads the
+        // clock for every frame received.
+        .keep_alive_interval(None);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let tasks = TaskTracker::new();
