@@ -37,6 +37,14 @@ impl Growing {
         Arc::new(Self { state: Mutex::default(), progress: watch::Sender::new(0), expected })
     }
 
+    /// A body that has arrived whole: `bytes` (already stored).
+    pub(crate) fn whole(bytes: Bytes) -> Arc<Self> {
+        let growing = Self::new(Some(bytes.len() as u64));
+        growing.push(bytes);
+        growing.finish(Ok(()));
+        growing
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -293,7 +293,10 @@ impl Cache {
     }
 
     /// Stores slice `index` of `key` with its validator, unless a purge came after
-    /// `epoch`.
+    /// `epoch`; returns once the disk has it too (its fill lands only then). Memory
+    /// may not keep it (moka's admission turns a new entry away when full), and a
+    /// reader that found it in neither tier after the fill landed would fetch it
+    /// again.
     pub(crate) async fn insert_slice(
         &self,
         key: &str,
@@ -305,11 +308,14 @@ impl Cache {
         if self.epoch() != epoch {
             return;
         }
-        if let Some(disks) = &self.disks {
+        let written = self.disks.as_ref().and_then(|disks| {
             let slice = Slice { etag: etag.clone(), bytes: bytes.clone() };
-            disks.store(&key::slice(key, index), Entry::Slice(slice), epoch, &self.epoch);
-        }
+            disks.store(&key::slice(key, index), Entry::Slice(slice), epoch, &self.epoch)
+        });
         self.store.insert_slice(key, index, etag, bytes).await;
+        if let Some(written) = written {
+            let _ = written.await;
+        }
     }
 
     /// Bytes held in memory, after pending maintenance.
@@ -326,6 +332,26 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A slice fill lands once its slice can be found: a slice that memory turns
+    /// away is found on disk as soon as it was stored.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_slice_memory_turns_away_is_on_disk_once_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let configs = [crate::config::Disk { path: dir.path().to_path_buf(), size: bytesize::ByteSize::mib(64) }];
+        let metrics = disk::DiskMetrics::register(&prometheus::Registry::new()).unwrap();
+        let disks = Disks::open(&configs, metrics).unwrap().unwrap();
+        disks.set_open();
+        // Less memory than one slice: moka never keeps it.
+        let cache = Cache::new(64 * 1024, Some(disks));
+        let etag = HeaderValue::from_static("\"v1\"");
+        let head = Arc::new(store::test_head(vec![], vec![]));
+        let sliced = Sliced { head, total: 300_000, slice: 100_000, etag: Some(etag.clone()) };
+        let bytes = Bytes::from(vec![5u8; 100_000]);
+        cache.insert_slice("http://h/clip", 0, Some(etag), bytes.clone(), cache.epoch()).await;
+        assert_eq!(cache.bytes().await, 0, "turned away from memory");
+        assert!(cache.slice("http://h/clip", &sliced, 0).await == Some(bytes), "read from disk");
+    }
 
     #[test]
     fn a_purge_detaches_the_fills_in_flight() {

@@ -557,6 +557,14 @@ impl Fetcher {
     }
 
     async fn run_slice_fill(&self, key: &str, sliced: &Sliced, index: u64, origin: &SliceOrigin, fill: &Fill) {
+        // A fill of this slice that landed between the reader's miss and this fill's
+        // start has stored it: no second fetch. The probed slice races its own
+        // reader so: the client whose miss sent the probe asks for that slice while
+        // it arrives, may look in the cache just before it is stored and find the
+        // probe's fill landed just after.
+        if let Some(bytes) = self.cache.slice(key, sliced, index).await {
+            return fill.publish(Outcome::Slice(Growing::whole(bytes)));
+        }
         let epoch = self.cache.epoch();
         let bounds = sliced.bounds(index);
         let mut headers = origin.headers.clone();
@@ -753,7 +761,56 @@ fn owned(headers: HeaderMap) -> HeaderMap {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        collections::HashMap,
+        sync::atomic::{AtomicUsize, Ordering::SeqCst},
+        time::Duration,
+    };
+
     use super::*;
+    use crate::{cache::store::test_head, sites::Sites};
+
+    /// A reader that missed slice 0 while the probe's fill was storing it, and
+    /// joined after that fill landed, leads a fill of its own: that fill finds the
+    /// slice stored and asks the origin for nothing.
+    #[tokio::test]
+    async fn a_slice_fill_started_after_another_stored_the_slice_fetches_nothing() {
+        // An origin that counts the connections it gets and answers none.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = crate::config::Config::new("edge-test", format!("http://{}", listener.local_addr().unwrap()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((_dropped, _)) = listener.accept().await {
+                counted.fetch_add(1, SeqCst);
+            }
+        });
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::register(&registry).unwrap();
+        let sites = Sites::new(&config, metrics.clone(), &registry).unwrap();
+        let crate::sites::Found::Site(site) = sites.find("example.test") else { panic!("the [origin] site") };
+        let (_, applied) = tokio::sync::watch::channel(HashMap::new());
+        let timeout = Duration::from_secs(2);
+        let tiers = Tiers::new("edge-test", "default", None, timeout, (applied.clone(), applied), &[], &registry);
+        let cache = Arc::new(Cache::new(1 << 20, None));
+        let settings = FetchSettings::from_config(&config.cache, config.origin.as_ref());
+        let fetcher = Fetcher::new(cache.clone(), Arc::new(tiers.unwrap()), metrics, Clock::system(), settings);
+
+        let (key, etag) = ("http://example.test/clip", HeaderValue::from_static("\"v1\""));
+        let head = Arc::new(test_head(vec![], vec![]));
+        let sliced = Arc::new(Sliced { head, total: 3000, slice: 1000, etag: Some(etag.clone()) });
+        assert!(cache.slice(key, &sliced, 0).await.is_none(), "the reader misses");
+        let stored = Bytes::from(vec![7u8; 1000]);
+        cache.insert_slice(key, 0, Some(etag), stored.clone(), cache.epoch()).await;
+        let Flight::Leader(fill) = cache.join_or_start(&slice_fill_key(key, &sliced, 0)) else {
+            panic!("the other fill landed: the reader leads a fill");
+        };
+        let origin = SliceOrigin { site, seen: vec![], path: "/clip".into(), headers: HeaderMap::new() };
+        fetcher.run_slice_fill(key, &sliced, 0, &origin, &fill).await;
+        let Outcome::Slice(growing) = &*fill.clone().outcome().await else { panic!("the slice fill failed") };
+        assert!(growing.concat() == Some(stored), "the stored slice");
+        assert_eq!(connections.load(SeqCst), 0, "the origin was asked for a stored slice");
+    }
 
     #[test]
     fn parses_content_range() {

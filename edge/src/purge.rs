@@ -62,8 +62,24 @@ impl PurgeMetrics {
     }
 }
 
-/// Applies purges from every control node until `shutdown`.
-pub(crate) async fn run(
+/// Applies purges from every control node until `shutdown`. The edge is not ready
+/// from this call on, not from the task's first poll: until then `/readyz` could
+/// say ready (every other condition holding) while the disk tier is still closed
+/// and the purges missed while down are not applied.
+pub(crate) fn run(
+    cluster: Arc<Cluster>,
+    cache: Arc<Cache>,
+    metrics: PurgeMetrics,
+    readiness: Readiness,
+    published: tokio::sync::watch::Sender<HashMap<String, u64>>,
+    announced: tokio::sync::watch::Sender<HashMap<String, u64>>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    readiness.set("purges", false);
+    apply_until(cluster, cache, metrics, readiness, published, announced, shutdown)
+}
+
+async fn apply_until(
     cluster: Arc<Cluster>,
     cache: Arc<Cache>,
     metrics: PurgeMetrics,
@@ -88,7 +104,6 @@ pub(crate) async fn run(
     let persister = cache.disks().is_some().then(|| tokio::spawn(persist_applied(cache.clone(), persisted)));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let started = tokio::time::Instant::now();
-    readiness.set("purges", false);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -111,12 +126,14 @@ pub(crate) async fn run(
         // Ready once caught up with every live control node; with none in sight
         // after a while, serve anyway (an edge must not stay dark without control).
         let waited = started.elapsed() > Duration::from_secs(5);
-        readiness.set("purges", synced || waited);
+        // The disk first: a request that comes as soon as the edge says ready finds
+        // what is on disk.
         if let Some(disks) = cache.disks()
             && (synced || (waited && persisted_none))
         {
             disks.set_open();
         }
+        readiness.set("purges", synced || waited);
     }
     // The persister records the last state and ends when its sender is gone.
     drop(persist);
@@ -217,4 +234,39 @@ async fn apply_pending(
         }
     }
     caught_up
+}
+
+#[cfg(test)]
+mod tests {
+    use cdn_cluster::{ClusterConfig, NodeInfo};
+    use prometheus::Registry;
+
+    use super::*;
+
+    /// Not ready from the start of the purge task, not from its first poll: in
+    /// between, every other condition may hold while the disk tier is still closed.
+    #[tokio::test]
+    async fn the_edge_is_not_ready_from_the_start_of_the_purge_task() {
+        let shutdown = CancellationToken::new();
+        let config = ClusterConfig::new("127.0.0.1:0".parse().unwrap(), "a-shared-secret-of-enough-bytes");
+        let node = NodeInfo {
+            node_id: "e".into(),
+            role: Role::Edge,
+            region: None,
+            location: None,
+            public_addr: None,
+            admin: None,
+        };
+        let cluster = Cluster::join(&config, node, &Registry::new(), shutdown.clone()).await.unwrap();
+        let readiness = Readiness::new();
+        let metrics = PurgeMetrics::register(&Registry::new()).unwrap();
+        let cache = Arc::new(Cache::new(1 << 20, None));
+        let (published, announced) =
+            (tokio::sync::watch::channel(HashMap::new()).0, tokio::sync::watch::channel(HashMap::new()).0);
+        let task = run(cluster.clone(), cache, metrics, readiness.clone(), published, announced, shutdown.clone());
+        assert_eq!(readiness.failing(), ["purges"], "not ready before the task first runs");
+        drop(task);
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), cluster.stopped()).await.expect("the cluster stops");
+    }
 }

@@ -177,6 +177,39 @@ impl Disk {
     fn pause(&self) {
         *self.paused_until.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + PAUSE);
     }
+
+    /// Drops `hash` from the index after its file at `path` failed to read (`read`:
+    /// which file that was, `None` when there was none), unless that file is no
+    /// longer the one at `path`: a fill of the same key renamed a fresh file into
+    /// place during the read, and the slot is that file's now. Checked while no
+    /// write publishes (blocking). The file dropped, if any.
+    fn drop_failed(&self, hash: u64, path: &Path, read: Option<FileIdentity>) -> Option<FileId> {
+        let _publishing = self.publish.write().unwrap_or_else(PoisonError::into_inner);
+        if identity(path) != read {
+            return None;
+        }
+        self.index().remove(hash).map(|slot| slot.file())
+    }
+}
+
+/// Which file a path names (device, inode): a file renamed into place is another one.
+type FileIdentity = (u64, u64);
+
+fn identity(path: &Path) -> Option<FileIdentity> {
+    fs::metadata(path).ok().map(|metadata| (metadata.dev(), metadata.ino()))
+}
+
+/// Reads the entry of `key` from its file at `path` (blocking); on failure, with
+/// which file failed (`None`: there was none).
+fn read_file(path: &Path, key: &str, verified: bool) -> Result<(Entry, u64), (ReadError, Option<FileIdentity>)> {
+    let file = File::open(path).map_err(|error| {
+        let error = ReadError::from(error);
+        // There but not to be opened: that file failed (as far as can be told).
+        let read = if matches!(error, ReadError::Missing) { None } else { identity(path) };
+        (error, read)
+    })?;
+    let read = file.metadata().ok().map(|metadata| (metadata.dev(), metadata.ino()));
+    file::read(file, key, verified).map_err(|error| (error, read))
 }
 
 fn object_path(root: &Path, hash: u64) -> PathBuf {
@@ -275,10 +308,16 @@ impl Disks {
         let entry = cell
             .get_or_init(|| async {
                 let Ok(_permit) = self.reads.acquire().await else { return None };
-                let (path, owned_key) = (disk.path(hash), key.to_string());
+                let (reader, owned_key) = (disk.clone(), key.to_string());
                 let result = tokio::task::spawn_blocking(move || {
-                    let file = File::open(path)?;
-                    file::read(file, &owned_key, verified)
+                    let path = reader.path(hash);
+                    read_file(&path, &owned_key, verified).map_err(|(error, read)| {
+                        let dropped = reader.drop_failed(hash, &path, read);
+                        if let Some(file) = dropped.filter(|_| !matches!(error, ReadError::Missing)) {
+                            reader.chore(Chore::Delete(vec![file]));
+                        }
+                        (error, dropped.is_some())
+                    })
                 })
                 .await;
                 match result {
@@ -287,17 +326,14 @@ impl Disks {
                         disk.index().set_verified(hash, key);
                         Some(entry)
                     }
-                    Ok(Err(error)) => {
+                    Ok(Err((error, dropped))) => {
                         self.metrics.error("read", error.kind());
                         if matches!(error, ReadError::Missing) {
                             debug!(%key, "disk entry missing; a miss");
-                        } else {
+                        } else if dropped {
                             warn!(%key, %error, "disk entry unreadable; a miss, file dropped");
-                        }
-                        if let Some(slot) = disk.index().remove(hash)
-                            && !matches!(error, ReadError::Missing)
-                        {
-                            disk.chore(Chore::Delete(vec![slot.file()]));
+                        } else {
+                            warn!(%key, %error, "disk entry unreadable; a miss (a fresh file replaced it meanwhile)");
                         }
                         None
                     }
@@ -329,27 +365,34 @@ impl Disks {
     }
 
     /// Writes `entry` under `key` in the background, unless a purge comes after
-    /// `epoch` (the purge epoch when its fill started) before it is published.
-    pub(crate) fn store(&self, key: &str, entry: Entry, epoch: u64, current: &Arc<AtomicU64>) {
+    /// `epoch` (the purge epoch when its fill started) before it is published. The
+    /// write's task, to wait for (published, or given up), when one was started.
+    pub(crate) fn store(
+        &self,
+        key: &str,
+        entry: Entry,
+        epoch: u64,
+        current: &Arc<AtomicU64>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         let hash = hash(key);
         let disk = self.disk(hash).clone();
         if !disk.writable() {
-            return;
+            return None;
         }
         let Ok(permit) = self.writes.clone().try_acquire_owned() else {
             self.metrics.error("write", "busy");
-            return;
+            return None;
         };
         let (key, current, metrics, writers) =
             (key.to_string(), current.clone(), self.metrics.clone(), self.writers.clone());
-        tokio::spawn(async move {
+        Some(tokio::spawn(async move {
             let Ok(writer) = writers.acquire_owned().await else { return };
             let _ = tokio::task::spawn_blocking(move || {
                 let _permits = (permit, writer);
                 write_entry(&disk, hash, &key, &entry, epoch, &current, &metrics);
             })
             .await;
-        });
+        }))
     }
 
     /// Stops writing, lets every write and chore finish and saves each disk's index
@@ -830,6 +873,34 @@ mod tests {
         assert!(disks.load_now("http://h/old", &epoch).await.is_none());
         assert!(disks.load_now("http://h/new", &epoch).await.is_some());
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp file left");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failed_read_keeps_a_fresh_file_renamed_into_place_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = open(dir.path(), 1 << 30);
+        let epoch = Arc::new(AtomicU64::new(0));
+        let key = "http://h/x";
+        disks.store(key, object(&[7; 100_000], &[]), 0, &epoch);
+        settle(&disks, 1).await;
+        let path = object_path(dir.path(), hash(key));
+        let failed = identity(&path);
+        // A read of that file fails (say it is corrupt) while a refill of the key
+        // writes a fresh file and publishes it, before the read drops its slot.
+        disks.store(key, object(&[9; 100_000], &[]), 0, &epoch);
+        for _ in 0..200 {
+            if identity(&path) != failed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_ne!(identity(&path), failed, "the refill's file renamed into place");
+        let disk = disks.disk(hash(key)).clone();
+        assert_eq!(disk.drop_failed(hash(key), &path, failed), None, "the fresh file's slot is kept");
+        assert_eq!(body(disks.load_now(key, &epoch).await).unwrap().0, Bytes::from(vec![9; 100_000]));
+        // A failure of the file in place drops it.
+        assert_eq!(disk.drop_failed(hash(key), &path, identity(&path)), Some(hash(key)));
+        assert_eq!(disks.objects(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread")]
