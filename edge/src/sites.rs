@@ -412,12 +412,19 @@ impl Sites {
 /// Keeps `sites` on the cluster's newest routing document until `shutdown`, tells
 /// the cluster which version this edge serves by, and holds the edge's readiness
 /// (`routing`) until it serves by the current document.
-pub(crate) async fn follow(
+pub(crate) fn follow(
     sites: Arc<Sites>,
     cluster: Arc<Cluster>,
     readiness: Readiness,
     shutdown: CancellationToken,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
+    // Not ready from this call on, not from the task's first poll: in between, every
+    // other condition may hold while no routing document has been applied.
+    readiness.set("routing", false);
+    follow_until(sites, cluster, readiness, shutdown)
+}
+
+async fn follow_until(sites: Arc<Sites>, cluster: Arc<Cluster>, readiness: Readiness, shutdown: CancellationToken) {
     let mut changes = cluster.subscribe(Topic::Routing).await;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -426,7 +433,6 @@ pub(crate) async fn follow(
     // "apply latency" would be the edge's downtime.
     let started_ms = cdn_cluster::now_ms();
     let mut current: Option<(u64, String)> = None;
-    readiness.set("routing", false);
     cluster.set_routing_applied(0).await;
     loop {
         tokio::select! {
@@ -474,6 +480,33 @@ pub(crate) async fn follow(
 mod tests {
     use super::*;
     use cdn_cluster::routing::QueryRule;
+
+    /// Not ready from the start of the routing task, not from its first poll: in
+    /// between, every other condition may hold while no document has been applied.
+    #[tokio::test]
+    async fn the_edge_is_not_ready_from_the_start_of_the_routing_task() {
+        let shutdown = CancellationToken::new();
+        let config = cdn_cluster::ClusterConfig::new("127.0.0.1:0".parse().unwrap(), "a-shared-secret-of-enough-bytes");
+        let node = cdn_cluster::NodeInfo {
+            node_id: "e".into(),
+            role: Role::Edge,
+            region: None,
+            location: None,
+            public_addr: None,
+            admin: None,
+        };
+        let cluster = Cluster::join(&config, node, &Registry::new(), shutdown.clone()).await.unwrap();
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry).unwrap();
+        let edge = crate::config::Config::new("e", "http://127.0.0.1:1");
+        let sites = Arc::new(Sites::new(&edge, metrics, &registry).unwrap());
+        let readiness = Readiness::new();
+        let task = follow(sites, cluster.clone(), readiness.clone(), shutdown.clone());
+        assert_eq!(readiness.failing(), ["routing"], "not ready before the task first runs");
+        drop(task);
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), cluster.stopped()).await.expect("the cluster stops");
+    }
 
     fn site(ignore: &[&str]) -> Site {
         let registry = Registry::new();
