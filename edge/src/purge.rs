@@ -237,17 +237,14 @@ async fn apply_pending(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use cdn_cluster::{ClusterConfig, NodeInfo};
     use prometheus::Registry;
 
     use super::*;
 
-    /// Not ready from the start of the purge task, not from its first poll: in
-    /// between, every other condition may hold while the disk tier is still closed.
-    #[tokio::test]
-    async fn the_edge_is_not_ready_from_the_start_of_the_purge_task() {
-        let shutdown = CancellationToken::new();
+    /// A one-edge cluster on loopback, stopped with `shutdown`.
+    pub(crate) async fn test_cluster(shutdown: &CancellationToken) -> Arc<Cluster> {
         let config = ClusterConfig::new("127.0.0.1:0".parse().unwrap(), "a-shared-secret-of-enough-bytes");
         let node = NodeInfo {
             node_id: "e".into(),
@@ -257,7 +254,15 @@ mod tests {
             public_addr: None,
             admin: None,
         };
-        let cluster = Cluster::join(&config, node, &Registry::new(), shutdown.clone()).await.unwrap();
+        Cluster::join(&config, node, &Registry::new(), shutdown.clone()).await.unwrap()
+    }
+
+    /// Not ready from the start of the purge task, not from its first poll: in
+    /// between, every other condition may hold while the disk tier is still closed.
+    #[tokio::test]
+    async fn the_edge_is_not_ready_from_the_start_of_the_purge_task() {
+        let shutdown = CancellationToken::new();
+        let cluster = test_cluster(&shutdown).await;
         let readiness = Readiness::new();
         let metrics = PurgeMetrics::register(&Registry::new()).unwrap();
         let cache = Arc::new(Cache::new(1 << 20, None));

@@ -486,16 +486,7 @@ mod tests {
     #[tokio::test]
     async fn the_edge_is_not_ready_from_the_start_of_the_routing_task() {
         let shutdown = CancellationToken::new();
-        let config = cdn_cluster::ClusterConfig::new("127.0.0.1:0".parse().unwrap(), "a-shared-secret-of-enough-bytes");
-        let node = cdn_cluster::NodeInfo {
-            node_id: "e".into(),
-            role: Role::Edge,
-            region: None,
-            location: None,
-            public_addr: None,
-            admin: None,
-        };
-        let cluster = Cluster::join(&config, node, &Registry::new(), shutdown.clone()).await.unwrap();
+        let cluster = crate::purge::tests::test_cluster(&shutdown).await;
         let registry = Registry::new();
         let metrics = Metrics::register(&registry).unwrap();
         let edge = crate::config::Config::new("e", "http://127.0.0.1:1");
