@@ -40,6 +40,7 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     sync::{Arc, Weak, atomic::Ordering},
+    thread::LocalKey,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -169,35 +170,61 @@ fn plain_target(target: &str) -> Option<(&str, Option<&str>)> {
     })
 }
 
-/// A head encoded for one (Date, Age, ttl, TLS) of one object.
-struct Encoded {
-    /// The head it was built from (held weakly: its address is not reused while
-    /// this lives).
-    owner: Weak<Head>,
+/// What a kept response part (an encoded head, a prepared header map) was made
+/// for: it answers a HIT with the same stamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
     /// The pipeline that built it (its `X-Served-By`, `Alt-Svc`).
     pipeline: usize,
+    /// The `Date` second (0 where the part has no date: hyper adds it).
     date: u64,
     age: u64,
     ttl: i64,
     tls: bool,
-    bytes: Bytes,
 }
 
-/// HTTP/2 response headers prepared for one (Age, ttl, TLS) of one object.
-struct Prepared {
+/// A response part made for one object, kept per thread.
+struct Kept<T> {
+    /// The head it was built from (held weakly: its address is not reused while
+    /// this lives, so the address keys it).
     owner: Weak<Head>,
-    pipeline: usize,
-    age: u64,
-    ttl: i64,
-    tls: bool,
-    headers: HeaderMap,
+    stamp: Stamp,
+    value: T,
 }
+
+type Keep<T> = RefCell<HashMap<usize, Kept<T>>>;
 
 thread_local! {
-    /// Encoded heads by their head's address.
-    static ENCODED: RefCell<HashMap<usize, Encoded>> = RefCell::new(HashMap::new());
+    /// Encoded HTTP/1.1 heads by their head's address.
+    static ENCODED: Keep<Bytes> = RefCell::new(HashMap::new());
     /// Prepared HTTP/2 headers by their head's address.
-    static PREPARED: RefCell<HashMap<usize, Prepared>> = RefCell::new(HashMap::new());
+    static PREPARED: Keep<HeaderMap> = RefCell::new(HashMap::new());
+}
+
+/// The part kept in `keep` for `head` at `stamp`, else `make`'s (kept for the next
+/// HIT).
+fn kept<T: Clone>(
+    keep: &'static LocalKey<Keep<T>>,
+    head: &Arc<Head>,
+    stamp: Stamp,
+    make: impl FnOnce() -> Option<T>,
+) -> Option<T> {
+    let id = Arc::as_ptr(head) as usize;
+    let found = keep.with_borrow(|kept| kept.get(&id).filter(|k| k.stamp == stamp).map(|k| k.value.clone()));
+    if found.is_some() {
+        return found;
+    }
+    let value = make()?;
+    keep.with_borrow_mut(|kept| {
+        if kept.len() >= KEEP {
+            kept.retain(|_, k| k.owner.strong_count() > 0);
+            if kept.len() >= KEEP {
+                kept.clear();
+            }
+        }
+        kept.insert(id, Kept { owner: Arc::downgrade(head), stamp, value: value.clone() });
+    });
+    Some(value)
 }
 
 /// A fresh memory HIT of a plain object, found by [`Pipeline::fresh_hit`].
@@ -331,67 +358,18 @@ impl Pipeline {
     /// The HTTP/2 response headers of `hit`: from this thread's prepared maps when
     /// one fits.
     fn prepared_headers(&self, hit: &Hit, tls: bool) -> Option<HeaderMap> {
-        let id = Arc::as_ptr(&hit.object.head) as usize;
         let pipeline = std::ptr::from_ref(self) as usize;
-        let age_s = hit.age.as_secs();
-        let cached = PREPARED.with_borrow(|prepared| {
-            let p = prepared.get(&id)?;
-            (p.owner.as_ptr() as usize == id
-                && p.pipeline == pipeline
-                && p.age == age_s
-                && p.ttl == hit.ttl
-                && p.tls == tls)
-                .then(|| p.headers.clone())
-        });
-        if cached.is_some() {
-            return cached;
-        }
-        let headers = self.hit_headers(&hit.object, hit.age, hit.ttl, tls, Protocol::H2)?;
-        PREPARED.with_borrow_mut(|prepared| {
-            if prepared.len() >= KEEP {
-                prepared.retain(|_, p| p.owner.strong_count() > 0);
-                if prepared.len() >= KEEP {
-                    prepared.clear();
-                }
-            }
-            let owner = Arc::downgrade(&hit.object.head);
-            prepared.insert(id, Prepared { owner, pipeline, age: age_s, ttl: hit.ttl, tls, headers: headers.clone() });
-        });
-        Some(headers)
+        let stamp = Stamp { pipeline, date: 0, age: hit.age.as_secs(), ttl: hit.ttl, tls };
+        kept(&PREPARED, &hit.object.head, stamp, || self.hit_headers(&hit.object, hit.age, hit.ttl, tls, Protocol::H2))
     }
 
     /// The encoded response head of a HIT of `object`, `age` old with `ttl` left, at
     /// `real` (the system clock): from this thread's encodings when one fits.
     fn encoded_head(&self, object: &Object, age: Duration, ttl: i64, real: SystemTime, tls: bool) -> Option<Bytes> {
         let date = real.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let id = Arc::as_ptr(&object.head) as usize;
         let pipeline = std::ptr::from_ref(self) as usize;
-        let age_s = age.as_secs();
-        let cached = ENCODED.with_borrow(|encoded| {
-            let e = encoded.get(&id)?;
-            (e.owner.as_ptr() as usize == id
-                && e.pipeline == pipeline
-                && e.date == date
-                && e.age == age_s
-                && e.ttl == ttl
-                && e.tls == tls)
-                .then(|| e.bytes.clone())
-        });
-        if cached.is_some() {
-            return cached;
-        }
-        let bytes = self.encode_head(object, age, ttl, date, tls)?;
-        ENCODED.with_borrow_mut(|encoded| {
-            if encoded.len() >= KEEP {
-                encoded.retain(|_, e| e.owner.strong_count() > 0);
-                if encoded.len() >= KEEP {
-                    encoded.clear();
-                }
-            }
-            let owner = Arc::downgrade(&object.head);
-            encoded.insert(id, Encoded { owner, pipeline, date, age: age_s, ttl, tls, bytes: bytes.clone() });
-        });
-        Some(bytes)
+        let stamp = Stamp { pipeline, date, age: age.as_secs(), ttl, tls };
+        kept(&ENCODED, &object.head, stamp, || self.encode_head(object, age, ttl, date, tls))
     }
 
     /// Builds a HIT's response head as the full way does (`represent`, then
